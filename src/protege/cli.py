@@ -1,0 +1,180 @@
+"""The protege command line: each command parses, calls one library function, prints."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from .errors import ProtegeError
+from .recipe import Recipe, leaf_fields, load_recipe
+
+# Tests and the demo never reach the hub; real users may. Respect an explicit setting either way.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def recipe_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add RECIPE and one --section.field flag per recipe setting (values are read as YAML)."""
+    for dotted, info in reversed(leaf_fields()):
+        f = click.option(
+            f"--{dotted}",
+            dotted.replace(".", "__"),
+            default=None,
+            metavar="VALUE",
+            help=(info.description or "") + f" [default: {info.get_default(call_default_factory=True)!s:.40}]",
+        )(f)
+    f = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")(f)
+    return click.argument("recipe", required=False, type=click.Path(dir_okay=False, path_type=Path))(f)
+
+
+def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k.replace("__", "."): yaml.safe_load(v)
+        for k, v in kwargs.items()
+        if "__" in k and v is not None
+    }
+
+
+def _command(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn ProtegeError into 'error: ...' on stderr and exit code 2, with nothing else printed."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except ProtegeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+    return wrapper
+
+
+def _load(recipe: Path | None, kwargs: dict[str, Any]) -> Recipe:
+    return load_recipe(recipe, _overrides(kwargs))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="protege")
+def cli() -> None:
+    """protege: distill any teacher model into a small student you own.
+
+    \b
+    Try it offline, no API key:   protege demo
+    Your own data:                protege run recipe.yaml
+    One setting from the shell:   protege run recipe.yaml --training.alpha 0.5
+    """
+
+
+@cli.command()
+@recipe_options
+@_command
+def label(recipe: Path | None, quiet: bool, **kw: Any) -> None:
+    """Label the data with the teacher (cached: a rerun makes zero calls).
+
+    \b
+    Example:  protege label recipe.yaml --teacher.batch_size 16
+    """
+    from .label import label as run_label
+
+    r = _load(recipe, kw)
+    stats = run_label(r, quiet)
+    click.echo(
+        f"labeled {stats.examples} examples: {stats.called} teacher calls, {stats.cached} from the store "
+        f"({r.store_path})"
+    )
+
+
+@cli.command()
+@recipe_options
+@_command
+def train(recipe: Path | None, quiet: bool, **kw: Any) -> None:
+    """Train the student (and the hard-label baseline) on the labeled data.
+
+    \b
+    Example:  protege train recipe.yaml --training.epochs 3 --training.alpha 0.7
+    """
+    from .pipeline import train as run_train
+
+    r = _load(recipe, kw)
+    for name, s in run_train(r, quiet).items():
+        click.echo(f"{name}: {s['steps']} steps in {s['train_seconds']:.1f}s, final loss {s['final_loss']:.4f}")
+
+
+@cli.command(name="eval")
+@recipe_options
+@_command
+def eval_(recipe: Path | None, quiet: bool, **kw: Any) -> None:
+    """Compare students with the teacher on held-out data; write report.md and report.json.
+
+    \b
+    Example:  protege eval recipe.yaml
+    """
+    from .evaluate import evaluate
+
+    r = _load(recipe, kw)
+    _print_report(evaluate(r, quiet), r)
+
+
+@cli.command()
+@recipe_options
+@_command
+def run(recipe: Path | None, quiet: bool, **kw: Any) -> None:
+    """Label, train and evaluate, skipping each stage whose inputs have not changed.
+
+    \b
+    Example:  protege run recipe.yaml --output_dir runs/try2
+    """
+    from .pipeline import run as run_all
+
+    r = _load(recipe, kw)
+    _print_run(run_all(r, quiet), r)
+
+
+@cli.command()
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("protege-demo"), show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_command
+def demo(output_dir: Path, quiet: bool) -> None:
+    """The whole loop offline: SmolLM2-135M teaches all-MiniLM-L6-v2 to sort support tickets.
+
+    \b
+    Example:  protege demo --output-dir /tmp/demo
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .demo import demo_recipe
+    from .pipeline import run as run_all
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ProtegeError(f"--output-dir {str(output_dir)!r} is a file; point it at a directory")
+    r = demo_recipe(output_dir)
+    _print_run(run_all(r, quiet), r)
+
+
+def _print_run(result: dict[str, Any], r: Recipe) -> None:
+    stats = result["label"]
+    click.echo(f"label: {stats.called} teacher calls, {stats.cached} answers from the store")
+    for name, s in result["train"].items():
+        click.echo(f"train {name}: " + ("up to date, skipped" if s.get("skipped") else f"{s['train_seconds']:.1f}s"))
+    _print_report(result["report"], r)
+
+
+def _print_report(report: dict[str, Any], r: Recipe) -> None:
+    for key, m in report["models"].items():
+        acc = "n/a" if m["accuracy"] is None else f"{100 * m['accuracy']:.1f}%"
+        click.echo(f"{key:>13}: accuracy {acc}, p50 {m['latency_ms_p50']:.1f} ms, ${m['usd_per_1k']:.5f}/1k")
+    click.echo(f"report: {r.output_dir / 'report.md'}")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The stages as functions over a recipe: label -> train -> evaluate; ``run`` chains them and skips
+what is already current (an artifact records the hash of the recipe sections and inputs it was made from).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .evaluate import evaluate
+from .label import LabelStats, label, read_signals
+from .recipe import Recipe
+from .store import Store
+from .train import TrainRow, train_student
+
+__all__ = ["label", "train", "evaluate", "run"]
+
+STUDENT_DIR, BASELINE_DIR = "student", "student-hard"
+
+
+def _signals_hash(recipe: Recipe) -> str:
+    return hashlib.sha256((recipe.output_dir / "signals" / "train.jsonl").read_bytes()).hexdigest()[:16]
+
+
+def _current(meta_path: Path, expect: dict[str, Any]) -> bool:
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    return all(meta.get(k) == v for k, v in expect.items())
+
+
+def train(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, Any]:
+    """Stage 2: train the distilled student (and the hard-label baseline) on ``signals/train.jsonl``."""
+    labels = recipe.task.label_names
+    rows = [
+        TrainRow(
+            text=r["text"],
+            teacher_probs=tuple(r["teacher_probs"]),
+            target=labels.index(r["gold"] if r["gold"] is not None else r["teacher_label"]),
+        )
+        for r in read_signals(recipe, "train")
+    ]
+    expect = {
+        "recipe_hash": recipe.section_hash("task", "data", "teacher", "student", "training"),
+        "signals_hash": _signals_hash(recipe),
+    }
+    runs = [(STUDENT_DIR, recipe.training.alpha)]
+    if recipe.training.hard_label_baseline:
+        runs.append((BASELINE_DIR, 0.0))
+    out: dict[str, Any] = {}
+    with Store(recipe.store_path) as store:
+        for name, alpha in runs:
+            path = recipe.output_dir / name
+            if not force and _current(path / "protege.json", expect):
+                out[name] = {"skipped": True}
+                continue
+            summary = train_student(recipe, rows, path, alpha, quiet, extra_meta=expect)
+            store.log_compute(f"train:{name}", summary["train_seconds"], examples=len(rows), alpha=alpha)
+            out[name] = summary
+    return out
+
+
+def run(recipe: Recipe, quiet: bool = False) -> dict[str, Any]:
+    """Every stage in order; each skips the work whose inputs have not changed."""
+    stats: LabelStats = label(recipe, quiet)
+    trained = train(recipe, quiet, force=False)
+    report = evaluate(recipe, quiet, force=False)
+    return {"label": stats, "train": trained, "report": report}

@@ -1,0 +1,332 @@
+"""The recipe: every setting of a distillation run, validated, in one YAML file.
+
+The same settings are Python objects (``Recipe(...)``) and CLI flags (``--training.alpha 0.7``). Relative
+paths are resolved against the recipe file's directory. The resolved recipe is saved next to every
+artifact, so each artifact says exactly how it was made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ._io import content_hash, write_text_atomic
+from .errors import RecipeError
+
+__all__ = [
+    "Label",
+    "TaskConfig",
+    "DataConfig",
+    "TeacherConfig",
+    "StudentConfig",
+    "TrainingConfig",
+    "EvalConfig",
+    "Recipe",
+    "load_recipe",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class Label(_Section):
+    name: str = Field(min_length=1, description="The label as the teacher should answer it, e.g. 'billing'.")
+    description: str = Field("", description="One line that tells the teacher what belongs under this label.")
+
+
+class TaskConfig(_Section):
+    """What is being distilled."""
+
+    kind: Literal["classification"] = Field(
+        "classification", description="'classification': pick one label per text."
+    )
+    instruction: str = Field(
+        "Classify the text into exactly one of the labels.",
+        min_length=1,
+        description="What the teacher is asked to do; the labels and their descriptions are appended.",
+    )
+    labels: list[Label] = Field(
+        default_factory=lambda: [Label(name="negative"), Label(name="positive")],
+        description="The label set: a list of names, of {name, description} objects, or a name: description map.",
+    )
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_from_shorthand(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return [{"name": k, "description": d or ""} for k, d in v.items()]
+        if isinstance(v, list):
+            return [{"name": x} if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, v: list[Label]) -> list[Label]:
+        if len(v) < 2:
+            raise ValueError("a classification task needs at least two labels; list them under task.labels")
+        seen: dict[str, str] = {}
+        for label in v:
+            key = label.name.strip().casefold()
+            if key in seen:
+                raise ValueError(
+                    f"duplicate label {label.name!r} (same as {seen[key]!r} ignoring case and spaces); "
+                    "give every label a distinct name"
+                )
+            seen[key] = label.name
+        return v
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(label.name for label in self.labels)
+
+
+class DataConfig(_Section):
+    """Where the texts come from and how the held-out split is taken."""
+
+    path: Path = Field(Path("data.jsonl"), description="Training data: a .jsonl, .csv or .parquet file.")
+    text_column: str = Field("text", description="Column that holds the text to classify.")
+    label_column: str | None = Field(
+        None,
+        description="Column with gold labels (empty cells allowed). Default: 'label' if the file has one.",
+    )
+    id_column: str | None = Field(
+        None, description="Column with a stable row id. Default: 'id' if the file has one, else the line number."
+    )
+    eval_path: Path | None = Field(
+        None, description="A second file to evaluate on. When set, eval_fraction is not used."
+    )
+    eval_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Share of rows held out for evaluation before any training."
+    )
+    limit: int | None = Field(None, gt=0, description="Use only the first N rows of each file (quick runs).")
+
+
+class TeacherConfig(_Section):
+    """The expensive model that labels the data."""
+
+    model: str = Field(
+        "hf:smollm2-135m-instruct",
+        description=(
+            "'hf:' + a hub id, a local directory, a .gguf file, or a packaged model name "
+            "(smollm2-135m-instruct). Causal LMs score each label; sequence classifiers give their logits."
+        ),
+    )
+    batch_size: int = Field(8, gt=0, description="Texts per forward pass.")
+    calibrate: bool = Field(
+        True,
+        description="Contextual calibration for LM teachers: divide by the label distribution on content-free "
+        "inputs, which removes a small LM's bias toward one label.",
+    )
+    max_length: int = Field(512, gt=8, description="Longest prompt in tokens; longer texts are cut from the end.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; 'auto' is bfloat16 on GPU and float32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust it.")
+
+    @field_validator("model")
+    @classmethod
+    def _known_prefix(cls, v: str) -> str:
+        from .teachers import BACKENDS
+
+        prefix = v.split(":", 1)[0]
+        if ":" not in v or prefix not in BACKENDS:
+            known = ", ".join(f"'{p}:'" for p in BACKENDS)
+            raise ValueError(f"teacher {v!r} has no known prefix; start it with one of {known}")
+        return v
+
+
+class StudentConfig(_Section):
+    """The small model the user will own."""
+
+    model: str = Field(
+        "all-minilm-l6-v2",
+        description="Hub id, local directory or packaged name (all-minilm-l6-v2) of an encoder. With "
+        "init: scratch only its tokenizer is used.",
+    )
+    init: Literal["pretrained", "scratch"] = Field(
+        "pretrained", description="'pretrained': start from the model's weights; 'scratch': a new small encoder."
+    )
+    hidden_size: int = Field(128, gt=0, description="Scratch only: width of the encoder.")
+    num_layers: int = Field(2, gt=0, description="Scratch only: transformer layers.")
+    num_heads: int = Field(2, gt=0, description="Scratch only: attention heads (must divide hidden_size).")
+    intermediate_size: int | None = Field(None, gt=0, description="Scratch only: MLP width; default 4 × hidden.")
+    max_length: int = Field(128, gt=8, description="Longest input in tokens; longer texts are truncated.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> StudentConfig:
+        if self.init == "scratch" and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"student.hidden_size {self.hidden_size} is not divisible by student.num_heads {self.num_heads}; "
+                "pick a head count that divides it"
+            )
+        return self
+
+
+class TrainingConfig(_Section):
+    """L = (1 - alpha) * CE(y, student) + alpha * tau^2 * KL(teacher^tau || student^tau)."""
+
+    alpha: float = Field(0.9, ge=0.0, le=1.0, description="Weight of the distillation term (0 = hard labels only).")
+    temperature: float = Field(2.0, gt=0.0, description="Softmax temperature tau for both distributions in the KL.")
+    epochs: int = Field(5, gt=0, description="Passes over the training data.")
+    learning_rate: float | None = Field(
+        None, gt=0.0, description="Peak AdamW learning rate. Default: 5e-5 for pretrained students, 1e-3 for scratch."
+    )
+    batch_size: int = Field(32, gt=0, description="Examples per optimizer step.")
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    seed: int = Field(0, description="Seed for the split, initialisation and data order.")
+    hard_label_baseline: bool = Field(
+        True, description="Also train a same-size student on hard labels only (alpha=0), for the report."
+    )
+
+
+class EvalConfig(_Section):
+    """How the student is compared with the teacher."""
+
+    latency_samples: int = Field(32, gt=0, description="Examples timed one by one for p50/p95 latency.")
+    calibration_bins: int = Field(10, gt=1, description="Bins of the expected calibration error.")
+    compute_usd_per_hour: float = Field(
+        0.10,
+        ge=0.0,
+        description="Price of an hour of this machine, to turn measured compute time of local models into money.",
+    )
+
+
+class Recipe(_Section):
+    """One distillation run, from data to report."""
+
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: Path = Field(Path("runs/protege"), description="Where the store, student and report go.")
+
+    @model_validator(mode="after")
+    def _output_not_a_file(self) -> Recipe:
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ValueError(f"output_dir {str(self.output_dir)!r} is a file; point it at a directory")
+        return self
+
+    def resolve_paths(self, base: Path) -> Recipe:
+        """Make relative paths absolute against ``base`` (the recipe file's directory)."""
+        d = self.model_dump()
+        d["data"]["path"] = base / self.data.path
+        if self.data.eval_path is not None:
+            d["data"]["eval_path"] = base / self.data.eval_path
+        d["output_dir"] = base / self.output_dir
+        return build_recipe(d)
+
+    @property
+    def store_path(self) -> Path:
+        return self.output_dir / "protege.db"
+
+    def section_hash(self, *names: str) -> str:
+        """Content hash of some sections, to tell whether an artifact made from them is still current."""
+        dump = self.model_dump(mode="json")
+        return content_hash({n: dump[n] for n in names})[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: Path) -> None:
+        write_text_atomic(path, self.to_yaml())
+
+
+def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_dotted(d, 'training.alpha', 0.7)`` sets ``d['training']['alpha'] = 0.7``."""
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        child = d.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"cannot set {dotted!r}: {p!r} is not a section")
+        d = child
+    d[leaf] = value
+
+
+def build_recipe(data: dict[str, Any], source: str = "recipe", lines: dict[str, int] | None = None) -> Recipe:
+    """Validate a recipe dict; errors name the field (and YAML line), what is wrong, and the fix."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            where = f"{source}:{lines[loc]}" if lines and loc in lines else source
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown setting; check its spelling (see `protege run --help` for every setting)"
+            got = err.get("input")
+            shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+            msgs.append(f"{where}: {loc or '(top level)'}: {msg}{shown}")
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(msgs)) from None
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """Map dotted keys to their 1-based line in the YAML text, for error messages."""
+    out: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                out[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                out[f"{prefix}{i}"] = v.start_mark.line + 1
+                walk(v, f"{prefix}{i}.")
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return out
+    if root is not None:
+        walk(root, "")
+    return out
+
+
+def load_recipe(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read, override and validate a recipe; with no path, the defaults (relative to the working directory)."""
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    base = Path.cwd()
+    source = "recipe"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {source!r} does not exist; check the path")
+        text = path.read_text(encoding="utf-8")
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark else source
+            raise RecipeError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise RecipeError(f"{source}: a recipe is a YAML mapping of sections (task, data, teacher, ...)")
+        data, lines, base = loaded, _yaml_lines(text), path.resolve().parent
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return build_recipe(data, source, lines).resolve_paths(base)
+
+
+def leaf_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every setting as (dotted name, FieldInfo), for generating CLI flags."""
+    out = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, _Section) and ann is not Label:
+            out += leaf_fields(ann, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", info))
+    return out

@@ -1,0 +1,155 @@
+"""Render the evaluation as report.json, report.md and plots a person would rather look at than read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._io import write_json_atomic, write_text_atomic
+from .recipe import Recipe
+
+__all__ = ["write_report"]
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _verdict(report: dict[str, Any]) -> str:
+    t = report["models"]["teacher"]
+    chance = report["task"]["chance_accuracy"]
+    if t["accuracy"] is None:
+        return "The held-out split has no gold labels, so only agreement with the teacher is measured."
+    acc = t["accuracy"]
+    level = (
+        "no better than guessing" if acc < chance * 1.25 else "weak" if acc < 0.6 else "fair" if acc < 0.8 else "good"
+    )
+    s = (
+        f"**How good is the teacher?** {t['name']} is right on {_pct(acc)} of the "
+        f"{report['eval_with_gold']} held-out texts with gold labels; guessing would get {_pct(chance)}. "
+        f"That is {level}"
+    )
+    if level in ("no better than guessing", "weak"):
+        s += ": a student can only learn what the teacher knows, so use a stronger teacher for real work"
+    mass = t.get("mean_label_mass")
+    if mass is not None and mass < 0.5:
+        s += (
+            f". On average it put only {_pct(mass)} of its probability on answering with a label at all, "
+            "the rest on other replies"
+        )
+    return s + "."
+
+
+def _table(report: dict[str, Any]) -> str:
+    rows = [
+        "| model | params | accuracy (gold) | agreement w/ teacher | quality kept | ECE | p50 ms | p95 ms | per s | $ / 1k |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, m in report["models"].items():
+        label = m["name"] if key != "teacher" else f"teacher: {m['name']}"
+        params = f"{m['parameters'] / 1e6:.1f}M" if m.get("parameters") else "n/a"
+        ece = "n/a" if m["ece"] is None else f"{m['ece']:.3f}"
+        rows.append(
+            f"| {label} | {params} | {_pct(m['accuracy'])} | {_pct(m.get('agreement_with_teacher', 1.0))} | "
+            f"{_pct(m.get('quality_kept', 1.0))} | {ece} | "
+            f"{m['latency_ms_p50']:.1f} | {m['latency_ms_p95']:.1f} | {m['throughput_per_s']:.1f} | "
+            f"{m['usd_per_1k']:.5f} |"
+        )
+    return "\n".join(rows)
+
+
+def _plots(report: dict[str, Any], preds: dict[str, np.ndarray], gold: np.ndarray, has_gold: np.ndarray, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    names = {k: ("teacher" if k == "teacher" else m["name"]) for k, m in report["models"].items()}
+    files = []
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for k, m in report["models"].items():
+        if m["accuracy"] is not None:
+            ax.scatter(m["usd_per_1k"], m["accuracy"], s=60)
+            ax.annotate(names[k], (m["usd_per_1k"], m["accuracy"]), textcoords="offset points", xytext=(6, 4))
+    ax.set_xscale("log")
+    ax.set_xlabel("cost per 1,000 examples (USD, log scale)")
+    ax.set_ylabel("accuracy on held-out gold labels")
+    ax.axhline(report["task"]["chance_accuracy"], ls=":", c="grey", label="chance")
+    ax.legend(loc="lower right")
+    ax.set_title("Accuracy against cost")
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "accuracy_vs_cost.png", dpi=110)
+    plt.close(fig)
+    files.append("plots/accuracy_vs_cost.png")
+
+    if has_gold.any():
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.plot([0, 1], [0, 1], ls=":", c="grey", label="perfectly calibrated")
+        edges = np.linspace(0, 1, 11)
+        for k, p in preds.items():
+            p = p[has_gold]
+            conf, correct = p.max(1), p.argmax(1) == gold[has_gold]
+            idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, 9)
+            xs = [conf[idx == b].mean() for b in range(10) if (idx == b).any()]
+            ys = [correct[idx == b].mean() for b in range(10) if (idx == b).any()]
+            ax.plot(xs, ys, marker="o", label=names[k])
+        ax.set_xlabel("confidence (top probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title("Reliability diagram")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "plots" / "reliability.png", dpi=110)
+        plt.close(fig)
+        files.append("plots/reliability.png")
+    return files
+
+
+def write_report(
+    report: dict[str, Any], preds: dict[str, np.ndarray], gold: np.ndarray, has_gold: np.ndarray, recipe: Recipe, out: Path
+) -> None:
+    report["plots"] = _plots(report, preds, gold, has_gold, out)
+    t = report["models"]["teacher"]
+    lines = [
+        "# protege report",
+        "",
+        _verdict(report),
+        "",
+        f"Held-out split: {report['eval_examples']} texts ({report['eval_with_gold']} with gold labels), "
+        f"labels: {', '.join(report['task']['labels'])}. Teacher signal: {', '.join(t['signal_method'])}.",
+        "",
+        _table(report),
+        "",
+    ]
+    kd = report["models"].get("student")
+    if kd:
+        lines.append(
+            f"The distilled student has {t['parameters'] / kd['parameters']:.1f}x fewer parameters than the teacher "
+            f"and answers {t['latency_ms_p50'] / kd['latency_ms_p50']:.1f}x faster one at a time "
+            f"({kd['throughput_per_s'] / t['throughput_per_s']:.1f}x the batched throughput)."
+            if t.get("parameters")
+            else ""
+        )
+    hard = report["models"].get("student-hard")
+    if kd and hard and kd["accuracy"] is not None:
+        diff = kd["accuracy"] - hard["accuracy"]
+        lines.append(
+            f"Soft labels vs hard labels, same student size: {_pct(kd['accuracy'])} against {_pct(hard['accuracy'])} "
+            f"({100 * diff:+.1f} points)."
+        )
+    lines += [
+        "",
+        "Latency is one example at a time on this machine; throughput is batched. Cost for local models is the "
+        f"measured compute time at ${recipe.eval.compute_usd_per_hour}/hour (eval.compute_usd_per_hour). "
+        "ECE is the expected calibration error over "
+        f"{recipe.eval.calibration_bins} confidence bins (lower is better).",
+        "",
+        *[f"![{Path(f).stem}]({f})" for f in report["plots"]],
+        "",
+    ]
+    write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.md", "\n".join(lines))
+    recipe.save(out / "recipe.yaml")

@@ -1,0 +1,206 @@
+"""The store: one SQLite database (WAL) that logs every teacher call.
+
+It is at once the cache (a rerun makes zero calls), the resume point after a crash (every finished batch is
+committed before the next starts), the provenance of every training example, and the cost ledger. Rows are
+keyed by a content hash of everything that determines the answer, so a row is never recorded twice.
+The schema is versioned with named migrations, applied in order and recorded in ``migrations``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._io import content_hash
+from .errors import ProtegeError
+from .signals import TeacherSignal
+
+__all__ = ["Store", "CallRecord", "call_key"]
+
+# (name, SQL). Append only: never edit a migration that has shipped.
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "0001_calls",
+        """
+        CREATE TABLE calls (
+            key           TEXT PRIMARY KEY,
+            teacher       TEXT NOT NULL,
+            request       TEXT NOT NULL,
+            status        TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+            signal        TEXT,
+            error         TEXT,
+            input_tokens  INTEGER NOT NULL DEFAULT 0,
+            output_tokens INTEGER NOT NULL DEFAULT 0,
+            cost_usd      REAL NOT NULL DEFAULT 0,
+            seconds       REAL NOT NULL DEFAULT 0,
+            created_at    REAL NOT NULL
+        );
+        CREATE INDEX calls_teacher ON calls (teacher);
+        """,
+    ),
+    (
+        "0002_compute",
+        """
+        CREATE TABLE compute (
+            id         INTEGER PRIMARY KEY AUTOINCREMENT,
+            stage      TEXT NOT NULL,
+            seconds    REAL NOT NULL,
+            cost_usd   REAL NOT NULL DEFAULT 0,
+            detail     TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL
+        );
+        """,
+    ),
+]
+
+
+def call_key(teacher_identity: dict[str, Any], request: dict[str, Any]) -> str:
+    """Content hash of what determines a teacher's answer: its identity (model, weights, parameters,
+    signal method) and the rendered request."""
+    return content_hash({"teacher": teacher_identity, "request": request})
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    key: str
+    teacher: str
+    request: dict[str, Any]
+    signal: TeacherSignal | None
+    error: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    seconds: float = 0.0
+
+
+class Store:
+    """A SQLite file; safe against kill -9 (WAL, one transaction per batch)."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        if self.path.exists() and self.path.is_dir():
+            raise ProtegeError(f"store {str(self.path)!r} is a directory; it must be a SQLite file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is all-or-nothing.
+        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+        self._migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        self.db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+        done = {r[0] for r in self.db.execute("SELECT name FROM migrations")}
+        unknown = done - {name for name, _ in MIGRATIONS}
+        if unknown:
+            raise ProtegeError(
+                f"store {str(self.path)!r} was written by a newer protege (migrations {sorted(unknown)}); upgrade protege"
+            )
+        for name, sql in MIGRATIONS:
+            if name in done:
+                continue
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in filter(str.strip, sql.split(";")):
+                    self.db.execute(stmt)
+                self.db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    @property
+    def migrations(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM migrations ORDER BY name")]
+
+    def get_signals(self, keys: Sequence[str]) -> dict[str, TeacherSignal]:
+        """The successful signals among ``keys``; failed calls are not cached answers."""
+        out: dict[str, TeacherSignal] = {}
+        for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
+            chunk = keys[i : i + 500]
+            q = f"SELECT key, signal FROM calls WHERE status = 'ok' AND key IN ({','.join('?' * len(chunk))})"
+            for key, sig in self.db.execute(q, chunk):
+                out[key] = TeacherSignal.from_json(json.loads(sig))
+        return out
+
+    def put(self, records: Iterable[CallRecord]) -> int:
+        """Record a batch of calls in one transaction; returns how many rows were new.
+
+        A key already recorded as ok is left alone (the answer was bought once); a failed one is replaced.
+        """
+        rows = [
+            (
+                r.key,
+                r.teacher,
+                json.dumps(r.request, ensure_ascii=False),
+                "ok" if r.signal is not None else "failed",
+                None if r.signal is None else json.dumps(r.signal.to_json(), ensure_ascii=False),
+                r.error,
+                r.input_tokens,
+                r.output_tokens,
+                r.cost_usd,
+                r.seconds,
+                time.time(),
+            )
+            for r in records
+        ]
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            before = self.db.total_changes
+            self.db.executemany(
+                """INSERT INTO calls (key, teacher, request, status, signal, error, input_tokens, output_tokens,
+                                      cost_usd, seconds, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (key) DO UPDATE SET
+                       status = excluded.status, signal = excluded.signal, error = excluded.error,
+                       input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,
+                       cost_usd = calls.cost_usd + excluded.cost_usd, seconds = excluded.seconds,
+                       created_at = excluded.created_at
+                   WHERE calls.status = 'failed'""",
+                rows,
+            )
+            changed = self.db.total_changes - before
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return changed
+
+    def log_compute(self, stage: str, seconds: float, cost_usd: float = 0.0, **detail: Any) -> None:
+        """Add training or evaluation compute to the ledger."""
+        self.db.execute(
+            "INSERT INTO compute (stage, seconds, cost_usd, detail, created_at) VALUES (?, ?, ?, ?, ?)",
+            (stage, seconds, cost_usd, json.dumps(detail, default=str), time.time()),
+        )
+
+    def teacher_totals(self, teacher: str | None = None) -> dict[str, float]:
+        """Calls, failures, tokens, money and compute seconds spent on the teacher so far."""
+        where, args = ("WHERE teacher = ?", (teacher,)) if teacher else ("", ())
+        row = self.db.execute(
+            f"""SELECT COUNT(*), COALESCE(SUM(status = 'failed'), 0), COALESCE(SUM(input_tokens), 0),
+                       COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost_usd), 0), COALESCE(SUM(seconds), 0)
+                FROM calls {where}""",
+            args,
+        ).fetchone()
+        return dict(zip(("calls", "failed", "input_tokens", "output_tokens", "cost_usd", "seconds"), row))
+
+    def compute_totals(self) -> dict[str, dict[str, float]]:
+        return {
+            stage: {"runs": n, "seconds": s, "cost_usd": c}
+            for stage, n, s, c in self.db.execute(
+                "SELECT stage, COUNT(*), SUM(seconds), SUM(cost_usd) FROM compute GROUP BY stage ORDER BY stage"
+            )
+        }

@@ -1,0 +1,40 @@
+"""Teachers turn a batch of rendered requests into teacher signals.
+
+Backends live in a plain dict keyed by the prefix of the teacher spec (``hf:...``). A backend is a
+factory ``(spec_without_prefix, TeacherConfig) -> Teacher``; constructing one must be cheap (no weights
+loaded) so a fully cached run never loads the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from ..recipe import TeacherConfig
+from ..signals import TeacherSignal
+from ..task import Request
+
+__all__ = ["Teacher", "BACKENDS", "make_teacher"]
+
+
+class Teacher(Protocol):
+    """``identity`` is everything about the teacher that determines its answers; it enters every cache key.
+    ``describe`` is for reports: parameter count, price, kind."""
+
+    identity: dict[str, Any]
+
+    def signals(self, requests: Sequence[Request]) -> list[TeacherSignal]: ...
+
+
+def _hf(spec: str, cfg: TeacherConfig) -> Teacher:
+    from .hf import make_hf_teacher
+
+    return make_hf_teacher(spec, cfg)
+
+
+BACKENDS: dict[str, Callable[[str, TeacherConfig], Teacher]] = {"hf": _hf}
+
+
+def make_teacher(cfg: TeacherConfig) -> Teacher:
+    prefix, spec = cfg.model.split(":", 1)
+    return BACKENDS[prefix](spec, cfg)

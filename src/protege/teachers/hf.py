@@ -1,0 +1,325 @@
+"""Local Hugging Face teachers: a causal LM that scores every label, or a sequence classifier.
+
+The causal LM renders the task as a chat prompt and scores each label as the assistant's whole answer:
+log P(label tokens, then end-of-turn | prompt), multi-token labels summed token by token. Ending on the
+end-of-turn token makes the label events disjoint ("bill" does not also count "billing"), so the masses
+add up. The prompt is run once per text; its KV cache is repeated across the labels, so K labels cost one
+prompt pass plus K short continuations, not K prompt passes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..models import ModelSource, resolve_source
+from ..recipe import TeacherConfig
+from ..signals import LabelDistribution, TeacherSignal
+from ..task import CONTENT_FREE_INPUTS, Request
+from ..errors import ProtegeError, TeacherError
+
+__all__ = ["HFCausalLMTeacher", "HFClassifierTeacher", "make_hf_teacher", "pick_device", "pick_dtype"]
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _load_config(source: ModelSource, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            source.name_or_path, trust_remote_code=trust_remote_code, **source.kwargs()
+        )
+    except ImportError as e:
+        if source.gguf_file:
+            raise ProtegeError(
+                "loading a GGUF teacher needs the 'gguf' package; install it with: pip install 'protege[gguf]'"
+            ) from e
+        raise
+    except OSError as e:
+        raise ProtegeError(f"cannot load model {source.name_or_path!r}: {e}") from None
+
+
+def make_hf_teacher(spec: str, cfg: TeacherConfig) -> HFCausalLMTeacher | HFClassifierTeacher:
+    source = resolve_source(spec)
+    config = _load_config(source, cfg.trust_remote_code)
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return HFClassifierTeacher(spec, source, config, cfg)
+    return HFCausalLMTeacher(spec, source, config, cfg)
+
+
+class _HFTeacher:
+    """Shared loading; the model is loaded on the first call, so a cached run never loads it."""
+
+    method: str
+
+    def __init__(self, spec: str, source: ModelSource, config: Any, cfg: TeacherConfig):
+        self.spec, self.source, self.config, self.cfg = spec, source, config, cfg
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(cfg.dtype, self.device)
+        self.identity: dict[str, Any] = {
+            "backend": "hf",
+            "model": spec,
+            "weights": source.fingerprint(),
+            "method": self.method,
+            "dtype": str(self.dtype),
+            "max_length": cfg.max_length,
+        }
+        self._model: Any = None
+        self._tokenizer: Any = None
+
+    def _load(self, auto_cls: Any) -> None:
+        if self._model is not None:
+            return
+        from transformers import AutoTokenizer
+
+        kw = dict(trust_remote_code=self.cfg.trust_remote_code, **self.source.kwargs())
+        self._tokenizer = AutoTokenizer.from_pretrained(self.source.name_or_path, **kw)
+        self._model = auto_cls.from_pretrained(self.source.name_or_path, dtype=self.dtype, **kw)
+        self._model.to(self.device).eval()
+
+    @property
+    def num_parameters(self) -> int:
+        self.load()
+        return sum(p.numel() for p in self._model.parameters())
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+
+class HFCausalLMTeacher(_HFTeacher):
+    method = "label_logprobs"
+
+    def __init__(self, spec: str, source: ModelSource, config: Any, cfg: TeacherConfig):
+        super().__init__(spec, source, config, cfg)
+        self.identity["calibrate"] = cfg.calibrate
+        self._label_ids: dict[tuple[str, ...], list[list[int]]] = {}
+        self._content_free: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def load(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self._load(AutoModelForCausalLM)
+        tok = self._tokenizer
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+
+    # -- prompts -----------------------------------------------------------------------------------------
+
+    def _render(self, messages: Sequence[dict[str, str]]) -> str:
+        tok = self._tokenizer
+        if tok.chat_template:
+            return tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        # A base model without a chat template: the turns as plain text, then an answer cue.
+        return "\n\n".join(m["content"] for m in messages) + "\nAnswer: "
+
+    def _prompt_ids(self, req: Request) -> list[int]:
+        """Token ids of the rendered prompt; an over-long text is cut from its end, never the instruction."""
+        tok = self._tokenizer
+        ids = tok(self._render(req.messages), add_special_tokens=False)["input_ids"]
+        over = len(ids) - self.cfg.max_length
+        if over > 0:
+            text_ids = tok(req.text, add_special_tokens=False)["input_ids"]
+            if over >= len(text_ids):
+                raise ProtegeError(
+                    f"the task's instruction alone is longer than teacher.max_length={self.cfg.max_length} "
+                    "tokens; raise teacher.max_length or shorten the instruction"
+                )
+            cut = tok.decode(text_ids[: len(text_ids) - over - 4], skip_special_tokens=True)
+            messages = [{**m, "content": m["content"].replace(req.text, cut)} for m in req.messages]
+            ids = tok(self._render(messages), add_special_tokens=False)["input_ids"][-self.cfg.max_length :]
+        return ids
+
+    def _label_token_ids(self, labels: tuple[str, ...]) -> list[list[int]]:
+        """Tokens of each label as the answer, then the end-of-turn token.
+
+        Tokenized after a real prompt and split at the prompt's end, so a label is tokenized as it would be
+        generated there (a leading-space variant where the template leaves a space, for instance).
+        """
+        if labels in self._label_ids:
+            return self._label_ids[labels]
+        tok = self._tokenizer
+        probe = self._render([{"role": "user", "content": "x"}])
+        base = tok(probe, add_special_tokens=False)["input_ids"]
+        out = []
+        for label in labels:
+            joint = tok(probe + label, add_special_tokens=False)["input_ids"]
+            ids = joint[len(base) :] if joint[: len(base)] == base else tok(label, add_special_tokens=False)["input_ids"]
+            if tok.eos_token_id is not None:
+                ids = ids + [tok.eos_token_id]
+            out.append(ids)
+        if len({tuple(x) for x in out}) < len(out):
+            raise ProtegeError(f"two labels tokenize to the same tokens for this teacher: {list(labels)}; rename them")
+        self._label_ids[labels] = out
+        return out
+
+    # -- scoring -----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _label_logprobs(self, prompts: list[list[int]], labels: tuple[str, ...]) -> torch.Tensor:
+        """log P(label_k as the whole answer | prompt_b), shape (B, K), float32."""
+        model, dev = self._model, self.device
+        pad = self._tokenizer.pad_token_id
+        label_ids = self._label_token_ids(labels)
+        B, K = len(prompts), len(labels)
+        T = max(map(len, prompts))
+        # Left-pad so every prompt ends at the same column and continuations line up.
+        ids = torch.full((B, T), pad, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, T - len(p) :] = torch.tensor(p)
+            mask[i, T - len(p) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(
+            input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True, logits_to_keep=1
+        )
+        first = torch.log_softmax(out.logits[:, -1].float(), -1)  # (B, V)
+        lp = torch.stack([first[:, ids_k[0]] for ids_k in label_ids], 1)  # (B, K)
+
+        L = max(map(len, label_ids)) - 1  # tokens still to score after the first
+        if L == 0:
+            return lp
+        # Continuations: feed label tokens [0, L) for every (prompt, label) pair on the repeated cache.
+        cont = torch.full((K, L), pad, dtype=torch.long)
+        cmask = torch.zeros((K, L), dtype=torch.long)
+        for k, ids_k in enumerate(label_ids):
+            cont[k, : len(ids_k) - 1] = torch.tensor(ids_k[:-1])
+            cmask[k, : len(ids_k) - 1] = 1
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.batch_repeat_interleave(K)
+        full_mask = torch.cat([mask.repeat_interleave(K, 0), cmask.repeat(B, 1)], 1)  # (B*K, T+L)
+        cpos = mask.sum(-1, keepdim=True).repeat_interleave(K, 0) + torch.arange(L)  # (B*K, L)
+        out2 = model(
+            input_ids=cont.repeat(B, 1).to(dev),
+            attention_mask=full_mask.to(dev),
+            position_ids=cpos.to(dev),
+            use_cache=False,
+            **{_cache_kwarg(model): cache},
+        )
+        logp = torch.log_softmax(out2.logits.float(), -1).view(B, K, L, -1)  # (B, K, L, V)
+        for k, ids_k in enumerate(label_ids):
+            nxt = torch.tensor(ids_k[1:], device=logp.device)  # tokens predicted at steps 0..len-2
+            lp[:, k] += logp[:, k, torch.arange(len(nxt)), nxt].sum(-1)
+        return lp
+
+    def _content_free_probs(self, req: Request) -> torch.Tensor:
+        """Mean label distribution on content-free texts, the teacher's prior bias (Zhao et al., 2021)."""
+        if req.labels not in self._content_free:
+            prompts = []
+            for text in CONTENT_FREE_INPUTS:
+                messages = [{**m, "content": m["content"].replace(req.text, text)} for m in req.messages]
+                prompts.append(self._tokenizer(self._render(messages), add_special_tokens=False)["input_ids"])
+            p = torch.softmax(self._label_logprobs(prompts, req.labels), -1).mean(0)
+            self._content_free[req.labels] = p
+        return self._content_free[req.labels]
+
+    def signals(self, requests: Sequence[Request]) -> list[TeacherSignal]:
+        self.load()
+        out: list[TeacherSignal] = []
+        for i in range(0, len(requests), self.cfg.batch_size):
+            batch = requests[i : i + self.cfg.batch_size]
+            labels = batch[0].labels
+            if any(r.labels != labels for r in batch):
+                raise ProtegeError("one batch of requests mixes label sets; label one task at a time")
+            prompts = [self._prompt_ids(r) for r in batch]
+            lp = self._label_logprobs(prompts, labels)  # (B, K)
+            if not torch.isfinite(lp).all():
+                raise TeacherError(
+                    f"teacher {self.spec!r} produced NaN or infinite log-probabilities; try teacher.dtype: float32"
+                )
+            covered = lp.exp().sum(-1)  # (B,) mass the LM put on any label at all
+            raw = torch.softmax(lp, -1)
+            probs = raw
+            if self.cfg.calibrate:
+                probs = raw / self._content_free_probs(batch[0])
+                probs = probs / probs.sum(-1, keepdim=True)
+            for b, r in enumerate(batch):
+                out.append(
+                    TeacherSignal(
+                        distribution=LabelDistribution(
+                            labels=labels,
+                            probs=_as_probs(probs[b]),
+                            method="label_logprobs",
+                            covered_mass=min(1.0, float(covered[b])),
+                            calibrated=self.cfg.calibrate,
+                            raw_probs=_as_probs(raw[b]) if self.cfg.calibrate else None,
+                        ),
+                        usage={"input_tokens": len(prompts[b])},
+                    )
+                )
+        return out
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers 5.x renamed ``past_key_values`` to ``cache``; speak whichever this version expects."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _as_probs(p: torch.Tensor) -> tuple[float, ...]:
+    """float64 renormalisation, so the stored distribution sums to 1 to within float rounding."""
+    p = p.double()
+    return tuple(float(x) for x in (p / p.sum()))
+
+
+class HFClassifierTeacher(_HFTeacher):
+    """A sequence classifier whose own logits are the signal; its label names must match the task's."""
+
+    method = "logits"
+
+    def load(self) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        self._load(AutoModelForSequenceClassification)
+
+    def _order(self, labels: tuple[str, ...]) -> list[int]:
+        id2label = {int(i): str(n) for i, n in self._model.config.id2label.items()}
+        by_name = {n.casefold(): i for i, n in id2label.items()}
+        missing = [x for x in labels if x.casefold() not in by_name]
+        if missing or len(id2label) != len(labels):
+            raise ProtegeError(
+                f"teacher {self.spec!r} predicts labels {list(id2label.values())} but the task has {list(labels)}; "
+                "name task.labels as the classifier does"
+            )
+        return [by_name[x.casefold()] for x in labels]
+
+    @torch.inference_mode()
+    def signals(self, requests: Sequence[Request]) -> list[TeacherSignal]:
+        self.load()
+        out: list[TeacherSignal] = []
+        for i in range(0, len(requests), self.cfg.batch_size):
+            batch = requests[i : i + self.cfg.batch_size]
+            order = self._order(batch[0].labels)
+            enc = self._tokenizer(
+                [r.text for r in batch], padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
+            ).to(self.device)
+            logits = self._model(**enc).logits.float()[:, order]  # (B, K) in task label order
+            if not torch.isfinite(logits).all():
+                raise TeacherError(f"teacher {self.spec!r} produced NaN or infinite logits")
+            probs = torch.softmax(logits, -1)
+            for b, r in enumerate(batch):
+                out.append(
+                    TeacherSignal(
+                        distribution=LabelDistribution(r.labels, _as_probs(probs[b]), method="logits"),
+                        logits=[[float(x) for x in logits[b]]],
+                        usage={"input_tokens": int(enc["attention_mask"][b].sum())},
+                    )
+                )
+        return out
