@@ -108,5 +108,5 @@ def tiny_recipe(tmp_path, tiny_lm_dir, tiny_classifier_dir):
         "output_dir": "out",
     }
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

@@ -34,12 +34,12 @@ def recipe_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.argument("recipe", required=False, type=click.Path(dir_okay=False, path_type=Path))(f)
 
 
+SETTINGS = {dotted.replace(".", "__"): dotted for dotted, _ in leaf_fields()}
+
+
 def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k.replace("__", "."): yaml.safe_load(v)
-        for k, v in kwargs.items()
-        if "__" in k and v is not None
-    }
+    """CLI flag values, read as YAML (so 0.5 is a number and [a, b] a list), keyed by dotted setting."""
+    return {SETTINGS[k]: yaml.safe_load(v) for k, v in kwargs.items() if k in SETTINGS and v is not None}
 
 
 def _command(f: Callable[..., Any]) -> Callable[..., Any]:

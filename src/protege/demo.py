@@ -31,7 +31,9 @@ def demo_recipe(output_dir: Path, overrides: dict | None = None) -> Recipe:
             "data": {"path": str(data), "eval_fraction": 0.2},
             "teacher": {"model": "hf:smollm2-135m-instruct", "batch_size": 8, "calibrate": True},
             "student": {"model": "all-minilm-l6-v2", "init": "pretrained", "max_length": 96},
-            "training": {"alpha": 0.9, "temperature": 2.0, "epochs": 4, "learning_rate": 1e-4, "batch_size": 16},
+            "training": {"alpha": 0.9, "temperature": 2.0, "epochs": 4, "learning_rate": 1e-4, "batch_size": 16,
+                         # the user's situation: texts without labels; gold is used only to evaluate
+                         "use_gold": False},
             "eval": {"latency_samples": 16},
             "output_dir": str(output_dir),
         }

@@ -44,7 +44,7 @@ def label_examples(
     for k, r in zip(keys, requests):
         if k not in done:
             todo.setdefault(k, r)  # identical texts share one call
-    stats = LabelStats(examples=len(examples), cached=len(examples) - sum(k in todo for k in keys))
+    stats = LabelStats(examples=len(examples), cached=sum(k in done for k in keys))
     batch_size = recipe.teacher.batch_size
     items = list(todo.items())
     with tqdm(total=len(items), desc=desc, unit="call", disable=quiet or not items) as bar:

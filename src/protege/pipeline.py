@@ -34,11 +34,12 @@ def _current(meta_path: Path, expect: dict[str, Any]) -> bool:
 def train(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, Any]:
     """Stage 2: train the distilled student (and the hard-label baseline) on ``signals/train.jsonl``."""
     labels = recipe.task.label_names
+    use_gold = recipe.training.use_gold
     rows = [
         TrainRow(
             text=r["text"],
             teacher_probs=tuple(r["teacher_probs"]),
-            target=labels.index(r["gold"] if r["gold"] is not None else r["teacher_label"]),
+            target=labels.index(r["gold"] if use_gold and r["gold"] is not None else r["teacher_label"]),
         )
         for r in read_signals(recipe, "train")
     ]

@@ -180,6 +180,11 @@ class TrainingConfig(_Section):
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
     seed: int = Field(0, description="Seed for the split, initialisation and data order.")
+    use_gold: bool = Field(
+        True,
+        description="Hard target y is the gold label where a training row has one (else the teacher's top label). "
+        "false: learn from the teacher alone, as with unlabeled data.",
+    )
     hard_label_baseline: bool = Field(
         True, description="Also train a same-size student on hard labels only (alpha=0), for the report."
     )
@@ -208,12 +213,6 @@ class Recipe(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: Path = Field(Path("runs/protege"), description="Where the store, student and report go.")
 
-    @model_validator(mode="after")
-    def _output_not_a_file(self) -> Recipe:
-        if self.output_dir.exists() and not self.output_dir.is_dir():
-            raise ValueError(f"output_dir {str(self.output_dir)!r} is a file; point it at a directory")
-        return self
-
     def resolve_paths(self, base: Path) -> Recipe:
         """Make relative paths absolute against ``base`` (the recipe file's directory)."""
         d = self.model_dump()
@@ -221,6 +220,8 @@ class Recipe(_Section):
         if self.data.eval_path is not None:
             d["data"]["eval_path"] = base / self.data.eval_path
         d["output_dir"] = base / self.output_dir
+        if d["output_dir"].exists() and not d["output_dir"].is_dir():
+            raise RecipeError(f"output_dir {str(d['output_dir'])!r} is a file; point it at a directory")
         return build_recipe(d)
 
     @property
