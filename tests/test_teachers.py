@@ -46,9 +46,9 @@ def test_causal_teacher_matches_full_sequence_scoring(tiny_lm_dir):
 def test_multi_token_labels_are_summed(tiny_lm_dir):
     task = TaskConfig(labels=["late delivery", "refund request", "app crash"])  # two tokens each + end-of-turn
     teacher = make_teacher(TeacherConfig(model=f"hf:{tiny_lm_dir}", calibrate=False))
-    assert [len(x) for x in teacher.signals([render_request(task, "hi")]) and teacher._label_token_ids(task.label_names)] == [3, 3, 3]
     req = render_request(task, "my parcel is late again")
     (sig,) = teacher.signals([req])
+    assert [len(x) for x in teacher._label_token_ids(task.label_names)] == [3, 3, 3]
     torch.testing.assert_close(
         torch.tensor(sig.distribution.probs, dtype=torch.float32), torch.softmax(_brute_force(teacher, req), -1), atol=1e-5, rtol=1e-4
     )

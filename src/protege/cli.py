@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -56,7 +55,16 @@ def _command(f: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _load(recipe: Path | None, kwargs: dict[str, Any]) -> Recipe:
+def _quiet_libraries() -> None:
+    """-q silences transformers' loading bars as well as ours."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _load(recipe: Path | None, kwargs: dict[str, Any], quiet: bool) -> Recipe:
+    if quiet:
+        _quiet_libraries()
     return load_recipe(recipe, _overrides(kwargs))
 
 
@@ -83,7 +91,7 @@ def label(recipe: Path | None, quiet: bool, **kw: Any) -> None:
     """
     from .label import label as run_label
 
-    r = _load(recipe, kw)
+    r = _load(recipe, kw, quiet)
     stats = run_label(r, quiet)
     click.echo(
         f"labeled {stats.examples} examples: {stats.called} teacher calls, {stats.cached} from the store "
@@ -102,7 +110,7 @@ def train(recipe: Path | None, quiet: bool, **kw: Any) -> None:
     """
     from .pipeline import train as run_train
 
-    r = _load(recipe, kw)
+    r = _load(recipe, kw, quiet)
     for name, s in run_train(r, quiet).items():
         click.echo(f"{name}: {s['steps']} steps in {s['train_seconds']:.1f}s, final loss {s['final_loss']:.4f}")
 
@@ -118,7 +126,7 @@ def eval_(recipe: Path | None, quiet: bool, **kw: Any) -> None:
     """
     from .evaluate import evaluate
 
-    r = _load(recipe, kw)
+    r = _load(recipe, kw, quiet)
     _print_report(evaluate(r, quiet), r)
 
 
@@ -133,7 +141,7 @@ def run(recipe: Path | None, quiet: bool, **kw: Any) -> None:
     """
     from .pipeline import run as run_all
 
-    r = _load(recipe, kw)
+    r = _load(recipe, kw, quiet)
     _print_run(run_all(r, quiet), r)
 
 
@@ -153,6 +161,8 @@ def demo(output_dir: Path, quiet: bool) -> None:
 
     if output_dir.exists() and not output_dir.is_dir():
         raise ProtegeError(f"--output-dir {str(output_dir)!r} is a file; point it at a directory")
+    if quiet:
+        _quiet_libraries()
     r = demo_recipe(output_dir)
     _print_run(run_all(r, quiet), r)
 

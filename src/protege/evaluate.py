@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ._io import content_hash, write_json_atomic, write_text_atomic
+from ._io import content_hash
 from .errors import ProtegeError
 from .label import read_signals
 from .recipe import Recipe
+from .store import Store
 from .students import count_parameters, load_student
 from .task import render_request
 from .teachers import make_teacher
@@ -105,6 +105,7 @@ def evaluate(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[st
     if not force and report_path.is_file() and json.loads(report_path.read_text()).get("inputs_hash") == inputs_hash:
         return json.loads(report_path.read_text())
 
+    started = time.perf_counter()
     labels = recipe.task.label_names
     texts = [r["text"] for r in rows]
     has_gold = np.array([r["gold"] is not None for r in rows])
@@ -160,6 +161,10 @@ def evaluate(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[st
         "eval_with_gold": int(has_gold.sum()),
         "models": models,
     }
+    with Store(recipe.store_path) as store:
+        store.log_compute("eval", time.perf_counter() - started, examples=len(rows))
+        # What making this student has cost so far: teacher calls (money and compute) and compute per stage.
+        report["ledger"] = {"teacher": store.teacher_totals(recipe.teacher.model), "compute": store.compute_totals()}
     from .report import write_report
 
     write_report(report, preds, gold, has_gold, recipe, out)

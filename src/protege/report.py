@@ -140,6 +140,16 @@ def write_report(
             f"Soft labels vs hard labels, same student size: {_pct(kd['accuracy'])} against {_pct(hard['accuracy'])} "
             f"({100 * diff:+.1f} points)."
         )
+    led = report.get("ledger")
+    if led:
+        t_led = led["teacher"]
+        train_s = sum(v["seconds"] for k, v in led["compute"].items() if k.startswith("train"))
+        lines += [
+            "",
+            f"Ledger so far: {int(t_led['calls'])} teacher calls ({int(t_led['failed'])} failed), "
+            f"{t_led['seconds']:.0f}s of teacher compute, ${t_led['cost_usd']:.4f} paid to APIs; "
+            f"{train_s:.0f}s of training.",
+        ]
     lines += [
         "",
         "Latency is one example at a time on this machine; throughput is batched. Cost for local models is the "
