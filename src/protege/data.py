@@ -32,7 +32,7 @@ def _raw_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -45,7 +45,7 @@ def _raw_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
                 rows.append((n, row))
         return rows
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:  # Excel writes a BOM
             reader = csv.DictReader(f)
             rows = []
             for row in reader:
@@ -67,8 +67,11 @@ def _raw_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 
-def read_examples(path: Path, cfg: DataConfig, labels: tuple[str, ...]) -> list[Example]:
-    """Read and validate every row of ``path``; raise DataError naming the file, line and fix."""
+def read_examples(path: Path, cfg: DataConfig, labels: tuple[str, ...], split: str = "") -> list[Example]:
+    """Read and validate every row of ``path``; raise DataError naming the file, line and fix.
+
+    Without an id column, a row's id is ``[split:]stem:line``.
+    """
     if not path.exists():
         raise DataError(f"data file {str(path)!r} does not exist; check data.path (or data.eval_path)")
     if path.is_dir():
@@ -110,7 +113,7 @@ def read_examples(path: Path, cfg: DataConfig, labels: tuple[str, ...]) -> list[
                     else "; fix the row or add the label to task.labels"
                 )
                 raise DataError(f"{where}: label {gold!r} is not one of the task's labels {list(labels)}{hint}")
-        ex_id = str(row[id_col]) if id_col and row.get(id_col) is not None else f"{path.stem}:{n}"
+        ex_id = str(row[id_col]) if id_col and row.get(id_col) is not None else f"{split}{path.stem}:{n}"
         if ex_id in seen_ids:
             raise DataError(f"{where}: id {ex_id!r} repeats line {seen_ids[ex_id]}; ids must be unique")
         seen_ids[ex_id] = n
@@ -126,7 +129,7 @@ def load_splits(cfg: DataConfig, labels: tuple[str, ...], seed: int) -> tuple[li
     """(train, eval). The eval split is fixed by the seed and row ids, before anything is trained."""
     train = read_examples(cfg.path, cfg, labels)
     if cfg.eval_path is not None:
-        held = read_examples(cfg.eval_path, cfg, labels)
+        held = read_examples(cfg.eval_path, cfg, labels, split="eval:")
         clash = {e.id for e in train} & {e.id for e in held}
         if clash:
             raise DataError(

@@ -71,15 +71,17 @@ def _plots(report: dict[str, Any], preds: dict[str, np.ndarray], gold: np.ndarra
     (out / "plots").mkdir(parents=True, exist_ok=True)
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for k, m in report["models"].items():
+    for i, (k, m) in enumerate(report["models"].items()):
         if m["accuracy"] is not None:
             ax.scatter(m["usd_per_1k"], m["accuracy"], s=60)
-            ax.annotate(names[k], (m["usd_per_1k"], m["accuracy"]), textcoords="offset points", xytext=(6, 4))
+            # stagger the names: students often sit on top of each other
+            ax.annotate(names[k], (m["usd_per_1k"], m["accuracy"]), textcoords="offset points", xytext=(6, 4 + 12 * i))
+    ax.set_ylim(0.0, 1.05)
     ax.set_xscale("log")
     ax.set_xlabel("cost per 1,000 examples (USD, log scale)")
     ax.set_ylabel("accuracy on held-out gold labels")
     ax.axhline(report["task"]["chance_accuracy"], ls=":", c="grey", label="chance")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     ax.set_title("Accuracy against cost")
     fig.tight_layout()
     fig.savefig(out / "plots" / "accuracy_vs_cost.png", dpi=110)

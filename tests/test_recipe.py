@@ -1,0 +1,195 @@
+"""The recipe: defaults, YAML errors that name file/line/field, label shorthands, overrides, path resolution,
+and a save/load round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from protege.errors import RecipeError
+from protege.recipe import Recipe, build_recipe, load_recipe
+
+
+def _write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_validate(tmp_path, monkeypatch):
+    r = Recipe()
+    assert r.teacher.model == "hf:smollm2-135m-instruct"
+    assert r.task.label_names == ("negative", "positive")
+    assert r.training.alpha == 0.9 and r.training.temperature == 2.0
+    assert build_recipe(r.model_dump()).model_dump() == r.model_dump()
+
+    monkeypatch.chdir(tmp_path)
+    loaded = load_recipe()
+    assert loaded.output_dir == tmp_path / "runs" / "protege"
+    assert loaded.output_dir.is_absolute()
+    assert loaded.data.path == tmp_path / "data.jsonl"
+    assert loaded.store_path == tmp_path / "runs" / "protege" / "protege.db"
+
+
+def test_out_of_range_value_names_file_line_field_and_value(tmp_path):
+    path = _write(tmp_path, "task:\n  instruction: Classify.\ntraining:\n  epochs: 2\n  alpha: 1.5\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert f"{path}:5" in msg
+    assert "recipe.yaml" in msg
+    assert "training.alpha" in msg
+    assert "1.5" in msg
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = _write(tmp_path, "trainig:\n  alpha: 0.5\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert "trainig" in msg and "unknown setting" in msg
+    assert f"{path}:1" in msg
+
+
+def test_unknown_nested_key_is_named(tmp_path):
+    path = _write(tmp_path, "training:\n  alpah: 0.5\n")
+    with pytest.raises(RecipeError, match=r"training\.alpah: unknown setting"):
+        load_recipe(path)
+
+
+def test_duplicate_labels_rejected_ignoring_case(tmp_path):
+    path = _write(tmp_path, "task:\n  labels: [Billing, shipping, billing]\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert "duplicate label" in str(e.value)
+    assert "task.labels" in str(e.value)
+    with pytest.raises(RecipeError, match="duplicate label"):
+        build_recipe({"task": {"labels": ["a", " A "]}})
+
+
+def test_single_label_rejected():
+    with pytest.raises(RecipeError, match="at least two labels"):
+        build_recipe({"task": {"labels": ["only"]}})
+
+
+def test_label_shorthands_agree(tmp_path):
+    names = ("billing", "shipping", "other")
+    forms = {
+        "list": "task:\n  labels: [billing, shipping, other]\n",
+        "dicts": "task:\n  labels:\n"
+        + "".join(f"    - name: {n}\n      description: about {n}\n" for n in names),
+        "map": "task:\n  labels:\n    billing: about billing\n    shipping: about shipping\n    other:\n",
+    }
+    results = {}
+    for key, text in forms.items():
+        r = load_recipe(_write(tmp_path, text, f"{key}.yaml"))
+        results[key] = r
+        assert r.task.label_names == names, key
+    assert [lab.description for lab in results["dicts"].task.labels] == [f"about {n}" for n in names]
+    assert [lab.description for lab in results["map"].task.labels] == ["about billing", "about shipping", ""]
+    assert all(lab.description == "" for lab in results["list"].task.labels)
+
+
+def test_overrides_win_and_paths_resolve_against_recipe_dir(tmp_path, monkeypatch):
+    recipe_dir = tmp_path / "project"
+    recipe_dir.mkdir()
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    path = _write(
+        recipe_dir,
+        "data:\n  path: texts/train.jsonl\n  eval_path: texts/eval.jsonl\ntraining:\n  alpha: 0.8\n  epochs: 3\n"
+        "output_dir: out\n",
+    )
+    monkeypatch.chdir(other)
+    r = load_recipe(path, {"training.alpha": 0.3, "teacher.batch_size": 2})
+    assert r.training.alpha == 0.3
+    assert r.training.epochs == 3  # untouched settings keep the file's value
+    assert r.teacher.batch_size == 2
+    assert r.data.path == recipe_dir.resolve() / "texts" / "train.jsonl"
+    assert r.data.eval_path == recipe_dir.resolve() / "texts" / "eval.jsonl"
+    assert r.output_dir == recipe_dir.resolve() / "out"
+    # an invalid override is reported like a file value
+    with pytest.raises(RecipeError, match=r"training\.alpha"):
+        load_recipe(path, {"training.alpha": -1})
+
+
+def test_absolute_data_path_kept(tmp_path):
+    target = tmp_path / "abs" / "d.csv"
+    path = _write(tmp_path, f"data:\n  path: {target}\n")
+    assert load_recipe(path).data.path == target
+
+
+def test_output_dir_that_is_a_file_is_rejected(tmp_path):
+    (tmp_path / "out").write_text("not a directory")
+    path = _write(tmp_path, "output_dir: out\n")
+    with pytest.raises(RecipeError, match="is a file"):
+        load_recipe(path)
+
+
+def test_teacher_without_known_prefix_is_rejected(tmp_path):
+    path = _write(tmp_path, "teacher:\n  model: gpt4\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert "teacher.model" in msg and "gpt4" in msg and "'hf:'" in msg
+    with pytest.raises(RecipeError, match="no known prefix"):
+        build_recipe({"teacher": {"model": "openai:gpt-4o"}})
+    assert build_recipe({"teacher": {"model": "hf:some/model"}}).teacher.model == "hf:some/model"
+
+
+def test_scratch_student_heads_must_divide_hidden():
+    with pytest.raises(RecipeError, match="not divisible"):
+        build_recipe({"student": {"init": "scratch", "hidden_size": 30, "num_heads": 4}})
+    ok = build_recipe({"student": {"init": "scratch", "hidden_size": 32, "num_heads": 4}})
+    assert ok.student.hidden_size == 32
+    # pretrained students ignore the scratch-only sizes
+    assert build_recipe({"student": {"init": "pretrained", "hidden_size": 30, "num_heads": 4}}).student.num_heads == 4
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path = _write(tmp_path, "training:\n  alpha: 0.5\n  epochs: 2: 3\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert f"{path}:3: not valid YAML" in str(e.value)
+    # an unclosed bracket is reported at some line after it opens
+    path = _write(tmp_path, "training:\n  alpha: 0.5\n  epochs: [1, 2\n", "unclosed.yaml")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert "not valid YAML" in msg
+    line = msg.split(f"{path}:", 1)[1].split(":", 1)[0]
+    assert line.isdigit() and int(line) >= 3
+
+
+def test_top_level_list_rejected(tmp_path):
+    path = _write(tmp_path, "- task\n- data\n")
+    with pytest.raises(RecipeError, match="YAML mapping") as e:
+        load_recipe(path)
+    assert str(path) in str(e.value)
+
+
+def test_empty_file_gives_defaults_and_missing_file_is_an_error(tmp_path):
+    r = load_recipe(_write(tmp_path, ""))
+    assert r.training.alpha == 0.9 and r.output_dir == tmp_path.resolve() / "runs" / "protege"
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_save_load_round_trip_and_section_hash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = load_recipe(
+        None,
+        {"task.labels": {"billing": "money", "shipping": "parcels"}, "training.alpha": 0.4, "data.limit": 10},
+    )
+    path = tmp_path / "saved" / "recipe.yaml"
+    r.save(path)
+    back = load_recipe(path)
+    assert back.model_dump() == r.model_dump()
+    assert back.section_hash("task", "training") == r.section_hash("task", "training")
+    h = r.section_hash("training")
+    assert h == r.section_hash("training") and len(h) == 16
+
+    changed = build_recipe({**r.model_dump(), "training": {**r.model_dump()["training"], "epochs": 7}})
+    assert changed.section_hash("training") != h
+    assert changed.section_hash("task", "data") == r.section_hash("task", "data")  # other sections unaffected
