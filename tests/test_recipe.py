@@ -134,8 +134,9 @@ def test_teacher_without_known_prefix_is_rejected(tmp_path):
     msg = str(e.value)
     assert "teacher.model" in msg and "gpt4" in msg and "'hf:'" in msg
     with pytest.raises(RecipeError, match="no known prefix"):
-        build_recipe({"teacher": {"model": "openai:gpt-4o"}})
-    assert build_recipe({"teacher": {"model": "hf:some/model"}}).teacher.model == "hf:some/model"
+        build_recipe({"teacher": {"model": "mistral:large"}})
+    for model in ("hf:some/model", "openai:gpt-4o", "anthropic:claude-haiku-4-5"):
+        assert build_recipe({"teacher": {"model": model}}).teacher.model == model
 
 
 def test_scratch_student_heads_must_divide_hidden():

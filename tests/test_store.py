@@ -40,7 +40,7 @@ def store(tmp_path):
 
 
 def test_new_store_migrates_and_uses_wal(store):
-    assert store.migrations == ["0001_calls", "0002_compute"]
+    assert store.migrations == ["0001_calls", "0002_compute", "0003_api_calls"]
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
     assert store.path.is_file()
     assert store.teacher_totals()["calls"] == 0
@@ -53,7 +53,7 @@ def test_reopen_keeps_rows_and_does_not_rerun_migrations(tmp_path):
         applied = s.db.execute("SELECT name, applied_at FROM migrations ORDER BY name").fetchall()
     with Store(path) as s:
         assert s.db.execute("SELECT name, applied_at FROM migrations ORDER BY name").fetchall() == applied
-        assert s.migrations == ["0001_calls", "0002_compute"]
+        assert s.migrations == ["0001_calls", "0002_compute", "0003_api_calls"]
         rec = _record("a", None)
         assert list(s.get_signals([rec.key])) == [rec.key]
 
@@ -113,8 +113,9 @@ def test_failed_call_is_not_cached_and_is_replaced(store):
 
     ok = _record("f", _signal(), cost_usd=0.02, input_tokens=7, output_tokens=1)
     assert store.put([ok]) == 1
-    status, error, cost, tokens = store.db.execute("SELECT status, error, cost_usd, input_tokens FROM calls").fetchone()
-    assert (status, error, tokens) == ("ok", None, 7)
+    row = store.db.execute("SELECT status, error, cost_usd, input_tokens, attempts FROM calls").fetchone()
+    status, error, cost, tokens, attempts = row
+    assert (status, error, tokens, attempts) == ("ok", None, 5 + 7, 3)  # every attempt was paid for
     assert cost == pytest.approx(0.04)
     assert store.get_signals([ok.key])[ok.key].to_json() == ok.signal.to_json()
     assert store.db.execute("SELECT COUNT(*) FROM calls").fetchone()[0] == 1
@@ -155,13 +156,31 @@ def test_teacher_totals(store):
     t = store.teacher_totals("tiny")
     assert t == {
         "calls": 3, "failed": 1, "input_tokens": 33, "output_tokens": 3,
-        "cost_usd": pytest.approx(0.75), "seconds": pytest.approx(3.5),
+        "cost_usd": pytest.approx(0.75), "uncertain_usd": 0, "attempts": 3, "seconds": pytest.approx(3.5),
     }
     all_ = store.teacher_totals()
     assert all_["calls"] == 4 and all_["input_tokens"] == 133 and all_["failed"] == 1
     assert store.teacher_totals("nobody") == {
-        "calls": 0, "failed": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0, "seconds": 0
+        "calls": 0, "failed": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0, "uncertain_usd": 0,
+        "attempts": 0, "seconds": 0,
     }
+
+
+def test_spent_counts_paid_maybe_billed_and_pending_batches(store):
+    assert store.spent() == 0
+    store.put([
+        _record("a", _signal(), cost_usd=0.5),
+        CallRecord(**{**_record("b", None, error="timed out").__dict__, "uncertain_usd": 0.25, "raw": "<cut>"}),
+    ])
+    assert store.spent() == pytest.approx(0.75)
+    assert store.failures([_record("a", None).key, _record("b", None).key]) == {
+        _record("b", None).key: ("timed out", "<cut>")
+    }
+    store.db.execute(
+        "INSERT INTO batches (provider, teacher, input_file_id, keys, reserved_usd, status, created_at, updated_at)"
+        " VALUES ('openai', 'm', 'file-1', '[]', 1.0, 'submitted', 0, 0)"
+    )
+    assert store.spent() == pytest.approx(1.75)  # a pending batch's reservation counts until it is collected
 
 
 def test_compute_ledger(store):

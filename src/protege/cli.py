@@ -81,22 +81,58 @@ def cli() -> None:
 
 
 @cli.command()
+@click.option("--dry-run", is_flag=True, help="Estimate tokens and cost against the budget; call nothing.")
 @recipe_options
 @_command
-def label(recipe: Path | None, quiet: bool, **kw: Any) -> None:
+def label(recipe: Path | None, quiet: bool, dry_run: bool, **kw: Any) -> None:
     """Label the data with the teacher (cached: a rerun makes zero calls).
 
     \b
-    Example:  protege label recipe.yaml --teacher.batch_size 16
+    Examples:  protege label recipe.yaml --dry-run
+               protege label recipe.yaml --teacher.budget_usd 5
+    Exit codes: 0 done, 2 bad input or a refused request, 3 budget reached (rerun with a higher cap).
     """
+    from .label import estimate
     from .label import label as run_label
 
     r = _load(recipe, kw, quiet)
+    if dry_run:
+        _print_estimate(estimate(r))
+        return
     stats = run_label(r, quiet)
     click.echo(
         f"labeled {stats.examples} examples: {stats.called} teacher calls, {stats.cached} from the store "
         f"({r.store_path})"
     )
+    if stats.attempts > stats.called:
+        click.echo(f"  {stats.attempts} HTTP calls in all: {stats.attempts - stats.called} retries")
+    if stats.cost_usd:
+        click.echo(f"  spent ${stats.cost_usd:.4f} on this run")
+    if stats.failed:
+        click.echo(
+            f"  {stats.failed} rows failed and were left out (reasons in "
+            f"{r.output_dir / 'signals' / 'failed.jsonl'}); rerun to retry them"
+        )
+
+
+def _print_estimate(e: Any) -> None:
+    click.echo(f"dry run for {e.teacher} (label method: {e.method}); nothing was called")
+    click.echo(f"  rows: {e.rows}, {e.cached} already answered in the store, {e.to_call} to call ({e.calls} calls)")
+    if e.method == "local":
+        click.echo("  cost: none per token (a local model); compute time goes to the ledger")
+        return
+    click.echo(f"  tokens (expected): {e.input_tokens:,} in, {e.output_tokens:,} out, from {e.basis}")
+    click.echo(f"  cost: ${e.usd:.4f} expected, ${e.worst_usd:.4f} at worst (every answer at max_tokens)")
+    if e.budget_usd is not None:
+        left = e.budget_usd - e.spent_usd
+        verdict = "fits" if e.worst_usd <= left else ("may stop early" if e.usd <= left else "will stop early")
+        click.echo(f"  budget: ${e.budget_usd:.4f} cap, ${e.spent_usd:.4f} spent so far, ${left:.4f} left: {verdict}")
+    else:
+        click.echo(f"  budget: no cap set (--teacher.budget_usd); ${e.spent_usd:.4f} spent so far")
+    if e.key_env:
+        click.echo(f"  API key: ${e.key_env} " + ("is set" if e.key_set else "is NOT set; export it before the run"))
+    for note in e.notes:
+        click.echo(f"  note: {note}")
 
 
 @cli.command()

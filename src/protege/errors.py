@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["ProtegeError", "RecipeError", "DataError", "TeacherError", "MissingExtra"]
+__all__ = [
+    "ProtegeError",
+    "RecipeError",
+    "DataError",
+    "TeacherError",
+    "PermanentError",
+    "BudgetReached",
+    "MissingExtra",
+]
 
 
 class ProtegeError(Exception):
@@ -21,6 +29,18 @@ class DataError(ProtegeError):
 
 class TeacherError(ProtegeError):
     """A teacher returned something unusable (NaN, a distribution that does not sum to 1, ...)."""
+
+
+class PermanentError(TeacherError):
+    """An API refused a request in a way a retry cannot fix (bad request, key, permission, model), or cannot
+    give the signal asked for. The run stops at once; everything answered so far is kept."""
+
+
+class BudgetReached(ProtegeError):
+    """The next call's worst-case cost would pass ``teacher.budget_usd``. Everything answered so far is
+    kept: rerun with a higher cap to continue. Exit code 3, so scripts can tell it from bad input."""
+
+    exit_code = 3
 
 
 class MissingExtra(ProtegeError):

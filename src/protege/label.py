@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -12,12 +14,13 @@ from ._io import write_jsonl_atomic
 from .data import Example, load_splits
 from .errors import ProtegeError
 from .recipe import Recipe
+from .engine import ApiTeacher, run_api
 from .signals import TeacherSignal
 from .store import CallRecord, Store, call_key
-from .task import render_request
+from .task import Request, render_request
 from .teachers import Teacher, make_teacher
 
-__all__ = ["LabelStats", "label_examples", "label", "read_signals"]
+__all__ = ["LabelStats", "Estimate", "label_examples", "label", "estimate", "read_signals"]
 
 
 @dataclass
@@ -25,27 +28,66 @@ class LabelStats:
     examples: int = 0
     cached: int = 0
     called: int = 0
+    failed: int = 0
+    attempts: int = 0
+    cost_usd: float = 0.0
     seconds: float = 0.0
     by_split: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, other: LabelStats) -> None:
+        for name in ("examples", "cached", "called", "failed", "attempts", "cost_usd", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def requests_for(recipe: Recipe, examples: list[Example]) -> list[Request]:
+    rationale = recipe.teacher.rationale
+    return [render_request(recipe.task, ex.text, rationale) for ex in examples]
 
 
 def label_examples(
     teacher: Teacher, recipe: Recipe, examples: list[Example], store: Store, quiet: bool = False, desc: str = "label"
-) -> tuple[list[TeacherSignal], list[str], LabelStats]:
-    """Signals for ``examples`` in order, calling the teacher only for keys the store does not hold.
+) -> tuple[list[TeacherSignal | None], list[str], LabelStats]:
+    """Signals for ``examples`` in order (None where the teacher failed), calling the teacher only for keys
+    the store does not hold as answered.
 
-    Each batch is committed before the next is sent, so a crash loses at most the batch in flight.
+    Local teachers: each batch is committed before the next is sent. API teachers: each row is committed as it
+    finishes (see :mod:`protege.engine`). Either way a crash loses at most the calls in flight.
     """
-    requests = [render_request(recipe.task, ex.text) for ex in examples]
+    requests = requests_for(recipe, examples)
     keys = [call_key(teacher.identity, r.to_json()) for r in requests]
     done = store.get_signals(keys)
-    todo: dict[str, Any] = {}
+    todo: dict[str, Request] = {}
     for k, r in zip(keys, requests):
         if k not in done:
             todo.setdefault(k, r)  # identical texts share one call
     stats = LabelStats(examples=len(examples), cached=sum(k in done for k in keys))
-    batch_size = recipe.teacher.batch_size
     items = list(todo.items())
+    if isinstance(teacher, ApiTeacher):
+        if recipe.teacher.batch_api:
+            from .batch import run_batch
+
+            answered, es = run_batch(teacher, recipe.teacher, store, items, recipe.teacher.model, quiet, desc)
+        else:
+            answered, es = run_api(teacher, recipe.teacher, store, items, recipe.teacher.model, quiet, desc)
+        done.update(answered)
+        stats.called, stats.failed, stats.attempts = es.ok + es.failed, es.failed, es.attempts
+        stats.cost_usd, stats.seconds = es.cost_usd, es.seconds
+    else:
+        _label_local(teacher, recipe, items, store, quiet, desc, done, stats)
+    return [done.get(k) for k in keys], keys, stats
+
+
+def _label_local(
+    teacher: Teacher,
+    recipe: Recipe,
+    items: list[tuple[str, Request]],
+    store: Store,
+    quiet: bool,
+    desc: str,
+    done: dict[str, TeacherSignal],
+    stats: LabelStats,
+) -> None:
+    batch_size = recipe.teacher.batch_size
     with tqdm(total=len(items), desc=desc, unit="call", disable=quiet or not items) as bar:
         for i in range(0, len(items), batch_size):
             batch = items[i : i + batch_size]
@@ -68,9 +110,9 @@ def label_examples(
             )
             done.update({k: s for (k, _), s in zip(batch, sigs)})
             stats.called += len(batch)
+            stats.attempts += len(batch)
             stats.seconds += dt
             bar.update(len(batch))
-    return [done[k] for k in keys], keys, stats
 
 
 def _signal_rows(examples: list[Example], signals: list[TeacherSignal], keys: list[str]) -> list[dict[str, Any]]:
@@ -91,24 +133,63 @@ def _signal_rows(examples: list[Example], signals: list[TeacherSignal], keys: li
 
 
 def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -> LabelStats:
-    """Stage 1: label the training and evaluation splits; write ``signals/{train,eval}.jsonl``."""
+    """Stage 1: label the training and evaluation splits; write ``signals/{train,eval}.jsonl``.
+
+    Rows the teacher failed on go to ``signals/failed.jsonl`` with the reason and the raw reply, and are left
+    out of the signal files. More than ``teacher.max_failed_fraction`` of them stops the pipeline (the
+    answers stay in the store; a rerun retries only the failures). If labeling stops early (budget reached,
+    the provider refused), the signal files are removed, so no later stage trains on a stale or partial set.
+    """
     labels = recipe.task.label_names
     train, held = load_splits(recipe.data, labels, recipe.training.seed)
     teacher = teacher or make_teacher(recipe.teacher)
     out = recipe.output_dir
     out.mkdir(parents=True, exist_ok=True)
     total = LabelStats()
-    with Store(recipe.store_path) as store:
-        for split, examples in (("train", train), ("eval", held)):
-            signals, keys, stats = label_examples(teacher, recipe, examples, store, quiet, desc=f"label {split}")
-            write_jsonl_atomic(out / "signals" / f"{split}.jsonl", _signal_rows(examples, signals, keys))
-            total.examples += stats.examples
-            total.cached += stats.cached
-            total.called += stats.called
-            total.seconds += stats.seconds
-            total.by_split[split] = {"examples": stats.examples, "cached": stats.cached, "called": stats.called}
+    results = {}
+    try:
+        with Store(recipe.store_path) as store:
+            for split, examples in (("train", train), ("eval", held)):
+                signals, keys, stats = label_examples(teacher, recipe, examples, store, quiet, desc=f"label {split}")
+                failures = store.failures([k for k, s in zip(keys, signals) if s is None])
+                results[split] = (examples, signals, keys, failures)
+                total.add(stats)
+                total.by_split[split] = {
+                    "examples": stats.examples,
+                    "cached": stats.cached,
+                    "called": stats.called,
+                    "failed": sum(s is None for s in signals),
+                }
+    except ProtegeError:
+        _remove_signals(out)
+        raise
+    failed_rows = [
+        {"id": ex.id, "split": split, "text": ex.text, "reason": fails.get(k, ("not answered", None))[0],
+         "raw": fails.get(k, ("", None))[1], "call_key": k}
+        for split, (examples, signals, keys, fails) in results.items()
+        for ex, s, k in zip(examples, signals, keys)
+        if s is None
+    ]
+    write_jsonl_atomic(out / "signals" / "failed.jsonl", failed_rows)
+    n = total.examples
+    if failed_rows and len(failed_rows) > recipe.teacher.max_failed_fraction * n:
+        _remove_signals(out)
+        first = failed_rows[0]
+        raise ProtegeError(
+            f"the teacher failed on {len(failed_rows)} of {n} rows, more than teacher.max_failed_fraction "
+            f"({recipe.teacher.max_failed_fraction:g}); first: {first['id']}: {first['reason']}. Every row and "
+            f"reason is in {out / 'signals' / 'failed.jsonl'}; rerun `protege label` to retry only those rows"
+        )
+    for split, (examples, signals, keys, _) in results.items():
+        ok = [(ex, s, k) for ex, s, k in zip(examples, signals, keys) if s is not None]
+        write_jsonl_atomic(out / "signals" / f"{split}.jsonl", _signal_rows(*map(list, zip(*ok))) if ok else [])
     recipe.save(out / "signals" / "recipe.yaml")
     return total
+
+
+def _remove_signals(out: Path) -> None:
+    for split in ("train", "eval"):
+        (out / "signals" / f"{split}.jsonl").unlink(missing_ok=True)
 
 
 def read_signals(recipe: Recipe, split: str) -> list[dict[str, Any]]:
@@ -118,3 +199,94 @@ def read_signals(recipe: Recipe, split: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ProtegeError(f"{str(path)!r} does not exist; run `protege label` first")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@dataclass
+class Estimate:
+    """What labeling would cost, computed without calling anything."""
+
+    teacher: str
+    method: str
+    rows: int
+    cached: int
+    to_call: int
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    usd: float
+    worst_usd: float
+    spent_usd: float
+    budget_usd: float | None
+    basis: str
+    key_env: str | None = None
+    key_set: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def estimate(recipe: Recipe) -> Estimate:
+    """A dry run: rows to call, tokens and cost (expected and worst case) against the budget; no call is made.
+
+    Expected tokens come from earlier calls of the same teacher in the store when there are any, else from
+    about four characters per token and a short answer. The worst case is what the engine reserves.
+    """
+    from .engine import expected_tokens
+
+    labels = recipe.task.label_names
+    train, held = load_splits(recipe.data, labels, recipe.training.seed)
+    examples = train + held
+    teacher = make_teacher(recipe.teacher)
+    requests = requests_for(recipe, examples)
+    keys = [call_key(teacher.identity, r.to_json()) for r in requests]
+    with Store(recipe.store_path) as store:
+        done = store.get_signals(keys)
+        spent = store.spent()
+        seen = store.db.execute(
+            "SELECT COUNT(*), AVG(input_tokens), AVG(output_tokens) FROM calls WHERE teacher = ? AND status = 'ok'",
+            (recipe.teacher.model,),
+        ).fetchone()
+    todo = {k: r for k, r in zip(keys, requests) if k not in done}
+    est = Estimate(
+        teacher=recipe.teacher.model,
+        method=getattr(teacher, "method", "local"),
+        rows=len(examples),
+        cached=sum(k in done for k in keys),
+        to_call=len(todo),
+        calls=0,
+        input_tokens=0,
+        output_tokens=0,
+        usd=0.0,
+        worst_usd=0.0,
+        spent_usd=spent,
+        budget_usd=recipe.teacher.budget_usd,
+        basis="local model: no per-token cost",
+    )
+    if not isinstance(teacher, ApiTeacher):
+        est.calls = len(todo)
+        return est
+    cfg = recipe.teacher
+    factor = 0.5 if cfg.batch_api else 1.0
+    price = teacher.price
+    n_seen, in_seen, out_seen = seen
+    for r in todo.values():
+        worst_in, worst_out, calls = teacher.worst_case(r)
+        est.calls += calls
+        est.worst_usd += calls * price.cost(worst_in, worst_out, factor=factor)
+        if n_seen:
+            est.input_tokens += round(in_seen)
+            est.output_tokens += round(out_seen)
+        else:
+            per_call_out = min(worst_out, 200 if cfg.rationale else 5)
+            est.input_tokens += calls * expected_tokens(r)
+            est.output_tokens += calls * per_call_out
+    est.usd = price.cost(est.input_tokens, est.output_tokens, factor=factor)
+    est.basis = (
+        f"the mean usage of {n_seen} earlier calls in the store"
+        if n_seen
+        else "about 4 characters per token and a short answer (no earlier calls to go by)"
+    )
+    key_env = getattr(teacher, "key_env", None)
+    est.key_env = key_env
+    est.key_set = key_env is None or bool(os.environ.get(key_env, "").strip())
+    if cfg.batch_api:
+        est.notes.append("batch API: half price, results within 24 hours")
+    return est

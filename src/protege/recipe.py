@@ -7,6 +7,7 @@ artifact, so each artifact says exactly how it was made.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,10 +113,74 @@ class TeacherConfig(_Section):
         "hf:smollm2-135m-instruct",
         description=(
             "'hf:' + a hub id, a local directory, a .gguf file, or a packaged model name "
-            "(smollm2-135m-instruct). Causal LMs score each label; sequence classifiers give their logits."
+            "(smollm2-135m-instruct); 'openai:MODEL' for any OpenAI-compatible API (see teacher.provider); "
+            "'anthropic:MODEL'."
         ),
     )
-    batch_size: int = Field(8, gt=0, description="Texts per forward pass.")
+    batch_size: int = Field(8, gt=0, description="Texts per forward pass (hf teachers).")
+
+    # API teachers --------------------------------------------------------------------------------------
+    provider: str | None = Field(
+        None,
+        description="Preset for an 'openai:' teacher: openai, deepseek, moonshot, minimax, openrouter, together, "
+        "vllm, llamacpp, ollama (base URL, key variable, prices). Default: openai.",
+    )
+    base_url: str | None = Field(None, description="API base URL; overrides the provider preset's.")
+    api_key_env: str | None = Field(
+        None,
+        description="NAME of the environment variable that holds the API key (never the key itself); "
+        "overrides the preset's, e.g. OPENAI_API_KEY.",
+    )
+    label_method: Literal["auto", "logprobs", "samples", "hard_label"] = Field(
+        "auto",
+        description="How an API teacher's label distribution is obtained: 'logprobs' (top_logprobs of the answer "
+        "token), 'samples' (n sampled answers), 'hard_label' (one answer). 'auto': logprobs where the provider "
+        "returns them, else samples. The method is recorded in every signal.",
+    )
+    n_samples: int = Field(10, ge=2, le=128, description="Answers sampled per text for label_method 'samples'.")
+    sample_temperature: float = Field(1.0, gt=0, le=2, description="Temperature of those samples.")
+    top_logprobs: int = Field(20, ge=1, le=20, description="Alternatives per generated token (OpenAI allows 20).")
+    rationale: bool = Field(
+        False,
+        description="Ask the teacher to explain, then answer on a last line 'Answer: <label>'; the explanation "
+        "is stored apart from the answer.",
+    )
+    thinking_tokens: int | None = Field(
+        None, ge=1024, description="Anthropic extended thinking budget in tokens (thinking text is stored)."
+    )
+    max_tokens: int | None = Field(
+        None, gt=0, description="Longest answer in tokens; default 16, or 512 with a rationale."
+    )
+    concurrency: int = Field(16, gt=0, le=1024, description="API calls in flight at once.")
+    requests_per_minute: int | None = Field(None, gt=0, description="Client-side request rate limit.")
+    tokens_per_minute: int | None = Field(None, gt=0, description="Client-side token rate limit (input + output).")
+    max_retries: int = Field(
+        6, ge=0, description="Retries per call on 429, 5xx, timeouts and dropped connections (backoff with jitter)."
+    )
+    parse_retries: int = Field(
+        2, ge=0, description="Extra calls when an answer names no label; then the row is recorded as failed."
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Seconds before one API call times out (and is retried).")
+    budget_usd: float | None = Field(
+        None,
+        ge=0,
+        description="Hard cap on teacher spend recorded in this run's store, all runs together. Each call's "
+        "worst-case cost is reserved before it is sent. A later run with a higher cap continues.",
+    )
+    price_input: float | None = Field(None, ge=0, description="USD per million input tokens; overrides the table.")
+    price_cached_input: float | None = Field(None, ge=0, description="USD per million cached input tokens.")
+    price_output: float | None = Field(None, ge=0, description="USD per million output tokens.")
+    max_failed_fraction: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Rows the teacher may fail on (after retries) before labeling stops the pipeline; failed "
+        "rows are listed in signals/failed.jsonl and left out of training.",
+    )
+    batch_api: bool = Field(
+        False, description="Use the provider's batch API (OpenAI: half price, results within 24 h)."
+    )
+    batch_poll_s: float = Field(30.0, gt=0, description="Seconds between batch status checks.")
     calibrate: bool = Field(
         True,
         description="Contextual calibration for LM teachers: divide by the label distribution on content-free "
@@ -127,6 +192,33 @@ class TeacherConfig(_Section):
         "auto", description="Weights dtype; 'auto' is bfloat16 on GPU and float32 on CPU."
     )
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust it.")
+
+    @model_validator(mode="after")
+    def _api_settings_fit_backend(self) -> TeacherConfig:
+        backend = self.model.split(":", 1)[0]
+        if backend == "hf" and self.rationale:
+            raise ValueError(
+                "teacher.rationale needs a teacher that writes its answer ('openai:' or 'anthropic:'); an 'hf:' "
+                "teacher scores the labels directly"
+            )
+        if backend == "anthropic" and self.label_method == "logprobs":
+            raise ValueError(
+                "Anthropic's API returns no logprobs; set teacher.label_method to 'samples' or 'hard_label'"
+            )
+        if self.batch_api and backend == "hf":
+            raise ValueError("teacher.batch_api applies to API teachers ('openai:' or 'anthropic:')")
+        return self
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            # Never echo the value: it may be a key pasted in by mistake.
+            raise ValueError(
+                "api_key_env must be the NAME of an environment variable (like OPENAI_API_KEY), not a key; "
+                "export the key in that variable"
+            )
+        return v
 
     @field_validator("model")
     @classmethod
@@ -263,8 +355,18 @@ def build_recipe(data: dict[str, Any], source: str = "recipe", lines: dict[str, 
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown setting; check its spelling (see `protege run --help` for every setting)"
+                if re.search(r"api_?key|secret|password|_key$|\.key$", loc.lower()):
+                    msg = (
+                        "secrets never go in a recipe; export the API key in an environment variable and name "
+                        "that variable in teacher.api_key_env"
+                    )
             got = err.get("input")
-            shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+            secret = loc.endswith("api_key_env")  # never echo what may be a pasted key
+            shown = (
+                ""
+                if secret or err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict)
+                else f" (got {got!r})"
+            )
             msgs.append(f"{where}: {loc or '(top level)'}: {msg}{shown}")
         raise RecipeError("invalid recipe:\n  " + "\n  ".join(msgs)) from None
 

@@ -99,13 +99,15 @@ class TeacherSignal:
     """Everything one teacher call produced for one example.
 
     Which fields are set depends on the task and the teacher: classification fills ``distribution``;
-    generation fills ``text`` (and ``rationale`` when the teacher explained itself); API teachers may add
+    generation fills ``text`` (and ``rationale`` when the teacher explained itself; ``thinking`` holds a
+    reasoning model's own thinking text where the API returns it, kept apart from both); API teachers may add
     ``token_logprobs``; a local teacher with the student's vocabulary may add ``logits`` (dense, per token).
     """
 
     distribution: LabelDistribution | None = None
     text: str | None = None
     rationale: str | None = None
+    thinking: str | None = None
     token_logprobs: TokenLogprobs | None = None
     logits: list[list[float]] | None = None
     usage: dict[str, int] = field(default_factory=dict)
@@ -132,6 +134,7 @@ class TeacherSignal:
             ),
             text=d.get("text"),
             rationale=d.get("rationale"),
+            thinking=d.get("thinking"),
             token_logprobs=None
             if tl is None
             else TokenLogprobs(

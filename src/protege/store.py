@@ -56,6 +56,27 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0003_api_calls",
+        """
+        ALTER TABLE calls ADD COLUMN raw TEXT;
+        ALTER TABLE calls ADD COLUMN uncertain_usd REAL NOT NULL DEFAULT 0;
+        ALTER TABLE calls ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1;
+        CREATE TABLE batches (
+            id            INTEGER PRIMARY KEY AUTOINCREMENT,
+            provider      TEXT NOT NULL,
+            teacher       TEXT NOT NULL,
+            input_file_id TEXT NOT NULL,
+            batch_id      TEXT,
+            keys          TEXT NOT NULL,
+            reserved_usd  REAL NOT NULL DEFAULT 0,
+            status        TEXT NOT NULL CHECK (status IN ('submitting', 'submitted', 'collected', 'abandoned')),
+            detail        TEXT NOT NULL DEFAULT '{}',
+            created_at    REAL NOT NULL,
+            updated_at    REAL NOT NULL
+        );
+        """,
+    ),
 ]
 
 
@@ -72,9 +93,12 @@ class CallRecord:
     request: dict[str, Any]
     signal: TeacherSignal | None
     error: str | None = None
+    raw: str | None = None  # a failed call's raw reply, for the user to see why it failed
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    uncertain_usd: float = 0.0  # sent but unanswered: may have been billed (counted against the budget)
+    attempts: int = 1
     seconds: float = 0.0
 
 
@@ -156,9 +180,12 @@ class Store:
                 "ok" if r.signal is not None else "failed",
                 None if r.signal is None else json.dumps(r.signal.to_json(), ensure_ascii=False),
                 r.error,
+                r.raw,
                 r.input_tokens,
                 r.output_tokens,
                 r.cost_usd,
+                r.uncertain_usd,
+                r.attempts,
                 r.seconds,
                 time.time(),
             )
@@ -168,14 +195,18 @@ class Store:
         try:
             before = self.db.total_changes
             self.db.executemany(
-                """INSERT INTO calls (key, teacher, request, status, signal, error, input_tokens, output_tokens,
-                                      cost_usd, seconds, created_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """INSERT INTO calls (key, teacher, request, status, signal, error, raw, input_tokens, output_tokens,
+                                      cost_usd, uncertain_usd, attempts, seconds, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (key) DO UPDATE SET
                        status = excluded.status, signal = excluded.signal, error = excluded.error,
-                       input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,
-                       cost_usd = calls.cost_usd + excluded.cost_usd, seconds = excluded.seconds,
-                       created_at = excluded.created_at
+                       raw = excluded.raw,
+                       input_tokens = calls.input_tokens + excluded.input_tokens,
+                       output_tokens = calls.output_tokens + excluded.output_tokens,
+                       cost_usd = calls.cost_usd + excluded.cost_usd,
+                       uncertain_usd = calls.uncertain_usd + excluded.uncertain_usd,
+                       attempts = calls.attempts + excluded.attempts,
+                       seconds = excluded.seconds, created_at = excluded.created_at
                    WHERE calls.status = 'failed'""",
                 rows,
             )
@@ -185,6 +216,25 @@ class Store:
             self.db.execute("ROLLBACK")
             raise
         return changed
+
+    def spent(self) -> float:
+        """Teacher money this store has recorded (plus what may have been billed for calls that never
+        answered, plus what pending batches have reserved): what a budget cap is checked against."""
+        calls = self.db.execute("SELECT COALESCE(SUM(cost_usd + uncertain_usd), 0) FROM calls").fetchone()[0]
+        pending = self.db.execute(
+            "SELECT COALESCE(SUM(reserved_usd), 0) FROM batches WHERE status IN ('submitting', 'submitted')"
+        ).fetchone()[0]
+        return calls + pending
+
+    def failures(self, keys: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+        """(reason, raw reply) of the failed calls among ``keys``."""
+        out: dict[str, tuple[str, str | None]] = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            q = f"SELECT key, error, raw FROM calls WHERE status = 'failed' AND key IN ({','.join('?' * len(chunk))})"
+            for key, error, raw in self.db.execute(q, chunk):
+                out[key] = (error or "", raw)
+        return out
 
     def log_compute(self, stage: str, seconds: float, cost_usd: float = 0.0, **detail: Any) -> None:
         """Add training or evaluation compute to the ledger."""
@@ -198,11 +248,13 @@ class Store:
         where, args = ("WHERE teacher = ?", (teacher,)) if teacher else ("", ())
         row = self.db.execute(
             f"""SELECT COUNT(*), COALESCE(SUM(status = 'failed'), 0), COALESCE(SUM(input_tokens), 0),
-                       COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost_usd), 0), COALESCE(SUM(seconds), 0)
+                       COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost_usd), 0), COALESCE(SUM(uncertain_usd), 0),
+                       COALESCE(SUM(attempts), 0), COALESCE(SUM(seconds), 0)
                 FROM calls {where}""",
             args,
         ).fetchone()
-        return dict(zip(("calls", "failed", "input_tokens", "output_tokens", "cost_usd", "seconds"), row))
+        names = ("calls", "failed", "input_tokens", "output_tokens", "cost_usd", "uncertain_usd", "attempts", "seconds")
+        return dict(zip(names, row))
 
     def compute_totals(self) -> dict[str, dict[str, float]]:
         return {

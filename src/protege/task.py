@@ -37,13 +37,18 @@ def instruction_block(task: TaskConfig) -> str:
     return "\n".join(lines)
 
 
-def render_request(task: TaskConfig, text: str) -> Request:
+def render_request(task: TaskConfig, text: str, rationale: bool = False) -> Request:
     """One user turn: instruction and labels first (shared by every text), then the text, then the answer
     format. Small chat models answer the text itself when it stands alone in a turn; framed like this they
-    classify it."""
+    classify it. With ``rationale`` the teacher is asked to explain first and answer on a last line
+    ``Answer: <label>`` (what :func:`protege.teachers.parse.split_rationale` reads)."""
     names = ", ".join(task.label_names)
-    content = (
-        f"{instruction_block(task)}\n\nText:\n\"\"\"\n{text}\n\"\"\"\n\n"
-        f"Which label fits the text? Answer with one of: {names}."
-    )
+    if rationale:
+        ask = (
+            "Which label fits the text? First explain your reasoning in a few sentences. Then give the final "
+            f"answer on its own last line, exactly as 'Answer: <label>', where <label> is one of: {names}."
+        )
+    else:
+        ask = f"Which label fits the text? Answer with one of: {names}."
+    content = f"{instruction_block(task)}\n\nText:\n\"\"\"\n{text}\n\"\"\"\n\n{ask}"
     return Request(messages=({"role": "user", "content": content},), labels=task.label_names, text=text)

@@ -1,6 +1,8 @@
-"""Teachers turn a batch of rendered requests into teacher signals.
+"""Teachers turn rendered requests into teacher signals.
 
-Backends live in a plain dict keyed by the prefix of the teacher spec (``hf:...``). A backend is a
+Backends live in a plain dict keyed by the prefix of the teacher spec (``hf:``, ``openai:``, ``anthropic:``).
+Local teachers answer a batch at once (``signals``); API teachers answer one request at a time through the
+engine (``answer``, see :class:`protege.engine.ApiTeacher`). A backend is a
 factory ``(spec_without_prefix, TeacherConfig) -> Teacher``; constructing one must be cheap (no weights
 loaded) so a fully cached run never loads the model.
 """
@@ -32,7 +34,19 @@ def _hf(spec: str, cfg: TeacherConfig) -> Teacher:
     return make_hf_teacher(spec, cfg)
 
 
-BACKENDS: dict[str, Callable[[str, TeacherConfig], Teacher]] = {"hf": _hf}
+def _openai(spec: str, cfg: TeacherConfig) -> Teacher:
+    from .openai_api import OpenAITeacher
+
+    return OpenAITeacher(spec, cfg)
+
+
+def _anthropic(spec: str, cfg: TeacherConfig) -> Teacher:
+    from .anthropic_api import AnthropicTeacher
+
+    return AnthropicTeacher(spec, cfg)
+
+
+BACKENDS: dict[str, Callable[[str, TeacherConfig], Teacher]] = {"hf": _hf, "openai": _openai, "anthropic": _anthropic}
 
 
 def make_teacher(cfg: TeacherConfig) -> Teacher:

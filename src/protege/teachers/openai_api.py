@@ -1,0 +1,235 @@
+"""``openai:MODEL``: any OpenAI-compatible chat completions API, through the official ``openai`` SDK (async).
+
+One backend serves OpenAI, DeepSeek, Moonshot, MiniMax, OpenRouter, Together, vLLM, llama.cpp's server and
+Ollama; ``teacher.provider`` picks a preset (base URL, key variable, prices, capabilities). The SDK's own
+retries are off: the engine retries, so every attempt passes the rate limits and the budget and is counted.
+
+Label distributions come, by ``teacher.label_method``:
+
+- ``logprobs``: the ``top_logprobs`` at the answer position (see :mod:`.parse`), greedy decoding;
+- ``samples``: n sampled answers, with ``n`` in one call where the provider honours it, else repeated calls;
+- ``hard_label``: one greedy answer, one-hot.
+
+The top-k log-probabilities of every generated token are kept with the signal when the API returns them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..engine import Call, Reply, TransientError, Usage, worst_case_tokens
+from ..errors import MissingExtra, PermanentError, RecipeError
+from ..recipe import TeacherConfig
+from ..signals import LabelDistribution, TeacherSignal, TokenLogprobs
+from ..task import Request
+from ._api import (
+    answer_and_rationale,
+    api_key,
+    default_max_tokens,
+    no_logprobs_error,
+    permanent_message,
+    retry_after,
+    sampled_distribution,
+    scrub,
+)
+from .parse import TokenStep, distribution_from_logprobs, parse_label
+from .presets import PRESETS, Price, resolve_price
+
+__all__ = ["OpenAITeacher"]
+
+_TRANSIENT_STATUS = {408, 409, 425, 429}
+
+
+class OpenAITeacher:
+    backend = "openai"
+
+    def __init__(self, model: str, cfg: TeacherConfig):
+        provider = cfg.provider or "openai"
+        if provider not in PRESETS:
+            raise RecipeError(f"teacher.provider {provider!r} is not a known preset; use one of {sorted(PRESETS)}")
+        preset = PRESETS[provider]
+        if not model:
+            raise RecipeError("teacher.model 'openai:' names no model; write e.g. 'openai:gpt-4o-mini'")
+        self.cfg = cfg
+        self.provider = provider
+        self.preset = preset
+        self.model = model
+        self.base_url = (cfg.base_url or preset.base_url).rstrip("/")
+        self.key_env = cfg.api_key_env or preset.key_env
+        self.method = cfg.label_method if cfg.label_method != "auto" else ("logprobs" if preset.logprobs else "samples")
+        self.max_tokens = default_max_tokens(cfg.max_tokens, cfg.rationale)
+        self.price: Price = resolve_price(cfg, preset, provider, model)
+        self.price_factor = 1.0
+        self.identity: dict[str, Any] = {
+            "backend": "openai",
+            "provider": provider,
+            "model": model,
+            "method": self.method,
+            "rationale": cfg.rationale,
+            "max_tokens": self.max_tokens,
+        }
+        if self.method == "logprobs":
+            self.identity["top_logprobs"] = cfg.top_logprobs
+        if self.method == "samples":
+            self.identity |= {"n_samples": cfg.n_samples, "temperature": cfg.sample_temperature}
+        self._client: Any = None
+        self._key: str | None = None
+
+    # -- plumbing ------------------------------------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            try:
+                import openai
+            except ImportError:
+                raise MissingExtra("openai", "api", "an 'openai:' teacher") from None
+            self._key = api_key(self.key_env, self.provider)
+            self._client = openai.AsyncOpenAI(
+                api_key=self._key, base_url=self.base_url, max_retries=0, timeout=self.cfg.timeout_s
+            )
+        return self._client
+
+    def check_key(self) -> None:
+        """Fail before any work if the key is missing (the dry run and the engine call this first)."""
+        api_key(self.key_env, self.provider)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    def worst_case(self, request: Request) -> tuple[int, int, int]:
+        calls = self.cfg.n_samples if self.method == "samples" and not self.preset.n else 1
+        per_call_out = self.max_tokens * (self.cfg.n_samples if self.method == "samples" and self.preset.n else 1)
+        return worst_case_tokens(request), per_call_out, calls
+
+    def batch_body(self, request: Request) -> dict[str, Any]:
+        """The chat completion request body for ``request`` (also one line of a Batch API file)."""
+        return self._params(request, n=self.cfg.n_samples if self.method == "samples" else 1)
+
+    def _params(self, request: Request, n: int) -> dict[str, Any]:
+        params: dict[str, Any] = {"model": self.model, "messages": list(request.messages), "max_tokens": self.max_tokens}
+        if self.method == "samples":
+            params["temperature"] = self.cfg.sample_temperature
+            if n > 1:
+                params["n"] = n
+        else:
+            params["temperature"] = 0.0
+            params["seed"] = 0
+        if self.method == "logprobs":
+            params |= {"logprobs": True, "top_logprobs": self.cfg.top_logprobs}
+        return params
+
+    async def _send(self, params: dict[str, Any]) -> Reply:
+        import openai
+
+        try:
+            raw = await self.client.chat.completions.with_raw_response.create(**params)
+        except openai.APITimeoutError:
+            raise TransientError(f"timed out after {self.cfg.timeout_s:g}s", maybe_billed=True) from None
+        except openai.APIConnectionError as e:
+            raise TransientError(f"connection failed: {scrub(str(e.__cause__ or e), self._key)}", maybe_billed=True) from None
+        except openai.APIStatusError as e:
+            status = e.status_code
+            message = scrub(_error_message(e), self._key)
+            if status >= 500 or status in _TRANSIENT_STATUS:
+                wait = retry_after(e.response.headers)
+                if status == 429 and wait is None:
+                    wait = 1.0  # rate limited without a hint: everyone pauses a moment
+                raise TransientError(f"HTTP {status}: {message}", retry_after=wait) from None
+            raise PermanentError(
+                permanent_message(self.provider, self.model, self.base_url, status, message, self.key_env)
+            ) from None
+        try:
+            body = raw.parse()
+            choices = body.choices  # a body that parsed into nothing usable is malformed too
+            if not isinstance(choices, list):
+                raise ValueError("no choices")
+        except (ValueError, TypeError, AttributeError, openai.APIResponseValidationError) as e:
+            text = _safe_text(raw)
+            raise TransientError(f"malformed response body ({type(e).__name__})", maybe_billed=True, raw=text) from None
+        return Reply(body, usage_of(body), dict(raw.headers))
+
+    # -- signals -------------------------------------------------------------------------------------
+    async def answer(self, request: Request, call: Call) -> TeacherSignal:
+        if self.method == "samples":
+            return await self._samples(request, call)
+        params = self._params(request, n=1)
+        reply = await call(lambda: self._send(params), worst_case_tokens(request), self.max_tokens)
+        return self.signal_from_completion(reply.body, request)
+
+    def signal_from_completion(self, body: Any, request: Request) -> TeacherSignal:
+        """A signal from one chat completion (an SDK object, or the dict a Batch API output line holds)."""
+        if isinstance(body, dict):
+            import openai.types.chat as t
+
+            body = t.ChatCompletion.model_validate(body)
+        if self.method == "samples":
+            texts = [c.message.content or "" for c in body.choices]
+            dist = sampled_distribution(texts, request.labels, self.cfg.rationale)
+            return TeacherSignal(distribution=dist, text=texts[0] if texts else None)
+        if not body.choices:
+            raise TransientError("the response has no choices", maybe_billed=True)
+        choice = body.choices[0]
+        text = choice.message.content or ""
+        answer, why, offset = answer_and_rationale(text, self.cfg.rationale)
+        tokens = None
+        if self.method == "logprobs":
+            content = getattr(choice.logprobs, "content", None) if choice.logprobs else None
+            if not content:
+                raise no_logprobs_error(self.provider, self.model)
+            steps = [TokenStep(c.token, c.logprob, {t.token: t.logprob for t in c.top_logprobs or []}) for c in content]
+            dist = distribution_from_logprobs(steps, request.labels, offset)
+            tokens = TokenLogprobs(
+                tokens=tuple(s.token for s in steps),
+                top=tuple(s.top for s in steps),
+                tail_mass=tuple(max(0.0, 1.0 - sum(math.exp(v) for v in s.top.values())) for s in steps),
+                tokenizer=f"{self.provider}:{self.model}",
+                temperature=0.0,
+            )
+        else:
+            dist = LabelDistribution.one_hot(request.labels, parse_label(answer, request.labels))
+        return TeacherSignal(distribution=dist, text=answer, rationale=why, token_logprobs=tokens)
+
+    async def _samples(self, request: Request, call: Call) -> TeacherSignal:
+        """n answers: ``n`` in one call where the preset says the provider honours it (topped up with more
+        calls if it returns fewer choices), otherwise one call per sample."""
+        want = self.cfg.n_samples
+        texts: list[str] = []
+        while len(texts) < want:
+            n = want - len(texts) if self.preset.n else 1
+            params = self._params(request, n=n)
+            reply = await call(lambda p=params: self._send(p), worst_case_tokens(request), self.max_tokens * n)
+            got = [c.message.content or "" for c in reply.body.choices][:n]
+            if not got:
+                raise TransientError("the response has no choices", maybe_billed=True)
+            texts += got
+        dist = sampled_distribution(texts, request.labels, self.cfg.rationale)
+        return TeacherSignal(distribution=dist, text=texts[0])
+
+
+def usage_of(body: Any) -> Usage:
+    """Usage of a chat completion; cached prompt tokens where the provider reports them."""
+    u = body.usage
+    if u is None:
+        return Usage()
+    details = getattr(u, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None) or 0
+    return Usage(u.prompt_tokens or 0, u.completion_tokens or 0, cached)
+
+
+def _error_message(e: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return str(getattr(e, "message", e))
+
+
+def _safe_text(raw: Any) -> str:
+    try:
+        return str(raw.text)[:4000]
+    except Exception as e:  # the body itself may be unreadable; say so rather than hide it
+        return f"<unreadable body: {type(e).__name__}>"
