@@ -1,8 +1,8 @@
 """protege: turn any teacher model into a small student model you own, and prove what it kept and saves."""
 
-from .errors import DataError, ProtegeError, RecipeError, TeacherError
+from .errors import BudgetReached, DataError, PermanentError, ProtegeError, RecipeError, TeacherError
 from .evaluate import evaluate
-from .label import label
+from .label import estimate, label
 from .losses import distillation_loss, forward_kl
 from .pipeline import run, train
 from .recipe import Recipe, load_recipe
@@ -13,6 +13,7 @@ __all__ = [
     "Recipe",
     "load_recipe",
     "label",
+    "estimate",
     "train",
     "evaluate",
     "run",
@@ -26,5 +27,7 @@ __all__ = [
     "RecipeError",
     "DataError",
     "TeacherError",
+    "PermanentError",
+    "BudgetReached",
 ]
 __version__ = "0.1.0"

@@ -365,6 +365,8 @@ class _Engine:
 
     async def run(self, items: Sequence[tuple[str, Request]], desc: str) -> EngineStats:
         self.stats.rows = len(items)
+        if items and (check_key := getattr(self.teacher, "check_key", None)) is not None:
+            check_key()  # a missing key is an error before the first call, not a failure per row
         queue = deque(items)
         t0 = time.perf_counter()
         with tqdm(total=len(items), desc=desc, unit="row", disable=self.quiet or not items) as bar:

@@ -167,10 +167,11 @@ class Store:
                 out[key] = TeacherSignal.from_json(json.loads(sig))
         return out
 
-    def put(self, records: Iterable[CallRecord]) -> int:
+    def put(self, records: Iterable[CallRecord], then: tuple[str, Sequence[Any]] | None = None) -> int:
         """Record a batch of calls in one transaction; returns how many rows were new.
 
         A key already recorded as ok is left alone (the answer was bought once); a failed one is replaced.
+        ``then`` is one more statement (SQL, parameters) committed in the same transaction.
         """
         rows = [
             (
@@ -211,6 +212,8 @@ class Store:
                 rows,
             )
             changed = self.db.total_changes - before
+            if then is not None:
+                self.db.execute(*then)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")

@@ -1,0 +1,296 @@
+"""Provider batch APIs (OpenAI's Batch API: half price, results within 24 hours), crash-safe.
+
+The order of events makes a crash at any point cheap:
+
+1. upload the input file, then record the batch as ``submitting`` with the file id and the worst-case cost
+   reserved, before creating it;
+2. create the batch (its metadata names the input file), then record its id as ``submitted``;
+3. poll; when it ends, record every answer and mark the batch ``collected`` in one transaction.
+
+A rerun first settles what an earlier run left: a ``submitting`` batch is looked up by its input file (found:
+adopted; not found: it was never created, and is dropped), a ``submitted`` one is polled and collected. Rows
+are submitted only when no pending batch holds them, so no answer is bought twice. Pending reservations count
+against ``teacher.budget_usd`` across processes (:meth:`Store.spent`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .engine import ApiTeacher, EngineStats, TransientError, Usage
+from .errors import BudgetReached, PermanentError, ProtegeError
+from .recipe import TeacherConfig
+from .signals import TeacherSignal
+from .store import CallRecord, Store
+from .task import Request
+from .teachers.parse import ParseError
+
+__all__ = ["run_batch", "BATCH_DISCOUNT"]
+
+BATCH_DISCOUNT = 0.5
+_DONE = {"completed", "failed", "expired", "cancelled"}
+
+
+@dataclass
+class _Status:
+    state: str
+    done: bool
+    completed: int
+    failed: int
+    output_file_id: str | None
+    error_file_id: str | None
+
+
+class OpenAIBatches:
+    """OpenAI's Batch API through the SDK: files.create, batches.create / retrieve / list, files.content."""
+
+    provider = "openai"
+
+    def __init__(self, teacher: Any):
+        self.teacher = teacher
+
+    @property
+    def client(self) -> Any:
+        return self.teacher.client  # built lazily inside the running event loop
+
+    async def upload(self, lines: Sequence[dict[str, Any]]) -> str:
+        data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
+        f = await self.client.files.create(file=("protege-batch.jsonl", io.BytesIO(data)), purpose="batch")
+        return str(f.id)
+
+    def line(self, key: str, request: Request) -> dict[str, Any]:
+        return {"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": self.teacher.batch_body(request)}
+
+    async def create(self, input_file_id: str) -> str:
+        b = await self.client.batches.create(
+            input_file_id=input_file_id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"protege_input": input_file_id},
+        )
+        return str(b.id)
+
+    async def find(self, input_file_id: str) -> str | None:
+        async for b in self.client.batches.list(limit=100):
+            if b.input_file_id == input_file_id:
+                return str(b.id)
+        return None
+
+    async def status(self, batch_id: str) -> _Status:
+        b = await self.client.batches.retrieve(batch_id)
+        counts = b.request_counts
+        return _Status(
+            b.status,
+            b.status in _DONE,
+            counts.completed if counts else 0,
+            counts.failed if counts else 0,
+            b.output_file_id,
+            b.error_file_id,
+        )
+
+    async def results(self, status: _Status) -> list[tuple[str, dict[str, Any] | None, str | None]]:
+        """(key, chat completion body or None, error or None) for every line the batch answered."""
+        out = []
+        for file_id in (status.output_file_id, status.error_file_id):
+            if not file_id:
+                continue
+            content = await self.client.files.content(file_id)
+            for raw in content.text.splitlines():
+                if not raw.strip():
+                    continue
+                line = json.loads(raw)
+                response = line.get("response") or {}
+                if line.get("error"):
+                    out.append((line["custom_id"], None, f"batch error: {line['error']}"))
+                elif response.get("status_code") != 200:
+                    out.append((line["custom_id"], None, f"HTTP {response.get('status_code')}: {response.get('body')}"))
+                else:
+                    out.append((line["custom_id"], response["body"], None))
+        return out
+
+
+def _adapter(teacher: Any) -> OpenAIBatches:
+    if getattr(teacher, "backend", None) == "openai":
+        return OpenAIBatches(teacher)
+    raise ProtegeError(
+        f"teacher.batch_api is not available for {getattr(teacher, 'backend', '?')!r} teachers; turn it off"
+    )
+
+
+class _BatchRun:
+    def __init__(self, teacher: ApiTeacher, cfg: TeacherConfig, store: Store, name: str, quiet: bool):
+        self.teacher = teacher
+        self.cfg = cfg
+        self.store = store
+        self.name = name
+        self.quiet = quiet
+        self.stats = EngineStats()
+        self.done: dict[str, TeacherSignal] = {}
+        self.api = _adapter(teacher)
+
+    def _pending(self) -> list[tuple[int, str, str | None, dict[str, Request], str]]:
+        """Unfinished batches of this teacher, with the requests they hold (whatever split they came from)."""
+        return [
+            (row_id, file_id, batch_id, {k: _request(r) for k, r in json.loads(keys)}, status)
+            for row_id, file_id, batch_id, keys, status in self.store.db.execute(
+                "SELECT id, input_file_id, batch_id, keys, status FROM batches "
+                "WHERE teacher = ? AND status IN ('submitting', 'submitted') ORDER BY id",
+                (self.name,),
+            )
+        ]
+
+    def _set(self, row_id: int, status: str, batch_id: str | None = None) -> None:
+        self.store.db.execute(
+            "UPDATE batches SET status = ?, batch_id = COALESCE(?, batch_id), updated_at = ? WHERE id = ?",
+            (status, batch_id, time.time(), row_id),
+        )
+
+    async def _wait(self, batch_id: str, total: int) -> _Status:
+        with tqdm(total=total, desc=f"batch {batch_id}", unit="row", disable=self.quiet) as bar:
+            while True:
+                st = await self.api.status(batch_id)
+                bar.n = st.completed + st.failed
+                bar.set_postfix(status=st.state, refresh=False)
+                bar.refresh()
+                if st.done:
+                    return st
+                await asyncio.sleep(self.cfg.batch_poll_s)
+
+    async def _collect(self, row_id: int, batch_id: str, requests: dict[str, Request]) -> None:
+        st = await self._wait(batch_id, len(requests))
+        records = []
+        for key, body, error in await self.api.results(st):
+            request = requests.get(key)
+            if request is None:
+                continue  # not ours (or already collected)
+            signal, usage, raw = None, Usage(), None
+            if body is not None:
+                usage = _usage(body)
+                try:
+                    signal = self.teacher.signal_from_completion(body, request)
+                except (ParseError, TransientError) as e:
+                    error, raw = f"unparseable batch answer: {e}", getattr(e, "raw", None)
+                except PermanentError as e:
+                    error = str(e)
+            cost = self.teacher.price.cost(
+                usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, factor=BATCH_DISCOUNT
+            )
+            if signal is not None:
+                u = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+                signal = TeacherSignal(**{**signal.__dict__, "usage": u})
+            records.append(
+                CallRecord(
+                    key=key,
+                    teacher=self.name,
+                    request=request.to_json(),
+                    signal=signal,
+                    error=error,
+                    raw=raw,
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    cost_usd=cost,
+                )
+            )
+        # The answers and the end of the reservation land together, or not at all.
+        done_sql = "UPDATE batches SET status = 'collected', updated_at = ? WHERE id = ?"
+        self.store.put(records, then=(done_sql, (time.time(), row_id)))
+        for r in records:
+            self.stats.cost_usd += r.cost_usd
+            if r.signal is not None:
+                self.stats.ok += 1
+                self.done[r.key] = r.signal
+            else:
+                self.stats.failed += 1
+        if st.state != "completed":
+            missing = len(requests) - len(records)
+            self.stats.stopped = f"batch {batch_id} ended {st.state}; {missing} rows unanswered (a rerun resubmits them)"
+
+    async def run(self, items: Sequence[tuple[str, Request]]) -> EngineStats:
+        t0 = time.perf_counter()
+        try:
+            handled: set[str] = set()
+            for row_id, file_id, batch_id, keys, status in self._pending():
+                if status == "submitting":
+                    batch_id = await self.api.find(file_id)
+                    if batch_id is None:  # the crash came before the batch was created
+                        self._set(row_id, "abandoned")
+                        continue
+                    self._set(row_id, "submitted", batch_id)
+                assert batch_id is not None
+                handled |= set(keys)
+                await self._collect(row_id, batch_id, keys)
+            todo = [(k, r) for k, r in items if k not in handled]
+            if todo:
+                await self._submit(todo)
+        finally:
+            await self.teacher.aclose()
+        self.stats.rows = len(items)
+        self.stats.attempts = self.stats.ok + self.stats.failed
+        self.stats.seconds = time.perf_counter() - t0
+        return self.stats
+
+    async def _submit(self, todo: list[tuple[str, Request]]) -> None:
+        price = self.teacher.price
+        left = None if self.cfg.budget_usd is None else self.cfg.budget_usd - self.store.spent()
+        chosen, reserved = [], 0.0
+        for key, request in todo:
+            worst_in, worst_out, calls = self.teacher.worst_case(request)
+            worst = calls * price.cost(worst_in, worst_out, factor=BATCH_DISCOUNT)
+            if left is not None and reserved + worst > left + 1e-12:
+                break
+            chosen.append((key, request))
+            reserved += worst
+        if not chosen:
+            raise BudgetReached(
+                f"budget reached: ${self.store.spent():.4f} of the ${self.cfg.budget_usd:.4f} cap is spent or "
+                "reserved; rerun with a higher --teacher.budget_usd to continue"
+            )
+        file_id = await self.api.upload([self.api.line(k, r) for k, r in chosen])
+        now = time.time()
+        cur = self.store.db.execute(
+            "INSERT INTO batches (provider, teacher, input_file_id, keys, reserved_usd, status, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, 'submitting', ?, ?)",
+            (self.api.provider, self.name, file_id, json.dumps([[k, r.to_json()] for k, r in chosen]), reserved, now, now),
+        )
+        row_id = int(cur.lastrowid)
+        batch_id = await self.api.create(file_id)
+        self._set(row_id, "submitted", batch_id)
+        await self._collect(row_id, batch_id, dict(chosen))
+        if len(chosen) < len(todo):
+            raise BudgetReached(
+                f"budget reached: submitted {len(chosen)} of {len(todo)} rows within the "
+                f"${self.cfg.budget_usd:.4f} cap; rerun with a higher --teacher.budget_usd to continue"
+            )
+
+
+def _request(d: dict[str, Any]) -> Request:
+    return Request(messages=tuple(d["messages"]), labels=tuple(d["labels"]), text="")
+
+
+def _usage(body: dict[str, Any]) -> Usage:
+    u = body.get("usage") or {}
+    cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return Usage(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0, cached)
+
+
+def run_batch(
+    teacher: ApiTeacher,
+    cfg: TeacherConfig,
+    store: Store,
+    items: Sequence[tuple[str, Request]],
+    teacher_name: str,
+    quiet: bool = False,
+    desc: str = "label",
+) -> tuple[dict[str, TeacherSignal], EngineStats]:
+    """Answer ``items`` through the provider's batch API; same contract as :func:`protege.engine.run_api`."""
+    run = _BatchRun(teacher, cfg, store, teacher_name, quiet)
+    asyncio.run(run.run(items))
+    return run.done, run.stats

@@ -1,0 +1,89 @@
+"""Prices, budget reservations, rate-limit headers and secret scrubbing: the arithmetic money depends on."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+
+import pytest
+
+from protege.engine import Budget, RateControl, _duration, worst_case_tokens
+from protege.errors import BudgetReached, RecipeError
+from protege.recipe import TeacherConfig
+from protege.task import Request
+from protege.teachers._api import retry_after, scrub
+from protege.teachers.presets import PRESETS, Price, resolve_price
+
+
+def test_price_of_a_call_counts_cached_input_apart():
+    p = Price(input=2.0, cached_input=0.5, output=8.0)
+    assert p.cost(1_000_000, 0) == pytest.approx(2.0)
+    assert p.cost(1000, 500, cached_input_tokens=400) == pytest.approx((600 * 2.0 + 400 * 0.5 + 500 * 8.0) / 1e6)
+    assert p.cost(1000, 500, factor=0.5) == pytest.approx(0.5 * (1000 * 2.0 + 500 * 8.0) / 1e6)
+
+
+def test_price_table_lookup_and_recipe_overrides():
+    cfg = TeacherConfig(model="openai:gpt-4o-mini")
+    assert resolve_price(cfg, PRESETS["openai"], "openai", "gpt-4o-mini") == Price(0.15, 0.075, 0.60)
+    # a dated snapshot costs what its family costs
+    assert resolve_price(cfg, PRESETS["openai"], "openai", "gpt-4o-mini-2024-07-18") == Price(0.15, 0.075, 0.60)
+    cfg = TeacherConfig(model="openai:gpt-4o-mini", price_output=1.0)
+    assert resolve_price(cfg, PRESETS["openai"], "openai", "gpt-4o-mini") == Price(0.15, 0.075, 1.0)
+    # a local server is free unless the recipe says otherwise
+    assert resolve_price(TeacherConfig(), PRESETS["vllm"], "vllm", "anything").free
+    # an unknown paid model is refused, not run at an unknown price
+    with pytest.raises(RecipeError, match="no price is known.*teacher.price_input"):
+        resolve_price(TeacherConfig(), PRESETS["openai"], "openai", "gpt-9")
+    with pytest.raises(RecipeError, match="set both"):
+        resolve_price(TeacherConfig(price_input=1.0), PRESETS["openai"], "openai", "gpt-9")
+    given = TeacherConfig(price_input=1.0, price_output=3.0)
+    assert resolve_price(given, PRESETS["openai"], "openai", "gpt-9") == Price(1.0, 1.0, 3.0)
+
+
+def test_budget_reserves_worst_case_and_settles_actual_cost():
+    b = Budget(cap=1.0, spent=0.25)
+    b.reserve(0.5)
+    b.reserve(0.25)  # exactly at the cap is allowed
+    with pytest.raises(BudgetReached, match="rerun with a higher --teacher.budget_usd"):
+        b.reserve(0.01)
+    b.settle(0.5, spent=0.1)  # the call cost less than its worst case: room frees up
+    b.reserve(0.3)
+    b.settle(0.25, spent=0.0, uncertain=0.25)  # a timeout: it may have been billed, so it still counts
+    assert (b.spent, b.uncertain, b.reserved) == pytest.approx((0.35, 0.25, 0.3))
+    with pytest.raises(BudgetReached):
+        b.reserve(0.2)
+    assert b.spent + b.uncertain + b.reserved <= 1.0 + 1e-12
+    assert Budget(cap=None, spent=10.0).reserve(1e9) is None  # no cap, no limit
+
+
+def test_worst_case_input_tokens_bound_byte_level_tokenizers():
+    req = Request(messages=({"role": "user", "content": "héllo wörld " * 10},), labels=("a", "b"), text="x")
+    n_bytes = len(("héllo wörld " * 10).encode())
+    assert worst_case_tokens(req) >= n_bytes  # a byte-level BPE never spends less than a byte per token
+
+
+def test_reset_durations_and_retry_after():
+    assert _duration("1s") == 1.0 and _duration("6m0s") == 360.0 and _duration("20ms") == pytest.approx(0.02)
+    assert _duration("1h2m3.5s") == pytest.approx(3723.5) and _duration("soon") is None
+    assert retry_after({"retry-after": "2"}) == 2.0
+    assert retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 28 <= retry_after({"retry-after": when}) <= 31
+    assert retry_after({}) is None and retry_after(None) is None
+
+
+def test_exhausted_rate_window_pauses_everyone():
+    rate = RateControl(None, None)
+    rate.observe({"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "10s"})
+    assert rate.cooldown_until == 0.0
+    rate.observe({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"})
+    assert 1.5 < rate.cooldown_until - time.monotonic() <= 2.0
+    rate.observe({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"})
+    assert rate.cooldown_until - time.monotonic() > 300
+
+
+def test_scrub_masks_the_key_and_key_shaped_strings():
+    key = "sk-proj-ABCdef123456"
+    assert key not in scrub(f"Incorrect API key provided: {key}.", key)
+    assert "sk-***" in scrub("Incorrect API key provided: sk-abc12***********xyz9.", None)
+    assert scrub("nothing secret here", key) == "nothing secret here"
