@@ -270,7 +270,7 @@ class _Engine:
         self.budget = Budget(cfg.budget_usd, store.spent())
         self.rate = RateControl(cfg.requests_per_minute, cfg.tokens_per_minute)
         self.stats = EngineStats()
-        self.backoff = wait_exponential_jitter(initial=0.5, max=30.0, jitter=1.0)
+        self.backoff = wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=1.0)
         self.stop: BaseException | None = None
         self.in_flight = 0
         self.done: dict[str, TeacherSignal] = {}

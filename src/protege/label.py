@@ -29,13 +29,14 @@ class LabelStats:
     cached: int = 0
     called: int = 0
     failed: int = 0
-    attempts: int = 0
+    attempts: int = 0  # HTTP calls sent (API teachers), retries included
+    parse_retries: int = 0  # calls repeated because an answer named no label
     cost_usd: float = 0.0
     seconds: float = 0.0
     by_split: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def add(self, other: LabelStats) -> None:
-        for name in ("examples", "cached", "called", "failed", "attempts", "cost_usd", "seconds"):
+        for name in ("examples", "cached", "called", "failed", "attempts", "parse_retries", "cost_usd", "seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -71,6 +72,7 @@ def label_examples(
             answered, es = run_api(teacher, recipe.teacher, store, items, recipe.teacher.model, quiet, desc)
         done.update(answered)
         stats.called, stats.failed, stats.attempts = es.ok + es.failed, es.failed, es.attempts
+        stats.parse_retries = es.parse_retries
         stats.cost_usd, stats.seconds = es.cost_usd, es.seconds
     else:
         _label_local(teacher, recipe, items, store, quiet, desc, done, stats)

@@ -2,19 +2,24 @@
 
 The SDK's own retries are off: the engine retries, so every attempt passes the rate limits and the budget and
 is counted. The key is read from ``teacher.api_key_env`` (default ``ANTHROPIC_API_KEY``) and sent only in the
-``x-api-key`` header, as the API documents; it never enters the teacher's identity, a request body, the store
-or an error message.
+``x-api-key`` header, as the API documents (the 2.x SDK would send it as a bearer token); it never enters the
+teacher's identity, a request body, the store or an error message.
 
-Anthropic returns no log-probabilities, so label distributions come, by ``teacher.label_method``:
+The 2.x SDK speaks API version ``2026-10-21``, pinned here and recorded in the identity. That version takes no
+sampling parameters: ``temperature``, ``top_p`` and ``top_k`` are refused with HTTP 400 at any value, and
+the SDK no longer has them. Every answer is therefore drawn at the API's default sampling; a hard label is
+one such answer, not a greedy one. Anthropic returns no log-probabilities either, so label distributions
+come, by ``teacher.label_method``:
 
-- ``samples`` (also what ``auto`` means here): ``n_samples`` separate calls at ``sample_temperature`` (the
-  API has no ``n``), the empirical distribution of the answers;
-- ``hard_label``: one answer at temperature 0, one-hot.
+- ``samples`` (also what ``auto`` means here): ``n_samples`` separate calls (the API has no ``n``), the
+  empirical distribution of the answers;
+- ``hard_label``: one answer, one-hot.
 
-With ``teacher.thinking_tokens`` the calls use extended thinking (``thinking.budget_tokens``). The API then
-requires temperature 1, so samples are drawn at 1 and a hard label is no longer greedy; the identity records
-the temperature actually used. ``max_tokens`` sent is the answer's budget plus the thinking budget. The
-thinking text is kept in :attr:`TeacherSignal.thinking`, apart from the answer and any rationale.
+With ``teacher.thinking_tokens`` the calls use extended thinking (``{"type": "enabled", "budget_tokens": N}``,
+which models before Claude 4.6 take; later ones want adaptive thinking and refuse a budget). Thinking needs
+temperature 1, which is the API's default, so nothing else changes; ``max_tokens`` sent is the answer's
+budget plus the thinking budget. The thinking text is kept in :attr:`TeacherSignal.thinking`, apart from the
+answer and any rationale.
 
 :class:`AnthropicBatches` builds Message Batches requests and turns result lines into signals, for the batch
 runner.
@@ -22,6 +27,7 @@ runner.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,12 +49,12 @@ from ._api import (
 from .parse import ParseError, parse_label
 from .presets import ANTHROPIC, Price, resolve_price
 
-__all__ = ["AnthropicTeacher", "AnthropicBatches", "BatchOutcome", "usage_of", "message_parts"]
+__all__ = ["AnthropicBatches", "AnthropicTeacher", "BatchOutcome", "BatchStatus", "message_parts", "usage_of"]
 
 PROVIDER = "anthropic"
+API_VERSION = "2026-10-21"  # the anthropic-version header: what the request and response formats mean
 # 408 request timeout, 409 conflict, 425 too early, 429 rate limited; every 5xx (529 is "overloaded").
 _TRANSIENT_STATUS = {408, 409, 425, 429}
-THINKING_TEMPERATURE = 1.0
 
 
 class AnthropicTeacher:
@@ -69,6 +75,12 @@ class AnthropicTeacher:
             raise RecipeError(
                 "Anthropic's API returns no logprobs; set teacher.label_method to 'samples' or 'hard_label'"
             )
+        if "sample_temperature" in cfg.model_fields_set and cfg.sample_temperature != 1.0:
+            raise RecipeError(
+                f"teacher.sample_temperature {cfg.sample_temperature:g} cannot be honoured: Anthropic's Messages API "
+                f"(version {API_VERSION}, the one the anthropic SDK 2.x speaks) accepts no temperature, and samples "
+                "are drawn at its default; remove teacher.sample_temperature"
+            )
         self.cfg = cfg
         self.model = model
         self.base_url = (cfg.base_url or ANTHROPIC.base_url).rstrip("/")
@@ -78,10 +90,6 @@ class AnthropicTeacher:
         self.answer_tokens = default_max_tokens(cfg.max_tokens, cfg.rationale)
         # Thinking tokens count toward max_tokens, and the API wants max_tokens above the thinking budget.
         self.max_tokens = self.answer_tokens + (self.thinking_tokens or 0)
-        if self.thinking_tokens:
-            self.temperature = THINKING_TEMPERATURE
-        else:
-            self.temperature = cfg.sample_temperature if self.method == "samples" else 0.0
         self.calls_per_request = cfg.n_samples if self.method == "samples" else 1
         self.price: Price = resolve_price(cfg, ANTHROPIC, PROVIDER, model)
         self.price_factor = 1.0
@@ -92,12 +100,13 @@ class AnthropicTeacher:
             "rationale": cfg.rationale,
             "max_tokens": self.answer_tokens,
             "thinking_tokens": self.thinking_tokens,
-            "temperature": self.temperature,
+            "api_version": API_VERSION,
+            # No temperature is sent (the API version refuses one): every answer, a hard label too, is drawn at
+            # the API's default, which is also the temperature 1 that extended thinking requires.
+            "temperature": "api-default",
         }
         if self.method == "samples":
             self.identity["n_samples"] = cfg.n_samples
-        if self.thinking_tokens:
-            self.identity["temperature_note"] = "extended thinking requires temperature 1"
         self._http_client = http_client
         self._client: Any = None
         self._key: str | None = None
@@ -122,7 +131,11 @@ class AnthropicTeacher:
                 timeout=self.cfg.timeout_s,
                 # The API documents the x-api-key header; send the key there and nowhere else, whatever header
                 # this SDK version would put it in by default.
-                default_headers={"x-api-key": self._key, "Authorization": anthropic.omit},
+                default_headers={
+                    "x-api-key": self._key,
+                    "Authorization": anthropic.omit,
+                    "anthropic-version": API_VERSION,
+                },
                 **kwargs,
             )
         return self._client
@@ -147,10 +160,7 @@ class AnthropicTeacher:
         if system:
             params["system"] = system
         if self.thinking_tokens:
-            # temperature is left at the API's default, 1, the only value extended thinking accepts
             params["thinking"] = {"type": "enabled", "budget_tokens": self.thinking_tokens}
-        else:
-            params["temperature"] = self.temperature
         return params
 
     async def _send(self, params: dict[str, Any]) -> Reply:
@@ -192,7 +202,13 @@ class AnthropicTeacher:
             kind = getattr(e, "type", None)
             label = f"HTTP {status} {kind}" if kind else f"HTTP {status}"
             return TransientError(f"{label}: {message}", retry_after=wait)
-        return PermanentError(permanent_message(PROVIDER, self.model, self.base_url, status, message, self.key_env))
+        text = permanent_message(PROVIDER, self.model, self.base_url, status, message, self.key_env)
+        if status == 400 and self.thinking_tokens:
+            text += (
+                "; with teacher.thinking_tokens set, note that Claude 4.6 and later models take adaptive thinking "
+                "and refuse a thinking budget: unset teacher.thinking_tokens for them"
+            )
+        return PermanentError(text)
 
     # -- signals -------------------------------------------------------------------------------------
     async def answer(self, request: Request, call: Call) -> TeacherSignal:
@@ -210,6 +226,8 @@ class AnthropicTeacher:
     def signal_from_message(self, body: Any, request: Request) -> TeacherSignal:
         """A hard-label signal from one Message (an SDK object, or the dict a batch result line holds)."""
         text, thinking = message_parts(body)
+        if not text.strip():
+            raise ParseError(_no_text_reason(body), thinking or "")
         answer, why, _ = answer_and_rationale(text, self.cfg.rationale)
         dist = LabelDistribution.one_hot(request.labels, parse_label(answer, request.labels))
         return TeacherSignal(distribution=dist, text=answer, rationale=why, thinking=thinking)
@@ -266,6 +284,18 @@ def message_parts(body: Any) -> tuple[str, str | None]:
     return "".join(texts), thinking or None
 
 
+def _no_text_reason(body: Any) -> str:
+    stop = _get(body, "stop_reason")
+    if stop == "max_tokens":
+        return (
+            "the reply was cut at max_tokens before it gave an answer (thinking and answer share the limit); "
+            "raise teacher.max_tokens"
+        )
+    if stop == "refusal":
+        return "the model declined to answer (stop_reason 'refusal')"
+    return f"the reply has no text (stop_reason {stop!r})"
+
+
 def usage_of(body: Any) -> Usage:
     """Engine usage of a Message (an SDK object or a dict). Anthropic's ``input_tokens`` leaves out the tokens
     read from and written to the prompt cache; the engine's input count includes them, with the cache reads
@@ -280,17 +310,17 @@ def usage_of(body: Any) -> Usage:
 
 
 def _check_message(body: Any) -> None:
-    """Raise ValueError unless ``body`` is a Message with a content list and token counts (the SDK builds
+    """Raise TypeError unless ``body`` is a Message with a content list and token counts (the SDK builds
     models from any JSON without validating it)."""
     from anthropic.types import Message
 
     if not isinstance(body, Message):
-        raise ValueError(f"not a message: {type(body).__name__}")
+        raise TypeError(f"not a message: {type(body).__name__}")
     if not isinstance(body.content, list):
-        raise ValueError("no content list")
+        raise TypeError("no content list")
     usage = body.usage
     if not isinstance(usage.input_tokens, int) or not isinstance(usage.output_tokens, int):
-        raise ValueError("no token counts")
+        raise TypeError("no token counts")
 
 
 def _error_message(e: Any) -> str:
@@ -305,7 +335,7 @@ def _error_message(e: Any) -> str:
 async def _safe_text(raw: Any) -> str:
     try:
         return str(await raw.text())[:4000]
-    except Exception as e:  # the body itself may be unreadable; say so rather than hide it
+    except Exception as e:  # noqa: BLE001  (the body itself may be unreadable; say so rather than hide it)
         return f"<unreadable body: {type(e).__name__}>"
 
 
@@ -448,7 +478,7 @@ class AnthropicBatches:
         usage_dict = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
         if usage.cached_input_tokens:
             usage_dict["cached_input_tokens"] = usage.cached_input_tokens
-        return BatchOutcome(key, TeacherSignal(**{**signal.__dict__, "usage": usage_dict}), usage)
+        return BatchOutcome(key, dataclasses.replace(signal, usage=usage_dict), usage)
 
 
 def _line_error(result: Mapping[str, Any]) -> str:
