@@ -1,9 +1,10 @@
-"""Provider batch APIs (OpenAI's Batch API: half price, results within 24 hours), crash-safe.
+"""Provider batch APIs (OpenAI's Batch API, Anthropic's Message Batches: half price, results within
+24 hours), crash-safe.
 
 The order of events makes a crash at any point cheap:
 
-1. upload the input file, then record the batch as ``submitting`` with the file id and the worst-case cost
-   reserved, before creating it;
+1. upload the input file (OpenAI), then record the batch as ``submitting`` with the file id and the
+   worst-case cost reserved, before creating it;
 2. create the batch (its metadata names the input file), then record its id as ``submitted``;
 3. poll; when it ends, record every answer and mark the batch ``collected`` in one transaction.
 
@@ -16,6 +17,7 @@ against ``teacher.budget_usd`` across processes (:meth:`Store.spent`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import time
@@ -39,18 +41,28 @@ BATCH_DISCOUNT = 0.5
 _DONE = {"completed", "failed", "expired", "cancelled"}
 
 
-@dataclass
-class _Status:
+@dataclass(frozen=True)
+class Outcome:
+    """What a batch made of one request: a signal, or the reason there is none; ``usage`` is billed either way."""
+
+    key: str
+    signal: TeacherSignal | None
+    usage: Usage
+    error: str | None = None
+    raw: str | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
     state: str
     done: bool
-    completed: int
-    failed: int
-    output_file_id: str | None
-    error_file_id: str | None
+    finished: int
 
 
 class OpenAIBatches:
-    """OpenAI's Batch API through the SDK: files.create, batches.create / retrieve / list, files.content."""
+    """OpenAI's Batch API through the SDK: files.create, batches.create / retrieve / list, files.content.
+    The input file is uploaded first and named in the batch's metadata, so a batch whose id was never recorded
+    can be found again by its file."""
 
     provider = "openai"
 
@@ -61,68 +73,103 @@ class OpenAIBatches:
     def client(self) -> Any:
         return self.teacher.client  # built lazily inside the running event loop
 
-    async def upload(self, lines: Sequence[dict[str, Any]]) -> str:
+    async def prepare(self, items: Sequence[tuple[str, Request]]) -> str:
+        lines = [
+            {"custom_id": k, "method": "POST", "url": "/v1/chat/completions", "body": self.teacher.batch_body(r)}
+            for k, r in items
+        ]
         data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
         f = await self.client.files.create(file=("protege-batch.jsonl", io.BytesIO(data)), purpose="batch")
         return str(f.id)
 
-    def line(self, key: str, request: Request) -> dict[str, Any]:
-        return {"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": self.teacher.batch_body(request)}
-
-    async def create(self, input_file_id: str) -> str:
+    async def create(self, ref: str, items: Sequence[tuple[str, Request]]) -> str:
         b = await self.client.batches.create(
-            input_file_id=input_file_id,
-            endpoint="/v1/chat/completions",
-            completion_window="24h",
-            metadata={"protege_input": input_file_id},
+            input_file_id=ref, endpoint="/v1/chat/completions", completion_window="24h", metadata={"protege_input": ref}
         )
         return str(b.id)
 
-    async def find(self, input_file_id: str) -> str | None:
+    async def find(self, ref: str) -> str | None:
         async for b in self.client.batches.list(limit=100):
-            if b.input_file_id == input_file_id:
+            if b.input_file_id == ref:
                 return str(b.id)
         return None
 
-    async def status(self, batch_id: str) -> _Status:
+    async def progress(self, batch_id: str) -> Progress:
         b = await self.client.batches.retrieve(batch_id)
         counts = b.request_counts
-        return _Status(
-            b.status,
-            b.status in _DONE,
-            counts.completed if counts else 0,
-            counts.failed if counts else 0,
-            b.output_file_id,
-            b.error_file_id,
-        )
+        return Progress(b.status, b.status in _DONE, (counts.completed + counts.failed) if counts else 0)
 
-    async def results(self, status: _Status) -> list[tuple[str, dict[str, Any] | None, str | None]]:
-        """(key, chat completion body or None, error or None) for every line the batch answered."""
+    async def outcomes(self, batch_id: str, requests: dict[str, Request]) -> list[Outcome]:
+        b = await self.client.batches.retrieve(batch_id)
         out = []
-        for file_id in (status.output_file_id, status.error_file_id):
+        for file_id in (b.output_file_id, b.error_file_id):
             if not file_id:
                 continue
             content = await self.client.files.content(file_id)
             for raw in content.text.splitlines():
-                if not raw.strip():
-                    continue
-                line = json.loads(raw)
-                response = line.get("response") or {}
-                if line.get("error"):
-                    out.append((line["custom_id"], None, f"batch error: {line['error']}"))
-                elif response.get("status_code") != 200:
-                    out.append((line["custom_id"], None, f"HTTP {response.get('status_code')}: {response.get('body')}"))
-                else:
-                    out.append((line["custom_id"], response["body"], None))
+                if raw.strip():
+                    line = json.loads(raw)
+                    if line.get("custom_id") in requests:
+                        out.append(self._outcome(line, requests[line["custom_id"]]))
         return out
 
+    def _outcome(self, line: dict[str, Any], request: Request) -> Outcome:
+        key = line["custom_id"]
+        response = line.get("response") or {}
+        if line.get("error"):
+            return Outcome(key, None, Usage(), f"batch error: {line['error']}")
+        body = response.get("body")
+        if response.get("status_code") != 200 or not isinstance(body, dict):
+            return Outcome(key, None, Usage(), f"HTTP {response.get('status_code')}: {str(body)[:500]}")
+        u = body.get("usage") or {}
+        cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        usage = Usage(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0, cached)
+        try:
+            signal = self.teacher.signal_from_completion(body, request)
+        except (ParseError, TransientError, PermanentError) as e:
+            return Outcome(key, None, usage, f"unparseable batch answer: {e}", getattr(e, "raw", None) or None)
+        return Outcome(key, signal, usage)
 
-def _adapter(teacher: Any) -> OpenAIBatches:
-    if getattr(teacher, "backend", None) == "openai":
+
+class AnthropicAdapter:
+    """Anthropic's Message Batches: created directly from the requests (no file, no metadata), so a batch
+    whose id was not recorded before a crash cannot be found again; the id is recorded the moment
+    ``create`` returns, which leaves only that instant exposed."""
+
+    provider = "anthropic"
+
+    def __init__(self, teacher: Any):
+        from .teachers.anthropic_api import AnthropicBatches
+
+        self.api = AnthropicBatches(teacher)
+
+    async def prepare(self, items: Sequence[tuple[str, Request]]) -> str:
+        from ._io import content_hash
+
+        return "anthropic:" + content_hash([k for k, _ in items])[:32]
+
+    async def create(self, ref: str, items: Sequence[tuple[str, Request]]) -> str:
+        return await self.api.create(items)
+
+    async def find(self, ref: str) -> str | None:
+        return None
+
+    async def progress(self, batch_id: str) -> Progress:
+        st = await self.api.status(batch_id)
+        return Progress(st.state, st.done, st.succeeded + st.errored + st.canceled + st.expired)
+
+    async def outcomes(self, batch_id: str, requests: dict[str, Request]) -> list[Outcome]:
+        lines = await self.api.results(batch_id)
+        return [Outcome(o.key, o.signal, o.usage, o.error, o.raw) for o in self.api.outcomes(lines, requests)]
+
+
+def _adapter(teacher: Any) -> OpenAIBatches | AnthropicAdapter:
+    backend = getattr(teacher, "backend", None)
+    if backend == "openai":
         return OpenAIBatches(teacher)
-    raise ProtegeError(
-        f"teacher.batch_api is not available for {getattr(teacher, 'backend', '?')!r} teachers; turn it off"
-    )
+    if backend == "anthropic":
+        return AnthropicAdapter(teacher)
+    raise ProtegeError(f"teacher.batch_api is not available for {backend!r} teachers; turn it off")
 
 
 class _BatchRun:
@@ -153,11 +200,11 @@ class _BatchRun:
             (status, batch_id, time.time(), row_id),
         )
 
-    async def _wait(self, batch_id: str, total: int) -> _Status:
+    async def _wait(self, batch_id: str, total: int) -> Progress:
         with tqdm(total=total, desc=f"batch {batch_id}", unit="row", disable=self.quiet) as bar:
             while True:
-                st = await self.api.status(batch_id)
-                bar.n = st.completed + st.failed
+                st = await self.api.progress(batch_id)
+                bar.n = min(total, st.finished)
                 bar.set_postfix(status=st.state, refresh=False)
                 bar.refresh()
                 if st.done:
@@ -167,35 +214,23 @@ class _BatchRun:
     async def _collect(self, row_id: int, batch_id: str, requests: dict[str, Request]) -> None:
         st = await self._wait(batch_id, len(requests))
         records = []
-        for key, body, error in await self.api.results(st):
-            request = requests.get(key)
-            if request is None:
-                continue  # not ours (or already collected)
-            signal, usage, raw = None, Usage(), None
-            if body is not None:
-                usage = _usage(body)
-                try:
-                    signal = self.teacher.signal_from_completion(body, request)
-                except (ParseError, TransientError) as e:
-                    error, raw = f"unparseable batch answer: {e}", getattr(e, "raw", None)
-                except PermanentError as e:
-                    error = str(e)
-            cost = self.teacher.price.cost(
-                usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, factor=BATCH_DISCOUNT
-            )
+        for o in await self.api.outcomes(batch_id, requests):
+            u = o.usage
+            cost = self.teacher.price.cost(u.input_tokens, u.output_tokens, u.cached_input_tokens, factor=BATCH_DISCOUNT)
+            signal = o.signal
             if signal is not None:
-                u = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
-                signal = TeacherSignal(**{**signal.__dict__, "usage": u})
+                usage = {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens}
+                signal = dataclasses.replace(signal, usage=usage)
             records.append(
                 CallRecord(
-                    key=key,
+                    key=o.key,
                     teacher=self.name,
-                    request=request.to_json(),
+                    request=requests[o.key].to_json(),
                     signal=signal,
-                    error=error,
-                    raw=raw,
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
+                    error=o.error,
+                    raw=o.raw,
+                    input_tokens=u.input_tokens,
+                    output_tokens=u.output_tokens,
                     cost_usd=cost,
                 )
             )
@@ -209,7 +244,7 @@ class _BatchRun:
                 self.done[r.key] = r.signal
             else:
                 self.stats.failed += 1
-        if st.state != "completed":
+        if len(records) < len(requests):
             missing = len(requests) - len(records)
             self.stats.stopped = f"batch {batch_id} ended {st.state}; {missing} rows unanswered (a rerun resubmits them)"
 
@@ -238,6 +273,13 @@ class _BatchRun:
         return self.stats
 
     async def _submit(self, todo: list[tuple[str, Request]]) -> None:
+        teacher: Any = self.teacher
+        if getattr(teacher, "method", None) == "samples" and getattr(teacher, "preset", None) is not None:
+            if not teacher.preset.n:
+                raise ProtegeError(
+                    f"provider {teacher.provider!r} does not honour n, so label_method 'samples' cannot go through "
+                    "its batch API; use label_method 'logprobs' or 'hard_label', or turn teacher.batch_api off"
+                )
         price = self.teacher.price
         left = None if self.cfg.budget_usd is None else self.cfg.budget_usd - self.store.spent()
         chosen, reserved = [], 0.0
@@ -253,7 +295,7 @@ class _BatchRun:
                 f"budget reached: ${self.store.spent():.4f} of the ${self.cfg.budget_usd:.4f} cap is spent or "
                 "reserved; rerun with a higher --teacher.budget_usd to continue"
             )
-        file_id = await self.api.upload([self.api.line(k, r) for k, r in chosen])
+        file_id = await self.api.prepare(chosen)
         now = time.time()
         cur = self.store.db.execute(
             "INSERT INTO batches (provider, teacher, input_file_id, keys, reserved_usd, status, created_at, updated_at)"
@@ -261,7 +303,7 @@ class _BatchRun:
             (self.api.provider, self.name, file_id, json.dumps([[k, r.to_json()] for k, r in chosen]), reserved, now, now),
         )
         row_id = int(cur.lastrowid)
-        batch_id = await self.api.create(file_id)
+        batch_id = await self.api.create(file_id, chosen)
         self._set(row_id, "submitted", batch_id)
         await self._collect(row_id, batch_id, dict(chosen))
         if len(chosen) < len(todo):
@@ -273,12 +315,6 @@ class _BatchRun:
 
 def _request(d: dict[str, Any]) -> Request:
     return Request(messages=tuple(d["messages"]), labels=tuple(d["labels"]), text="")
-
-
-def _usage(body: dict[str, Any]) -> Usage:
-    u = body.get("usage") or {}
-    cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return Usage(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0, cached)
 
 
 def run_batch(
