@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -80,6 +81,10 @@ def test_exhausted_rate_window_pauses_everyone():
     assert 1.5 < rate.cooldown_until - time.monotonic() <= 2.0
     rate.observe({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"})
     assert rate.cooldown_until - time.monotonic() > 300
+    rate = RateControl(None, None)
+    reset = (datetime.now(timezone.utc) + timedelta(seconds=20)).isoformat().replace("+00:00", "Z")
+    rate.observe({"anthropic-ratelimit-requests-remaining": "0", "anthropic-ratelimit-requests-reset": reset})
+    assert 18 < rate.cooldown_until - time.monotonic() <= 20
 
 
 def test_scrub_masks_the_key_and_key_shaped_strings():

@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Protocol, runtime_checkable
 
 from aiolimiter import AsyncLimiter
@@ -145,6 +146,17 @@ def _duration(s: str) -> float | None:
     return total if ok else None
 
 
+def _until(stamp: str) -> float | None:
+    """Seconds from now until an RFC 3339 time ('2026-11-28T12:00:30Z'), or None if it does not parse."""
+    try:
+        when = datetime.fromisoformat(stamp.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
 class RateControl:
     """Client-side limits plus what the provider's headers say."""
 
@@ -169,12 +181,21 @@ class RateControl:
         self.cooldown_until = max(self.cooldown_until, time.monotonic() + seconds)
 
     def observe(self, headers: Mapping[str, str]) -> None:
-        """Pause everyone when the provider says a window is used up (OpenAI-style x-ratelimit-* headers)."""
+        """Pause everyone when the provider says a window is used up: OpenAI-style ``x-ratelimit-remaining-*``
+        with a duration in ``x-ratelimit-reset-*``, or Anthropic's ``anthropic-ratelimit-*-remaining`` with an
+        RFC 3339 time in ``anthropic-ratelimit-*-reset``."""
         for kind in ("requests", "tokens"):
             remaining = headers.get(f"x-ratelimit-remaining-{kind}")
             reset = headers.get(f"x-ratelimit-reset-{kind}")
             if remaining is not None and reset and remaining.strip() == "0":
                 seconds = _duration(reset)
+                if seconds:
+                    self.pause(seconds)
+        for kind in ("requests", "tokens", "input-tokens", "output-tokens"):
+            remaining = headers.get(f"anthropic-ratelimit-{kind}-remaining")
+            reset = headers.get(f"anthropic-ratelimit-{kind}-reset")
+            if remaining is not None and reset and remaining.strip() == "0":
+                seconds = _until(reset)
                 if seconds:
                     self.pause(seconds)
 

@@ -277,7 +277,8 @@ def estimate(recipe: Recipe) -> Estimate:
             est.input_tokens += round(in_seen)
             est.output_tokens += round(out_seen)
         else:
-            per_call_out = min(worst_out, 200 if cfg.rationale else 5)
+            thinking = cfg.thinking_tokens or 0  # billed as output
+            per_call_out = min(worst_out, (200 if cfg.rationale else 5) + thinking)
             est.input_tokens += calls * expected_tokens(r)
             est.output_tokens += calls * per_call_out
     est.usd = price.cost(est.input_tokens, est.output_tokens, factor=factor)

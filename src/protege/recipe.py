@@ -205,6 +205,10 @@ class TeacherConfig(_Section):
             raise ValueError(
                 "Anthropic's API returns no logprobs; set teacher.label_method to 'samples' or 'hard_label'"
             )
+        if backend == "anthropic" and "sample_temperature" in self.model_fields_set and self.sample_temperature != 1:
+            raise ValueError(
+                "Anthropic's Messages API (version 2026-10-21) accepts no temperature; remove teacher.sample_temperature"
+            )
         if self.batch_api and backend == "hf":
             raise ValueError("teacher.batch_api applies to API teachers ('openai:' or 'anthropic:')")
         return self
