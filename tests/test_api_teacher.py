@@ -281,3 +281,32 @@ def test_permanent_error_type_is_exposed_for_library_users(tmp_path, proxy):
     recipe = write_recipe(tmp_path, proxy.base_url, rows=4, concurrency=1)
     with pytest.raises(PermanentError):
         label(load_recipe(recipe), quiet=True)
+
+
+def test_run_end_to_end_with_an_api_teacher_reports_recorded_latency_and_spend(
+    tmp_path, llama_server, tiny_classifier_dir  # noqa: F811
+):
+    recipe = write_recipe(tmp_path, llama_server.base_url, rows=12, price_input=2.0, price_output=8.0)
+    data = yaml.safe_load(recipe.read_text())
+    data["student"] = {"model": str(tiny_classifier_dir), "init": "scratch", "hidden_size": 16, "num_heads": 2}
+    data["training"] = {"epochs": 1, "batch_size": 4}
+    data["eval"] = {"latency_samples": 4}
+    recipe.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(cli, ["run", str(recipe), "-q"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    t = report["models"]["teacher"]
+    assert t["price_source"] == "recorded API spend" and t["signal_method"] == ["label_logprobs"]
+    with Store(tmp_path / "out/protege.db") as store:
+        keys = [r["call_key"] for r in rows(tmp_path / "out/signals/eval.jsonl")]
+        costs = [c for (c,) in store.db.execute(
+            f"SELECT cost_usd FROM calls WHERE key IN ({','.join('?' * len(keys))})", keys)]
+        seconds = sorted(s for (s,) in store.db.execute(
+            f"SELECT seconds FROM calls WHERE key IN ({','.join('?' * len(keys))})", keys))
+        label_runs = store.compute_totals()["label"]
+        all_spend = store.teacher_totals()["cost_usd"]
+    assert t["usd_per_1k"] == pytest.approx(1000 * sum(costs) / len(costs)) and t["usd_per_1k"] > 0
+    assert seconds[0] * 1e3 <= t["latency_ms_p50"] <= seconds[-1] * 1e3
+    assert label_runs["runs"] == 1 and t["throughput_per_s"] > 0
+    assert report["ledger"]["teacher"]["cost_usd"] == pytest.approx(all_spend) and all_spend > 0
+    assert "never a new paid call" in (tmp_path / "out/report.md").read_text()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ._io import content_hash
+from .engine import ApiTeacher
 from .errors import ProtegeError
 from .label import read_signals
 from .recipe import Recipe
@@ -88,6 +89,32 @@ def _money(speed: dict[str, float], usd_per_hour: float) -> dict[str, float]:
     return {"compute_seconds_per_1k": seconds, "usd_per_1k": seconds / 3600 * usd_per_hour, "price_source": "compute"}
 
 
+def _api_teacher_figures(recipe: Recipe, keys: list[str]) -> tuple[dict[str, float], dict[str, Any]]:
+    """An API teacher's latency and price per 1,000 texts, from what labeling recorded: each held-out row's
+    wall time (retries and rate-limit waits included, as the user waited for them), its recorded spend, and
+    the rows per second the labeling runs achieved."""
+    with Store(recipe.store_path) as store:
+        recorded = []
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            recorded += store.db.execute(
+                f"SELECT seconds, cost_usd FROM calls WHERE status = 'ok' AND key IN ({marks})", chunk
+            ).fetchall()
+        runs = store.db.execute(
+            "SELECT SUM(seconds), SUM(json_extract(detail, '$.rows')) FROM compute WHERE stage = 'label'"
+        ).fetchone()
+    if not recorded:
+        raise ProtegeError("the store holds none of the held-out answers; run `protege label` first")
+    lat = sorted(1e3 * s for s, _ in recorded)
+    q = statistics.quantiles(lat, n=20) if len(lat) > 1 else [lat[0]] * 19
+    seconds, labeled = runs
+    throughput = labeled / seconds if seconds and labeled else recipe.teacher.concurrency / (statistics.mean(lat) / 1e3)
+    speed = {"latency_ms_p50": statistics.median(lat), "latency_ms_p95": q[18], "throughput_per_s": throughput}
+    per_row = statistics.mean(c for _, c in recorded)
+    return speed, {"usd_per_1k": 1000 * per_row, "price_source": "recorded API spend"}
+
+
 def evaluate(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, Any]:
     """Stage 3: compare teacher and students on the eval split; write report.json, report.md and plots."""
     out = recipe.output_dir
@@ -115,11 +142,17 @@ def evaluate(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[st
     bins, n_lat, usd_h = recipe.eval.calibration_bins, recipe.eval.latency_samples, recipe.eval.compute_usd_per_hour
     methods = sorted({r["method"] for r in rows})
 
-    # Teacher speed: measured fresh, one text at a time; this is a measurement, not labeling, so it is not
-    # logged as teacher calls (it costs nothing for a local teacher).
     teacher = make_teacher(recipe.teacher)
-    reqs = {t: render_request(recipe.task, t) for t in texts}
-    t_speed = _speed(lambda t: teacher.signals([reqs[t]]), lambda ts: teacher.signals([reqs[t] for t in ts]), texts, n_lat)
+    if isinstance(teacher, ApiTeacher):
+        # Never pay an API again just to time it: its latency and price are what labeling recorded.
+        t_speed, t_money = _api_teacher_figures(recipe, [r["call_key"] for r in rows])
+    else:
+        # A local teacher is timed fresh, one text at a time; a measurement, not labeling, so not logged as calls.
+        reqs = {t: render_request(recipe.task, t) for t in texts}
+        t_speed = _speed(
+            lambda t: teacher.signals([reqs[t]]), lambda ts: teacher.signals([reqs[t] for t in ts]), texts, n_lat
+        )
+        t_money = _money(t_speed, usd_h)
     models: dict[str, Any] = {
         "teacher": {
             "name": recipe.teacher.model,
@@ -127,7 +160,7 @@ def evaluate(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[st
             "signal_method": methods,
             **_quality(t_probs, gold, has_gold, bins),
             **t_speed,
-            **_money(t_speed, usd_h),
+            **t_money,
             "mean_label_mass": float(np.mean([r.get("label_mass", 1.0) for r in rows])),
         }
     }

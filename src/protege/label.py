@@ -162,6 +162,11 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
                     "called": stats.called,
                     "failed": sum(s is None for s in signals),
                 }
+            if total.called:
+                # Labeling time in the one ledger: an API's money is in the calls; a local model's is compute.
+                local = not isinstance(teacher, ApiTeacher)
+                usd = total.seconds / 3600 * recipe.eval.compute_usd_per_hour if local else 0.0
+                store.log_compute("label", total.seconds, usd, rows=total.called, attempts=total.attempts)
     except ProtegeError:
         _remove_signals(out)
         raise

@@ -156,6 +156,8 @@ def write_report(
         "",
         "Latency is one example at a time on this machine; throughput is batched. Cost for local models is the "
         f"measured compute time at ${recipe.eval.compute_usd_per_hour}/hour (eval.compute_usd_per_hour). "
+        "An API teacher's latency, throughput and cost are what labeling recorded (wall time per call, retries "
+        "included; rows per second achieved; dollars actually spent), never a new paid call. "
         "ECE is the expected calibration error over "
         f"{recipe.eval.calibration_bins} confidence bins (lower is better).",
         "",
