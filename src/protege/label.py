@@ -18,7 +18,7 @@ from .engine import ApiTeacher, run_api
 from .signals import TeacherSignal
 from .store import CallRecord, Store, call_key
 from .task import Request, render_request
-from .teachers import Teacher, make_teacher
+from .teachers import LocalTeacher, Teacher, make_teacher
 
 __all__ = ["LabelStats", "Estimate", "label_examples", "label", "estimate", "read_signals"]
 
@@ -80,7 +80,7 @@ def label_examples(
 
 
 def _label_local(
-    teacher: Teacher,
+    teacher: LocalTeacher,
     recipe: Recipe,
     items: list[tuple[str, Request]],
     store: Store,

@@ -16,14 +16,19 @@ from ..recipe import TeacherConfig
 from ..signals import TeacherSignal
 from ..task import Request
 
-__all__ = ["Teacher", "BACKENDS", "make_teacher"]
+__all__ = ["Teacher", "LocalTeacher", "BACKENDS", "make_teacher"]
 
 
 class Teacher(Protocol):
-    """``identity`` is everything about the teacher that determines its answers; it enters every cache key.
-    ``describe`` is for reports: parameter count, price, kind."""
+    """``identity`` is everything about the teacher that determines its answers; it enters every cache key
+    (never a key or a URL). A local teacher also has ``signals`` (below); an API teacher has ``answer``
+    (:class:`protege.engine.ApiTeacher`)."""
 
     identity: dict[str, Any]
+
+
+class LocalTeacher(Teacher, Protocol):
+    """A model in this process: answers a batch of requests at once."""
 
     def signals(self, requests: Sequence[Request]) -> list[TeacherSignal]: ...
 

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..batch import Outcome as BatchOutcome
 from ..engine import Call, Reply, TransientError, Usage, worst_case_tokens
 from ..errors import MissingExtra, PermanentError, RecipeError
 from ..recipe import TeacherConfig
@@ -340,18 +341,6 @@ async def _safe_text(raw: Any) -> str:
 
 
 # -- Message Batches -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BatchOutcome:
-    """What a batch made of one request: a signal, or the reason there is none. ``usage`` counts every call
-    of the request that succeeded (they are billed even when the request as a whole failed)."""
-
-    key: str
-    signal: TeacherSignal | None
-    usage: Usage
-    error: str | None = None
-    raw: str | None = None
-
-
 @dataclass(frozen=True)
 class BatchStatus:
     batch_id: str
