@@ -92,3 +92,21 @@ def test_scrub_masks_the_key_and_key_shaped_strings():
     assert key not in scrub(f"Incorrect API key provided: {key}.", key)
     assert "sk-***" in scrub("Incorrect API key provided: sk-abc12***********xyz9.", None)
     assert scrub("nothing secret here", key) == "nothing secret here"
+
+
+def test_request_limit_paces_so_no_window_holds_more_than_the_limit():
+    """At 600 requests per minute the limiter spaces requests by 60/599 s: any 60-second window then holds at
+    most 600. Checked on a short run: 11 requests cannot be sent in less than 10 spacings (sleeps only run
+    long, so this lower bound cannot flake)."""
+    import asyncio
+
+    async def send(n: int) -> list[float]:
+        rate = RateControl(600, None)
+        stamps = []
+        for _ in range(n):
+            await rate.wait(1)
+            stamps.append(time.monotonic())
+        return stamps
+
+    stamps = asyncio.run(send(11))
+    assert stamps[-1] - stamps[0] >= 10 * 60 / 599 - 1e-3

@@ -163,8 +163,9 @@ class RateControl:
     def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None):
         self.rpm = None
         if requests_per_minute:
-            burst = max(1, requests_per_minute // 60)  # at most one second's worth at once
-            self.rpm = AsyncLimiter(burst, 60.0 * burst / requests_per_minute)
+            # Evenly paced, no burst: one request every 60/(rpm-1) s puts at most rpm requests in ANY 60-second
+            # window (1 at its start plus rpm-1 paced), which is how providers count.
+            self.rpm = AsyncLimiter(1, 60.0 / max(requests_per_minute - 1, 1))
         self.tpm = AsyncLimiter(tokens_per_minute, 60.0) if tokens_per_minute else None
         self.cooldown_until = 0.0
         self.rate_limited = 0  # 429s seen
