@@ -110,3 +110,17 @@ def test_request_limit_paces_so_no_window_holds_more_than_the_limit():
 
     stamps = asyncio.run(send(11))
     assert stamps[-1] - stamps[0] >= 10 * 60 / 599 - 1e-3
+
+
+def test_output_cap_is_sent_in_the_parameter_each_provider_honours():
+    """The budget's worst case assumes the output cap is enforced, so it must be sent under the name the
+    provider reads: OpenAI's reasoning models refuse max_tokens and bound hidden reasoning only by
+    max_completion_tokens; other OpenAI-compatible servers read max_tokens."""
+    from protege.teachers.openai_api import OpenAITeacher
+
+    req = Request(messages=({"role": "user", "content": "hi"},), labels=("a", "b"), text="hi")
+    openai = OpenAITeacher("gpt-4o-mini", TeacherConfig(model="openai:gpt-4o-mini", max_tokens=7))
+    local = OpenAITeacher("m", TeacherConfig(model="openai:m", provider="vllm", max_tokens=7))
+    assert openai._params(req, n=1)["max_completion_tokens"] == 7 and "max_tokens" not in openai._params(req, n=1)
+    assert local._params(req, n=1)["max_tokens"] == 7 and "max_completion_tokens" not in local._params(req, n=1)
+    assert openai.worst_case(req)[1] == 7

@@ -109,7 +109,10 @@ class OpenAITeacher:
         return self._params(request, n=self.cfg.n_samples if self.method == "samples" else 1)
 
     def _params(self, request: Request, n: int) -> dict[str, Any]:
-        params: dict[str, Any] = {"model": self.model, "messages": list(request.messages), "max_tokens": self.max_tokens}
+        params: dict[str, Any] = {"model": self.model, "messages": list(request.messages)}
+        # OpenAI's own API takes max_completion_tokens (its reasoning models refuse max_tokens, and it caps their
+        # hidden reasoning too, which the budget must bound); other servers know max_tokens.
+        params["max_completion_tokens" if self.provider == "openai" else "max_tokens"] = self.max_tokens
         if self.method == "samples":
             params["temperature"] = self.cfg.sample_temperature
             if n > 1:
