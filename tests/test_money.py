@@ -112,6 +112,33 @@ def test_request_limit_paces_so_no_window_holds_more_than_the_limit():
     assert stamps[-1] - stamps[0] >= 10 * 60 / 599 - 1e-3
 
 
+def test_a_pause_set_while_workers_queue_on_the_limiter_holds_them_back():
+    """A 429 seen by one worker pauses everyone, including workers already queued on the request limiter: none
+    of them may send before the pause ends (they did, and sent straight into the full window)."""
+    import asyncio
+
+    async def run() -> tuple[float, list[float]]:
+        rate = RateControl(1200, None)  # one slot every ~50 ms
+        sent: list[float] = []
+
+        async def worker() -> None:
+            await rate.wait(1)
+            sent.append(time.monotonic())
+
+        first = asyncio.create_task(worker())
+        await first  # the first slot is free; the rest queue behind the pacing
+        queued = [asyncio.create_task(worker()) for _ in range(4)]
+        await asyncio.sleep(0.01)
+        rate.pause(0.5)
+        paused_until = rate.cooldown_until
+        await asyncio.gather(*queued)
+        return paused_until, sent[1:]
+
+    paused_until, later = asyncio.run(run())
+    assert len(later) == 4 and min(later) >= paused_until
+    assert all(b - a >= 60 / 1199 - 1e-3 for a, b in zip(sorted(later), sorted(later)[1:]))  # still paced
+
+
 def test_output_cap_is_sent_in_the_parameter_each_provider_honours():
     """The budget's worst case assumes the output cap is enforced, so it must be sent under the name the
     provider reads: OpenAI's reasoning models refuse max_tokens and bound hidden reasoning only by

@@ -171,12 +171,19 @@ class RateControl:
         self.rate_limited = 0  # 429s seen
 
     async def wait(self, tokens: int) -> None:
-        while (delay := self.cooldown_until - time.monotonic()) > 0:
-            await asyncio.sleep(delay)
-        if self.rpm is not None:
-            await self.rpm.acquire()
-        if self.tpm is not None:
-            await self.tpm.acquire(min(tokens, self.tpm.max_rate))
+        # A worker can queue on the limiters for a long time; a pause the provider asked for while it waited
+        # (a 429 with Retry-After, a window reported empty) must hold it back too, or every queued worker sends
+        # into the full window. So the pause is checked again after the limiters, and the slot is taken anew
+        # once the pause ends, keeping requests paced rather than released in one burst.
+        while True:
+            while (delay := self.cooldown_until - time.monotonic()) > 0:
+                await asyncio.sleep(delay)
+            if self.rpm is not None:
+                await self.rpm.acquire()
+            if self.tpm is not None:
+                await self.tpm.acquire(min(tokens, self.tpm.max_rate))
+            if self.cooldown_until <= time.monotonic():
+                return
 
     def pause(self, seconds: float) -> None:
         self.cooldown_until = max(self.cooldown_until, time.monotonic() + seconds)
