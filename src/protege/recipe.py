@@ -42,8 +42,10 @@ class Label(_Section):
 class TaskConfig(_Section):
     """What is being distilled."""
 
-    kind: Literal["classification"] = Field(
-        "classification", description="'classification': pick one label per text."
+    kind: Literal["classification", "generation"] = Field(
+        "classification",
+        description="'classification': pick one label per text (an encoder student). 'generation': answer in "
+        "free text (a causal language-model student).",
     )
     instruction: str = Field(
         "Classify the text into exactly one of the labels.",
@@ -53,6 +55,18 @@ class TaskConfig(_Section):
     labels: list[Label] = Field(
         default_factory=lambda: [Label(name="negative"), Label(name="positive")],
         description="The label set: a list of names, of {name, description} objects, or a name: description map.",
+    )
+
+    answer_format: Literal["text", "rationale"] = Field(
+        "text",
+        description="Generation: 'text' (the answer alone) or 'rationale' (the teacher explains, then gives the "
+        "final answer on a last line 'Answer: ...'; the explanation is kept apart from the answer).",
+    )
+    metric: Literal["exact_match", "similarity"] | None = Field(
+        None,
+        description="Generation: how an answer is scored against the data's reference answers (label_column): "
+        "'exact_match' of the parsed answer (case and surrounding spaces ignored), 'similarity' (character-level "
+        "ratio, 0..1). Unset: no task metric, only agreement with the teacher.",
     )
 
     @field_validator("labels", mode="before")
@@ -79,6 +93,15 @@ class TaskConfig(_Section):
                 )
             seen[key] = label.name
         return v
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> TaskConfig:
+        if self.kind == "classification" and (self.answer_format != "text" or self.metric is not None):
+            raise ValueError(
+                "task.answer_format and task.metric apply to generation tasks; a classification task is scored "
+                "by accuracy (for an explaining API teacher set teacher.rationale instead)"
+            )
+        return self
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -244,14 +267,33 @@ class StudentConfig(_Section):
         description="Hub id, local directory or packaged name (all-minilm-l6-v2) of an encoder. With "
         "init: scratch only its tokenizer is used.",
     )
-    init: Literal["pretrained", "scratch"] = Field(
-        "pretrained", description="'pretrained': start from the model's weights; 'scratch': a new small encoder."
+    init: Literal["pretrained", "scratch", "teacher_layers"] = Field(
+        "pretrained",
+        description="'pretrained': start from the model's weights; 'scratch': a new small model; "
+        "'teacher_layers' (generation, 'hf:' teacher): a copy of the teacher keeping some of its layers, "
+        "initialised from its weights (as DistilBERT was).",
+    )
+    keep_layers: list[int] | None = Field(
+        None,
+        description="teacher_layers: which teacher layers to keep, by index from 0. Default: every "
+        "layer_stride-th layer from the first, plus the last.",
+    )
+    layer_stride: int = Field(3, gt=0, description="teacher_layers: keep every n-th teacher layer (default 3).")
+    lora_r: int | None = Field(
+        None, gt=0, description="LoRA rank (through peft); unset: full fine-tuning. Causal LM students only."
+    )
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    lora_target_modules: list[str] | None = Field(
+        None, description="Module names LoRA adapts; default: every linear layer but the LM head."
     )
     hidden_size: int = Field(128, gt=0, description="Scratch only: width of the encoder.")
     num_layers: int = Field(2, gt=0, description="Scratch only: transformer layers.")
     num_heads: int = Field(2, gt=0, description="Scratch only: attention heads (must divide hidden_size).")
     intermediate_size: int | None = Field(None, gt=0, description="Scratch only: MLP width; default 4 × hidden.")
-    max_length: int = Field(128, gt=8, description="Longest input in tokens; longer texts are truncated.")
+    max_length: int = Field(
+        128, gt=8, description="Longest input in tokens (prompt plus answer for generation); longer is truncated."
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> StudentConfig:
@@ -284,6 +326,34 @@ class TrainingConfig(_Section):
     hard_label_baseline: bool = Field(
         True, description="Also train a same-size student on hard labels only (alpha=0), for the report."
     )
+    # language-model students -------------------------------------------------------------------------------
+    distill: Literal["sequence", "logits", "topk"] = Field(
+        "sequence",
+        description="Generation: 'sequence' (train on the teacher's text), 'logits' (token-level KD from the local "
+        "'hf:' teacher's full distribution, same tokenizer), 'topk' (token-level KD from the stored top-k "
+        "logprobs of any teacher that returned them, the rest as a tail bucket).",
+    )
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl",
+        description="distill 'logits': forward KL(teacher || student), reverse KL(student || teacher), or the "
+        "generalized Jensen-Shannon divergence with jsd_beta. 'topk' uses forward KL.",
+    )
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0, description="Interpolation of the generalized JSD (see losses).")
+    rationale_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="Generation with answer_format 'rationale': weight of a second target, the teacher's "
+        "explanation behind an '[explain]' prefix, next to the '[answer]' target (distilling step-by-step). "
+        "0: train on the answer alone.",
+    )
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Batches per optimizer step.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="Save a resumable checkpoint every K optimizer steps (LM students)."
+    )
+    loss_chunk_size: int = Field(
+        1024, gt=0, description="Tokens per chunk of the LM-head loss; all logits are never held at once."
+    )
 
 
 class EvalConfig(_Section):
@@ -308,6 +378,44 @@ class Recipe(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: Path = Field(Path("runs/protege"), description="Where the store, student and report go.")
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> Recipe:
+        backend = self.teacher.model.split(":", 1)[0]
+        s, t = self.student, self.training
+        if self.task.kind == "classification":
+            lm_only = {
+                "student.init: teacher_layers": s.init == "teacher_layers",
+                "student.lora_r": s.lora_r is not None,
+                f"training.distill: {t.distill}": t.distill != "sequence",
+                "training.rationale_weight": t.rationale_weight > 0,
+            }
+            if bad := [k for k, v in lm_only.items() if v]:
+                raise ValueError(f"{', '.join(bad)} apply to generation tasks (set task.kind: generation)")
+            return self
+        # generation: the default student is the teacher with a third of its layers, when there is one to cut
+        if "model" not in s.model_fields_set and "init" not in s.model_fields_set and backend == "hf":
+            s.init = "teacher_layers"
+        if s.init == "teacher_layers" and backend != "hf":
+            raise ValueError(
+                "student.init teacher_layers copies layers of a local teacher; with an API teacher set student.model "
+                "to a causal LM (a hub id or a local directory)"
+            )
+        if s.init != "teacher_layers" and "model" not in s.model_fields_set:
+            raise ValueError(
+                "a generation task needs a causal language-model student: set student.model (a hub id or a local "
+                "directory), or student.init: teacher_layers with an 'hf:' teacher"
+            )
+        if t.distill == "logits" and backend != "hf":
+            raise ValueError(
+                "training.distill 'logits' needs the teacher's full distribution at training time, i.e. an 'hf:' "
+                "teacher; for an API teacher use 'topk' (stored top-k logprobs) or 'sequence'"
+            )
+        if t.distill == "topk" and backend == "anthropic":
+            raise ValueError("Anthropic's API returns no logprobs; use training.distill 'sequence'")
+        if t.rationale_weight > 0 and self.task.answer_format != "rationale":
+            raise ValueError("training.rationale_weight needs task.answer_format: rationale (a rationale to learn)")
+        return self
 
     def resolve_paths(self, base: Path) -> Recipe:
         """Make relative paths absolute against ``base`` (the recipe file's directory)."""
