@@ -623,7 +623,7 @@ def test_batch_samples_get_one_request_each_and_are_gathered_per_text():
     ids = [r["custom_id"] for r in reqs]
     assert len(ids) == 6 == len(set(ids)) and all(re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", i) for i in ids)
     (k0, _), (k1, _) = items
-    assert api.custom_ids(k0) == ids[:3] and all(i.startswith(k0[:56]) for i in ids[:3])
+    assert api.custom_ids(k0, requests[0]) == ids[:3] and all(i.startswith(k0[:56]) for i in ids[:3])
 
     lines = [
         succeeded(ids[0], "billing"),

@@ -101,7 +101,7 @@ def test_logprob_labels_texts_and_token_logprobs_end_to_end(tmp_path, llama_serv
     assert totals["cost_usd"] == 0  # a local server costs nothing per token
     for s in signals.values():
         tl = s.token_logprobs
-        assert tl.tokenizer == "llamacpp:smol" and tl.temperature == 0.0
+        assert tl.tokenizer == "llamacpp:smol" and tl.temperature == 1.0
         assert 1 <= len(tl.tokens) <= 3 and len(tl.top) == len(tl.tokens) == len(tl.tail_mass)
         assert all(len(top) == 20 for top in tl.top) and all(0 <= m <= 1 for m in tl.tail_mass)
         assert s.text and s.usage["input_tokens"] > 0

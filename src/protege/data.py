@@ -67,9 +67,11 @@ def _raw_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 
-def read_examples(path: Path, cfg: DataConfig, labels: tuple[str, ...], split: str = "") -> list[Example]:
+def read_examples(path: Path, cfg: DataConfig, labels: tuple[str, ...] | None, split: str = "") -> list[Example]:
     """Read and validate every row of ``path``; raise DataError naming the file, line and fix.
 
+    ``labels`` is the label set gold labels must come from; None for a generation task, whose label column
+    holds free-text reference answers.
     Without an id column, a row's id is ``[split:]stem:line``.
     """
     if not path.exists():
@@ -94,7 +96,7 @@ def read_examples(path: Path, cfg: DataConfig, labels: tuple[str, ...], split: s
     if id_col is not None and id_col not in columns:
         raise DataError(f"{path}: no {id_col!r} column (columns: {sorted(columns)}); set data.id_column")
 
-    folded = {name.casefold(): name for name in labels}
+    folded = {name.casefold(): name for name in labels or ()}
     examples, seen_ids = [], {}
     for n, row in rows:
         where = f"{path}:{n}"
@@ -106,7 +108,7 @@ def read_examples(path: Path, cfg: DataConfig, labels: tuple[str, ...], split: s
             gold = str(gold).strip()
             if gold == "":
                 gold = None
-            elif gold not in labels:
+            elif labels is not None and gold not in labels:
                 hint = (
                     f"; did you mean {folded[gold.casefold()]!r}?"
                     if gold.casefold() in folded
@@ -125,7 +127,7 @@ def _rank(seed: int, ex_id: str) -> str:
     return hashlib.sha256(f"{seed}:{ex_id}".encode()).hexdigest()
 
 
-def load_splits(cfg: DataConfig, labels: tuple[str, ...], seed: int) -> tuple[list[Example], list[Example]]:
+def load_splits(cfg: DataConfig, labels: tuple[str, ...] | None, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, eval). The eval split is fixed by the seed and row ids, before anything is trained."""
     train = read_examples(cfg.path, cfg, labels)
     if cfg.eval_path is not None:

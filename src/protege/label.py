@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from .recipe import Recipe
 from .engine import ApiTeacher, run_api
 from .signals import TeacherSignal
 from .store import CallRecord, Store, call_key
-from .task import Request, render_request
+from .task import Request, render_generation, render_request
 from .teachers import LocalTeacher, Teacher, make_teacher
 
 __all__ = ["LabelStats", "Estimate", "label_examples", "label", "estimate", "read_signals"]
@@ -40,7 +40,15 @@ class LabelStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+def task_labels(recipe: Recipe) -> tuple[str, ...] | None:
+    """The label set gold labels must come from; None for a generation task (free-text references)."""
+    return recipe.task.label_names if recipe.task.kind == "classification" else None
+
+
 def requests_for(recipe: Recipe, examples: list[Example]) -> list[Request]:
+    if recipe.task.kind == "generation":
+        t = recipe.teacher
+        return [render_generation(recipe.task, ex.text, t.max_tokens, t.top_logprobs) for ex in examples]
     rationale = recipe.teacher.rationale
     return [render_request(recipe.task, ex.text, rationale) for ex in examples]
 
@@ -117,8 +125,31 @@ def _label_local(
             bar.update(len(batch))
 
 
-def _signal_rows(examples: list[Example], signals: list[TeacherSignal], keys: list[str]) -> list[dict[str, Any]]:
-    """The signal dataset: one JSON object per example, readable by ``datasets.load_dataset('json', ...)``."""
+def _signal_rows(
+    examples: list[Example], signals: list[TeacherSignal], keys: list[str], requests: list[Request]
+) -> list[dict[str, Any]]:
+    """The signal dataset: one JSON object per example, readable by ``datasets.load_dataset('json', ...)``.
+
+    Generation rows carry the prompt as the teacher saw it (``messages``), the teacher's whole reply
+    (``teacher_text``, what ``token_logprobs`` describe token by token), the final ``answer`` (None when a
+    rationale format found no 'Answer:' line) and the ``rationale``; ``gold`` is the data's reference answer.
+    """
+    if requests and requests[0].generate is not None:
+        return [
+            {
+                "id": ex.id,
+                "text": ex.text,
+                "gold": ex.gold,
+                "messages": list(r.messages),
+                "teacher_text": s.text,
+                "answer": s.answer,
+                "rationale": s.rationale,
+                "thinking": s.thinking,
+                "token_logprobs": None if s.token_logprobs is None else asdict(s.token_logprobs),
+                "call_key": k,
+            }
+            for ex, s, k, r in zip(examples, signals, keys, requests)
+        ]
     return [
         {
             "id": ex.id,
@@ -142,8 +173,7 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
     answers stay in the store; a rerun retries only the failures). If labeling stops early (budget reached,
     the provider refused), the signal files are removed, so no later stage trains on a stale or partial set.
     """
-    labels = recipe.task.label_names
-    train, held = load_splits(recipe.data, labels, recipe.training.seed)
+    train, held = load_splits(recipe.data, task_labels(recipe), recipe.training.seed)
     teacher = teacher or make_teacher(recipe.teacher)
     out = recipe.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +218,8 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
             f"reason is in {out / 'signals' / 'failed.jsonl'}; rerun `protege label` to retry only those rows"
         )
     for split, (examples, signals, keys, _) in results.items():
-        ok = [(ex, s, k) for ex, s, k in zip(examples, signals, keys) if s is not None]
+        requests = requests_for(recipe, examples)
+        ok = [(ex, s, k, r) for ex, s, k, r in zip(examples, signals, keys, requests) if s is not None]
         write_jsonl_atomic(out / "signals" / f"{split}.jsonl", _signal_rows(*map(list, zip(*ok))) if ok else [])
     recipe.save(out / "signals" / "recipe.yaml")
     return total
@@ -238,8 +269,7 @@ def estimate(recipe: Recipe) -> Estimate:
     """
     from .engine import expected_tokens
 
-    labels = recipe.task.label_names
-    train, held = load_splits(recipe.data, labels, recipe.training.seed)
+    train, held = load_splits(recipe.data, task_labels(recipe), recipe.training.seed)
     examples = train + held
     teacher = make_teacher(recipe.teacher)
     requests = requests_for(recipe, examples)
@@ -283,7 +313,8 @@ def estimate(recipe: Recipe) -> Estimate:
             est.output_tokens += round(out_seen)
         else:
             thinking = cfg.thinking_tokens or 0  # billed as output
-            per_call_out = min(worst_out, (200 if cfg.rationale else 5) + thinking)
+            typical = 200 if cfg.rationale or r.generate is not None else 5  # a guess until calls are recorded
+            per_call_out = min(worst_out, typical + thinking)
             est.input_tokens += calls * expected_tokens(r)
             est.output_tokens += calls * per_call_out
     est.usd = price.cost(est.input_tokens, est.output_tokens, factor=factor)

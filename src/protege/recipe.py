@@ -30,6 +30,10 @@ __all__ = [
 ]
 
 
+CLASSIFY_INSTRUCTION = "Classify the text into exactly one of the labels."
+GENERATE_INSTRUCTION = "Answer the following."
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -48,7 +52,7 @@ class TaskConfig(_Section):
         "free text (a causal language-model student).",
     )
     instruction: str = Field(
-        "Classify the text into exactly one of the labels.",
+        CLASSIFY_INSTRUCTION,
         min_length=1,
         description="What the teacher is asked to do; the labels and their descriptions are appended.",
     )
@@ -96,6 +100,8 @@ class TaskConfig(_Section):
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> TaskConfig:
+        if self.kind == "generation" and self.instruction == CLASSIFY_INSTRUCTION:
+            self.instruction = GENERATE_INSTRUCTION  # the classification default would mislead a writer
         if self.kind == "classification" and (self.answer_format != "text" or self.metric is not None):
             raise ValueError(
                 "task.answer_format and task.metric apply to generation tasks; a classification task is scored "

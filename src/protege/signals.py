@@ -85,6 +85,13 @@ class TokenLogprobs:
     ``tokens[i]`` is the token the teacher produced at position i; ``top[i]`` maps token strings to
     log-probabilities (natural log) at that position; ``tail_mass[i] = 1 - sum(exp(top[i].values()))``.
     The tokenizer identity and sampling temperature are required to re-temper or map them later.
+    ``temperature`` is that of the distribution the log-probabilities describe (1.0: the model's own), not
+    of the sampling that chose the tokens.
+
+    A local teacher also records token ids: ``ids[i]`` is the id of ``tokens[i]`` and ``top_ids[i]`` the ids
+    of the alternatives, most likely first, with ``top_logprobs[i]`` their log-probabilities (a token string can
+    stand for several ids, so a student with the same tokenizer trains on ids, not strings). API teachers
+    return strings only; those are mapped onto a student's vocabulary at training time.
     """
 
     tokens: tuple[str, ...]
@@ -92,20 +99,27 @@ class TokenLogprobs:
     tail_mass: tuple[float, ...]
     tokenizer: str
     temperature: float
+    ids: tuple[int, ...] | None = None
+    top_ids: tuple[tuple[int, ...], ...] | None = None
+    top_logprobs: tuple[tuple[float, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
 class TeacherSignal:
     """Everything one teacher call produced for one example.
 
-    Which fields are set depends on the task and the teacher: classification fills ``distribution``;
-    generation fills ``text`` (and ``rationale`` when the teacher explained itself; ``thinking`` holds a
-    reasoning model's own thinking text where the API returns it, kept apart from both); API teachers may add
-    ``token_logprobs``; a local teacher with the student's vocabulary may add ``logits`` (dense, per token).
+    Which fields are set depends on the task and the teacher: classification fills ``distribution`` (and
+    ``text`` with the answer an API teacher wrote, ``rationale`` with its explanation); generation fills
+    ``text`` with the whole reply as generated (what ``token_logprobs`` describe, token by token), ``answer``
+    with the final answer (the text itself, or with a rationale format what follows 'Answer:'; None when
+    the reply has no such line) and ``rationale`` with the explanation before it. ``thinking`` holds a
+    reasoning model's own thinking text where the API returns it, kept apart from all of these. A local
+    teacher with the student's vocabulary may add ``logits`` (dense, per token).
     """
 
     distribution: LabelDistribution | None = None
     text: str | None = None
+    answer: str | None = None
     rationale: str | None = None
     thinking: str | None = None
     token_logprobs: TokenLogprobs | None = None
@@ -133,6 +147,7 @@ class TeacherSignal:
                 n_samples=dist.get("n_samples"),
             ),
             text=d.get("text"),
+            answer=d.get("answer"),
             rationale=d.get("rationale"),
             thinking=d.get("thinking"),
             token_logprobs=None
@@ -143,6 +158,9 @@ class TeacherSignal:
                 tail_mass=tuple(tl["tail_mass"]),
                 tokenizer=tl["tokenizer"],
                 temperature=tl["temperature"],
+                ids=None if tl.get("ids") is None else tuple(tl["ids"]),
+                top_ids=None if tl.get("top_ids") is None else tuple(tuple(x) for x in tl["top_ids"]),
+                top_logprobs=None if tl.get("top_logprobs") is None else tuple(tuple(x) for x in tl["top_logprobs"]),
             ),
             logits=d.get("logits"),
             usage=d.get("usage", {}),

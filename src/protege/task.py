@@ -7,7 +7,9 @@ from typing import Any
 
 from .recipe import TaskConfig
 
-__all__ = ["Request", "render_request", "CONTENT_FREE_INPUTS"]
+__all__ = ["Request", "Generate", "render_request", "render_generation", "CONTENT_FREE_INPUTS"]
+
+GENERATION_MAX_TOKENS = 256  # default answer length of a generation task (512 with a rationale)
 
 # Inputs that carry no content, for contextual calibration (Zhao et al., 2021, "Calibrate Before Use").
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
@@ -24,9 +26,25 @@ class Request:
     messages: tuple[dict[str, str], ...]
     labels: tuple[str, ...]
     text: str
+    generate: Generate | None = None  # set for generation tasks: the teacher writes an answer
 
     def to_json(self) -> dict[str, Any]:
-        return {"messages": list(self.messages), "labels": list(self.labels)}
+        d: dict[str, Any] = {"messages": list(self.messages), "labels": list(self.labels)}
+        if self.generate is not None:
+            d["generate"] = {"max_tokens": self.generate.max_tokens, "top_logprobs": self.generate.top_logprobs,
+                             "rationale": self.generate.rationale}
+        return d
+
+
+@dataclass(frozen=True)
+class Generate:
+    """How a generation request is answered: greedy, up to ``max_tokens``, keeping the ``top_logprobs``
+    most likely alternatives of every generated token (0: none) where the teacher can give them. With
+    ``rationale`` the answer is expected after an explanation, on a last line 'Answer: ...'."""
+
+    max_tokens: int
+    top_logprobs: int
+    rationale: bool = False
 
 
 def instruction_block(task: TaskConfig) -> str:
@@ -52,3 +70,22 @@ def render_request(task: TaskConfig, text: str, rationale: bool = False) -> Requ
         ask = f"Which label fits the text? Answer with one of: {names}."
     content = f"{instruction_block(task)}\n\nText:\n\"\"\"\n{text}\n\"\"\"\n\n{ask}"
     return Request(messages=({"role": "user", "content": content},), labels=task.label_names, text=text)
+
+
+def render_generation(task: TaskConfig, text: str, max_tokens: int | None, top_logprobs: int) -> Request:
+    """One user turn for a generation task: the instruction, a blank line, the text; with
+    ``task.answer_format: rationale`` a request to explain first and answer on a last line 'Answer: ...'."""
+    rationale = task.answer_format == "rationale"
+    content = f"{task.instruction.strip()}\n\n{text}"
+    if rationale:
+        content += (
+            "\n\nFirst explain your reasoning briefly. Then give the final answer on its own last line, exactly "
+            "as 'Answer: <answer>'."
+        )
+    limit = max_tokens or (2 * GENERATION_MAX_TOKENS if rationale else GENERATION_MAX_TOKENS)
+    return Request(
+        messages=({"role": "user", "content": content},),
+        labels=(),
+        text=text,
+        generate=Generate(max_tokens=limit, top_logprobs=top_logprobs, rationale=rationale),
+    )

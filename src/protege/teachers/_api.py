@@ -10,7 +10,8 @@ import time
 from collections.abc import Mapping, Sequence
 
 from ..errors import PermanentError, RecipeError
-from ..signals import LabelDistribution
+from ..signals import LabelDistribution, TeacherSignal, TokenLogprobs
+from ..task import Generate
 from .parse import ParseError, parse_label, split_rationale
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "sampled_distribution",
     "default_max_tokens",
     "no_logprobs_error",
+    "generation_signal",
 ]
 
 _KEYLIKE = re.compile(r"\b(sk|key|pk|rk)-[A-Za-z0-9_\-*.]{4,}")
@@ -120,3 +122,21 @@ def no_logprobs_error(provider: str, model: str) -> PermanentError:
         f"{provider} returned no logprobs for {model!r}, so teacher.label_method 'logprobs' cannot work; "
         "set teacher.label_method to 'samples' (n sampled answers) or 'hard_label'"
     )
+
+
+def generation_signal(
+    text: str, gen: Generate, *, thinking: str | None = None, token_logprobs: TokenLogprobs | None = None
+) -> TeacherSignal:
+    """The signal of a generation request: the whole reply, and with a rationale format the explanation and
+    the final answer apart. An empty reply is a ParseError (retried, then recorded as a failure); a reply with
+    no 'Answer:' line keeps its text with ``answer`` None, which the signal dataset reports."""
+    if not text.strip():
+        raise ParseError("the reply is empty", text)
+    answer: str | None = text.strip()
+    why = None
+    if gen.rationale:
+        try:
+            why, answer, _ = split_rationale(text)
+        except ParseError:
+            answer = None
+    return TeacherSignal(text=text, answer=answer, rationale=why or None, thinking=thinking, token_logprobs=token_logprobs)

@@ -42,6 +42,7 @@ from ._api import (
     answer_and_rationale,
     api_key,
     default_max_tokens,
+    generation_signal,
     permanent_message,
     retry_after,
     sampled_distribution,
@@ -152,12 +153,22 @@ class AnthropicTeacher:
                 await client.close()
 
     def worst_case(self, request: Request) -> tuple[int, int, int]:
-        return worst_case_tokens(request), self.max_tokens, self.calls_per_request
+        return worst_case_tokens(request), self._max_tokens(request), self.calls_for(request)
+
+    def calls_for(self, request: Request) -> int:
+        """Calls one request takes: n for a sampled label distribution, else one (a generation request too)."""
+        return 1 if request.generate is not None else self.calls_per_request
+
+    def _max_tokens(self, request: Request) -> int:
+        """The answer's limit plus any thinking budget (thinking counts toward max_tokens)."""
+        if request.generate is None:
+            return self.max_tokens
+        return request.generate.max_tokens + (self.thinking_tokens or 0)
 
     def params(self, request: Request) -> dict[str, Any]:
         """The Messages API parameters for one call (also the ``params`` of a Message Batches request)."""
         system, messages = split_system(request.messages)
-        params: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens, "messages": messages}
+        params: dict[str, Any] = {"model": self.model, "max_tokens": self._max_tokens(request), "messages": messages}
         if system:
             params["system"] = system
         if self.thinking_tokens:
@@ -215,13 +226,13 @@ class AnthropicTeacher:
     async def answer(self, request: Request, call: Call) -> TeacherSignal:
         params = self.params(request)
         worst_in = worst_case_tokens(request)
-        if self.method == "samples":
+        if self.method == "samples" and request.generate is None:
             bodies = []
             for _ in range(self.cfg.n_samples):  # one call per sample: the API has no n
                 reply = await call(lambda: self._send(params), worst_in, self.max_tokens)
                 bodies.append(reply.body)
             return self.signal_from_messages(bodies, request)
-        reply = await call(lambda: self._send(params), worst_in, self.max_tokens)
+        reply = await call(lambda: self._send(params), worst_in, self._max_tokens(request))
         return self.signal_from_message(reply.body, request)
 
     def signal_from_message(self, body: Any, request: Request) -> TeacherSignal:
@@ -229,6 +240,8 @@ class AnthropicTeacher:
         text, thinking = message_parts(body)
         if not text.strip():
             raise ParseError(_no_text_reason(body), thinking or "")
+        if request.generate is not None:  # Anthropic's API returns no logprobs: the text is the signal
+            return generation_signal(text, request.generate, thinking=thinking)
         answer, why, _ = answer_and_rationale(text, self.cfg.rationale)
         dist = LabelDistribution.one_hot(request.labels, parse_label(answer, request.labels))
         return TeacherSignal(distribution=dist, text=answer, rationale=why, thinking=thinking)
@@ -245,7 +258,7 @@ class AnthropicTeacher:
 
     def signal(self, bodies: Sequence[Any], request: Request) -> TeacherSignal:
         """The signal for a request from the Messages of all its calls (one, or n samples)."""
-        if self.method == "samples":
+        if self.method == "samples" and request.generate is None:
             return self.signal_from_messages(bodies, request)
         if len(bodies) != 1:
             raise TransientError(f"expected one answer, got {len(bodies)}", maybe_billed=True)
@@ -377,19 +390,20 @@ class AnthropicBatches:
     def client(self) -> Any:
         return self.teacher.client  # built lazily inside the running event loop
 
-    def custom_ids(self, key: str) -> list[str]:
-        if self.teacher.calls_per_request == 1:
+    def custom_ids(self, key: str, request: Request) -> list[str]:
+        calls = self.teacher.calls_for(request)
+        if calls == 1:
             return [key]
         if len(key) > _CUSTOM_ID_PREFIX:
             key = key[:_CUSTOM_ID_PREFIX]
-        return [f"{key}-{i:03d}" for i in range(self.teacher.calls_per_request)]
+        return [f"{key}-{i:03d}" for i in range(calls)]
 
     def requests(self, items: Sequence[tuple[str, Request]]) -> list[dict[str, Any]]:
         """``[{"custom_id", "params"}, ...]`` for ``client.messages.batches.create(requests=...)``."""
         out = []
         for key, request in items:
             params = self.teacher.params(request)
-            out += [{"custom_id": cid, "params": params} for cid in self.custom_ids(key)]
+            out += [{"custom_id": cid, "params": params} for cid in self.custom_ids(key, request)]
         return out
 
     async def create(self, items: Sequence[tuple[str, Request]]) -> str:
@@ -423,8 +437,8 @@ class AnthropicBatches:
         lines for other custom_ids are ignored. A request whose samples did not all come back fails (a rerun
         resubmits it) but its answered samples' usage is still counted."""
         owner: dict[str, tuple[str, int]] = {}
-        for key in requests:
-            for i, cid in enumerate(self.custom_ids(key)):
+        for key, request in requests.items():
+            for i, cid in enumerate(self.custom_ids(key, request)):
                 owner[cid] = (key, i)
         got: dict[str, dict[int, Mapping[str, Any]]] = {}
         for line in lines:
@@ -454,7 +468,7 @@ class AnthropicBatches:
                 bodies.append(message)
             else:
                 errors.append(_line_error(result))
-        want = self.teacher.calls_per_request
+        want = self.teacher.calls_for(request)
         if errors or len(bodies) < want:
             missing = want - len(bodies) - len(errors)
             reason = errors[0] if errors else f"{missing} of {want} answers missing from the batch results"

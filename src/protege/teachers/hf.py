@@ -17,8 +17,9 @@ import torch
 
 from ..models import ModelSource, resolve_source
 from ..recipe import TeacherConfig
-from ..signals import LabelDistribution, TeacherSignal
+from ..signals import LabelDistribution, TeacherSignal, TokenLogprobs
 from ..task import CONTENT_FREE_INPUTS, Request
+from .parse import ParseError, split_rationale
 from ..errors import ProtegeError, TeacherError
 
 __all__ = ["HFCausalLMTeacher", "HFClassifierTeacher", "make_hf_teacher", "pick_device", "pick_dtype"]
@@ -231,11 +232,95 @@ class HFCausalLMTeacher(_HFTeacher):
             self._content_free[req.labels] = p
         return self._content_free[req.labels]
 
+    @torch.inference_mode()
+    def _generate(self, batch: Sequence[Request]) -> list[TeacherSignal]:
+        """Greedy answers with the top-k log-probabilities (temperature 1, the model's own distribution) of
+        every generated token, as token strings and as ids; generation stops at the end-of-turn token."""
+        gen = batch[0].generate
+        assert gen is not None
+        if any(r.generate != gen for r in batch):
+            raise ProtegeError("one batch of requests mixes generation settings; label one task at a time")
+        model, tok, dev = self._model, self._tokenizer, self.device
+        prompts = [self._prompt_ids(r) for r in batch]
+        T = max(map(len, prompts))
+        ids = torch.full((len(batch), T), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), T), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding, so every answer starts at column T
+            ids[i, T - len(p) :] = torch.tensor(p)
+            mask[i, T - len(p) :] = 1
+        out = model.generate(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            max_new_tokens=gen.max_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=model.generation_config.eos_token_id or tok.eos_token_id,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        new = out.sequences[:, T:].cpu()  # (B, L)
+        logprobs = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).cpu()  # (B, L, V)
+        if not torch.isfinite(logprobs.max(-1).values).all():
+            raise TeacherError(f"teacher {self.spec!r} produced NaN log-probabilities; try teacher.dtype: float32")
+        stops = set(_as_list(model.generation_config.eos_token_id)) | set(_as_list(tok.eos_token_id))
+        k = gen.top_logprobs
+        signals = []
+        for b in range(len(batch)):
+            seq = new[b].tolist()
+            n = next((i for i, t in enumerate(seq) if t in stops), len(seq))  # the answer, without the stop token
+            seq = seq[:n]
+            text = tok.decode(seq, skip_special_tokens=True)
+            answer, rationale = text.strip(), None
+            if gen.rationale:
+                try:
+                    rationale, answer, _ = split_rationale(text)
+                    rationale = rationale or None
+                except ParseError:
+                    answer = None  # kept as text; the report counts answers without an 'Answer:' line
+            token_lp = None
+            if k and seq:
+                lp = logprobs[b, :n]  # (n, V)
+                top_v, top_i = lp.topk(min(k, lp.shape[-1]), -1)  # (n, k)
+                pieces = [tok.decode([t]) for t in seq]
+                top_dicts = []
+                for row_v, row_i in zip(top_v.tolist(), top_i.tolist()):
+                    d: dict[str, float] = {}
+                    for v, i in zip(row_v, row_i):
+                        d.setdefault(tok.decode([i]), v)  # several ids may decode alike; the likelier is kept
+                    top_dicts.append(d)
+                tail = (1.0 - top_v.double().exp().sum(-1)).clamp_min(0.0)
+                token_lp = TokenLogprobs(
+                    tokens=tuple(pieces),
+                    top=tuple(top_dicts),
+                    tail_mass=tuple(tail.tolist()),
+                    tokenizer=f"hf:{self.spec}",
+                    temperature=1.0,
+                    ids=tuple(seq),
+                    top_ids=tuple(tuple(r) for r in top_i.tolist()),
+                    top_logprobs=tuple(tuple(r) for r in top_v.tolist()),
+                )
+            signals.append(
+                TeacherSignal(
+                    text=text,
+                    answer=answer,
+                    rationale=rationale,
+                    token_logprobs=token_lp,
+                    usage={"input_tokens": len(prompts[b]), "output_tokens": n},
+                )
+            )
+        return signals
+
     def signals(self, requests: Sequence[Request]) -> list[TeacherSignal]:
         self.load()
         out: list[TeacherSignal] = []
         for i in range(0, len(requests), self.cfg.batch_size):
             batch = requests[i : i + self.cfg.batch_size]
+            if batch[0].generate is not None:
+                out += self._generate(batch)
+                continue
             labels = batch[0].labels
             if any(r.labels != labels for r in batch):
                 raise ProtegeError("one batch of requests mixes label sets; label one task at a time")
@@ -266,6 +351,10 @@ class HFCausalLMTeacher(_HFTeacher):
                     )
                 )
         return out
+
+
+def _as_list(x: Any) -> list[int]:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def _cache_kwarg(model: Any) -> str:

@@ -27,6 +27,7 @@ from ._api import (
     answer_and_rationale,
     api_key,
     default_max_tokens,
+    generation_signal,
     no_logprobs_error,
     permanent_message,
     retry_after,
@@ -100,15 +101,31 @@ class OpenAITeacher:
             self._client = None
 
     def worst_case(self, request: Request) -> tuple[int, int, int]:
+        if request.generate is not None:
+            return worst_case_tokens(request), request.generate.max_tokens, 1
         calls = self.cfg.n_samples if self.method == "samples" and not self.preset.n else 1
         per_call_out = self.max_tokens * (self.cfg.n_samples if self.method == "samples" and self.preset.n else 1)
         return worst_case_tokens(request), per_call_out, calls
 
     def batch_body(self, request: Request) -> dict[str, Any]:
         """The chat completion request body for ``request`` (also one line of a Batch API file)."""
+        if request.generate is not None:
+            return self._params(request, n=1)
         return self._params(request, n=self.cfg.n_samples if self.method == "samples" else 1)
 
+    def _generate_params(self, request: Request) -> dict[str, Any]:
+        """A generation request: greedy, its own length limit, top-k logprobs where the provider has them."""
+        gen = request.generate
+        assert gen is not None
+        params: dict[str, Any] = {"model": self.model, "messages": list(request.messages), "temperature": 0.0, "seed": 0}
+        params["max_completion_tokens" if self.provider == "openai" else "max_tokens"] = gen.max_tokens
+        if gen.top_logprobs and self.preset.logprobs:
+            params |= {"logprobs": True, "top_logprobs": min(gen.top_logprobs, 20)}
+        return params
+
     def _params(self, request: Request, n: int) -> dict[str, Any]:
+        if request.generate is not None:
+            return self._generate_params(request)
         params: dict[str, Any] = {"model": self.model, "messages": list(request.messages)}
         # OpenAI's own API takes max_completion_tokens (its reasoning models refuse max_tokens, and it caps their
         # hidden reasoning too, which the budget must bound); other servers know max_tokens.
@@ -156,6 +173,10 @@ class OpenAITeacher:
 
     # -- signals -------------------------------------------------------------------------------------
     async def answer(self, request: Request, call: Call) -> TeacherSignal:
+        if request.generate is not None:
+            params = self._params(request, n=1)
+            reply = await call(lambda: self._send(params), worst_case_tokens(request), request.generate.max_tokens)
+            return self.signal_from_completion(reply.body, request)
         if self.method == "samples":
             return await self._samples(request, call)
         params = self._params(request, n=1)
@@ -168,6 +189,8 @@ class OpenAITeacher:
             import openai.types.chat as t
 
             body = t.ChatCompletion.model_validate(body)
+        if request.generate is not None:
+            return self._generation_signal(body, request)
         if self.method == "samples":
             texts = [c.message.content or "" for c in body.choices]
             dist = sampled_distribution(texts, request.labels, self.cfg.rationale)
@@ -184,16 +207,34 @@ class OpenAITeacher:
                 raise no_logprobs_error(self.provider, self.model)
             steps = [TokenStep(c.token, c.logprob, {t.token: t.logprob for t in c.top_logprobs or []}) for c in content]
             dist = distribution_from_logprobs(steps, request.labels, offset)
-            tokens = TokenLogprobs(
-                tokens=tuple(s.token for s in steps),
-                top=tuple(s.top for s in steps),
-                tail_mass=tuple(max(0.0, 1.0 - sum(math.exp(v) for v in s.top.values())) for s in steps),
-                tokenizer=f"{self.provider}:{self.model}",
-                temperature=0.0,
-            )
+            tokens = self._token_logprobs(steps)
         else:
             dist = LabelDistribution.one_hot(request.labels, parse_label(answer, request.labels))
         return TeacherSignal(distribution=dist, text=answer, rationale=why, token_logprobs=tokens)
+
+    def _token_logprobs(self, steps: list[TokenStep]) -> TokenLogprobs:
+        # The API's logprobs are the model's own log-probabilities (temperature 1) whatever the sampling
+        # temperature; tokens are strings (no ids), mapped onto a student's vocabulary at training time.
+        return TokenLogprobs(
+            tokens=tuple(s.token for s in steps),
+            top=tuple(s.top for s in steps),
+            tail_mass=tuple(max(0.0, 1.0 - sum(math.exp(v) for v in s.top.values())) for s in steps),
+            tokenizer=f"{self.provider}:{self.model}",
+            temperature=1.0,
+        )
+
+    def _generation_signal(self, body: Any, request: Request) -> TeacherSignal:
+        assert request.generate is not None
+        if not body.choices:
+            raise TransientError("the response has no choices", maybe_billed=True)
+        choice = body.choices[0]
+        tokens = None
+        content = getattr(choice.logprobs, "content", None) if choice.logprobs else None
+        if content:
+            tokens = self._token_logprobs(
+                [TokenStep(c.token, c.logprob, {t.token: t.logprob for t in c.top_logprobs or []}) for c in content]
+            )
+        return generation_signal(choice.message.content or "", request.generate, token_logprobs=tokens)
 
     async def _samples(self, request: Request, call: Call) -> TeacherSignal:
         """n answers: ``n`` in one call where the preset says the provider honours it (topped up with more
