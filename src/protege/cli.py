@@ -203,6 +203,33 @@ def demo(output_dir: Path, quiet: bool) -> None:
     _print_run(run_all(r, quiet), r)
 
 
+@cli.command()
+@click.argument("student_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on; beyond loopback an API key is required.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key-env", metavar="NAME", default=None, help="Environment variable holding the key clients must send as a bearer token.")
+@click.option("--model-name", default=None, help="Model id to report (default: the student directory's name).")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1), help="Most texts in one forward pass.")
+@click.option("--max-concurrency", default=64, show_default=True, type=click.IntRange(1), help="Requests in flight before 429.")
+@click.option("--max-body-bytes", default=1_000_000, show_default=True, type=click.IntRange(1), help="Larger request bodies get 413.")
+@click.option("-q", "--quiet", is_flag=True, help="Log warnings only.")
+@_command
+def serve(student_dir: Path, host: str, port: int, api_key_env: str | None, model_name: str | None, max_batch: int,
+          max_concurrency: int, max_body_bytes: int, quiet: bool) -> None:
+    """Serve a trained student behind an OpenAI-style API (/v1/chat/completions, /v1/classify, /v1/models).
+
+    \b
+    Example:  protege serve protege-demo/student
+    Then:     OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(...)
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a saved student is local; never reach for the hub when serving
+    _quiet_libraries()
+    from .serve import serve as run_server
+
+    run_server(student_dir, host, port, api_key_env, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
+               max_batch=max_batch, model_name=model_name, log_level="warning" if quiet else "info")
+
+
 def _print_run(result: dict[str, Any], r: Recipe) -> None:
     stats = result["label"]
     click.echo(f"label: {stats.called} teacher calls, {stats.cached} answers from the store")
