@@ -45,6 +45,7 @@ def test_local_teacher_generates_text_with_topk_logprobs_per_token(tiny_lm_dir):
             assert tail == pytest.approx(max(0.0, 1 - sum(math.exp(v) for v in lps)), abs=1e-9)
             assert tl.top[i][tl.tokens[i]] == pytest.approx(lps[0])
         assert s.usage["output_tokens"] == len(tl.ids)
+        assert s.truncated == (len(tl.ids) == 12)  # cut at the limit, not ended by the model
 
 
 def test_local_generation_does_not_depend_on_the_batch(tiny_lm_dir):
@@ -125,3 +126,71 @@ def test_api_teacher_generates_with_token_logprobs(tmp_path, llama_server):  # n
     with Store(tmp_path / "out/protege.db") as store:
         totals = store.teacher_totals("openai:smol")
     assert totals["calls"] == 3 and 0 < totals["output_tokens"] <= 3 * 8
+
+
+def _generation_recipe(tmp_path, teacher_dir, **task):
+    import json
+
+    from protege.recipe import Recipe
+
+    rows = [{"id": f"r{i}", "text": f"{t} ({i})", "label": "sure thing"} for i, t in enumerate(TEXTS * 3)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return Recipe(
+        task={"kind": "generation", "instruction": "Reply to the customer.", **task},
+        data={"path": tmp_path / "data.jsonl", "eval_fraction": 0.34},
+        teacher={"model": f"hf:{teacher_dir}", "max_tokens": 6, "top_logprobs": 4, "batch_size": 4},
+        eval={"latency_samples": 2},
+        output_dir=tmp_path / "out",
+    )
+
+
+def _as_student(src, dst):
+    """A saved causal LM made into a 'trained student' directory (weights, tokenizer, protege.json)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "protege.json").write_text(json.dumps({"distill": "sequence", "train_seconds": 0.0}))
+
+
+def test_a_student_identical_to_its_teacher_agrees_fully(tmp_path, tiny_lm_dir):
+    """The LM report's figures on the one case with known answers: the teacher itself as the student agrees on
+    every next token, is at KL 0 from it, and writes the same answers."""
+    from protege.evaluate_lm import evaluate_lm
+    from protege.label import label
+
+    recipe = _generation_recipe(tmp_path, tiny_lm_dir, metric="exact_match")
+    label(recipe, quiet=True)
+    _as_student(tiny_lm_dir, recipe.output_dir / "student")
+    report = evaluate_lm(recipe, quiet=True)
+    s, t = report["models"]["student"], report["models"]["teacher"]
+    assert report["kind"] == "generation" and report["eval_examples"] == 3
+    assert s["top1_agreement"] == pytest.approx(1.0)
+    assert s["kl_support"] == "full vocabulary" and s["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert s["answer_agreement"] == 1.0
+    assert s["task_metric"] == t["task_metric"] == 0.0  # a random model never says "sure thing"
+    assert s["perplexity_on_teacher"] > 1 and s["tokens_per_s"] > 0 and s["latency_ms_p50"] > 0
+    md = (recipe.output_dir / "report.md").read_text()
+    assert "top-1 agreement" in md and "100.0%" in md
+
+
+def test_a_different_student_disagrees_measurably(tmp_path, tiny_lm_dir):
+    """Another random LM with the same tokenizer: agreement below 1, KL above 0 (full vocabulary, since the
+    local teacher is run here), and the report says so."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from protege.evaluate_lm import evaluate_lm
+    from protege.label import label
+
+    recipe = _generation_recipe(tmp_path, tiny_lm_dir)
+    label(recipe, quiet=True)
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    torch.manual_seed(7)
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig.from_pretrained(tiny_lm_dir)).save_pretrained(other)
+    tok.save_pretrained(other)
+    _as_student(other, recipe.output_dir / "student")
+    s = evaluate_lm(recipe, quiet=True)["models"]["student"]
+    assert 0 <= s["top1_agreement"] < 1 and s["kl_to_teacher"] > 0.01
+    assert s["task_metric"] is None  # no metric set in the recipe

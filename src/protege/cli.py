@@ -230,6 +230,40 @@ def serve(student_dir: Path, host: str, port: int, api_key_env: str | None, mode
                max_batch=max_batch, model_name=model_name, log_level="warning" if quiet else "info")
 
 
+@cli.command()
+@click.argument("student_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--format", "fmt", default="onnx", show_default=True, help="Export format: onnx.")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder to write (replaced whole on success) [default: STUDENT_DIR/onnx].")
+@click.option("--atol", default=1e-4, show_default=True, type=click.FloatRange(0),
+              help="Largest |logit difference| from PyTorch that passes the parity check.")
+@click.option("--runs", default=50, show_default=True, type=click.IntRange(1), help="Timed calls per runtime.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="CPU threads for both runtimes while timing.")
+@_command
+def export(student_dir: Path, fmt: str, output: Path | None, atol: float, runs: int, threads: int) -> None:
+    """Export a student for the edge, checked against PyTorch (onnxruntime parity and CPU latency).
+
+    \b
+    Example:  protege export protege-demo/students/minilm --format onnx
+    Writes model.onnx, the tokenizer, protege.json and export_report.{json,md}; a parity failure writes nothing.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a saved student is local
+    _quiet_libraries()
+    from .export import export_student
+
+    r = export_student(student_dir, fmt, output, atol=atol, runs=runs, threads=threads)
+    p, lat = r["parity"], r["latency"]
+    pt, ox = lat["pytorch_ms"], lat["onnxruntime_ms"]
+    click.echo(f"exported {r['kind']} student ({r['architecture']}) to {r['output']} "
+               f"(model {r['model_bytes'] / 1e6:.1f} MB)")
+    click.echo(f"parity: max |logit difference| {p['max_abs_diff']:.2g} over {p['texts']} texts (tolerance {atol:g}), "
+               f"argmax agreement {100 * p['argmax_agreement']:.1f}%")
+    click.echo(f"latency, one text per call on {r['threads']} thread(s), p50/p95 over {lat['runs']} runs: "
+               f"PyTorch {pt['p50']:.2f}/{pt['p95']:.2f} ms, onnxruntime {ox['p50']:.2f}/{ox['p95']:.2f} ms "
+               f"({lat['speedup_p50']:.1f}x at p50)")
+    click.echo(f"report: {Path(r['output']) / 'export_report.md'}")
+
+
 def _print_run(result: dict[str, Any], r: Recipe) -> None:
     stats = result["label"]
     click.echo(f"label: {stats.called} teacher calls, {stats.cached} answers from the store")
@@ -239,9 +273,18 @@ def _print_run(result: dict[str, Any], r: Recipe) -> None:
 
 
 def _print_report(report: dict[str, Any], r: Recipe) -> None:
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
     for key, m in report["models"].items():
-        acc = "n/a" if m["accuracy"] is None else f"{100 * m['accuracy']:.1f}%"
-        click.echo(f"{key:>13}: accuracy {acc}, p50 {m['latency_ms_p50']:.1f} ms, ${m['usd_per_1k']:.5f}/1k")
+        if report.get("kind") == "generation":
+            quality = f"{r.task.metric or 'task metric'} {pct(m.get('task_metric'))}"
+            if key != "teacher":
+                kl = m.get("kl_to_teacher")
+                quality += f", top-1 agreement {pct(m['top1_agreement'])}, KL {'n/a' if kl is None else f'{kl:.4f}'}"
+        else:
+            quality = f"accuracy {pct(m['accuracy'])}"
+        click.echo(f"{key:>13}: {quality}, p50 {m['latency_ms_p50']:.1f} ms, ${m['usd_per_1k']:.5f}/1k")
     click.echo(f"report: {r.output_dir / 'report.md'}")
 
 

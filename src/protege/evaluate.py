@@ -117,6 +117,10 @@ def _api_teacher_figures(recipe: Recipe, keys: list[str]) -> tuple[dict[str, flo
 
 def evaluate(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, Any]:
     """Stage 3: compare teacher and students on the eval split; write report.json, report.md and plots."""
+    if recipe.task.kind == "generation":
+        from .evaluate_lm import evaluate_lm
+
+        return evaluate_lm(recipe, quiet, force)
     out = recipe.output_dir
     rows = read_signals(recipe, "eval")
     present = [(d, name) for d, name in STUDENTS if (out / d / "protege.json").is_file()]

@@ -145,6 +145,7 @@ def _signal_rows(
                 "answer": s.answer,
                 "rationale": s.rationale,
                 "thinking": s.thinking,
+                "truncated": s.truncated,
                 "token_logprobs": None if s.token_logprobs is None else asdict(s.token_logprobs),
                 "call_key": k,
             }

@@ -31,8 +31,45 @@ def _current(meta_path: Path, expect: dict[str, Any]) -> bool:
     return all(meta.get(k) == v for k, v in expect.items())
 
 
+def _lm_rows(recipe: Recipe) -> list[Any]:
+    """Training rows of a generation task: the prompt the teacher saw, its whole reply (what its token
+    logprobs describe), the parsed answer and rationale."""
+    from .signals import TeacherSignal
+    from .train_lm import LMRow
+
+    return [
+        LMRow(
+            messages=tuple(r["messages"]),
+            target=r["teacher_text"],
+            answer=r.get("answer"),
+            rationale=r.get("rationale"),
+            token_logprobs=TeacherSignal.from_json({"token_logprobs": r["token_logprobs"]}).token_logprobs
+            if r.get("token_logprobs")
+            else None,
+        )
+        for r in read_signals(recipe, "train")
+    ]
+
+
 def train(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, Any]:
-    """Stage 2: train the distilled student (and the hard-label baseline) on ``signals/train.jsonl``."""
+    """Stage 2: train the distilled student (and, for classification, the hard-label baseline) on
+    ``signals/train.jsonl``."""
+    expect = {
+        "recipe_hash": recipe.section_hash("task", "data", "teacher", "student", "training"),
+        "signals_hash": _signals_hash(recipe),
+    }
+    if recipe.task.kind == "generation":
+        from .train_lm import train_lm
+
+        path = recipe.output_dir / STUDENT_DIR
+        if not force and _current(path / "protege.json", expect):
+            return {STUDENT_DIR: {"skipped": True}}
+        rows = _lm_rows(recipe)
+        with Store(recipe.store_path) as store:
+            summary = train_lm(recipe, rows, path, quiet, extra_meta=expect)
+            store.log_compute(f"train:{STUDENT_DIR}", summary["train_seconds"], examples=len(rows),
+                              distill=recipe.training.distill)
+        return {STUDENT_DIR: summary}
     labels = recipe.task.label_names
     use_gold = recipe.training.use_gold
     rows = [
@@ -43,10 +80,6 @@ def train(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, 
         )
         for r in read_signals(recipe, "train")
     ]
-    expect = {
-        "recipe_hash": recipe.section_hash("task", "data", "teacher", "student", "training"),
-        "signals_hash": _signals_hash(recipe),
-    }
     runs = [(STUDENT_DIR, recipe.training.alpha)]
     if recipe.training.hard_label_baseline:
         runs.append((BASELINE_DIR, 0.0))

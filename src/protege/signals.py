@@ -122,13 +122,14 @@ class TeacherSignal:
     answer: str | None = None
     rationale: str | None = None
     thinking: str | None = None
+    truncated: bool = False  # generation: the reply was cut at the length limit (it did not end by itself)
     token_logprobs: TokenLogprobs | None = None
     logits: list[list[float]] | None = None
     usage: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict that :meth:`from_json` turns back into an equal signal."""
-        return {k: v for k, v in asdict(self).items() if v not in (None, {})}
+        return {k: v for k, v in asdict(self).items() if v not in (None, {}) and not (k == "truncated" and not v)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TeacherSignal:
@@ -150,6 +151,7 @@ class TeacherSignal:
             answer=d.get("answer"),
             rationale=d.get("rationale"),
             thinking=d.get("thinking"),
+            truncated=d.get("truncated", False),
             token_logprobs=None
             if tl is None
             else TokenLogprobs(

@@ -125,7 +125,12 @@ def no_logprobs_error(provider: str, model: str) -> PermanentError:
 
 
 def generation_signal(
-    text: str, gen: Generate, *, thinking: str | None = None, token_logprobs: TokenLogprobs | None = None
+    text: str,
+    gen: Generate,
+    *,
+    truncated: bool,
+    thinking: str | None = None,
+    token_logprobs: TokenLogprobs | None = None,
 ) -> TeacherSignal:
     """The signal of a generation request: the whole reply, and with a rationale format the explanation and
     the final answer apart. An empty reply is a ParseError (retried, then recorded as a failure); a reply with
@@ -139,4 +144,7 @@ def generation_signal(
             why, answer, _ = split_rationale(text)
         except ParseError:
             answer = None
-    return TeacherSignal(text=text, answer=answer, rationale=why or None, thinking=thinking, token_logprobs=token_logprobs)
+    return TeacherSignal(
+        text=text, answer=answer, rationale=why or None, thinking=thinking, truncated=truncated,
+        token_logprobs=token_logprobs,
+    )

@@ -241,7 +241,8 @@ class AnthropicTeacher:
         if not text.strip():
             raise ParseError(_no_text_reason(body), thinking or "")
         if request.generate is not None:  # Anthropic's API returns no logprobs: the text is the signal
-            return generation_signal(text, request.generate, thinking=thinking)
+            truncated = _get(body, "stop_reason") == "max_tokens"
+            return generation_signal(text, request.generate, truncated=truncated, thinking=thinking)
         answer, why, _ = answer_and_rationale(text, self.cfg.rationale)
         dist = LabelDistribution.one_hot(request.labels, parse_label(answer, request.labels))
         return TeacherSignal(distribution=dist, text=answer, rationale=why, thinking=thinking)

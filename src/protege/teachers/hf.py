@@ -308,6 +308,7 @@ class HFCausalLMTeacher(_HFTeacher):
                     answer=answer,
                     rationale=rationale,
                     token_logprobs=token_lp,
+                    truncated=n == len(new[b]) and n >= gen.max_tokens,
                     usage={"input_tokens": len(prompts[b]), "output_tokens": n},
                 )
             )

@@ -234,7 +234,8 @@ class OpenAITeacher:
             tokens = self._token_logprobs(
                 [TokenStep(c.token, c.logprob, {t.token: t.logprob for t in c.top_logprobs or []}) for c in content]
             )
-        return generation_signal(choice.message.content or "", request.generate, token_logprobs=tokens)
+        truncated = choice.finish_reason == "length"
+        return generation_signal(choice.message.content or "", request.generate, truncated=truncated, token_logprobs=tokens)
 
     async def _samples(self, request: Request, call: Call) -> TeacherSignal:
         """n answers: ``n`` in one call where the preset says the provider honours it (topped up with more

@@ -1,0 +1,350 @@
+"""Evaluate a causal LM student against its teacher on held-out prompts (generation tasks).
+
+Figures per model, on the held-out split of the signal dataset:
+
+- **top-1 agreement**: teacher-forced on the teacher's reply (in the student's tokenization, then the end of
+  turn), the share of positions where the student's most likely next token is the teacher's token. A greedy
+  teacher's token is its own top-1, so this is how often the two would pick the same next token.
+- **KL to the teacher**: mean per token of KL(teacher || student) at temperature 1 over those positions.
+  Over the full vocabulary when the teacher is a local model with the student's tokenizer (run here); over
+  the stored top-k plus one tail bucket when only the teacher's top-k token ids are known (see
+  :func:`protege.losses.topk_distillation_loss`); not reported otherwise (another tokenizer: the figure
+  would not compare like with like).
+- **perplexity** of the teacher's replies under the model: exp(mean NLL per token).
+- **task metric** against the data's reference answers where the recipe names one (``task.metric``), for
+  the student's own greedy answers and for the teacher's; **answer agreement**: how often the student's
+  final answer equals the teacher's.
+- **generation speed**: greedy generation one prompt at a time (p50/p95 latency, generated tokens per
+  second), and from it the compute cost per 1,000 requests. An API teacher's speed and cost are what
+  labeling recorded, never a new paid call.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import content_hash, write_json_atomic, write_text_atomic
+from .errors import ProtegeError
+from .recipe import Recipe
+from .teachers.parse import ParseError, split_rationale
+
+__all__ = ["evaluate_lm", "lm_figures", "load_causal_lm", "score_answer"]
+
+STUDENT_DIR = "student"
+
+
+def load_causal_lm(path: Path | str) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, tokenizer, protege.json) of a saved causal LM student; transformers alone loads it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    meta_path = path / "protege.json"
+    if not meta_path.is_file():
+        raise ProtegeError(f"{str(path)!r} is not a trained protege student; run `protege train` first")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, json.loads(meta_path.read_text())
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.strip().strip(".").casefold().split())
+
+
+def score_answer(metric: str, answer: str | None, reference: str) -> float:
+    """``exact_match``: 1.0 when the answers agree ignoring case, surrounding space and a final full stop;
+    ``similarity``: difflib's character ratio of the normalised strings (0..1). A missing answer scores 0."""
+    if answer is None:
+        return 0.0
+    if metric == "exact_match":
+        return float(_norm(answer) == _norm(reference))
+    return difflib.SequenceMatcher(None, _norm(answer), _norm(reference)).ratio()
+
+
+def parse_answer(text: str, rationale: bool) -> str | None:
+    if not rationale:
+        return text.strip()
+    try:
+        return split_rationale(text)[1]
+    except ParseError:
+        return None
+
+
+def _prompt_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:
+    if tok.chat_template:
+        return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return tok("\n\n".join(m["content"] for m in messages) + "\nAnswer: ", add_special_tokens=False)["input_ids"]
+
+
+def _eos(tok: Any, model: Any) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    return ids or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+
+
+@torch.inference_mode()
+def _forced(model: Any, prompt: list[int], target: list[int]) -> torch.Tensor:
+    """Log-probabilities (T, V) the model gives each position of ``target`` after ``prompt``."""
+    ids = torch.tensor([prompt + target])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()  # (T, V)
+    return torch.log_softmax(logits, -1)
+
+
+@torch.inference_mode()
+def _generate(model: Any, tok: Any, prompt: list[int], max_new_tokens: int) -> tuple[str, int, float]:
+    """(text, generated tokens, seconds) of greedy generation for one prompt."""
+    stops = _eos(tok, model)
+    t0 = time.perf_counter()
+    out = model.generate(
+        input_ids=torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=stops or None,
+    )
+    seconds = time.perf_counter() - t0
+    new = out[0, len(prompt) :].tolist()
+    n = next((i for i, t in enumerate(new) if t in stops), len(new))
+    return tok.decode(new[:n], skip_special_tokens=True), n, seconds
+
+
+def _quantiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) == 1:
+        return xs[0], xs[0]
+    return statistics.median(xs), statistics.quantiles(xs, n=20)[18]
+
+
+def _same_vocab(a: Any, b: Any) -> bool:
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
+def lm_figures(
+    model: Any,
+    tok: Any,
+    rows: list[dict[str, Any]],
+    recipe: Recipe,
+    *,
+    teacher_model: Any = None,
+    teacher_tok: Any = None,
+    generate: bool = True,
+) -> dict[str, Any]:
+    """The figures above for one model over held-out generation rows (see :mod:`protege.label`'s signal
+    dataset). ``teacher_model`` (a local teacher, same tokenizer) gives the full-vocabulary KL."""
+    rationale = recipe.task.answer_format == "rationale"
+    max_new = recipe.teacher.max_tokens or (512 if rationale else 256)
+    full_kl = teacher_model is not None and teacher_tok is not None and _same_vocab(tok, teacher_tok)
+    stops = _eos(tok, model)
+    nll = agree = tokens = 0.0
+    kl_sum, kl_n = 0.0, 0
+    kl_kind = "full vocabulary" if full_kl else None
+    lat, gen_tokens, gen_seconds = [], 0, 0.0
+    answers, metric_scores, answer_agree = [], [], []
+    for r in rows:
+        prompt = _prompt_ids(tok, r["messages"])
+        # the end of turn is part of the answer, unless the teacher was cut off at the length limit
+        target = tok(r["teacher_text"], add_special_tokens=False)["input_ids"] + ([] if r.get("truncated") else stops[:1])
+        lp = _forced(model, prompt, target)  # (T, V)
+        tgt = torch.tensor(target)
+        nll -= float(lp.gather(1, tgt[:, None]).sum())
+        agree += float((lp.argmax(-1) == tgt).sum())
+        tokens += len(target)
+        if full_kl:
+            t_lp = _forced(teacher_model, prompt, target)
+            v = min(lp.shape[-1], t_lp.shape[-1])
+            p = t_lp[:, :v].exp()
+            kl_sum += float((p * (t_lp[:, :v] - lp[:, :v])).nansum())
+            kl_n += len(target)
+        elif (tl := r.get("token_logprobs")) and tl.get("top_ids") and list(tl["ids"]) == target[: len(tl["ids"])]:
+            # the teacher's own ids match the student's tokenization of its reply: compare over top-k + tail
+            from .losses import topk_distillation_loss
+
+            n = len(tl["ids"])
+            k = max(len(x) for x in tl["top_ids"])
+            ids = torch.full((n, k), -1, dtype=torch.long)
+            lps = torch.full((n, k), -math.inf)
+            for i, (a, b) in enumerate(zip(tl["top_ids"], tl["top_logprobs"])):
+                ids[i, : len(a)] = torch.tensor(a)
+                lps[i, : len(b)] = torch.tensor(b)
+            kl, count, _ = topk_distillation_loss(lp[:n], ids, lps, tgt[:n], alpha=1.0, temperature=1.0)
+            kl_sum += float(kl)
+            kl_n += int(count)
+            kl_kind = kl_kind or f"top-{k} + tail"
+        if generate:
+            text, n_new, seconds = _generate(model, tok, prompt, max_new)
+            lat.append(1e3 * seconds)
+            gen_tokens += n_new
+            gen_seconds += seconds
+            answer = parse_answer(text, rationale)
+            answers.append(answer)
+            if r.get("answer") is not None:
+                answer_agree.append(answer is not None and _norm(answer) == _norm(r["answer"]))
+            if recipe.task.metric and r.get("gold") is not None:
+                metric_scores.append(score_answer(recipe.task.metric, answer, r["gold"]))
+    out: dict[str, Any] = {
+        "eval_tokens": int(tokens),
+        "top1_agreement": agree / tokens if tokens else None,
+        "perplexity_on_teacher": math.exp(nll / tokens) if tokens else None,
+        "kl_to_teacher": kl_sum / kl_n if kl_n else None,
+        "kl_support": kl_kind if kl_n else None,
+    }
+    if generate and lat:
+        p50, p95 = _quantiles(lat)
+        out |= {
+            "task_metric": statistics.mean(metric_scores) if metric_scores else None,
+            "answer_agreement": statistics.mean(answer_agree) if answer_agree else None,
+            "latency_ms_p50": p50,
+            "latency_ms_p95": p95,
+            "tokens_per_s": gen_tokens / gen_seconds if gen_seconds else None,
+            "mean_generated_tokens": gen_tokens / len(lat),
+            "sample_answers": answers[:3],
+        }
+    return out
+
+
+def _teacher_figures(recipe: Recipe, rows: list[dict[str, Any]], student_tok: Any) -> tuple[dict[str, Any], Any, Any]:
+    """The teacher's row of the report, and (model, tokenizer) when it is a local model."""
+    from .evaluate import _api_teacher_figures  # shared with the classifier report
+    from .teachers import make_teacher
+
+    teacher = make_teacher(recipe.teacher)
+    figures: dict[str, Any] = {"name": recipe.teacher.model}
+    if recipe.task.metric:
+        scored = [score_answer(recipe.task.metric, r["answer"], r["gold"]) for r in rows if r.get("gold") is not None]
+        figures["task_metric"] = statistics.mean(scored) if scored else None
+    if hasattr(teacher, "signals"):  # a local model: time it here, like the student
+        teacher.load()
+        model, tok = teacher._model, teacher._tokenizer
+        figures["parameters"] = sum(p.numel() for p in model.parameters())
+        n = min(len(rows), recipe.eval.latency_samples)
+        timed = lm_figures(model, tok, rows[:n], recipe)
+        usd_h = recipe.eval.compute_usd_per_hour
+        figures |= {k: timed[k] for k in ("latency_ms_p50", "latency_ms_p95", "tokens_per_s", "mean_generated_tokens")}
+        figures["usd_per_1k"] = timed["latency_ms_p50"] / 1e3 * 1000 / 3600 * usd_h
+        figures["price_source"] = "compute"
+        return figures, model, tok
+    speed, money = _api_teacher_figures(recipe, [r["call_key"] for r in rows])
+    from .store import Store
+
+    with Store(recipe.store_path) as store:
+        keys = [r["call_key"] for r in rows]
+        marks = ",".join("?" * len(keys))
+        secs, out_tokens = store.db.execute(
+            f"SELECT SUM(seconds), SUM(output_tokens) FROM calls WHERE status = 'ok' AND key IN ({marks})", keys
+        ).fetchone()
+    figures |= {
+        "latency_ms_p50": speed["latency_ms_p50"],
+        "latency_ms_p95": speed["latency_ms_p95"],
+        "tokens_per_s": out_tokens / secs if secs else None,
+        **money,
+    }
+    return figures, None, None
+
+
+def evaluate_lm(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, Any]:
+    """Stage 3 for generation tasks: write report.json and report.md comparing student and teacher."""
+    from .label import read_signals
+    from .store import Store
+
+    out = recipe.output_dir
+    rows = read_signals(recipe, "eval")
+    if not rows:
+        raise ProtegeError("the held-out split has no answered rows; check signals/failed.jsonl and relabel")
+    student_dir = out / STUDENT_DIR
+    model, tok, meta = load_causal_lm(student_dir)
+    inputs_hash = content_hash({"eval": recipe.section_hash("eval", "task"), "signals": content_hash(rows), "student": meta})[:16]
+    report_path = out / "report.json"
+    if not force and report_path.is_file() and json.loads(report_path.read_text()).get("inputs_hash") == inputs_hash:
+        return json.loads(report_path.read_text())
+
+    started = time.perf_counter()
+    teacher, t_model, t_tok = _teacher_figures(recipe, rows, tok)
+    s = lm_figures(model, tok, rows, recipe, teacher_model=t_model, teacher_tok=t_tok)
+    usd_h = recipe.eval.compute_usd_per_hour
+    student = {
+        "name": "distilled student",
+        "distill": meta.get("distill", recipe.training.distill),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **s,
+        "usd_per_1k": s["latency_ms_p50"] / 1e3 * 1000 / 3600 * usd_h,
+        "price_source": "compute",
+        "train_seconds": meta.get("train_seconds"),
+    }
+    for m in (teacher, student):
+        m["accuracy"] = m.get("task_metric")  # the one quality figure every report has
+    report: dict[str, Any] = {
+        "inputs_hash": inputs_hash,
+        "kind": "generation",
+        "task": {"metric": recipe.task.metric, "answer_format": recipe.task.answer_format},
+        "eval_examples": len(rows),
+        "eval_with_reference": sum(r.get("gold") is not None for r in rows),
+        "teacher_without_answer": sum(r.get("answer") is None for r in rows),
+        "models": {"teacher": teacher, STUDENT_DIR: student},
+    }
+    with Store(recipe.store_path) as store:
+        store.log_compute("eval", time.perf_counter() - started, examples=len(rows))
+        report["ledger"] = {"teacher": store.teacher_totals(recipe.teacher.model), "compute": store.compute_totals()}
+    write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.md", _markdown(report, recipe))
+    recipe.save(out / "recipe.yaml")
+    return report
+
+
+def _fmt(x: Any, spec: str = ".3f", pct: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.1f}%" if pct else format(x, spec)
+
+
+def _markdown(report: dict[str, Any], recipe: Recipe) -> str:
+    t, s = report["models"]["teacher"], report["models"][STUDENT_DIR]
+    metric = report["task"]["metric"]
+    lines = [
+        "# protege report (generation)",
+        "",
+        f"Held-out split: {report['eval_examples']} prompts ({report['eval_with_reference']} with reference "
+        f"answers). Student trained by {s['distill']}-level distillation.",
+        "",
+        f"| model | params | {metric or 'task metric'} | top-1 agreement | KL to teacher | perplexity on teacher | "
+        "answer agreement | p50 ms | tokens/s | $ / 1k |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, m in report["models"].items():
+        label = f"teacher: {m['name']}" if key == "teacher" else m["name"]
+        params = f"{m['parameters'] / 1e6:.1f}M" if m.get("parameters") else "n/a"
+        lines.append(
+            f"| {label} | {params} | {_fmt(m.get('task_metric'), pct=True)} | "
+            f"{_fmt(m.get('top1_agreement', 1.0 if key == 'teacher' else None), pct=True)} | "
+            f"{_fmt(m.get('kl_to_teacher', 0.0 if key == 'teacher' else None), '.4f')} | "
+            f"{_fmt(m.get('perplexity_on_teacher'), '.2f')} | {_fmt(m.get('answer_agreement'), pct=True)} | "
+            f"{_fmt(m.get('latency_ms_p50'), '.1f')} | {_fmt(m.get('tokens_per_s'), '.1f')} | "
+            f"{_fmt(m.get('usd_per_1k'), '.5f')} |"
+        )
+    kl = s.get("kl_support")
+    lines += [
+        "",
+        "Top-1 agreement and perplexity are teacher-forced on the teacher's replies; "
+        + (f"KL is over the {kl}. " if kl else "KL is not reported: the teacher's token distribution is not known "
+           "over the student's vocabulary. ")
+        + "Latency and tokens per second are greedy generation one prompt at a time on this machine; cost for "
+        f"local models is that time at ${recipe.eval.compute_usd_per_hour}/hour. An API teacher's figures are "
+        "what labeling recorded.",
+    ]
+    if report["teacher_without_answer"]:
+        lines.append(
+            f"\nThe teacher's reply had no final 'Answer:' line on {report['teacher_without_answer']} held-out "
+            "prompts; those count as wrong in its task metric."
+        )
+    return "\n".join(lines) + "\n"
