@@ -1,0 +1,335 @@
+"""Export a trained student for the edge: ONNX for classifier and causal-LM students, checked against PyTorch.
+
+The exported folder is self-contained: ``model.onnx`` beside the tokenizer, ``config.json`` (the label names
+of a classifier), ``protege.json`` and ``recipe.yaml`` when the student has them, and the export's report.
+
+* Exporter: ``torch.onnx.export(dynamo=True)``, torch's default since 2.9 (it needs ``onnxscript``). It captures
+  the whole graph with ``torch.export`` and symbolic batch and sequence sizes, so a shape-dependent Python branch
+  in the model fails the export instead of being frozen at the sample's shape, as the TorchScript tracer
+  (``dynamo=False``, deprecated) does silently: with transformers' SDPA attention it warns that it turned
+  ``q_length > 1`` into a constant.
+* Graph: ``(input_ids, attention_mask) -> logits``, both inputs int64 of shape (batch, sequence), both sizes
+  dynamic. Classifier logits are (batch, labels); an LM's are (batch, sequence, vocab), computed without a KV
+  cache (each call reads the whole sequence).
+* Parity: the sample texts, batched with padding, through PyTorch and onnxruntime (CPU). The export fails,
+  leaving nothing behind, when the largest absolute difference of fp32 logits (over real tokens, not padding)
+  passes ``atol`` (default 1e-4: fp32 kernels that sum in another order differ by ~1e-6 on logits of order
+  1-10, so 1e-4 is loose for noise and tight for a wrong graph), or when an argmax differs anywhere but at a
+  near-tie (a top-2 gap under 2·atol, which any error within tolerance can flip).
+* Latency: one text at a time, the model call only (tokenizing excluded on both sides), PyTorch and
+  onnxruntime alternating run by run on the same thread count, p50/p95 in milliseconds after a warm-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import statistics
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import atomic_dir, write_json_atomic, write_text_atomic
+from .errors import MissingExtra, ProtegeError
+
+__all__ = ["DEFAULT_ATOL", "FORMATS", "SAMPLE_TEXTS", "export_student", "student_kind"]
+
+FORMATS = ("onnx",)
+DEFAULT_ATOL = 1e-4
+OPSET = 18  # the dynamo exporter's own default; onnxruntime 1.17+ runs it
+MODEL_FILE = "model.onnx"
+# Files copied beside the model when the student has them (the tokenizer is saved anew, see _copy_student_files).
+META_FILES = ("config.json", "generation_config.json", "protege.json", "recipe.yaml")
+# Different lengths on purpose: batched together they exercise padding.
+SAMPLE_TEXTS = (
+    "Hi",
+    "Where is my order?",
+    "I was charged twice for the same invoice and the refund has not arrived yet.",
+    "The app crashes every time I open the settings page on my phone, even after reinstalling it, and "
+    "support has not answered my last three emails about the problem. Please help me fix it today.",
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the student
+
+
+def student_kind(student_dir: Path) -> tuple[str, str]:
+    """("classifier" | "lm", architecture name) from config.json's ``architectures``."""
+    if not student_dir.is_dir():
+        raise ProtegeError(f"{str(student_dir)!r} is not a directory; point `protege export` at a trained student")
+    cfg_path = student_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ProtegeError(
+            f"{str(student_dir)!r} is not a student directory: it has no config.json. "
+            "Point at a directory written by `protege train` (a Hugging Face model directory)"
+        )
+    try:
+        archs = json.loads(cfg_path.read_text(encoding="utf-8")).get("architectures") or []
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        raise ProtegeError(f"{str(cfg_path)!r} is not a JSON object; the student directory is damaged") from None
+    for arch in archs:
+        if isinstance(arch, str) and arch.endswith("ForSequenceClassification"):
+            return "classifier", arch
+        if isinstance(arch, str) and arch.endswith("ForCausalLM"):
+            return "lm", arch
+    raise ProtegeError(
+        f"{str(cfg_path)!r} names architectures {archs}; export supports sequence classifiers "
+        "(*ForSequenceClassification) and causal LMs (*ForCausalLM)"
+    )
+
+
+def _load(student_dir: Path, kind: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(student_dir, dtype="float32")
+        tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    except (OSError, ValueError) as e:
+        raise ProtegeError(f"cannot load the student in {str(student_dir)!r}: {e}") from None
+    if tokenizer.pad_token is None:  # many LM tokenizers have none; padding is only for the parity batch here
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return model.eval(), tokenizer
+
+
+class _Logits(torch.nn.Module):
+    """The graph exported: (input_ids, attention_mask) -> fp32 logits, nothing else (no cache, no hidden states)."""
+
+    def __init__(self, model: Any, kind: str):
+        super().__init__()
+        self.model = model
+        self.extra = {"use_cache": False} if kind == "lm" else {}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **self.extra).logits.float()
+
+
+def _encode(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, Any]:
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def _max_length(model: Any, tokenizer: Any) -> int:
+    """Sample length cap: enough for the sample texts, within what the model takes."""
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    return min([x for x in limits if isinstance(x, int) and x > 1] + [128])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ONNX
+
+
+def _export_onnx(module: Any, sample: dict[str, Any], path: Path, external_data: bool) -> None:
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    # torch.export specializes sizes 0 and 1 to constants: the sample must have >= 2 rows and >= 2 tokens
+    assert sample["input_ids"].shape[0] >= 2 and sample["input_ids"].shape[1] >= 2
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)  # it warns, once per op, that torchvision (unused here) is not installed
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the exporter prints its progress
+            # benign: both inputs name their axes "batch"/"sequence", and the exporter notes the names coincide
+            warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
+            torch.onnx.export(
+                module, (sample["input_ids"], sample["attention_mask"]), str(path),
+                input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                opset_version=OPSET, dynamo=True, external_data=external_data, verbose=False,
+            )
+    finally:
+        registry_log.setLevel(level)
+
+
+def _ort_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    # no busy-waiting between calls: spinning threads would steal the cores PyTorch is timed on next
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def parity(ref: Any, got: Any, mask: Any, kind: str, atol: float) -> dict[str, Any]:
+    """Compare PyTorch logits ``ref`` with exported ``got`` (numpy, (B, C) or (B, T, V)) over real tokens.
+
+    ``argmax_agreement`` is the strict fraction of equal argmaxes; ``passed`` needs max_abs_diff <= atol and
+    every differing argmax to be a near-tie (the exported argmax's PyTorch logit within 2·atol of the top)."""
+    import numpy as np
+
+    if kind == "lm":
+        keep = mask.astype(bool)  # (B, T): padding positions carry no meaning
+        ref, got = ref[keep], got[keep]  # (N, V)
+    diff = float(np.abs(ref - got).max())
+    top_ref, top_got = ref.argmax(-1), got.argmax(-1)
+    agree = float((top_ref == top_got).mean())
+    picked = np.take_along_axis(ref, top_got[:, None], -1)[:, 0]
+    near_ties = bool((picked >= ref.max(-1) - 2 * atol).all())
+    return {"positions": int(ref.shape[0]), "max_abs_diff": diff, "atol": atol, "argmax_agreement": agree,
+            "passed": bool(diff <= atol and near_ties)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# latency
+
+
+def _ms(samples: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(samples, n=20) if len(samples) > 1 else samples * 19
+    return {"p50": 1e3 * statistics.median(samples), "p95": 1e3 * q[18], "mean": 1e3 * statistics.fmean(samples)}
+
+
+def _latency(module: Any, session: Any, singles: list[dict[str, Any]], runs: int, warmup: int) -> dict[str, Any]:
+    """One text per call, alternating PyTorch and onnxruntime so both see the same machine."""
+    torch_s: list[float] = []
+    ort_s: list[float] = []
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            enc = singles[i % len(singles)]
+            feed = {k: v.numpy() for k, v in enc.items()}
+            t0 = time.perf_counter()
+            module(**enc)
+            t1 = time.perf_counter()
+            session.run(None, feed)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                torch_s.append(t1 - t0)
+                ort_s.append(t2 - t1)
+    pt, ox = _ms(torch_s), _ms(ort_s)
+    return {"runs": runs, "warmup": warmup, "pytorch_ms": pt, "onnxruntime_ms": ox,
+            "speedup_p50": pt["p50"] / ox["p50"] if ox["p50"] > 0 else None}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the export
+
+
+def _copy_student_files(student_dir: Path, out: Path) -> None:
+    """The tokenizer (loaded fresh and saved, so every file it needs is there and nothing we changed) and the
+    student's config and metadata: the folder needs nothing from the student directory."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(student_dir).save_pretrained(out)
+    for name in META_FILES:
+        if (student_dir / name).is_file():
+            shutil.copy2(student_dir / name, out / name)
+
+
+def _report_md(r: dict[str, Any]) -> str:
+    p, lat = r["parity"], r["latency"]
+    pt, ox = lat["pytorch_ms"], lat["onnxruntime_ms"]
+    return "\n".join([
+        f"# Export of `{r['student']}` ({r['kind']}, {r['architecture']})",
+        "",
+        f"Format {r['format']} (opset {r['opset']}), exported with {r['exporter']}; torch {r['versions']['torch']}, "
+        f"onnxruntime {r['versions']['onnxruntime']}; {r['created']}.",
+        "",
+        "## Parity with PyTorch",
+        "",
+        f"{p['texts']} sample texts batched with padding, {p['positions']} compared positions: max |Δlogit| "
+        f"{p['max_abs_diff']:.3g} (tolerance {p['atol']:g}), argmax agreement {100 * p['argmax_agreement']:.1f}%: "
+        + ("**passed**." if p["passed"] else "**failed**."),
+        "",
+        f"## CPU latency, one text per call ({lat['runs']} runs after {lat['warmup']} warm-up, {r['threads']} thread(s))",
+        "",
+        "| runtime | p50 ms | p95 ms | mean ms |",
+        "| --- | ---: | ---: | ---: |",
+        f"| PyTorch | {pt['p50']:.3f} | {pt['p95']:.3f} | {pt['mean']:.3f} |",
+        f"| onnxruntime | {ox['p50']:.3f} | {ox['p95']:.3f} | {ox['mean']:.3f} |",
+        "",
+        f"onnxruntime is {lat['speedup_p50']:.2f}x PyTorch's speed at p50 (model call only, tokenizing excluded).",
+        "",
+    ])
+
+
+def export_student(
+    student_dir: Path | str,
+    format: str = "onnx",
+    output: Path | str | None = None,
+    *,
+    atol: float = DEFAULT_ATOL,
+    runs: int = 50,
+    warmup: int = 5,
+    threads: int = 1,
+    texts: list[str] | None = None,
+) -> dict[str, Any]:
+    """Export the student in ``student_dir`` to ``output`` (default ``student_dir/onnx``) and return the report.
+
+    The folder appears whole or not at all: a failed export, or a parity check outside ``atol``, raises
+    ProtegeError and leaves any previous export in place. ``threads`` applies to both runtimes while timing;
+    the default, 1, is one request on one core: the figure least disturbed by other work on the machine (with
+    more threads than free cores, PyTorch's OpenMP pool can be 100x slower)."""
+    student_dir = Path(student_dir)
+    if format not in FORMATS:
+        raise ProtegeError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
+    kind, arch = student_kind(student_dir)
+    if atol < 0 or runs < 1 or warmup < 0 or threads < 1:
+        raise ProtegeError("atol must be >= 0, runs >= 1, warmup >= 0 and threads >= 1")
+    texts = list(texts or SAMPLE_TEXTS)
+    if len(texts) < 2:
+        raise ProtegeError("the parity check needs at least 2 sample texts (the batch must show padding)")
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch's dynamo exporter needs it)
+    except ImportError as e:
+        raise MissingExtra(e.name or "onnxruntime", "export", "`protege export --format onnx`") from None
+
+    out = Path(output) if output is not None else student_dir / "onnx"
+    model, tokenizer = _load(student_dir, kind)
+    module = _Logits(model, kind).eval()
+    max_len = _max_length(model, tokenizer)
+    batch = _encode(tokenizer, texts, max_len)
+    singles = [_encode(tokenizer, [t], max_len) for t in texts]
+    if batch["input_ids"].shape[1] < 2:
+        raise ProtegeError("the sample texts tokenize to one token each; pass longer texts")
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with atomic_dir(out) as tmp:
+            try:
+                _export_onnx(module, batch, tmp / MODEL_FILE, external_data=n_bytes > 1_500_000_000)  # protobuf: 2 GB
+            except Exception as e:  # noqa: BLE001  (the exporter raises many kinds; the user needs the gist)
+                raise ProtegeError(f"torch.onnx.export failed for {arch}: {type(e).__name__}: {str(e)[:500]}") from e
+            session = _ort_session(tmp / MODEL_FILE, threads)
+            with torch.inference_mode():
+                ref = module(**batch).numpy()
+            got = session.run(None, {k: v.numpy() for k, v in batch.items()})[0]
+            check = {"texts": len(texts), **parity(ref, got, batch["attention_mask"].numpy(), kind, atol)}
+            if not check["passed"]:
+                raise ProtegeError(
+                    f"the ONNX model disagrees with PyTorch: max |logit difference| {check['max_abs_diff']:.3g} "
+                    f"(tolerance {atol:g}), argmax agreement {100 * check['argmax_agreement']:.1f}%; nothing was "
+                    "written. Report it with the model's architecture, or loosen --atol if the difference is noise"
+                )
+            latency = _latency(module, session, singles, runs, warmup)
+            _copy_student_files(student_dir, tmp)
+            files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+            report = {
+                "student": str(student_dir), "output": str(out), "format": format, "kind": kind,
+                "architecture": arch, "exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET,
+                "inputs": ["input_ids", "attention_mask"], "outputs": ["logits"],
+                "model_bytes": sum((tmp / f).stat().st_size for f in files if f.startswith(MODEL_FILE)),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "threads": threads, "parity": check, "latency": latency,
+                "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            report["files"] = sorted(files + ["export_report.json", "export_report.md"])
+            write_json_atomic(tmp / "export_report.json", report)
+            write_text_atomic(tmp / "export_report.md", _report_md(report))
+    finally:
+        torch.set_num_threads(prev_threads)
+    return report
