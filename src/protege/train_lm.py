@@ -1,0 +1,555 @@
+"""Train a causal LM student on teacher generations, on Hugging Face Accelerate.
+
+One function, top to bottom: build the student (and, for 'logits', load the teacher), tokenize once
+(chat template, loss on the answer tokens only), then optimizer steps of: the step's rows, split into
+gradient_accumulation_steps x processes micro-batches -> forward -> loss sum -> backward, all divided once by
+the target-token count of the whole step (every micro-batch, every process) -> optimizer step. Checkpoints
+every K steps resume to the same result. The same code runs on a CPU, a GPU, or under ``accelerate launch``.
+
+Modes (training.distill):
+
+- ``sequence``: cross-entropy on the teacher's text.
+- ``logits``: (1 - alpha) CE + alpha tau^2 D(teacher || student) against the local 'hf:' teacher's full
+  distribution (same tokenizer), through the chunked LM-head loss.
+- ``topk``: the same mix against the teacher's stored top-k log-probs plus a tail bucket. A teacher with the
+  student's tokenizer is used by id; otherwise its token strings are mapped onto the student's vocabulary
+  and positions align only where the student's tokenization of the text reproduces the teacher's tokens.
+  Positions without teacher information (and the end token) have no KD term: (1 - alpha) CE alone.
+
+``training.batch_size`` counts examples per optimizer step over all processes, so a recipe gives the same
+objective on one process or on many.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ._io import atomic_dir, content_hash, write_json_atomic, write_text_atomic
+from .errors import ProtegeError
+from .lm_students import build_lm_student, lm_head, load_causal_lm, save_lm_student
+from .losses import check_vocab, chunked_lm_distillation_loss, topk_distillation_loss
+from .recipe import Recipe
+from .signals import TokenLogprobs
+from .students import count_parameters
+
+__all__ = ["LMRow", "train_lm", "prompt_ids", "ANSWER_PREFIX", "EXPLAIN_PREFIX", "MIN_ALIGNED_SHARE"]
+
+ANSWER_PREFIX = "[answer] "
+EXPLAIN_PREFIX = "[explain] "
+MIN_ALIGNED_SHARE = 0.5  # under this share of teacher positions usable, token-level KD from top-k is refused
+MAX_UNMAPPED_MASS = 0.5  # ... or when more teacher probability than this falls outside the student's vocabulary
+
+
+@dataclass(frozen=True)
+class LMRow:
+    """A training example for a causal LM student.
+
+    ``messages``: the prompt as the teacher saw it; ``target``: the text the student learns (the teacher's
+    whole reply); ``answer`` and ``rationale``: its parts, for rationale_weight > 0; ``token_logprobs``: the
+    teacher's top-k for the tokens of ``target`` (distill 'topk').
+    """
+
+    messages: tuple[dict[str, str], ...]
+    target: str
+    answer: str | None = None
+    rationale: str | None = None
+    token_logprobs: TokenLogprobs | None = None
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]] | tuple[dict[str, str], ...]) -> list[int]:
+    """Token ids of the prompt: the chat template with the assistant's turn opened (plain text without one)."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    else:
+        text = "\n\n".join(m["content"] for m in messages) + "\nAnswer: "
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _prefixed(messages: tuple[dict[str, str], ...], prefix: str) -> tuple[dict[str, str], ...]:
+    """The messages with ``prefix`` before the last user turn (distilling step-by-step's task prefixes)."""
+    last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+    return tuple({**m, "content": prefix + m["content"]} if i == last else m for i, m in enumerate(messages))
+
+
+# -- tokenizing once ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Example:
+    ids: list[int]  # prompt then target tokens (the last is EOS)
+    n_prompt: int
+    weight: float
+    kd_ids: list[list[int]]  # per target token: the teacher's alternatives as student ids ([] = none, CE only)
+    kd_lps: list[list[float]]
+
+
+class _TopK:
+    """Turns a teacher's TokenLogprobs into per-token student ids and log-probs, and counts what aligned."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        n = len(tokenizer)
+        self.pieces = tokenizer.batch_decode([[i] for i in range(n)])  # every student id as text
+        self.by_piece: dict[str, int] = {}
+        for i, s in enumerate(self.pieces):
+            if "\ufffd" not in s:  # a partial UTF-8 byte stands for many things; never map onto it
+                self.by_piece.setdefault(s, i)
+        self.positions = self.aligned = 0
+        self.mass = self.unmapped = 0.0
+        self.by_id_rows = self.by_string_rows = 0
+
+    def same_vocab(self, tl: TokenLogprobs) -> bool:
+        """The teacher's ids mean the student's tokens: every id decodes to the teacher's string for it."""
+        if tl.ids is None or tl.top_ids is None or tl.top_logprobs is None:
+            return False
+        n = len(self.pieces)
+        if any(not 0 <= i < n or self.pieces[i] != s for i, s in zip(tl.ids, tl.tokens)):
+            return False
+        return all(
+            0 <= i < n and self.pieces[i] in top for ids, top in zip(tl.top_ids, tl.top) for i in ids if i >= 0
+        )
+
+    def targets(self, text: str, ids: list[int], tl: TokenLogprobs | None, by_id: bool) -> tuple[list, list]:
+        """Per token of ``ids`` (the student's tokens of ``text``): teacher alternatives as student ids and
+        their log-probs, or [] where the position does not align."""
+        out_ids: list[list[int]] = [[] for _ in ids]
+        out_lps: list[list[float]] = [[] for _ in ids]
+        self.positions += len(ids)
+        if tl is None or not ids:
+            return out_ids, out_lps
+        teacher_text = "".join(tl.tokens)
+        off = teacher_text.find(text)
+        if off < 0:
+            off = 0  # pieces need not join to the text exactly (a character split over tokens); each span is checked
+        elif teacher_text[:off].strip():
+            return out_ids, out_lps  # the text follows other teacher text (an answer after its rationale)
+        starts: dict[tuple[int, int], int] = {}
+        pos = 0
+        for j, s in enumerate(tl.tokens):
+            starts[(pos, pos + len(s))] = j
+            pos += len(s)
+        prev = 0
+        for i in range(len(ids)):
+            end = len(self.tokenizer.decode(ids[: i + 1]))
+            j = starts.get((prev + off, end + off))
+            piece, prev = text[prev:end], end
+            if j is None or tl.tokens[j] != piece:
+                continue
+            self.aligned += 1
+            if by_id:
+                pairs = [(a, b) for a, b in zip(tl.top_ids[j], tl.top_logprobs[j]) if a >= 0]
+            else:
+                pairs = []
+                for s, lp in tl.top[j].items():
+                    sid = self.by_piece.get(s)
+                    self.mass += math.exp(lp)
+                    if sid is None:
+                        self.unmapped += math.exp(lp)  # goes to the tail bucket
+                    else:
+                        pairs.append((sid, lp))
+            if by_id:
+                self.mass += sum(math.exp(b) for _, b in pairs)
+            out_ids[i] = [a for a, _ in pairs]
+            out_lps[i] = [b for _, b in pairs]
+        return out_ids, out_lps
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "positions": self.positions,
+            "aligned_share": self.aligned / self.positions if self.positions else 0.0,
+            "unmapped_mass": self.unmapped / self.mass if self.mass else 0.0,
+            "rows_by_id": self.by_id_rows,
+            "rows_by_string": self.by_string_rows,
+        }
+
+
+def _encode(recipe: Recipe, rows: list[LMRow], tokenizer: Any) -> tuple[list[_Example], dict[str, Any]]:
+    """Examples with the loss on target tokens only; prompts cut from their start to fit student.max_length."""
+    cfg, max_len = recipe.training, recipe.student.max_length
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ProtegeError("the student's tokenizer has no end-of-sequence token; set one (tokenizer.eos_token)")
+    topk = _TopK(tokenizer) if cfg.distill == "topk" else None
+    if topk is not None:
+        for r in rows:
+            if r.token_logprobs is not None and r.token_logprobs.temperature != 1.0:
+                raise ProtegeError(
+                    f"stored top-k logprobs describe temperature {r.token_logprobs.temperature}, but training "
+                    "re-tempers from the teacher's own distribution (1.0); relabel with logprobs at temperature 1"
+                )
+    examples: list[_Example] = []
+    too_long = cut = 0
+    for r in rows:
+        tl = r.token_logprobs
+        by_id = topk is not None and tl is not None and topk.same_vocab(tl)
+        if topk is not None and tl is not None:
+            topk.by_id_rows += by_id
+            topk.by_string_rows += not by_id
+        if cfg.rationale_weight > 0:
+            parts = [(ANSWER_PREFIX, r.answer if r.answer is not None else r.target, 1.0)]
+            if r.rationale:
+                parts.append((EXPLAIN_PREFIX, r.rationale, cfg.rationale_weight))
+        else:
+            parts = [("", r.target, 1.0)]
+        for prefix, text, weight in parts:
+            messages = _prefixed(r.messages, prefix) if prefix else r.messages
+            if by_id and text == r.target:
+                target = list(tl.ids)  # the teacher's very tokens, not a re-tokenization of its text
+            else:
+                target = tokenizer(text, add_special_tokens=False)["input_ids"]
+            kd_ids, kd_lps = topk.targets(text, target, tl, by_id) if topk is not None else ([], [])
+            target = target + [eos]
+            room = max_len - len(target)  # tokens left for the prompt (at least one predicts the first target)
+            if room < 1:
+                too_long += 1
+                continue
+            p = prompt_ids(tokenizer, messages)
+            if len(p) > room:
+                p, cut = p[len(p) - room :], cut + 1
+            if topk is not None:
+                kd_ids, kd_lps = kd_ids + [[]], kd_lps + [[]]  # the end token: cross-entropy only
+            examples.append(_Example(p + target, len(p), weight, kd_ids, kd_lps))
+    stats: dict[str, Any] = {"rows": len(rows), "train_examples": len(examples), "rows_too_long": too_long, "prompts_cut": cut}
+    if not examples:
+        raise ProtegeError(
+            f"no training example fits student.max_length={max_len} tokens (every target with its end token is "
+            "longer); raise student.max_length"
+        )
+    if topk is not None:
+        fig = stats["topk"] = topk.figures()
+        if fig["aligned_share"] < MIN_ALIGNED_SHARE or fig["unmapped_mass"] > MAX_UNMAPPED_MASS:
+            raise ProtegeError(
+                f"token-level distillation from the stored top-k is not meaningful for this student: "
+                f"{fig['aligned_share']:.0%} of the {fig['positions']} answer tokens line up with the teacher's "
+                f"tokens (need {MIN_ALIGNED_SHARE:.0%}) and {fig['unmapped_mass']:.0%} of the teacher's top-k "
+                f"probability names no single student token (allowed {MAX_UNMAPPED_MASS:.0%}). The tokenizers "
+                "differ too much; use training.distill: sequence, or a student with the teacher's tokenizer"
+            )
+    return examples, stats
+
+
+def _collate(examples: list[_Example], pad: int, with_kd: bool) -> dict[str, torch.Tensor]:
+    """Right-padded ids; ``select`` marks the positions whose next token is a target, in target order."""
+    T = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    select = torch.zeros((len(examples), T), dtype=torch.bool)
+    for b, e in enumerate(examples):
+        ids[b, : len(e.ids)] = torch.tensor(e.ids)
+        mask[b, : len(e.ids)] = 1
+        select[b, e.n_prompt - 1 : len(e.ids) - 1] = True
+    batch = {
+        "input_ids": ids,  # (B, T)
+        "attention_mask": mask,  # (B, T)
+        "select": select,  # (B, T)
+        "targets": torch.tensor([t for e in examples for t in e.ids[e.n_prompt :]]),  # (M,)
+        "weights": torch.tensor([e.weight for e in examples for _ in e.ids[e.n_prompt :]]),  # (M,)
+    }
+    if with_kd:
+        rows = [pair for e in examples for pair in zip(e.kd_ids, e.kd_lps)]
+        K = max(1, max(len(i) for i, _ in rows))
+        batch["kd_ids"] = torch.tensor([i + [-1] * (K - len(i)) for i, _ in rows])  # (M, K), -1 pads
+        batch["kd_lps"] = torch.tensor([l + [0.0] * (K - len(l)) for _, l in rows])  # (M, K)
+        batch["kd_ok"] = torch.tensor([len(i) > 0 for i, _ in rows])  # (M,)
+    return batch
+
+
+# -- the loss, inside one module so DDP/FSDP see all of it in forward ----------------------------------------
+
+
+def _ce_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    ce = F.cross_entropy(F.linear(h, w, b).float(), y, reduction="sum")  # logits (c, V) live only in here
+    return ce, ce, torch.zeros_like(ce)
+
+
+def _topk_chunk(h, w, b, y, ids, lps, ok, *, alpha: float, tau: float) -> tuple[torch.Tensor, ...]:
+    z = F.linear(h, w, b)  # (c, V)
+    loss, _, parts = topk_distillation_loss(z, ids, lps, y, ok, alpha=alpha, temperature=tau)
+    # positions without the teacher's top-k have no KD term: (1 - alpha) CE alone, as the mix gives them
+    ce_rest = F.cross_entropy(z[~ok].float(), y[~ok], reduction="sum")
+    return loss + (1.0 - alpha) * ce_rest, parts["ce"] + ce_rest, parts["kd"]
+
+
+class _StudentLoss(torch.nn.Module):
+    """The student and its loss: forward returns (loss sum, CE sum, KD sum) over the batch's target tokens."""
+
+    def __init__(self, model: Any, recipe: Recipe):
+        super().__init__()
+        self.model = model
+        t = recipe.training
+        self.mode, self.alpha, self.tau = t.distill, t.alpha, t.temperature
+        self.divergence, self.beta, self.chunk = t.divergence, t.jsd_beta, t.loss_chunk_size
+
+    def base(self) -> Any:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward(self, batch: dict[str, torch.Tensor], teacher: tuple | None = None) -> tuple[torch.Tensor, ...]:
+        base = self.base()
+        out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        h = out.last_hidden_state[batch["select"]]  # (M, H): the positions that predict a target token
+        w, b = lm_head(base)
+        weights = batch["weights"]
+        total = ce = kd = h.new_zeros((), dtype=torch.float32)
+        for wt in weights.unique().tolist():  # one group unless rationale examples carry their own weight
+            rows = None if bool((weights == wt).all()) else weights == wt
+            pick = (lambda x: x) if rows is None else (lambda x: x[rows])
+            s, c, k = self._loss(pick, h, w, b, batch, teacher)
+            total, ce, kd = total + wt * s, ce + wt * c, kd + wt * k
+        return total, ce.detach(), kd.detach()
+
+    def _loss(self, pick, h, w, b, batch, teacher) -> tuple[torch.Tensor, ...]:
+        h, y = pick(h), pick(batch["targets"])
+        if self.mode == "logits":
+            th, tw, tb = teacher
+            loss, _, parts = chunked_lm_distillation_loss(
+                h, w, pick(th), tw, y, alpha=self.alpha, temperature=self.tau, divergence=self.divergence,
+                beta=self.beta, chunk_size=self.chunk, student_bias=b, teacher_bias=tb,
+            )
+            return loss, parts["ce"], parts["kd"]
+        if self.mode == "topk":
+            fn = functools.partial(_topk_chunk, alpha=self.alpha, tau=self.tau)
+            cols = (y, pick(batch["kd_ids"]), pick(batch["kd_lps"]), pick(batch["kd_ok"]))
+        else:
+            fn, cols = _ce_chunk, (y,)
+        sums = [h.new_zeros((), dtype=torch.float32) for _ in range(3)]
+        for start in range(0, h.shape[0], self.chunk):
+            rows = slice(start, start + self.chunk)
+            # recomputed in backward, so one chunk's (c, V) logits are the most ever held
+            part = torch.utils.checkpoint.checkpoint(fn, h[rows], w, b, *(c[rows] for c in cols), use_reentrant=False)
+            sums = [a + p for a, p in zip(sums, part)]
+        return sums[0], sums[1], sums[2]
+
+
+# -- order, shards and checkpoints --------------------------------------------------------------------------
+
+
+def _order(n: int, seed: int, epoch: int) -> list[int]:
+    """The data order of one epoch: a permutation fixed by the seed and the epoch, so a resumed run sees the same."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def _shards(rows: list[int], n: int) -> list[list[int]]:
+    """``rows`` in ``n`` contiguous near-equal parts (some empty when there are fewer rows than parts)."""
+    return [rows[i * len(rows) // n : (i + 1) * len(rows) // n] for i in range(n)]
+
+
+def _fingerprint(recipe: Recipe, rows: list[LMRow]) -> str:
+    """What a checkpoint must match to be resumed: the settings that shape training, and the data."""
+    sections = recipe.model_dump(mode="json")
+    return content_hash({k: sections[k] for k in ("task", "teacher", "student", "training")} | {"rows": [asdict(r) for r in rows]})
+
+
+def _save_checkpoint(accelerator: Any, ckpt: Path, progress: dict[str, Any]) -> None:
+    """Every process writes into a temporary directory (model and optimizer from the main one, RNG state from
+    each); the main process then renames it over the previous checkpoint, so a kill leaves one whole checkpoint."""
+    tmp, old = ckpt.with_name(f".{ckpt.name}.tmp"), ckpt.with_name(f".{ckpt.name}.old")
+    main = accelerator.is_main_process
+    if main and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if main:
+        write_json_atomic(tmp / "progress.json", progress)
+    accelerator.wait_for_everyone()
+    if main:
+        if old.exists():
+            shutil.rmtree(old)
+        if ckpt.exists():
+            os.replace(ckpt, old)
+        os.replace(tmp, ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _find_checkpoint(ckpt: Path, fingerprint: str) -> tuple[Path | None, str | None]:
+    """(checkpoint to resume, or None; a note when one exists but belongs to other settings or data)."""
+    old = ckpt.with_name(f".{ckpt.name}.old")
+    for path in (ckpt, old):  # .old alone: a kill between the two renames of _save_checkpoint
+        progress = path / "progress.json"
+        if progress.is_file():
+            if json.loads(progress.read_text())["fingerprint"] == fingerprint:
+                return path, None
+            return None, f"checkpoint {str(path)!r} was made with other settings or data; starting over"
+    return None, None
+
+
+# -- the loop -----------------------------------------------------------------------------------------------
+
+
+def train_lm(
+    recipe: Recipe, rows: list[LMRow], out: Path, quiet: bool = False, extra_meta: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Train a causal LM student on ``rows`` as the recipe says and save it to ``out``.
+
+    Returns the training summary also written to ``out/protege.json``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    from .teachers.hf import pick_dtype
+
+    cfg, scfg, tcfg = recipe.training, recipe.student, recipe.teacher
+    if not rows:
+        raise ProtegeError("no training rows: label some data first (`protege label`)")
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
+        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
+    )
+    set_seed(cfg.seed)
+    P, G, B = accelerator.num_processes, cfg.gradient_accumulation_steps, cfg.batch_size
+    if B < G * P:
+        raise ProtegeError(
+            f"training.batch_size {B} is the examples of one optimizer step over all processes; it must be at "
+            f"least gradient_accumulation_steps ({G}) x processes ({P}) so every micro-batch has an example"
+        )
+
+    # -- models -------------------------------------------------------------------------------------------
+    need_teacher = cfg.distill == "logits" or scfg.init == "teacher_layers"
+    teacher = load_causal_lm(tcfg.model.removeprefix("hf:"), trust_remote_code=tcfg.trust_remote_code) if need_teacher else None
+    model, tokenizer = build_lm_student(recipe, teacher)
+    teacher_head = None
+    if cfg.distill == "logits":
+        t_model, t_tok = teacher
+        check_vocab(
+            model.get_output_embeddings().weight.shape[0], t_model.get_output_embeddings().weight.shape[0],
+            tokenizer, t_tok,
+        )
+        t_model = t_model.to(accelerator.device, pick_dtype(tcfg.dtype, accelerator.device)).eval().requires_grad_(False)
+        teacher_head = lm_head(t_model)
+    elif teacher is not None:
+        teacher = None  # the student has its copy; free the teacher
+    lr = cfg.learning_rate or (2e-4 if scfg.lora_r else 5e-5)
+
+    examples, data = _encode(recipe, rows, tokenizer)
+    n = len(examples)
+    steps_per_epoch = math.ceil(n / B)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    student = _StudentLoss(model, recipe)
+    params = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
+    no_decay = lambda name: name.endswith("bias") or "norm" in name.lower()  # noqa: E731
+    groups = [
+        {"params": [p for name, p in params if not no_decay(name)], "weight_decay": cfg.weight_decay},
+        {"params": [p for name, p in params if no_decay(name)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_fraction * total), total)
+    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+
+    # -- resume -------------------------------------------------------------------------------------------
+    ckpt = out.parent / (out.name + ".checkpoint")
+    fingerprint = _fingerprint(recipe, rows)
+    start, log = 0, []
+    found, note = _find_checkpoint(ckpt, fingerprint)
+    if note and accelerator.is_main_process and not quiet:
+        tqdm.write(note)
+    if found is not None:
+        accelerator.load_state(str(found))
+        progress = json.loads((found / "progress.json").read_text())
+        start, log = progress["step"], progress["log"]
+
+    # -- train --------------------------------------------------------------------------------------------
+    rank, pad = accelerator.process_index, tokenizer.pad_token_id
+    t0, tokens = time.perf_counter(), 0
+    bar = tqdm(total=total, initial=start, desc=f"train {cfg.distill}", unit="step", disable=quiet or not accelerator.is_main_process)
+    student.train()
+    for step in range(start, total):
+        epoch, k = divmod(step, steps_per_epoch)
+        step_rows = _order(n, cfg.seed, epoch)[k * B : (k + 1) * B]
+        shards = _shards(step_rows, G * P)
+        mine = [shards[j * P + rank] for j in range(G)]
+        # Normalize once: the loss of every micro-batch is divided by the target weight of the whole step over
+        # all processes, times P because DDP averages the processes' gradients.
+        local = sum(examples[i].weight * (len(examples[i].ids) - examples[i].n_prompt) for i in sum(mine, []))
+        count = accelerator.reduce(torch.tensor(float(local), device=accelerator.device), "sum")
+        scale = P / count.clamp_min(1e-12)
+        sums = torch.zeros(3, device=accelerator.device)
+        for j, idx in enumerate(mine):
+            # an empty shard (fewer rows than micro-batches in the last step) still runs, with no weight, so every
+            # process does the same forward and backward passes
+            batch = _collate([examples[i] for i in (idx or step_rows[:1])], pad, cfg.distill == "topk")
+            batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+            t_out = None
+            if teacher_head is not None:
+                with torch.no_grad():
+                    th = t_model.get_decoder()(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                    ).last_hidden_state[batch["select"]]  # (M, Ht)
+                t_out = (th, *teacher_head)
+            sync = j == G - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(student):
+                loss_sum, ce_sum, kd_sum = student(batch, t_out)
+                accelerator.backward(loss_sum * (scale if idx else 0.0))
+            if idx:
+                sums += torch.stack([loss_sum.detach(), ce_sum, kd_sum])
+                tokens += int(batch["attention_mask"].sum())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums = accelerator.reduce(sums, "sum") / count
+        rec = {
+            "step": step + 1,
+            "epoch": epoch,
+            "loss": sums[0].item(),
+            "kd_loss": sums[2].item(),
+            "ce_loss": sums[1].item(),
+            "lr": scheduler.get_last_lr()[0],
+            "target_tokens": count.item(),
+            "tokens_per_s": tokens * P / (time.perf_counter() - t0),  # approximate: this process's tokens x P
+        }
+        log.append(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", kd=f"{rec['kd_loss']:.3f}", ce=f"{rec['ce_loss']:.3f}")
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            _save_checkpoint(accelerator, ckpt, {"step": step + 1, "fingerprint": fingerprint, "log": log})
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    # -- save ---------------------------------------------------------------------------------------------
+    trained = accelerator.unwrap_model(student).model
+    summary = {
+        "distill": cfg.distill,
+        "divergence": cfg.divergence if cfg.distill == "logits" else "forward_kl" if cfg.distill == "topk" else None,
+        "alpha": cfg.alpha if cfg.distill != "sequence" else 0.0,
+        "temperature": cfg.temperature,
+        "learning_rate": lr,
+        "steps": total,
+        "resumed_from_step": start,
+        "batch_size": B,
+        "gradient_accumulation_steps": G,
+        "processes": P,
+        "train_seconds": seconds,
+        "parameters": count_parameters(trained),
+        "trainable_parameters": sum(p.numel() for p in trained.parameters() if p.requires_grad),
+        "lora_r": scfg.lora_r,
+        "init": scfg.init,
+        "layers": trained.config.num_hidden_layers if hasattr(trained, "config") else None,
+        "teacher": tcfg.model,
+        "final_loss": log[-1]["loss"] if log else None,
+        **data,
+        **(extra_meta or {}),
+    }
+    if accelerator.is_main_process:
+        with atomic_dir(out) as tmp:
+            save_lm_student(trained, tokenizer, tmp, summary)
+            write_text_atomic(tmp / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
+            recipe.save(tmp / "recipe.yaml")
+        shutil.rmtree(ckpt, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return summary

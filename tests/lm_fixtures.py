@@ -1,0 +1,134 @@
+"""Builders for the language-model student tests: tiny byte-level BPE tokenizers with a chat template, tiny
+random Llama models, recipes and memorisable rows. Nothing is downloaded; everything takes milliseconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL = ["<pad>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+
+QUESTIONS = [
+    ("What is the capital of France?", "Paris is the capital."),
+    ("Name a red fruit.", "An apple is red."),
+    ("What do cats say?", "Cats say meow, mostly at night."),
+    ("How many legs has a spider?", "Eight legs."),
+    ("What colour is the sky?", "The sky is blue on a clear day."),
+    ("Which animal barks?", "A dog barks."),
+    ("What is two plus two?", "Four."),
+    ("Where does the sun rise?", "The sun rises in the east, every morning."),
+]
+CORPUS = [q + " " + a for q, a in QUESTIONS] + [
+    "Answer the question briefly. The answer is short and clear.",
+    "Explain step by step, then answer.",
+]
+
+
+def make_tokenizer(vocab_size: int = 400, corpus: list[str] | None = None) -> Any:
+    """A byte-level BPE tokenizer trained on ``corpus``; a different ``vocab_size`` gives a different tokenizer
+    over the same text (other merges), as two model families have."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((corpus or CORPUS) * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_llama(tokenizer: Any, layers: int = 2, hidden: int = 32, seed: int = 0, tie: bool = False) -> Any:
+    """A random LlamaForCausalLM over ``tokenizer``'s vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def save_model(path: Path, model: Any, tokenizer: Any) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_recipe(
+    teacher: Path, student: dict[str, Any] | None = None, task: dict[str, Any] | None = None, **training: Any
+) -> Any:
+    """A generation recipe with an 'hf:' teacher at ``teacher``; training settings as keywords."""
+    from protege.recipe import build_recipe
+
+    train = dict(epochs=1, batch_size=4, learning_rate=3e-3, warmup_fraction=0.0, weight_decay=0.0, seed=0)
+    train.update(training)
+    return build_recipe(
+        {
+            "task": {"kind": "generation", **(task or {})},
+            "teacher": {"model": f"hf:{teacher}"},
+            "student": {"max_length": 64, **(student or {})},
+            "training": train,
+        }
+    )
+
+
+def make_rows(n: int = 8, token_logprobs: list[Any] | None = None) -> list[Any]:
+    """``n`` question -> answer rows (the questions repeat past 8), optionally with the teacher's top-k."""
+    from protege.train_lm import LMRow
+
+    rows = []
+    for i in range(n):
+        q, a = QUESTIONS[i % len(QUESTIONS)]
+        tl = token_logprobs[i] if token_logprobs else None
+        rows.append(LMRow(messages=({"role": "user", "content": q},), target=a, token_logprobs=tl))
+    return rows
+
+
+def teacher_token_logprobs(model: Any, tokenizer: Any, rows: list[Any], k: int = 5, with_ids: bool = True) -> list[Any]:
+    """The top-k log-probabilities ``model`` gives each token of every row's target, as an hf teacher records
+    them (decoded token strings; ids too when ``with_ids``)."""
+    import torch
+
+    from protege.signals import TokenLogprobs
+
+    out = []
+    for r in rows:
+        prompt = tokenizer.apply_chat_template(list(r.messages), tokenize=False, add_generation_prompt=True)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        t_ids = tokenizer(r.target, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p_ids + t_ids])).logits[0]  # (T, V)
+        lp = torch.log_softmax(logits[len(p_ids) - 1 : -1].float(), -1)  # (n, V): predicts each target token
+        top_v, top_i = lp.topk(k, -1)
+        tops = []
+        for vs, ids in zip(top_v.tolist(), top_i.tolist()):
+            d: dict[str, float] = {}
+            for v, i in zip(vs, ids):
+                d.setdefault(tokenizer.decode([i]), v)
+            tops.append(d)
+        out.append(
+            TokenLogprobs(
+                tokens=tuple(tokenizer.decode([t]) for t in t_ids),
+                top=tuple(tops),
+                tail_mass=tuple((1 - top_v.double().exp().sum(-1)).clamp_min(0).tolist()),
+                tokenizer="hf:teacher",
+                temperature=1.0,
+                ids=tuple(t_ids) if with_ids else None,
+                top_ids=tuple(tuple(x) for x in top_i.tolist()) if with_ids else None,
+                top_logprobs=tuple(tuple(x) for x in top_v.tolist()) if with_ids else None,
+            )
+        )
+    return out
