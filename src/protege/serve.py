@@ -17,6 +17,9 @@ Endpoints (all JSON; errors always in OpenAI's shape ``{"error": {"message", "ty
 Every answer carries the header ``x-protege-model: student`` (and ``answered_by: "student"`` in
 ``/v1/classify``), so a cascade can later say when the teacher answered instead.
 
+``app.openapi()`` declares every answer an operation can give (the 200's shape, text/event-stream for a streamed
+chat, and each error status in OpenAI's format); the fuzz test holds the server to it. It is not served over HTTP.
+
 Concurrent requests are gathered into one forward pass: each waits on an asyncio queue, a batcher task takes
 what arrives within ``batch_wait_ms`` (or until ``max_batch`` texts) and runs the model in a worker thread,
 so the event loop keeps accepting requests. Texts longer than the student's max length are truncated, as in
@@ -272,6 +275,120 @@ class ClassifyRequest(BaseModel):
     model: str | None = None
 
 
+# --------------------------------------------------------------------------------------------------------------
+# response formats: they document the API in its OpenAPI schema (handlers build plain dicts of this shape, and
+# the fuzz test checks every answer against them)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+    refusal: None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+    refusal: None
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: Literal["stop"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[Choice]
+    usage: Usage
+
+
+class Classification(BaseModel):
+    index: int
+    label: str
+    probs: dict[str, float]
+    confidence: float
+    answered_by: str
+
+
+class ClassifyUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class ClassifyResponse(BaseModel):
+    object: Literal["list"]
+    model: str
+    data: list[Classification]
+    usage: ClassifyUsage
+
+
+# One server-sent event of a streamed chat completion (how schemathesis and OpenAPI 3.2's itemSchema read it).
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "A chat.completion.chunk as JSON; the last is [DONE]."}},
+}
+
+_ERRORS = {
+    400: "The body or a parameter is invalid.",
+    401: "The API key is missing or wrong (only when the server has one).",
+    404: "No such model.",
+    413: "The body is larger than the server's limit.",
+    429: "More requests in flight than the server's limit; retry after Retry-After seconds.",
+    500: "The model failed on this request.",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, all in OpenAI's error format."""
+    return {c: {"model": ErrorResponse, "description": _ERRORS[c]} for c in codes}
+
+
 class ApiError(Exception):
     """An OpenAI-format error response."""
 
@@ -471,7 +588,22 @@ def create_app(
         finally:
             await batcher.stop()
 
-    app = FastAPI(title="protege student", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="protege student", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  responses=_errors(401, 413, 429, 500))  # the guard's answers, on every route
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema without the 422 it adds to every route: validation errors are 400 here (declared)."""
+        if app.openapi_schema is None:
+            schema = build_openapi()
+            for ops in schema["paths"].values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.classifier = clf
     app.state.batcher = batcher
     app.state.model_id = model_id
@@ -504,11 +636,11 @@ def create_app(
     def model_card() -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "protege"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}})
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", response_model=None, responses={200: {"model": ModelCard}, **_errors(404)})
     async def get_model(model: str) -> dict[str, Any]:
         if model != model_id:
             raise ApiError(404, f"The model '{model}' does not exist; this server serves '{model_id}'.",
@@ -522,7 +654,11 @@ def create_app(
     def token_logprob(label: str, lp: float) -> dict[str, Any]:
         return {"token": label, "logprob": lp, "bytes": list(label.encode("utf-8"))}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={
+        200: {"model": ChatCompletion, "description": "The label; with stream: true, OpenAI's chunks as server-sent events.",
+              "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
+        **_errors(400),
+    })
     async def chat_completions(req: ChatCompletionRequest) -> Any:
         if req.n is not None and req.n > 1:
             raise ApiError(400, "n > 1 is not supported: a classifier has exactly one answer", param="n",
@@ -575,7 +711,7 @@ def create_app(
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache"})
 
-    @app.post("/v1/classify")
+    @app.post("/v1/classify", responses={200: {"model": ClassifyResponse}, **_errors(400)})
     async def classify(req: ClassifyRequest) -> Any:
         if isinstance(req.input, str):
             texts = [_check_text(req.input, "input")]
