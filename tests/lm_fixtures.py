@@ -132,3 +132,47 @@ def teacher_token_logprobs(model: Any, tokenizer: Any, rows: list[Any], k: int =
             )
         )
     return out
+
+
+def train_from_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train as ``spec`` says: {teacher, out, student, training, rows, slow_s}. The subprocess tests run this
+    through ``python lm_fixtures.py SPEC.json`` (and under torchrun)."""
+    from protege.train_lm import train_lm
+
+    if spec.get("slow_s"):  # stretch every optimizer step, so a test can kill the run between checkpoints
+        import time
+
+        import torch
+
+        step = torch.optim.AdamW.step
+
+        def slow_step(self, *a, **kw):
+            time.sleep(spec["slow_s"])
+            return step(self, *a, **kw)
+
+        torch.optim.AdamW.step = slow_step
+    recipe = make_recipe(Path(spec["teacher"]), spec.get("student"), **spec.get("training", {}))
+    return train_lm(recipe, make_rows(spec.get("rows", 8)), Path(spec["out"]), quiet=True)
+
+
+FIXTURES = Path(__file__)
+
+
+def run_spec(spec: dict[str, Any], tmp: Path, name: str, launcher: list[str], timeout: int = 300) -> Any:
+    """Run :func:`train_from_spec` in a subprocess started by ``launcher`` (python, or torchrun); one thread
+    each, as on a busy 2-core machine two threads per process would wait on each other."""
+    import json
+    import os
+    import subprocess
+
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([*launcher, str(FIXTURES), str(path)], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    train_from_spec(json.loads(Path(sys.argv[1]).read_text()))

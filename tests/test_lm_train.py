@@ -79,7 +79,7 @@ def test_each_mode_learns_and_saves_a_plain_transformers_model(tmp_path, tok, te
     assert (out / "recipe.yaml").is_file() and not (out.parent / "student.checkpoint").exists()
     model = AutoModelForCausalLM.from_pretrained(out)  # transformers alone
     assert model.config.num_hidden_layers == 2
-    model2, tok2, meta2 = load_lm_student(out)
+    _, tok2, meta2 = load_lm_student(out)
     assert meta2["final_loss"] == log[-1]["loss"] and len(tok2) == len(tok)
 
 
@@ -102,10 +102,10 @@ def test_loss_is_on_answer_tokens_only(tok, teacher_dir):
         # exactly the positions that predict a target token are selected
         picked = batch["select"][b].nonzero().flatten().tolist()
         assert picked == list(range(len(prompt) - 1, len(prompt) + len(target) - 1))
-    assert batch["targets"].tolist() == sum((e.ids[e.n_prompt :] for e in examples), [])
+    assert batch["targets"].tolist() == [t for e in examples for t in e.ids[e.n_prompt :]]
 
     # the chunked loss equals cross-entropy over the full logits at those positions and nowhere else
-    loss_sum, ce_sum, _ = _StudentLoss(model, recipe)(batch)
+    loss_sum, _, _ = _StudentLoss(model, recipe)(batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     ref = F.cross_entropy(logits[batch["select"]], batch["targets"], reduction="sum")
     torch.testing.assert_close(loss_sum, ref, rtol=1e-5, atol=1e-5)
@@ -306,3 +306,21 @@ def test_topk_refused_when_tokens_do_not_line_up(tmp_path, tok, teacher, teacher
     recipe = make_recipe(teacher_dir, {"model": str(sdir)}, distill="topk")
     with pytest.raises(ProtegeError, match=r"\d+% of the \d+ answer tokens line up.*training.distill: sequence"):
         train_lm(recipe, rows, tmp_path / "out", quiet=True)
+
+
+def test_lm_head_folds_logit_scales_and_refuses_softcapping():
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    from protege.lm_students import lm_head
+
+    small = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, eos_token_id=1, bos_token_id=1, pad_token_id=0)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for model in (CohereForCausalLM(CohereConfig(logit_scale=0.25, **small)),  # logits * 0.25
+                  GraniteForCausalLM(GraniteConfig(logits_scaling=4.0, **small))):  # logits / 4
+        h = model.get_decoder()(input_ids=ids).last_hidden_state  # (1, 4, H)
+        w, b = lm_head(model)
+        torch.testing.assert_close(F.linear(h, w, b), model(input_ids=ids).logits)
+    gemma = Gemma2ForCausalLM(Gemma2Config(head_dim=8, final_logit_softcapping=30.0, **small))
+    with pytest.raises(ProtegeError, match="final_logit_softcapping"):
+        lm_head(gemma)

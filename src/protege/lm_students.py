@@ -55,10 +55,10 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, trust_remote_c
         raise
     except (OSError, ValueError) as e:
         raise ProtegeError(f"cannot load the causal language model {spec!r}: {e}") from None
-    if source.gguf_file:
-        model.hf_quantizer = None  # the tensors are already dequantized; what is left is only a record
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None and source.gguf_file:
+        # GGUF tensors are dequantized on load; what is left is only the record, which blocks saving and .float()
+        model.hf_quantizer.remove_quantization_config(model)
+        model.config._is_quantized = False
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

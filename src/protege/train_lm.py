@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -141,9 +142,13 @@ class _TopK:
         for j, s in enumerate(tl.tokens):
             starts[(pos, pos + len(s))] = j
             pos += len(s)
+        ends = list(itertools.accumulate(len(self.pieces[i]) for i in ids))
+        if "".join(self.pieces[i] for i in ids) != text:
+            # the pieces do not spell the text one by one (a character split over tokens, a tokenizer that drops
+            # a leading space): decode every prefix, which is slower but exact
+            ends = [len(self.tokenizer.decode(ids[: i + 1])) for i in range(len(ids))]
         prev = 0
-        for i in range(len(ids)):
-            end = len(self.tokenizer.decode(ids[: i + 1]))
+        for i, end in enumerate(ends):
             j = starts.get((prev + off, end + off))
             piece, prev = text[prev:end], end
             if j is None or tl.tokens[j] != piece:
@@ -305,12 +310,16 @@ class _StudentLoss(torch.nn.Module):
         total = ce = kd = h.new_zeros((), dtype=torch.float32)
         for wt in weights.unique().tolist():  # one group unless rationale examples carry their own weight
             rows = None if bool((weights == wt).all()) else weights == wt
-            pick = (lambda x: x) if rows is None else (lambda x: x[rows])
-            s, c, k = self._loss(pick, h, w, b, batch, teacher)
+            s, c, k = self._loss(rows, h, w, b, batch, teacher)
             total, ce, kd = total + wt * s, ce + wt * c, kd + wt * k
         return total, ce.detach(), kd.detach()
 
-    def _loss(self, pick, h, w, b, batch, teacher) -> tuple[torch.Tensor, ...]:
+    def _loss(self, rows, h, w, b, batch, teacher) -> tuple[torch.Tensor, ...]:
+        """(loss, CE, KD) sums over the target positions ``rows`` (a bool mask; None: all of them)."""
+
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            return x if rows is None else x[rows]
+
         h, y = pick(h), pick(batch["targets"])
         if self.mode == "logits":
             th, tw, tb = teacher
@@ -326,9 +335,9 @@ class _StudentLoss(torch.nn.Module):
             fn, cols = _ce_chunk, (y,)
         sums = [h.new_zeros((), dtype=torch.float32) for _ in range(3)]
         for start in range(0, h.shape[0], self.chunk):
-            rows = slice(start, start + self.chunk)
+            chunk = slice(start, start + self.chunk)
             # recomputed in backward, so one chunk's (c, V) logits are the most ever held
-            part = torch.utils.checkpoint.checkpoint(fn, h[rows], w, b, *(c[rows] for c in cols), use_reentrant=False)
+            part = torch.utils.checkpoint.checkpoint(fn, h[chunk], w, b, *(c[chunk] for c in cols), use_reentrant=False)
             sums = [a + p for a, p in zip(sums, part)]
         return sums[0], sums[1], sums[2]
 
@@ -443,10 +452,10 @@ def train_lm(
 
     student = _StudentLoss(model, recipe)
     params = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
-    no_decay = lambda name: name.endswith("bias") or "norm" in name.lower()  # noqa: E731
+    no_decay = {name for name, _ in params if name.endswith("bias") or "norm" in name.lower()}
     groups = [
-        {"params": [p for name, p in params if not no_decay(name)], "weight_decay": cfg.weight_decay},
-        {"params": [p for name, p in params if no_decay(name)], "weight_decay": 0.0},
+        {"params": [p for name, p in params if name not in no_decay], "weight_decay": cfg.weight_decay},
+        {"params": [p for name, p in params if name in no_decay], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_fraction * total), total)
@@ -476,7 +485,7 @@ def train_lm(
         mine = [shards[j * P + rank] for j in range(G)]
         # Normalize once: the loss of every micro-batch is divided by the target weight of the whole step over
         # all processes, times P because DDP averages the processes' gradients.
-        local = sum(examples[i].weight * (len(examples[i].ids) - examples[i].n_prompt) for i in sum(mine, []))
+        local = sum(examples[i].weight * (len(examples[i].ids) - examples[i].n_prompt) for idx in mine for i in idx)
         count = accelerator.reduce(torch.tensor(float(local), device=accelerator.device), "sum")
         scale = P / count.clamp_min(1e-12)
         sums = torch.zeros(3, device=accelerator.device)
