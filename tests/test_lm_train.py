@@ -232,6 +232,7 @@ def test_accumulation_normalizes_by_the_whole_batch(tmp_path, tok, teacher_dir):
         ("Where does the sun rise?", "The sun rises in the east, every morning. " * 3),
         ("Which animal barks?", "A dog barks."),
         ("What colour is the sky?", "The sky is blue on a clear day. The sky is blue."),
+        ("Name a red fruit.", "An apple."),  # the second step has this row alone: 3 of 4 micro-batches are empty
     ]]
     student = {"init": "teacher_layers", "keep_layers": [0, 3], "max_length": 128}
     runs = {}
@@ -240,6 +241,7 @@ def test_accumulation_normalizes_by_the_whole_batch(tmp_path, tok, teacher_dir):
                              learning_rate=1e-2)
         train_lm(recipe, rows, tmp_path / f"acc{acc}", quiet=True)
         runs[acc] = (_log(tmp_path / f"acc{acc}"), load_file(tmp_path / f"acc{acc}" / "model.safetensors"))
+    assert [r["target_tokens"] for r in runs[1][0]][1] < 10  # one short row
     for acc in (2, 4):
         assert [r["loss"] for r in runs[acc][0]] == pytest.approx([r["loss"] for r in runs[1][0]], rel=1e-6, abs=1e-6)
         for name, value in runs[1][1].items():
