@@ -16,7 +16,8 @@ of a classifier), ``protege.json`` and ``recipe.yaml`` when the student has them
   passes ``atol``, or when an argmax differs anywhere but at a near-tie (a top-2 gap under 2·atol, which any
   error within tolerance can flip). Default atol: 1e-4 for a classifier (a few labels; kernels that sum in
   another order move its logits by ~1e-7), 1e-3 for an LM (tens of thousands of logits of magnitude up to ~30
-  through a deeper stack: SmolLM2-135M differs by ~1.1e-4). A wrong graph (mask, positions) is off by ~1.
+  through a deeper stack: SmolLM2-135M differs by ~1.1e-4). A wrong graph (a dropped mask, shifted
+  positions) is off by far more.
 * Latency: one text at a time, the model call only (tokenizing excluded on both sides), PyTorch and
   onnxruntime alternating run by run on the same thread count, p50/p95 in milliseconds after a warm-up.
 """
