@@ -150,7 +150,7 @@ def _as_student(src, dst):
     import shutil
 
     shutil.copytree(src, dst)
-    (dst / "protege.json").write_text(json.dumps({"distill": "sequence", "train_seconds": 0.0}))
+    (dst / "protege.json").write_text(json.dumps({"kind": "causal_lm", "distill": "sequence", "train_seconds": 0.0}))
 
 
 def test_a_student_identical_to_its_teacher_agrees_fully(tmp_path, tiny_lm_dir):

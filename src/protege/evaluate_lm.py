@@ -36,24 +36,9 @@ from .errors import ProtegeError
 from .recipe import Recipe
 from .teachers.parse import ParseError, split_rationale
 
-__all__ = ["evaluate_lm", "lm_figures", "load_causal_lm", "score_answer"]
+__all__ = ["evaluate_lm", "lm_figures", "score_answer"]
 
 STUDENT_DIR = "student"
-
-
-def load_causal_lm(path: Path | str) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, tokenizer, protege.json) of a saved causal LM student; transformers alone loads it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    meta_path = path / "protege.json"
-    if not meta_path.is_file():
-        raise ProtegeError(f"{str(path)!r} is not a trained protege student; run `protege train` first")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok, json.loads(meta_path.read_text())
 
 
 def _norm(s: str) -> str:
@@ -77,12 +62,6 @@ def parse_answer(text: str, rationale: bool) -> str | None:
         return split_rationale(text)[1]
     except ParseError:
         return None
-
-
-def _prompt_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:
-    if tok.chat_template:
-        return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-    return tok("\n\n".join(m["content"] for m in messages) + "\nAnswer: ", add_special_tokens=False)["input_ids"]
 
 
 def _eos(tok: Any, model: Any) -> list[int]:
@@ -112,7 +91,7 @@ def _generate(model: Any, tok: Any, prompt: list[int], max_new_tokens: int) -> t
         temperature=None,
         top_p=None,
         top_k=None,
-        pad_token_id=tok.pad_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else (stops or [None])[0],
         eos_token_id=stops or None,
     )
     seconds = time.perf_counter() - t0
@@ -140,12 +119,18 @@ def lm_figures(
     teacher_model: Any = None,
     teacher_tok: Any = None,
     generate: bool = True,
+    answer_prefix: str | None = None,
 ) -> dict[str, Any]:
     """The figures above for one model over held-out generation rows (see :mod:`protege.label`'s signal
-    dataset). ``teacher_model`` (a local teacher, same tokenizer) gives the full-vocabulary KL."""
+    dataset). ``teacher_model`` (a local teacher, same tokenizer) gives the full-vocabulary KL.
+
+    ``answer_prefix``: a student distilled step-by-step answers after this prefix on the last user turn and
+    writes the answer alone; it is then scored on the teacher's answers (not its whole replies, which hold the
+    rationale), and no KL is reported (the teacher answered in another context, after its rationale)."""
+    from .train_lm import _prefixed, prompt_ids
     rationale = recipe.task.answer_format == "rationale"
     max_new = recipe.teacher.max_tokens or (512 if rationale else 256)
-    full_kl = teacher_model is not None and teacher_tok is not None and _same_vocab(tok, teacher_tok)
+    full_kl = teacher_model is not None and teacher_tok is not None and _same_vocab(tok, teacher_tok) and not answer_prefix
     stops = _eos(tok, model)
     nll = agree = tokens = 0.0
     kl_sum, kl_n = 0.0, 0
@@ -153,9 +138,15 @@ def lm_figures(
     lat, gen_tokens, gen_seconds = [], 0, 0.0
     answers, metric_scores, answer_agree = [], [], []
     for r in rows:
-        prompt = _prompt_ids(tok, r["messages"])
+        messages = tuple(r["messages"])
+        reference, ends = r["teacher_text"], not r.get("truncated")
+        if answer_prefix:
+            if r.get("answer") is None:
+                continue  # the teacher gave no answer to compare with
+            messages, reference, ends = _prefixed(messages, answer_prefix), r["answer"], True
+        prompt = prompt_ids(tok, messages)
         # the end of turn is part of the answer, unless the teacher was cut off at the length limit
-        target = tok(r["teacher_text"], add_special_tokens=False)["input_ids"] + ([] if r.get("truncated") else stops[:1])
+        target = tok(reference, add_special_tokens=False)["input_ids"] + (stops[:1] if ends else [])
         lp = _forced(model, prompt, target)  # (T, V)
         tgt = torch.tensor(target)
         nll -= float(lp.gather(1, tgt[:, None]).sum())
@@ -167,7 +158,12 @@ def lm_figures(
             p = t_lp[:, :v].exp()
             kl_sum += float((p * (t_lp[:, :v] - lp[:, :v])).nansum())
             kl_n += len(target)
-        elif (tl := r.get("token_logprobs")) and tl.get("top_ids") and list(tl["ids"]) == target[: len(tl["ids"])]:
+        elif (
+            not answer_prefix
+            and (tl := r.get("token_logprobs"))
+            and tl.get("top_ids")
+            and list(tl["ids"]) == target[: len(tl["ids"])]
+        ):
             # the teacher's own ids match the student's tokenization of its reply: compare over top-k + tail
             from .losses import topk_distillation_loss
 
@@ -187,7 +183,7 @@ def lm_figures(
             lat.append(1e3 * seconds)
             gen_tokens += n_new
             gen_seconds += seconds
-            answer = parse_answer(text, rationale)
+            answer = text.strip() if answer_prefix else parse_answer(text, rationale)
             answers.append(answer)
             if r.get("answer") is not None:
                 answer_agree.append(answer is not None and _norm(answer) == _norm(r["answer"]))
@@ -263,7 +259,9 @@ def evaluate_lm(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict
     if not rows:
         raise ProtegeError("the held-out split has no answered rows; check signals/failed.jsonl and relabel")
     student_dir = out / STUDENT_DIR
-    model, tok, meta = load_causal_lm(student_dir)
+    from .lm_students import load_lm_student
+
+    model, tok, meta = load_lm_student(student_dir)
     inputs_hash = content_hash({"eval": recipe.section_hash("eval", "task"), "signals": content_hash(rows), "student": meta})[:16]
     report_path = out / "report.json"
     if not force and report_path.is_file() and json.loads(report_path.read_text()).get("inputs_hash") == inputs_hash:
@@ -271,7 +269,10 @@ def evaluate_lm(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict
 
     started = time.perf_counter()
     teacher, t_model, t_tok = _teacher_figures(recipe, rows, tok)
-    s = lm_figures(model, tok, rows, recipe, teacher_model=t_model, teacher_tok=t_tok)
+    from .train_lm import ANSWER_PREFIX
+
+    prefix = ANSWER_PREFIX if recipe.training.rationale_weight > 0 else None
+    s = lm_figures(model, tok, rows, recipe, teacher_model=t_model, teacher_tok=t_tok, answer_prefix=prefix)
     usd_h = recipe.eval.compute_usd_per_hour
     student = {
         "name": "distilled student",

@@ -46,6 +46,7 @@ def _lm_rows(recipe: Recipe) -> list[Any]:
             token_logprobs=TeacherSignal.from_json({"token_logprobs": r["token_logprobs"]}).token_logprobs
             if r.get("token_logprobs")
             else None,
+            truncated=bool(r.get("truncated")),
         )
         for r in read_signals(recipe, "train")
     ]

@@ -60,7 +60,9 @@ class LMRow:
 
     ``messages``: the prompt as the teacher saw it; ``target``: the text the student learns (the teacher's
     whole reply); ``answer`` and ``rationale``: its parts, for rationale_weight > 0; ``token_logprobs``: the
-    teacher's top-k for the tokens of ``target`` (distill 'topk').
+    teacher's top-k for the tokens of ``target`` (distill 'topk'); ``truncated``: the teacher's reply was cut
+    at its length limit, so no end-of-sequence token follows ``target`` (the student must not learn to stop
+    where the teacher was stopped).
     """
 
     messages: tuple[dict[str, str], ...]
@@ -68,6 +70,7 @@ class LMRow:
     answer: str | None = None
     rationale: str | None = None
     token_logprobs: TokenLogprobs | None = None
+    truncated: bool = False
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]] | tuple[dict[str, str], ...]) -> list[int]:
@@ -90,7 +93,7 @@ def _prefixed(messages: tuple[dict[str, str], ...], prefix: str) -> tuple[dict[s
 
 @dataclass
 class _Example:
-    ids: list[int]  # prompt then target tokens (the last is EOS)
+    ids: list[int]  # prompt then target tokens (then EOS, unless the teacher was cut off)
     n_prompt: int
     weight: float
     kd_ids: list[list[int]]  # per target token: the teacher's alternatives as student ids ([] = none, CE only)
@@ -130,6 +133,15 @@ class _TopK:
         out_lps: list[list[float]] = [[] for _ in ids]
         self.positions += len(ids)
         if tl is None or not ids:
+            return out_ids, out_lps
+        if by_id and tl.ids is not None and list(ids) == list(tl.ids):
+            # the student trains on the teacher's very tokens: position i is the teacher's position i, whatever
+            # the token strings spell (a word-level tokenizer's pieces, for one, do not join back to the text)
+            for i in range(len(ids)):
+                pairs = [(a, b) for a, b in zip(tl.top_ids[i], tl.top_logprobs[i]) if a >= 0]
+                self.aligned += 1
+                self.mass += sum(math.exp(b) for _, b in pairs)
+                out_ids[i], out_lps[i] = [a for a, _ in pairs], [b for _, b in pairs]
             return out_ids, out_lps
         teacher_text = "".join(tl.tokens)
         off = teacher_text.find(text)
@@ -216,7 +228,8 @@ def _encode(recipe: Recipe, rows: list[LMRow], tokenizer: Any) -> tuple[list[_Ex
             else:
                 target = tokenizer(text, add_special_tokens=False)["input_ids"]
             kd_ids, kd_lps = topk.targets(text, target, tl, by_id) if topk is not None else ([], [])
-            target = target + [eos]
+            ends = not (r.truncated and text == r.target)  # a reply cut at the limit has no end to learn
+            target = target + [eos] if ends else target
             room = max_len - len(target)  # tokens left for the prompt (at least one predicts the first target)
             if room < 1:
                 too_long += 1
@@ -224,7 +237,7 @@ def _encode(recipe: Recipe, rows: list[LMRow], tokenizer: Any) -> tuple[list[_Ex
             p = prompt_ids(tokenizer, messages)
             if len(p) > room:
                 p, cut = p[len(p) - room :], cut + 1
-            if topk is not None:
+            if topk is not None and ends:
                 kd_ids, kd_lps = kd_ids + [[]], kd_lps + [[]]  # the end token: cross-entropy only
             examples.append(_Example(p + target, len(p), weight, kd_ids, kd_lps))
     stats: dict[str, Any] = {"rows": len(rows), "train_examples": len(examples), "rows_too_long": too_long, "prompts_cut": cut}
