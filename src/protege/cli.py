@@ -245,7 +245,7 @@ def export(student_dir: Path, fmt: str, output: Path | None, atol: float | None,
     """Export a student for the edge, checked against PyTorch (onnxruntime parity and CPU latency).
 
     \b
-    Example:  protege export protege-demo/students/minilm --format onnx
+    Example:  protege export protege-demo/student --format onnx
     Writes model.onnx, the tokenizer, protege.json and export_report.{json,md}; a parity failure writes nothing.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a saved student is local
