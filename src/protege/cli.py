@@ -212,11 +212,16 @@ def demo(output_dir: Path, quiet: bool) -> None:
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1), help="Most texts in one forward pass.")
 @click.option("--max-concurrency", default=64, show_default=True, type=click.IntRange(1), help="Requests in flight before 429.")
 @click.option("--max-body-bytes", default=1_000_000, show_default=True, type=click.IntRange(1), help="Larger request bodies get 413.")
+@click.option("--max-tokens", "max_new_tokens", default=1024, show_default=True, type=click.IntRange(1),
+              help="LM students: the most tokens one answer may ask for (max_tokens above it gets 400).")
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings only.")
 @_command
 def serve(student_dir: Path, host: str, port: int, api_key_env: str | None, model_name: str | None, max_batch: int,
-          max_concurrency: int, max_body_bytes: int, quiet: bool) -> None:
+          max_concurrency: int, max_body_bytes: int, max_new_tokens: int, quiet: bool) -> None:
     """Serve a trained student behind an OpenAI-style API (/v1/chat/completions, /v1/classify, /v1/models).
+
+    A classifier answers with its label (and /v1/classify with every label's probability); a language-model
+    student generates, with OpenAI's sampling settings, stop strings, streaming and logprobs.
 
     \b
     Example:  protege serve protege-demo/student
@@ -227,7 +232,8 @@ def serve(student_dir: Path, host: str, port: int, api_key_env: str | None, mode
     from .serve import serve as run_server
 
     run_server(student_dir, host, port, api_key_env, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
-               max_batch=max_batch, model_name=model_name, log_level="warning" if quiet else "info")
+               max_batch=max_batch, model_name=model_name, log_level="warning" if quiet else "info",
+               max_new_tokens=max_new_tokens)
 
 
 @cli.command()

@@ -67,6 +67,7 @@ DEFAULT_MAX_BODY_BYTES = 1_000_000
 DEFAULT_MAX_CONCURRENCY = 64
 DEFAULT_MAX_BATCH = 32
 DEFAULT_BATCH_WAIT_MS = 5.0
+DEFAULT_MAX_NEW_TOKENS = 1024  # the most tokens one LM answer may ask for (max_tokens above it gets 400)
 ANSWERED_BY = "student"
 MODEL_HEADER = "x-protege-model"
 log = logging.getLogger(__name__)
@@ -266,6 +267,13 @@ class ChatCompletionRequest(_Loose):
     n: int | None = Field(None, ge=1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    # sampling: used by language-model students, accepted and ignored by classifiers (one answer each)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
 
 
 class ClassifyRequest(BaseModel):
@@ -436,6 +444,62 @@ def _chat_text(req: ChatCompletionRequest) -> str:
                    param="messages")
 
 
+def _lm_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The conversation as plain {role, content} turns for a chat template (text parts joined)."""
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.role in ("tool", "function"):
+            raise ApiError(400, f"'messages[{i}].role' {m.role!r} is not supported: this student has no tools",
+                           param=f"messages[{i}].role", code="unsupported_value")
+        content = m.content if isinstance(m.content, str) or m.content is None else "\n".join(
+            p.text for p in m.content if p.type == "text" and p.text is not None)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    if not any(m["role"] == "user" and m["content"].strip() for m in out):
+        raise ApiError(400, "'messages' has no user message with text", param="messages")
+    return out
+
+
+def _generation_params(req: ChatCompletionRequest, max_new_tokens: int) -> Any:
+    """OpenAI's sampling settings, checked, as :class:`protege.serve_lm.GenerationParams`."""
+    from .serve_lm import MAX_STOP, GenerationParams
+
+    if req.n is not None and req.n > 1:
+        raise ApiError(400, "n > 1 is not supported; send one request per answer", param="n", code="unsupported_value")
+    limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    if limit is not None and not 1 <= limit <= max_new_tokens:
+        raise ApiError(400, f"'{name}' must be between 1 and {max_new_tokens} (this server's limit), not {limit}",
+                       param=name, code="invalid_value")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    if not 0 <= temperature <= 2:
+        raise ApiError(400, f"'temperature' must be between 0 and 2, not {temperature}", param="temperature",
+                       code="invalid_value")
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if not 0 < top_p <= 1:
+        raise ApiError(400, f"'top_p' must be above 0 and at most 1, not {top_p}", param="top_p", code="invalid_value")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP or any(not s for s in stop):
+        raise ApiError(400, f"'stop' takes up to {MAX_STOP} non-empty strings", param="stop", code="invalid_value")
+    if req.top_logprobs and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if req.top_logprobs is not None and req.top_logprobs > 20:
+        raise ApiError(400, f"'top_logprobs' must be at most 20, not {req.top_logprobs}", param="top_logprobs",
+                       code="invalid_value")
+    return GenerationParams(
+        max_tokens=limit or min(256, max_new_tokens), temperature=temperature, top_p=top_p, stop=tuple(stop),
+        seed=req.seed, top_logprobs=req.top_logprobs or 0, logprobs=bool(req.logprobs),
+    )
+
+
+def student_kind(student_dir: Path) -> str:
+    """'causal_lm' or 'classifier', from the student's protege.json."""
+    try:
+        meta = json.loads((Path(student_dir) / "protege.json").read_text())
+    except (OSError, ValueError):
+        return "classifier"  # Classifier() then says what is missing
+    return "causal_lm" if isinstance(meta, dict) and meta.get("kind") == "causal_lm" else "classifier"
+
+
 def _is_union_tag(part: Any) -> bool:
     """Pydantic names the member of a union it tried in the error location (``str``, ``list[str]``,
     ``ContentPart``); the client's field names never look like that."""
@@ -566,6 +630,7 @@ def create_app(
     batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
     max_length: int | None = None,
     forward_hook: Callable[[list[str]], None] | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> FastAPI:
     """The HTTP app serving the classifier student in ``student_dir`` (loaded now, so a bad directory fails
     before anything listens). ``forward_hook(texts)``, if given, runs in the worker thread before each batch
@@ -575,18 +640,28 @@ def create_app(
         if value < 1:
             raise ProtegeError(f"{name} must be at least 1, not {value}")
     student_dir = Path(student_dir)
-    clf = Classifier(student_dir, max_length=max_length)
+    lm = None
+    if student_kind(student_dir) == "causal_lm":
+        from .serve_lm import LMGenerator
+
+        lm = LMGenerator(student_dir)  # generates one answer at a time; no classifier batching
+        clf: Any = None
+        batcher: Any = None
+    else:
+        clf = Classifier(student_dir, max_length=max_length)
+        batcher = _Batcher(clf, max_batch=max_batch, wait_s=max(0.0, batch_wait_ms) / 1000, hook=forward_hook)
     model_id = model_name or student_dir.resolve().name
     created = int(time.time())
-    batcher = _Batcher(clf, max_batch=max_batch, wait_s=max(0.0, batch_wait_ms) / 1000, hook=forward_hook)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await batcher.start()
+        if batcher is not None:
+            await batcher.start()
         try:
             yield
         finally:
-            await batcher.stop()
+            if batcher is not None:
+                await batcher.stop()
 
     app = FastAPI(title="protege student", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   responses=_errors(401, 413, 429, 500))  # the guard's answers, on every route
@@ -605,6 +680,7 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.state.classifier = clf
+    app.state.generator = lm
     app.state.batcher = batcher
     app.state.model_id = model_id
     app.add_middleware(_Guard, api_key=api_key, max_concurrency=max_concurrency, max_body_bytes=max_body_bytes)
@@ -660,6 +736,14 @@ def create_app(
         **_errors(400),
     })
     async def chat_completions(req: ChatCompletionRequest) -> Any:
+        if lm is not None:
+            from .serve_lm import chat_completion
+
+            return await chat_completion(
+                lm, _lm_messages(req), _generation_params(req, max_new_tokens), model_id=model_id,
+                stream=bool(req.stream), include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                headers={MODEL_HEADER: ANSWERED_BY},
+            )
         if req.n is not None and req.n > 1:
             raise ApiError(400, "n > 1 is not supported: a classifier has exactly one answer", param="n",
                            code="unsupported_value")
@@ -713,6 +797,9 @@ def create_app(
 
     @app.post("/v1/classify", responses={200: {"model": ClassifyResponse}, **_errors(400)})
     async def classify(req: ClassifyRequest) -> Any:
+        if lm is not None:
+            raise ApiError(400, "this server serves a language-model student; /v1/classify is for classifier "
+                           "students (use /v1/chat/completions)", code="unsupported_endpoint")
         if isinstance(req.input, str):
             texts = [_check_text(req.input, "input")]
         else:
@@ -763,6 +850,7 @@ def serve(
     batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
     log_level: str = "info",
     graceful_timeout_s: float | None = 30.0,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> None:
     """Serve the student until interrupted; on SIGINT/SIGTERM uvicorn stops accepting connections and lets
     requests in flight finish (up to ``graceful_timeout_s``).
@@ -786,7 +874,7 @@ def serve(
         raise MissingExtra("uvicorn", "serve", "`protege serve`") from None
     app = create_app(
         student_dir, api_key=api_key, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
-        max_batch=max_batch, model_name=model_name, batch_wait_ms=batch_wait_ms,
+        max_batch=max_batch, model_name=model_name, batch_wait_ms=batch_wait_ms, max_new_tokens=max_new_tokens,
     )
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s,
