@@ -21,7 +21,10 @@ STUDENT_DIR, BASELINE_DIR = "student", "student-hard"
 
 
 def _signals_hash(recipe: Recipe) -> str:
-    return hashlib.sha256((recipe.output_dir / "signals" / "train.jsonl").read_bytes()).hexdigest()[:16]
+    path = recipe.output_dir / "signals" / "train.jsonl"
+    if not path.is_file():
+        read_signals(recipe, "train")  # raises the error that says to run `protege label` first
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _current(meta_path: Path, expect: dict[str, Any]) -> bool:
