@@ -238,35 +238,45 @@ def serve(student_dir: Path, host: str, port: int, api_key_env: str | None, mode
 
 @cli.command()
 @click.argument("student_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--format", "fmt", default="onnx", show_default=True, help="Export format: onnx.")
+@click.option("--format", "fmt", default="onnx", show_default=True,
+              help="Export format: onnx (onnxruntime), or gguf (llama.cpp; Llama-architecture LM students).")
+@click.option("--gguf-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
+              help="GGUF weight type: f16 (half the size) or f32.")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder to write (replaced whole on success) [default: STUDENT_DIR/onnx].")
+              help="Folder to write (replaced whole on success) [default: STUDENT_DIR/FORMAT].")
 @click.option("--atol", default=None, type=click.FloatRange(0),
               help="Largest |logit difference| from PyTorch that passes the parity check "
-                   "[default: 1e-4 for a classifier, 1e-3 for an LM].")
+                   "[default: onnx 1e-4 for a classifier, 1e-3 for an LM; gguf 1e-3 for f32, 0.5 for f16].")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(1), help="Timed calls per runtime.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="CPU threads for both runtimes while timing.")
 @_command
-def export(student_dir: Path, fmt: str, output: Path | None, atol: float | None, runs: int, threads: int) -> None:
-    """Export a student for the edge, checked against PyTorch (onnxruntime parity and CPU latency).
+def export(student_dir: Path, fmt: str, gguf_type: str, output: Path | None, atol: float | None, runs: int,
+           threads: int) -> None:
+    """Export a student for the edge, checked against PyTorch (parity and CPU latency in onnxruntime or llama.cpp).
 
     \b
     Example:  protege export protege-demo/student --format onnx
-    Writes model.onnx, the tokenizer, protege.json and export_report.{json,md}; a parity failure writes nothing.
+              protege export my-lm-student --format gguf
+    Writes model.onnx and the tokenizer (or model.gguf), protege.json and export_report.{json,md}; a parity
+    failure writes nothing.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a saved student is local
     _quiet_libraries()
     from .export import export_student
 
-    r = export_student(student_dir, fmt, output, atol=atol, runs=runs, threads=threads)
+    r = export_student(student_dir, fmt, output, atol=atol, runs=runs, threads=threads, gguf_type=gguf_type)
     p, lat = r["parity"], r["latency"]
-    pt, ox = lat["pytorch_ms"], lat["onnxruntime_ms"]
+    runtime, key, model_type, greedy = "onnxruntime", "onnxruntime_ms", "", ""
+    if fmt == "gguf":
+        runtime, key, model_type = "llama.cpp", "llama_cpp_ms", f", {gguf_type}"
+        greedy = f", greedy {p['new_tokens']} tokens " + ("identical" if p["greedy_identical"] else "differ only at near-ties")
+    pt, ox = lat["pytorch_ms"], lat[key]
     click.echo(f"exported {r['kind']} student ({r['architecture']}) to {r['output']} "
-               f"(model {r['model_bytes'] / 1e6:.1f} MB)")
+               f"(model {r['model_bytes'] / 1e6:.1f} MB{model_type})")
     click.echo(f"parity: max |logit difference| {p['max_abs_diff']:.2g} over {p['texts']} texts (tolerance {p['atol']:g}), "
-               f"argmax agreement {100 * p['argmax_agreement']:.1f}%")
+               f"argmax agreement {100 * p['argmax_agreement']:.1f}%{greedy}")
     click.echo(f"latency, one text per call on {r['threads']} thread(s), p50/p95 over {lat['runs']} runs: "
-               f"PyTorch {pt['p50']:.2f}/{pt['p95']:.2f} ms, onnxruntime {ox['p50']:.2f}/{ox['p95']:.2f} ms "
+               f"PyTorch {pt['p50']:.2f}/{pt['p95']:.2f} ms, {runtime} {ox['p50']:.2f}/{ox['p95']:.2f} ms "
                f"({lat['speedup_p50']:.1f}x at p50)")
     click.echo(f"report: {Path(r['output']) / 'export_report.md'}")
 

@@ -1,5 +1,7 @@
 """Export a trained student for the edge: ONNX for classifier and causal-LM students, checked against PyTorch.
 
+GGUF for Llama-architecture LM students (llama.cpp) lives in export_gguf.py; ``export_student`` dispatches to it.
+
 The exported folder is self-contained: ``model.onnx`` beside the tokenizer, ``config.json`` (the label names
 of a classifier), ``protege.json`` and ``recipe.yaml`` when the student has them, and the export's report.
 
@@ -43,7 +45,7 @@ from .errors import MissingExtra, ProtegeError
 
 __all__ = ["DEFAULT_ATOL", "FORMATS", "SAMPLE_TEXTS", "export_student", "student_kind"]
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "gguf")
 DEFAULT_ATOL = {"classifier": 1e-4, "lm": 1e-3}  # by student kind; see the module docstring
 OPSET = 18  # the dynamo exporter's own default; onnxruntime 1.17+ runs it
 MODEL_FILE = "model.onnx"
@@ -265,16 +267,22 @@ def export_student(
     warmup: int = 5,
     threads: int = 1,
     texts: list[str] | None = None,
+    gguf_type: str = "f16",
 ) -> dict[str, Any]:
-    """Export the student in ``student_dir`` to ``output`` (default ``student_dir/onnx``) and return the report.
+    """Export the student in ``student_dir`` to ``output`` (default ``student_dir/FORMAT``) and return the report.
 
     The folder appears whole or not at all: a failed export, or a parity check outside ``atol`` (default by
-    kind: DEFAULT_ATOL), raises ProtegeError and leaves any previous export in place. ``threads`` applies to
+    kind: DEFAULT_ATOL; for GGUF by file type: export_gguf.DEFAULT_ATOL), raises ProtegeError and leaves any previous export in place. ``threads`` applies to
     both runtimes while timing; the default, 1, is one request on one core: the figure least disturbed by other
     work on the machine (with more threads than free cores, PyTorch's OpenMP pool can be 100x slower)."""
     student_dir = Path(student_dir)
     if format not in FORMATS:
         raise ProtegeError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
+    if format == "gguf":
+        from .export_gguf import export_gguf
+
+        return export_gguf(student_dir, output, gguf_type=gguf_type, atol=atol, runs=runs, warmup=warmup,
+                           threads=threads, texts=texts)
     kind, arch = student_kind(student_dir)
     atol = DEFAULT_ATOL[kind] if atol is None else atol
     if atol < 0 or runs < 1 or warmup < 0 or threads < 1:
