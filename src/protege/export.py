@@ -272,9 +272,10 @@ def export_student(
     """Export the student in ``student_dir`` to ``output`` (default ``student_dir/FORMAT``) and return the report.
 
     The folder appears whole or not at all: a failed export, or a parity check outside ``atol`` (default by
-    kind: DEFAULT_ATOL; for GGUF by file type: export_gguf.DEFAULT_ATOL), raises ProtegeError and leaves any previous export in place. ``threads`` applies to
-    both runtimes while timing; the default, 1, is one request on one core: the figure least disturbed by other
-    work on the machine (with more threads than free cores, PyTorch's OpenMP pool can be 100x slower)."""
+    kind: DEFAULT_ATOL; for GGUF by file type: export_gguf.DEFAULT_ATOL), raises ProtegeError and leaves any
+    previous export in place. ``threads`` applies to both runtimes while timing; the default, 1, is one request
+    on one core: the figure least disturbed by other work on the machine (with more threads than free cores,
+    PyTorch's OpenMP pool can be 100x slower)."""
     student_dir = Path(student_dir)
     if format not in FORMATS:
         raise ProtegeError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
