@@ -425,7 +425,7 @@ def export_gguf(
         import gguf  # noqa: F401
         import llama_cpp
     except ImportError as e:
-        raise MissingExtra(e.name or "gguf", "gguf", "`protege export --format gguf`") from None
+        raise MissingExtra(e.name or "gguf", "export-gguf", "`protege export --format gguf`") from None
 
     out = Path(output) if output is not None else student_dir / "gguf"
     texts = list(texts or SAMPLE_TEXTS)
