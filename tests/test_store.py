@@ -40,7 +40,7 @@ def store(tmp_path):
 
 
 def test_new_store_migrates_and_uses_wal(store):
-    assert store.migrations == ["0001_calls", "0002_compute", "0003_api_calls"]
+    assert store.migrations == ["0001_calls", "0002_compute", "0003_api_calls", "0004_served"]
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
     assert store.path.is_file()
     assert store.teacher_totals()["calls"] == 0
@@ -53,7 +53,7 @@ def test_reopen_keeps_rows_and_does_not_rerun_migrations(tmp_path):
         applied = s.db.execute("SELECT name, applied_at FROM migrations ORDER BY name").fetchall()
     with Store(path) as s:
         assert s.db.execute("SELECT name, applied_at FROM migrations ORDER BY name").fetchall() == applied
-        assert s.migrations == ["0001_calls", "0002_compute", "0003_api_calls"]
+        assert s.migrations == ["0001_calls", "0002_compute", "0003_api_calls", "0004_served"]
         rec = _record("a", None)
         assert list(s.get_signals([rec.key])) == [rec.key]
 

@@ -214,17 +214,36 @@ def demo(output_dir: Path, quiet: bool) -> None:
 @click.option("--max-body-bytes", default=1_000_000, show_default=True, type=click.IntRange(1), help="Larger request bodies get 413.")
 @click.option("--max-tokens", "max_new_tokens", default=1024, show_default=True, type=click.IntRange(1),
               help="LM students: the most tokens one answer may ask for (max_tokens above it gets 400).")
+@click.option("--cascade-threshold", type=float, default=None, metavar="P",
+              help="Classifiers: the teacher answers texts whose top label probability is below P (0: never; "
+                   "above 1: always). Its answers are cached in the store and count against its budget.")
+@click.option("--teacher-recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Recipe of the cascade's teacher [default: STUDENT_DIR/recipe.yaml].")
+@click.option("--store", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Store for the served-traffic ledger and the teacher's cache [default: the run's protege.db "
+                   "beside STUDENT_DIR, when it exists].")
+@click.option("--compute-usd-per-hour", type=click.FloatRange(0), default=None,
+              help="Price of this machine's time, for the student's answers in the ledger [default: the student's "
+                   "recipe eval.compute_usd_per_hour].")
+@click.option("--teacher-timeout", "teacher_timeout_s", type=click.FloatRange(0, min_open=True), default=60.0,
+              show_default=True, help="Seconds a request waits for the cascade's teacher before a 503.")
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings only.")
 @_command
 def serve(student_dir: Path, host: str, port: int, api_key_env: str | None, model_name: str | None, max_batch: int,
-          max_concurrency: int, max_body_bytes: int, max_new_tokens: int, quiet: bool) -> None:
+          max_concurrency: int, max_body_bytes: int, max_new_tokens: int, cascade_threshold: float | None,
+          teacher_recipe: Path | None, store: Path | None, compute_usd_per_hour: float | None,
+          teacher_timeout_s: float, quiet: bool) -> None:
     """Serve a trained student behind an OpenAI-style API (/v1/chat/completions, /v1/classify, /v1/models).
 
     A classifier answers with its label (and /v1/classify with every label's probability); a language-model
-    student generates, with OpenAI's sampling settings, stop strings, streaming and logprobs.
+    student generates, with OpenAI's sampling settings, stop strings, streaming and logprobs. With
+    --cascade-threshold an unsure classifier hands the text to its teacher; the x-protege-model header (and
+    answered_by, and the chat completion's model) says who answered. Every classifier answer is recorded in
+    the store for `protege cost`.
 
     \b
     Example:  protege serve protege-demo/student
+              protege serve protege-demo/student --cascade-threshold 0.8
     Then:     OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(...)
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a saved student is local; never reach for the hub when serving
@@ -233,7 +252,33 @@ def serve(student_dir: Path, host: str, port: int, api_key_env: str | None, mode
 
     run_server(student_dir, host, port, api_key_env, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
                max_batch=max_batch, model_name=model_name, log_level="warning" if quiet else "info",
-               max_new_tokens=max_new_tokens)
+               max_new_tokens=max_new_tokens, store=store, compute_usd_per_hour=compute_usd_per_hour,
+               cascade_threshold=cascade_threshold, teacher_recipe=teacher_recipe, teacher_timeout_s=teacher_timeout_s)
+
+
+@cli.command()
+@click.argument("target", metavar="RECIPE_OR_RUN_DIR", type=click.Path(path_type=Path))
+@click.option("--student", default="student", show_default=True, help="Which student of the run (its directory name).")
+@click.option("--compute-usd-per-hour", type=click.FloatRange(0), default=None,
+              help="Price of an hour of compute for training and evaluation [default: the recipe's "
+                   "eval.compute_usd_per_hour].")
+@click.option("--json", "as_json", is_flag=True, help="Print the ledger as JSON.")
+@_command
+def cost(target: Path, student: str, compute_usd_per_hour: float | None, as_json: bool) -> None:
+    """A student's whole lifetime from its run's store: what it cost to make (teacher calls, compute), what
+    serving has cost (student answers, teacher fallbacks), what it saved against sending every served
+    request to the teacher, and after how many requests it pays for itself.
+
+    \b
+    Example:  protege cost recipe.yaml
+              protege cost protege-demo --json
+    """
+    import json
+
+    from .cost import format_lifetime, lifetime
+
+    d = lifetime(target, student, compute_usd_per_hour)
+    click.echo(json.dumps(d, indent=2) if as_json else format_lifetime(d))
 
 
 @cli.command()

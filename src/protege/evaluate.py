@@ -3,7 +3,8 @@
 Quality (accuracy, agreement, quality kept, calibration) comes from the held-out signals and the students'
 predictions. Speed is measured here, on this machine: latency one example at a time (p50, p95) and batched
 throughput. Money per 1,000 examples is the API price for API teachers, and measured compute time times
-``eval.compute_usd_per_hour`` for local models.
+``eval.compute_usd_per_hour`` for local models. With ``eval.cascade_sweep`` the report also sweeps the
+cascade's threshold on the same predictions (:func:`protege.cascade.cascade_sweep`).
 """
 
 from __future__ import annotations
@@ -198,6 +199,15 @@ def evaluate(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[st
         "eval_with_gold": int(has_gold.sum()),
         "models": models,
     }
+    if recipe.eval.cascade_sweep:
+        from .cascade import cascade_sweep
+
+        d = present[0][0]  # the distilled student, else the baseline
+        report["cascade"] = {
+            "student": d,
+            **cascade_sweep(preds[d], t_probs, gold, has_gold, models[d]["usd_per_1k"],
+                            models["teacher"]["usd_per_1k"], recipe.eval.keep_fraction),
+        }
     with Store(recipe.store_path) as store:
         store.log_compute("eval", time.perf_counter() - started, examples=len(rows))
         # What making this student has cost so far: teacher calls (money and compute) and compute per stage.

@@ -372,6 +372,16 @@ class EvalConfig(_Section):
         ge=0.0,
         description="Price of an hour of this machine, to turn measured compute time of local models into money.",
     )
+    cascade_sweep: bool = Field(
+        True,
+        description="Classification: sweep the cascade's threshold (the student answers when its top probability "
+        "is at least it, the teacher otherwise) over the held-out split: accuracy and cost per 1,000 requests, "
+        "plots/cascade.png, the report's cascade section. Uses predictions already made; no teacher calls.",
+    )
+    keep_fraction: float = Field(
+        0.95, gt=0.0, le=1.0,
+        description="The cascade sweep marks the cheapest threshold that keeps this share of the teacher's accuracy.",
+    )
 
 
 class Recipe(_Section):

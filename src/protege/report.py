@@ -107,7 +107,67 @@ def _plots(report: dict[str, Any], preds: dict[str, np.ndarray], gold: np.ndarra
         fig.savefig(out / "plots" / "reliability.png", dpi=110)
         plt.close(fig)
         files.append("plots/reliability.png")
+
+    if report.get("cascade"):
+        files.append(_cascade_plot(report, out, plt))
     return files
+
+
+def _cascade_plot(report: dict[str, Any], out: Path, plt: Any) -> str:
+    """Accuracy against cost per 1,000 requests along the cascade's thresholds, the chosen one marked."""
+    c = report["cascade"]
+    pts = c["points"]
+    metric = "accuracy on held-out gold labels" if c["metric"] == "accuracy" else "agreement with the teacher"
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.plot([p["usd_per_1k"] for p in pts], [p["accuracy"] for p in pts], marker=".", lw=1, label="cascade, by threshold")
+    ax.scatter([c["teacher_usd_per_1k"]], [c["teacher_accuracy"]], marker="s", s=50, c="black", label="teacher alone")
+    ax.axhline(c["target_accuracy"], ls=":", c="grey", label=f"{100 * c['keep_fraction']:g}% of the teacher")
+    if c["chosen"] is not None:
+        ch = c["chosen"]
+        ax.scatter([ch["usd_per_1k"]], [ch["accuracy"]], marker="*", s=220, c="tab:red", zorder=3,
+                   label=f"threshold {ch['threshold']:g}: {100 * ch['teacher_fraction']:.0f}% to the teacher")
+    ax.set_xlabel("cost per 1,000 requests (USD)")
+    ax.set_ylabel(metric)
+    ax.set_ylim(0.0, 1.05)
+    ax.set_xlim(left=0.0)
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))  # tiny costs: 2e-5, not 0.00002 overlapping
+    ax.set_title("Cascade: student when sure, teacher otherwise")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "cascade.png", dpi=110)
+    plt.close(fig)
+    return "plots/cascade.png"
+
+
+def _cascade_lines(c: dict[str, Any]) -> list[str]:
+    """The report's cascade section: the chosen threshold and a few others for comparison."""
+    what = "accuracy" if c["metric"] == "accuracy" else "agreement with the teacher"
+    lines = ["", "## Cascade", ""]
+    ch = c["chosen"]
+    if ch is None:
+        lines.append(f"No threshold keeps {100 * c['keep_fraction']:g}% of the teacher's {what}.")
+    else:
+        lines.append(
+            f"Student when its top probability is at least the threshold, teacher otherwise: threshold "
+            f"**{ch['threshold']:g}** keeps at least {100 * c['keep_fraction']:g}% of the teacher's {what} "
+            f"({_pct(ch['accuracy'])} against {_pct(c['teacher_accuracy'])}) at the lowest cost, "
+            f"${ch['usd_per_1k']:.5f} per 1,000 requests, sending {_pct(ch['teacher_fraction'])} of them to the "
+            f"teacher (teacher alone: ${c['teacher_usd_per_1k']:.5f}; student alone {_pct(c['student_accuracy'])} "
+            f"at ${c['student_usd_per_1k']:.5f}). Serve it with `protege serve STUDENT_DIR --cascade-threshold "
+            f"{ch['threshold']:g}`."
+        )
+    lines += ["", f"| threshold | {what} | to the teacher | $ / 1k |", "| ---: | ---: | ---: | ---: |"]
+    shown = {0.0, 0.5, 0.8, 0.9, 0.95, 0.99, c["points"][-1]["threshold"]} | ({ch["threshold"]} if ch else set())
+    for p in c["points"]:
+        if p["threshold"] in shown:
+            mark = " (chosen)" if ch and p["threshold"] == ch["threshold"] else ""
+            lines.append(f"| {p['threshold']:g}{mark} | {_pct(p['accuracy'])} | {_pct(p['teacher_fraction'])} | "
+                         f"{p['usd_per_1k']:.5f} |")
+    lines.append("")
+    lines.append("Cost per 1,000 requests: the student's compute for every request plus the teacher's cost for "
+                 f"the share sent to it; the threshold grid is 0 to 1 by 0.01, and {c['points'][-1]['threshold']:g} "
+                 "(no probability reaches it) sends everything to the teacher.")
+    return lines
 
 
 def write_report(
@@ -161,9 +221,13 @@ def write_report(
         "ECE is the expected calibration error over "
         f"{recipe.eval.calibration_bins} confidence bins (lower is better).",
         "",
-        *[f"![{Path(f).stem}]({f})" for f in report["plots"]],
+        *[f"![{Path(f).stem}]({f})" for f in report["plots"] if f != "plots/cascade.png"],
         "",
     ]
+    if report.get("cascade"):
+        lines += _cascade_lines(report["cascade"])
+        if "plots/cascade.png" in report["plots"]:
+            lines += ["", "![cascade](plots/cascade.png)", ""]
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", "\n".join(lines))
     recipe.save(out / "recipe.yaml")

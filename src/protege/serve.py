@@ -14,8 +14,20 @@ Endpoints (all JSON; errors always in OpenAI's shape ``{"error": {"message", "ty
   ``{"object": "list", "model", "data": [{"index", "label", "probs": {label: p}, "confidence",
   "answered_by"}], "usage": {"prompt_tokens", "total_tokens"}}``.
 
-Every answer carries the header ``x-protege-model: student`` (and ``answered_by: "student"`` in
-``/v1/classify``), so a cascade can later say when the teacher answered instead.
+Every answer says which model answered: the header ``x-protege-model`` (``student``, ``teacher``, or ``mixed``
+for a ``/v1/classify`` list answered by both), ``answered_by`` per text in ``/v1/classify``, and a chat
+completion's ``model``, which is the served model's id for the student and the teacher's (e.g.
+``openai:gpt-4o-mini``) when the teacher answered.
+
+Cascade (classifier students, optional): with a threshold, a text whose top label probability under the
+student is below it goes to the teacher, through labeling's code path and store (see :mod:`protege.cascade`):
+an answer the store holds costs nothing, the budget cap holds, and a teacher answer's logprobs are the logs of
+the teacher's label distribution. A teacher that fails or refuses gives a 502, a spent budget or a teacher
+slower than ``teacher_timeout_s`` a 503, both in OpenAI's error format.
+
+Ledger: with a store, every answered text becomes a row of its ``served`` table (who answered, endpoint,
+tokens, cost, compute seconds, the student's confidence, the teacher's call key), written in batches off the
+event loop; ``protege cost`` reads it.
 
 ``app.openapi()`` declares every answer an operation can give (the 200's shape, text/event-stream for a streamed
 chat, and each error status in OpenAI's format); the fuzz test holds the server to it. It is not served over HTTP.
@@ -47,7 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -68,6 +80,7 @@ DEFAULT_MAX_CONCURRENCY = 64
 DEFAULT_MAX_BATCH = 32
 DEFAULT_BATCH_WAIT_MS = 5.0
 DEFAULT_MAX_NEW_TOKENS = 1024  # the most tokens one LM answer may ask for (max_tokens above it gets 400)
+DEFAULT_TEACHER_TIMEOUT_S = 60.0  # the longest a request waits for the cascade's teacher before a 503
 ANSWERED_BY = "student"
 MODEL_HEADER = "x-protege-model"
 log = logging.getLogger(__name__)
@@ -99,6 +112,44 @@ def _max_length(path: Path, meta: dict[str, Any], model: Any, tok: Any) -> int:
     limits = [getattr(model.config, "max_position_embeddings", None), getattr(tok, "model_max_length", None)]
     limits = [x for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
     return min(limits) if limits else 512
+
+
+def _saved_recipe(path: Path) -> dict[str, Any]:
+    """The recipe saved with a student, as plain YAML data ({} when there is none or it does not parse)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _saved_compute_price(path: Path) -> float:
+    """``eval.compute_usd_per_hour`` of the student's saved recipe, else the recipe default."""
+    from .recipe import EvalConfig
+
+    value = (_saved_recipe(path).get("eval") or {}).get("compute_usd_per_hour")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    return float(value) if ok else EvalConfig.model_fields["compute_usd_per_hour"].default
+
+
+def _teacher_recipe(student_dir: Path, path: Path | str | None, labels: tuple[str, ...]) -> Any:
+    """The recipe whose teacher (and task, which renders the teacher's prompt) the cascade asks: ``path``, or
+    the one saved with the student. Its labels must be the student's, in the same order."""
+    from .recipe import load_recipe
+
+    recipe_path = Path(path) if path is not None else student_dir / "recipe.yaml"
+    if not recipe_path.is_file():
+        raise ProtegeError(f"the cascade needs the teacher's recipe and {str(recipe_path)!r} does not exist; "
+                           "pass --teacher-recipe PATH")
+    recipe = load_recipe(recipe_path)
+    if recipe.task.kind != "classification" or recipe.task.label_names != labels:
+        raise ProtegeError(
+            f"the teacher's recipe {str(recipe_path)!r} has labels {list(recipe.task.label_names)}, the student "
+            f"{list(labels)}; a cascade needs the same labels in the same order"
+        )
+    return recipe
 
 
 class Classifier:
@@ -134,6 +185,18 @@ class Classifier:
 
 
 @dataclass
+class _Answer:
+    """One text's answer, by the student or the cascade's teacher."""
+
+    label: str
+    logp: list[float]  # log-probabilities over the labels, in the student's label order
+    probs: list[float]
+    by: str  # 'student' or 'teacher'
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
 class _Pending:
     texts: list[str]
     future: asyncio.Future[Any]
@@ -142,6 +205,8 @@ class _Pending:
 @dataclass
 class _Batcher:
     """Gathers concurrent requests into one forward pass, run in a single worker thread."""
+
+    thread_name: ClassVar[str] = "protege-serve"
 
     classifier: Classifier
     max_batch: int
@@ -154,7 +219,7 @@ class _Batcher:
 
     async def start(self) -> None:
         self.queue = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(1, "protege-serve")
+        self._executor = ThreadPoolExecutor(1, self.thread_name)
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -172,31 +237,43 @@ class _Batcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
-    async def submit(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
-        """The student's answers for ``texts``; a failure is logged and becomes an OpenAI-format 500 (handled
-        here, so uvicorn keeps the connection and the server keeps going)."""
+    async def _wait(self, texts: list[str]) -> tuple[list[Any], ...]:
+        """Queue ``texts`` for the next pass and wait for their share of its result."""
         if self.queue is None:
             raise ApiError(503, "The server is not ready.", type="server_error")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self.queue.put(_Pending(texts, fut))
+        return await fut
+
+    async def submit(self, texts: list[str]) -> tuple[list[list[float]], list[int], list[float]]:
+        """The student's answers for ``texts``: (log-probabilities, tokens read, compute seconds) per text. A
+        failure is logged and becomes an OpenAI-format 500 (handled here, so uvicorn keeps the connection and
+        the server keeps going)."""
         try:
-            return await fut
+            return await self._wait(texts)  # type: ignore[return-value]
+        except ApiError:
+            raise
         except Exception:
             log.exception("the student failed on a batch")
             raise ApiError(500, "The server had an error while processing your request.", type="server_error") from None
 
-    def _forward(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
-        """In the worker thread: the model over ``texts`` in chunks of at most max_batch."""
+    def _forward(self, texts: list[str]) -> tuple[list[Any], ...]:
+        """In the worker thread: the model over ``texts`` in chunks of at most max_batch. Returns parallel
+        lists, one item per text: log-probabilities, tokens read, and the text's share of its chunk's time."""
         if self.hook is not None:
             self.hook(texts)
         logp: list[list[float]] = []
         tokens: list[int] = []
+        seconds: list[float] = []
         for i in range(0, len(texts), self.max_batch):
-            lp, nt = self.classifier.predict(texts[i : i + self.max_batch])
+            chunk = texts[i : i + self.max_batch]
+            t0 = time.perf_counter()
+            lp, nt = self.classifier.predict(chunk)
+            seconds += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)
             self.forward_passes += 1
             logp += lp
             tokens += nt
-        return logp, tokens
+        return logp, tokens, seconds
 
     async def _run(self) -> None:
         assert self.queue is not None
@@ -218,7 +295,7 @@ class _Batcher:
                 continue
             texts = [t for x in items for t in x.texts]
             try:
-                logp, tokens = await loop.run_in_executor(self._executor, self._forward, texts)
+                out = await loop.run_in_executor(self._executor, self._forward, texts)
             except asyncio.CancelledError:  # stopped mid-pass (a forced shutdown): nobody waits forever
                 for x in items:
                     if not x.future.done():
@@ -233,8 +310,39 @@ class _Batcher:
             for x in items:
                 k = len(x.texts)
                 if not x.future.done():
-                    x.future.set_result((logp[i : i + k], tokens[i : i + k]))
+                    x.future.set_result(tuple(part[i : i + k] for part in out))
                 i += k
+
+
+@dataclass
+class _TeacherQueue(_Batcher):
+    """The cascade's other half: texts the student was unsure of, gathered from concurrent requests into one
+    labeling run of the teacher (:class:`protege.cascade.TeacherFallback`) in its own worker thread."""
+
+    thread_name: ClassVar[str] = "protege-teacher"
+
+    fallback: Any = None  # protege.cascade.TeacherFallback
+    timeout_s: float = 60.0
+
+    def _forward(self, texts: list[str]) -> tuple[list[Any], ...]:
+        self.forward_passes += 1
+        return (self.fallback.answer(texts),)
+
+    async def submit(self, texts: list[str]) -> list[Any]:  # type: ignore[override]
+        """The teacher's answers or failures (``TeacherAnswer | TeacherFailure``), one per text. Waiting longer
+        than ``timeout_s`` is a 503 (the call goes on; its answer lands in the store for the next asker)."""
+        try:
+            (answers,) = await asyncio.wait_for(self._wait(texts), self.timeout_s)
+        except ApiError:
+            raise
+        except asyncio.TimeoutError:
+            raise ApiError(503, f"The teacher did not answer within {self.timeout_s:g} s; retry shortly.",
+                           type="server_error", code="teacher_timeout") from None
+        except Exception:
+            log.exception("the teacher failed on a batch")
+            raise ApiError(502, "The teacher failed on this request.", type="server_error",
+                           code="teacher_failed") from None
+        return answers
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -389,6 +497,8 @@ _ERRORS = {
     413: "The body is larger than the server's limit.",
     429: "More requests in flight than the server's limit; retry after Retry-After seconds.",
     500: "The model failed on this request.",
+    502: "Cascade only: the teacher failed or refused the request.",
+    503: "Cascade only: the teacher's budget is spent, or it did not answer in time.",
 }
 
 
@@ -631,10 +741,22 @@ def create_app(
     max_length: int | None = None,
     forward_hook: Callable[[list[str]], None] | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    store: Path | str | None = None,
+    compute_usd_per_hour: float | None = None,
+    cascade_threshold: float | None = None,
+    teacher_recipe: Path | str | None = None,
+    teacher_timeout_s: float = DEFAULT_TEACHER_TIMEOUT_S,
 ) -> FastAPI:
     """The HTTP app serving the classifier student in ``student_dir`` (loaded now, so a bad directory fails
     before anything listens). ``forward_hook(texts)``, if given, runs in the worker thread before each batch
-    (tests use it to slow the model down); ``app.state.batcher.forward_passes`` counts model calls."""
+    (tests use it to slow the model down); ``app.state.batcher.forward_passes`` counts model calls.
+
+    Classifier students record every answered text in the ``served`` table of ``store`` (default: the
+    ``protege.db`` of the run that made the student, when there is one; without a store nothing is recorded),
+    the student's answers priced at their measured compute time times ``compute_usd_per_hour`` (default: the
+    student's saved recipe's ``eval.compute_usd_per_hour``). With ``cascade_threshold`` the teacher of
+    ``teacher_recipe`` (default: the recipe saved with the student) answers the texts whose top label
+    probability is below it (see :mod:`protege.cascade`)."""
     for name, value in (("max_body_bytes", max_body_bytes), ("max_concurrency", max_concurrency),
                         ("max_batch", max_batch)):
         if value < 1:
@@ -653,15 +775,51 @@ def create_app(
     model_id = model_name or student_dir.resolve().name
     created = int(time.time())
 
+    # the ledger and the cascade (classifier students)
+    from .cascade import (
+        ServedLedger,
+        TeacherAnswer,
+        TeacherFailure,
+        TeacherFallback,
+        default_store,
+        log_probs,
+        served_record,
+    )
+
+    store_path = Path(store) if store is not None else default_store(student_dir)
+    ledger = ServedLedger(store_path) if store_path is not None and lm is None else None
+    usd_per_hour = compute_usd_per_hour if compute_usd_per_hour is not None else _saved_compute_price(student_dir)
+    teacher_queue: _TeacherQueue | None = None
+    if cascade_threshold is not None:
+        if lm is not None:
+            raise ProtegeError("the cascade is for classifier students (a threshold on the top label probability); "
+                               "serve this language-model student without --cascade-threshold")
+        if not cascade_threshold >= 0:
+            raise ProtegeError(f"--cascade-threshold must be 0 or more (0: the student answers everything; above 1: "
+                               f"the teacher does), not {cascade_threshold}")
+        if store_path is None:
+            raise ProtegeError(
+                f"the cascade keeps the teacher's answers in the run's store, and there is none at "
+                f"{str(student_dir.resolve().parent / 'protege.db')!r}; pass --store PATH"
+            )
+        fallback = TeacherFallback(_teacher_recipe(student_dir, teacher_recipe, clf.labels), store_path, usd_per_hour)
+        teacher_queue = _TeacherQueue(clf, max_batch=max(max_batch, 64), wait_s=max(0.0, batch_wait_ms) / 1000,
+                                      fallback=fallback, timeout_s=teacher_timeout_s)
+    student_name = student_dir.resolve().name
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if batcher is not None:
-            await batcher.start()
+        for part in (batcher, teacher_queue, ledger):
+            if part is not None:
+                await part.start()
         try:
             yield
         finally:
-            if batcher is not None:
-                await batcher.stop()
+            for part in (batcher, teacher_queue):
+                if part is not None:
+                    await part.stop()
+            if ledger is not None:
+                await ledger.close()  # after the batchers: the last answers are recorded too
 
     app = FastAPI(title="protege student", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   responses=_errors(401, 413, 429, 500))  # the guard's answers, on every route
@@ -682,6 +840,8 @@ def create_app(
     app.state.classifier = clf
     app.state.generator = lm
     app.state.batcher = batcher
+    app.state.teacher_queue = teacher_queue
+    app.state.ledger = ledger
     app.state.model_id = model_id
     app.add_middleware(_Guard, api_key=api_key, max_concurrency=max_concurrency, max_body_bytes=max_body_bytes)
 
@@ -730,10 +890,44 @@ def create_app(
     def token_logprob(label: str, lp: float) -> dict[str, Any]:
         return {"token": label, "logprob": lp, "bytes": list(label.encode("utf-8"))}
 
+    async def answer(texts: list[str], endpoint: str) -> list[_Answer]:
+        """The student's answer for each text, or the teacher's where the student's top probability is below
+        the cascade's threshold; every text goes to the ledger. A teacher's failure fails the request."""
+        logps, tokens, seconds = await batcher.submit(texts)
+        conf = [math.exp(max(lp)) for lp in logps]
+        teacher: list[Any] = [None] * len(texts)
+        if teacher_queue is not None:
+            unsure = [i for i, c in enumerate(conf) if c < cascade_threshold]
+            if unsure:
+                try:
+                    replies = await teacher_queue.submit([texts[i] for i in unsure])
+                except ApiError as e:
+                    replies = [TeacherFailure(e.status, e.message, e.code or "teacher_failed")] * len(unsure)
+                for i, reply in zip(unsure, replies):
+                    teacher[i] = reply
+        completion = 1 if endpoint == "chat.completions" else 0  # a chat answer is one label token
+        answers, records = [], []
+        for i, logp in enumerate(logps):
+            t = teacher[i]
+            if isinstance(t, TeacherAnswer):
+                a = _Answer(t.label, log_probs(t.probs), list(t.probs), "teacher", t.input_tokens, t.output_tokens)
+            else:
+                best = max(range(len(logp)), key=logp.__getitem__)
+                a = _Answer(clf.labels[best], logp, [math.exp(x) for x in logp], ANSWERED_BY, tokens[i], completion)
+            answers.append(a)
+            records.append(served_record(student_name, endpoint, conf[i], seconds[i], usd_per_hour,
+                                         (a.prompt_tokens, a.completion_tokens), t))
+        if ledger is not None:
+            ledger.add(records)
+        failed = [t for t in teacher if isinstance(t, TeacherFailure)]
+        if failed:
+            raise ApiError(failed[0].status, failed[0].message, type="server_error", code=failed[0].code)
+        return answers
+
     @app.post("/v1/chat/completions", responses={
         200: {"model": ChatCompletion, "description": "The label; with stream: true, OpenAI's chunks as server-sent events.",
               "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
-        **_errors(400),
+        **_errors(400, 502, 503),
     })
     async def chat_completions(req: ChatCompletionRequest) -> Any:
         if lm is not None:
@@ -750,18 +944,21 @@ def create_app(
         if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         text = _chat_text(req)
-        (logp,), (tokens,) = await batcher.submit([text])
-        best = max(range(len(logp)), key=logp.__getitem__)
-        label = clf.labels[best]
+        (a,) = await answer([text], "chat.completions")
+        label, logp = a.label, a.logp
+        best = clf.labels.index(label)
         logprobs = None
         if req.logprobs:
             entry = token_logprob(label, logp[best])
             entry["top_logprobs"] = [token_logprob(lab, lp) for lab, lp in top(logp, req.top_logprobs or 0)]
             logprobs = {"content": [entry], "refusal": None}
-        usage = {"prompt_tokens": tokens, "completion_tokens": 1, "total_tokens": tokens + 1}
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id,
+        usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
+                 "total_tokens": a.prompt_tokens + a.completion_tokens}
+        # the model that answered: this student, or the cascade's teacher (also in the x-protege-model header)
+        answered_model = model_id if a.by == ANSWERED_BY else teacher_queue.fallback.name
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": answered_model,
                 "system_fingerprint": None}
-        headers = {MODEL_HEADER: ANSWERED_BY}
+        headers = {MODEL_HEADER: a.by}
         if not req.stream:
             return JSONResponse(
                 {
@@ -795,7 +992,7 @@ def create_app(
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache"})
 
-    @app.post("/v1/classify", responses={200: {"model": ClassifyResponse}, **_errors(400)})
+    @app.post("/v1/classify", responses={200: {"model": ClassifyResponse}, **_errors(400, 502, 503)})
     async def classify(req: ClassifyRequest) -> Any:
         if lm is not None:
             raise ApiError(400, "this server serves a language-model student; /v1/classify is for classifier "
@@ -807,17 +1004,18 @@ def create_app(
                 raise ApiError(400, "'input' is an empty list; send at least one text", param="input",
                                code="empty_input")
             texts = [_check_text(t, f"input[{i}]") for i, t in enumerate(req.input)]
-        logps, tokens = await batcher.submit(texts)
+        answers = await answer(texts, "classify")
         data = []
-        for i, logp in enumerate(logps):
-            probs = {lab: math.exp(lp) for lab, lp in zip(clf.labels, logp)}
-            best = max(range(len(logp)), key=logp.__getitem__)
-            data.append({"index": i, "label": clf.labels[best], "probs": probs,
-                         "confidence": probs[clf.labels[best]], "answered_by": ANSWERED_BY})
-        n = sum(tokens)
+        for i, a in enumerate(answers):
+            probs = dict(zip(clf.labels, a.probs))
+            data.append({"index": i, "label": a.label, "probs": probs, "confidence": probs[a.label],
+                         "answered_by": a.by})
+        n = sum(a.prompt_tokens for a in answers)
+        total = n + sum(a.completion_tokens for a in answers)  # a teacher's answer has output tokens too
+        by = {a.by for a in answers}
         return JSONResponse(
-            {"object": "list", "model": model_id, "data": data, "usage": {"prompt_tokens": n, "total_tokens": n}},
-            headers={MODEL_HEADER: ANSWERED_BY},
+            {"object": "list", "model": model_id, "data": data, "usage": {"prompt_tokens": n, "total_tokens": total}},
+            headers={MODEL_HEADER: by.pop() if len(by) == 1 else "mixed"},
         )
 
     return app
@@ -851,6 +1049,11 @@ def serve(
     log_level: str = "info",
     graceful_timeout_s: float | None = 30.0,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    store: Path | str | None = None,
+    compute_usd_per_hour: float | None = None,
+    cascade_threshold: float | None = None,
+    teacher_recipe: Path | str | None = None,
+    teacher_timeout_s: float = DEFAULT_TEACHER_TIMEOUT_S,
 ) -> None:
     """Serve the student until interrupted; on SIGINT/SIGTERM uvicorn stops accepting connections and lets
     requests in flight finish (up to ``graceful_timeout_s``).
@@ -875,6 +1078,8 @@ def serve(
     app = create_app(
         student_dir, api_key=api_key, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
         max_batch=max_batch, model_name=model_name, batch_wait_ms=batch_wait_ms, max_new_tokens=max_new_tokens,
+        store=store, compute_usd_per_hour=compute_usd_per_hour, cascade_threshold=cascade_threshold,
+        teacher_recipe=teacher_recipe, teacher_timeout_s=teacher_timeout_s,
     )
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s,

@@ -20,7 +20,7 @@ from ._io import content_hash
 from .errors import ProtegeError
 from .signals import TeacherSignal
 
-__all__ = ["Store", "CallRecord", "call_key"]
+__all__ = ["Store", "CallRecord", "ServedRecord", "call_key"]
 
 # (name, SQL). Append only: never edit a migration that has shipped.
 MIGRATIONS: list[tuple[str, str]] = [
@@ -77,6 +77,33 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # Served traffic: one row per text a served student was asked about (a /v1/classify list gives one row
+        # per input). answered_by is 'none' when the cascade sent the text to the teacher and the teacher failed
+        # (the request got an error, but what the attempt spent is still spent). cost_usd is everything this
+        # answer cost: the student's compute plus teacher_usd, the teacher money (or, for a local teacher, its
+        # compute) newly spent on it; an answer the store already held costs the teacher nothing (cached = 1).
+        "0004_served",
+        """
+        CREATE TABLE served (
+            id            INTEGER PRIMARY KEY AUTOINCREMENT,
+            student       TEXT NOT NULL,
+            endpoint      TEXT NOT NULL,
+            answered_by   TEXT NOT NULL CHECK (answered_by IN ('student', 'teacher', 'none')),
+            input_tokens  INTEGER NOT NULL DEFAULT 0,
+            output_tokens INTEGER NOT NULL DEFAULT 0,
+            cost_usd      REAL NOT NULL DEFAULT 0,
+            teacher_usd   REAL NOT NULL DEFAULT 0,
+            seconds       REAL NOT NULL DEFAULT 0,
+            confidence    REAL,
+            call_key      TEXT,
+            cached        INTEGER,
+            error         TEXT,
+            created_at    REAL NOT NULL
+        );
+        CREATE INDEX served_student ON served (student, answered_by);
+        """,
+    ),
 ]
 
 
@@ -100,6 +127,26 @@ class CallRecord:
     uncertain_usd: float = 0.0  # sent but unanswered: may have been billed (counted against the budget)
     attempts: int = 1
     seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServedRecord:
+    """One served answer (see migration ``0004_served``). ``confidence`` is the student's top probability,
+    also when the teacher answered (it is why the teacher was asked); ``call_key`` names the teacher's row in
+    ``calls`` when the teacher was asked."""
+
+    student: str
+    endpoint: str
+    answered_by: str  # 'student', 'teacher', or 'none' (the teacher was asked and failed)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0  # student compute + teacher_usd
+    teacher_usd: float = 0.0
+    seconds: float = 0.0  # compute seconds behind this answer: the student's share of its batch + the teacher call's
+    confidence: float | None = None
+    call_key: str | None = None
+    cached: bool | None = None  # teacher answers: True when the store already held it (no new call)
+    error: str | None = None
 
 
 class Store:
@@ -264,5 +311,43 @@ class Store:
             stage: {"runs": n, "seconds": s, "cost_usd": c}
             for stage, n, s, c in self.db.execute(
                 "SELECT stage, COUNT(*), SUM(seconds), SUM(cost_usd) FROM compute GROUP BY stage ORDER BY stage"
+            )
+        }
+
+    def record_served(self, records: Sequence[ServedRecord]) -> None:
+        """Add served answers to the ledger, all in one transaction (the server batches them)."""
+        now = time.time()
+        rows = [
+            (r.student, r.endpoint, r.answered_by, r.input_tokens, r.output_tokens, r.cost_usd, r.teacher_usd,
+             r.seconds, r.confidence, r.call_key, None if r.cached is None else int(r.cached), r.error, now)
+            for r in records
+        ]
+        if not rows:
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany(
+                """INSERT INTO served (student, endpoint, answered_by, input_tokens, output_tokens, cost_usd,
+                                       teacher_usd, seconds, confidence, call_key, cached, error, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                rows,
+            )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def served_totals(self, student: str | None = None) -> dict[str, dict[str, float]]:
+        """Served answers so far by who answered ('student', 'teacher', 'none'): requests, tokens, money (all,
+        and the teacher's part), compute seconds, and how many teacher answers came from the store."""
+        where, args = ("WHERE student = ?", (student,)) if student else ("", ())
+        names = ("requests", "input_tokens", "output_tokens", "cost_usd", "teacher_usd", "seconds", "cached")
+        return {
+            who: dict(zip(names, rest))
+            for who, *rest in self.db.execute(
+                f"""SELECT answered_by, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cost_usd),
+                           SUM(teacher_usd), SUM(seconds), COALESCE(SUM(cached), 0)
+                    FROM served {where} GROUP BY answered_by ORDER BY answered_by""",
+                args,
             )
         }

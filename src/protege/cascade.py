@@ -1,0 +1,308 @@
+"""The cascade: the student answers when it is sure enough, the teacher otherwise; and what that costs.
+
+* :class:`TeacherFallback` answers the texts a served student was unsure of with the teacher, through
+  :func:`protege.label.label_examples`: the same backends, the same store as cache (a text labeled before, or
+  asked before, costs nothing), the same budget cap and the same cost records as labeling.
+* :class:`ServedLedger` writes one :class:`protege.store.ServedRecord` per served answer, in batches.
+* :func:`cascade_sweep` computes, on held-out predictions, the cascade's accuracy and cost per 1,000 requests
+  for every threshold, and the cheapest threshold that keeps a chosen share of the teacher's accuracy.
+
+A student answers a text when its top label probability is at least the threshold: threshold 0 sends nothing
+to the teacher, any threshold above 1 sends everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import Example
+from .errors import BudgetReached, PermanentError, ProtegeError
+from .recipe import Recipe
+from .store import ServedRecord, Store, call_key
+
+__all__ = [
+    "ALWAYS_TEACHER",
+    "ServedLedger",
+    "TeacherAnswer",
+    "TeacherFailure",
+    "TeacherFallback",
+    "cascade_sweep",
+    "default_store",
+]
+
+log = logging.getLogger(__name__)
+
+ALWAYS_TEACHER = 1.01  # a threshold no probability reaches: every text goes to the teacher
+
+
+def default_store(student_dir: Path) -> Path | None:
+    """The store of the run that made the student (``protege run`` puts the student beside it), if any."""
+    path = Path(student_dir).resolve().parent / "protege.db"
+    return path if path.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the teacher behind a served student
+
+
+@dataclass(frozen=True)
+class TeacherAnswer:
+    label: str
+    probs: tuple[float, ...]  # in the task's label order
+    call_key: str
+    cached: bool  # the store already held this answer: no call was made for it
+    cost_usd: float  # what asking cost now: API money, or a local teacher's compute at the compute price
+    seconds: float  # the teacher call's time (0 when cached)
+    input_tokens: int  # the teacher call's usage (what the answer took, even when it came from the store)
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class TeacherFailure:
+    """The teacher did not answer: ``status`` 502 (it failed or refused) or 503 (the budget cap is reached)."""
+
+    status: int
+    message: str
+    code: str
+    call_key: str | None = None
+    cost_usd: float = 0.0  # spent on the failed attempts (they may still have been billed)
+
+
+class TeacherFallback:
+    """The teacher of ``recipe``, asked through labeling's code path with ``store_path`` as cache and ledger.
+
+    :meth:`answer` blocks (an API teacher runs the labeling engine's event loop; a local one runs its model), so
+    the server calls it in a worker thread; it opens its own store connection each time.
+    """
+
+    def __init__(self, recipe: Recipe, store_path: Path, compute_usd_per_hour: float):
+        from .engine import ApiTeacher
+        from .teachers import make_teacher
+
+        if recipe.task.kind != "classification":
+            raise ProtegeError("the cascade needs a classification recipe (task.labels); this one generates text")
+        self.recipe = recipe
+        self.store_path = Path(store_path)
+        self.compute_usd_per_hour = compute_usd_per_hour
+        self.teacher = make_teacher(recipe.teacher)
+        self.api = isinstance(self.teacher, ApiTeacher)
+        if (check_key := getattr(self.teacher, "check_key", None)) is not None:
+            check_key()  # a missing key fails before the server listens, not on the first unsure text
+        self.name = recipe.teacher.model
+
+    def answer(self, texts: Sequence[str]) -> list[TeacherAnswer | TeacherFailure]:
+        """The teacher's answer for each text, in order; never raises for a teacher's failure."""
+        from .label import label_examples, requests_for
+
+        examples = [Example(f"served-{i}", t, None, "served") for i, t in enumerate(texts)]
+        # the keys label_examples will use, to see what each text cost (before vs after)
+        keys = [call_key(self.teacher.identity, r.to_json()) for r in requests_for(self.recipe, examples)]
+        failure: TeacherFailure | None = None
+        with Store(self.store_path) as store:
+            before = _usage(store, keys)
+            try:
+                signals, keys, _ = label_examples(self.teacher, self.recipe, examples, store, quiet=True, desc="cascade")
+            except BudgetReached as e:
+                failure = TeacherFailure(503, f"The teacher's budget is spent: {e}", "teacher_budget_reached")
+            except PermanentError as e:
+                failure = TeacherFailure(502, f"The teacher refused the request: {e}", "teacher_refused")
+            except ProtegeError as e:
+                failure = TeacherFailure(502, f"The teacher failed: {e}", "teacher_failed")
+            except Exception:  # a teacher's bug fails these requests, not the server
+                log.exception("the teacher failed on a cascade batch")
+                failure = TeacherFailure(502, "The teacher failed on this request.", "teacher_failed")
+            if failure is not None:  # what finished before the error is in the store
+                held = store.get_signals(keys)
+                signals = [held.get(k) for k in keys]
+            after = _usage(store, keys)
+            reasons = store.failures([k for k, s in zip(keys, signals) if s is None])
+        out: list[TeacherAnswer | TeacherFailure] = []
+        charged: set[str] = set()  # identical texts share one call: its cost goes to the first
+        for key, sig in zip(keys, signals):
+            spent, seconds, new = 0.0, 0.0, False
+            if key not in charged and key in after:
+                b = before.get(key)
+                new = b is None or b[0] != "ok"
+                if new:
+                    spent = after[key][1] - (b[1] if b else 0.0)
+                    seconds = after[key][4] - (b[4] if b else 0.0)
+                    if not self.api:  # a local model's cost is its compute time
+                        spent = seconds / 3600 * self.compute_usd_per_hour
+            charged.add(key)
+            if sig is None or sig.distribution is None:
+                if failure is None:  # this row failed on its own (retries or parse retries used up)
+                    reason = reasons.get(key, ("not answered", None))[0]
+                    failure_here = TeacherFailure(502, f"The teacher failed: {reason}", "teacher_failed")
+                else:
+                    failure_here = failure
+                out.append(TeacherFailure(failure_here.status, failure_here.message, failure_here.code, key, spent))
+                continue
+            _, _, tin, tout, _ = after[key]
+            d = sig.distribution
+            out.append(TeacherAnswer(d.top, tuple(d.probs), key, not new, spent, seconds, tin, tout))
+        return out
+
+
+def _usage(store: Store, keys: Sequence[str]) -> dict[str, tuple[str, float, int, int, float]]:
+    """key -> (status, money spent incl. possibly billed, input tokens, output tokens, seconds) as recorded."""
+    out = {}
+    uniq = list(dict.fromkeys(keys))
+    for i in range(0, len(uniq), 500):
+        chunk = uniq[i : i + 500]
+        q = (f"SELECT key, status, cost_usd + uncertain_usd, input_tokens, output_tokens, seconds FROM calls "
+             f"WHERE key IN ({','.join('?' * len(chunk))})")
+        for key, *rest in store.db.execute(q, chunk):
+            out[key] = tuple(rest)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the served-traffic ledger
+
+
+class ServedLedger:
+    """Collects served answers and writes them to the store in one transaction every ``interval_s`` (and at
+    :meth:`close`), off the event loop, so recording costs a request nothing it would wait for."""
+
+    def __init__(self, store_path: Path, interval_s: float = 0.25):
+        self.store_path = Path(store_path)
+        self.interval_s = interval_s
+        self.pending: list[ServedRecord] = []
+        self.written = 0
+        self._task: asyncio.Task[None] | None = None
+        with Store(self.store_path):  # create or migrate it now: a bad path fails before the server listens
+            pass
+
+    def add(self, records: Sequence[ServedRecord]) -> None:
+        self.pending.extend(records)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def flush(self) -> None:
+        rows, self.pending = self.pending, []
+        if not rows:
+            return
+        try:
+            await asyncio.to_thread(self._write, rows)
+        except Exception:  # keep them for the next flush; serving goes on
+            log.exception("could not write %d served rows to %s", len(rows), self.store_path)
+            self.pending[:0] = rows
+            return
+        self.written += len(rows)
+
+    def _write(self, rows: list[ServedRecord]) -> None:
+        with Store(self.store_path) as store:
+            store.record_served(rows)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.flush()
+
+    async def close(self) -> None:
+        """Stop the periodic writes and write what is left."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the threshold sweep (evaluation)
+
+
+def cascade_sweep(
+    student_probs: np.ndarray,
+    teacher_probs: np.ndarray,
+    gold: np.ndarray,
+    has_gold: np.ndarray,
+    student_usd_per_1k: float,
+    teacher_usd_per_1k: float,
+    keep_fraction: float = 0.95,
+    thresholds: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Accuracy and cost per 1,000 requests of the cascade at each threshold, on held-out predictions.
+
+    At threshold t the student answers a text when its top probability is >= t, the teacher otherwise:
+    accuracy(t) = mean over gold rows of [answer == gold]; cost(t) = student_usd_per_1k (the student reads
+    every request) + fallback(t) * teacher_usd_per_1k, fallback(t) = share of rows below t. Without gold
+    labels, accuracy is agreement with the teacher (``metric`` says which). ``chosen`` is the cheapest
+    threshold whose accuracy is at least keep_fraction * the teacher's (ties: the lowest threshold); the last
+    threshold, :data:`ALWAYS_TEACHER`, always qualifies.
+
+    student_probs, teacher_probs: (N, C); gold: (N,) label indices (-1 where unknown); has_gold: (N,) bool.
+    """
+    if thresholds is None:
+        thresholds = [round(i / 100, 2) for i in range(101)] + [ALWAYS_TEACHER]
+    conf = student_probs.max(1)  # (N,)
+    s_pred, t_pred = student_probs.argmax(1), teacher_probs.argmax(1)
+    if has_gold.any():
+        metric, ref, rows = "accuracy", gold, has_gold
+    else:
+        metric, ref, rows = "agreement_with_teacher", t_pred, np.ones(len(conf), bool)
+    teacher_acc = float((t_pred[rows] == ref[rows]).mean())
+    student_acc = float((s_pred[rows] == ref[rows]).mean())
+    target = keep_fraction * teacher_acc
+    points = []
+    for t in thresholds:
+        student_answers = conf >= t  # (N,)
+        pred = np.where(student_answers, s_pred, t_pred)
+        fallback = float((~student_answers).mean())
+        points.append({
+            "threshold": float(t),
+            "accuracy": float((pred[rows] == ref[rows]).mean()),
+            "teacher_fraction": fallback,
+            "usd_per_1k": student_usd_per_1k + fallback * teacher_usd_per_1k,
+        })
+    ok = [p for p in points if p["accuracy"] >= target - 1e-12]
+    chosen = min(ok, key=lambda p: (p["usd_per_1k"], p["threshold"])) if ok else None
+    return {
+        "metric": metric,
+        "keep_fraction": keep_fraction,
+        "teacher_accuracy": teacher_acc,
+        "student_accuracy": student_acc,
+        "target_accuracy": target,
+        "student_usd_per_1k": student_usd_per_1k,
+        "teacher_usd_per_1k": teacher_usd_per_1k,
+        "points": points,
+        "chosen": chosen,
+    }
+
+
+def served_record(
+    student: str,
+    endpoint: str,
+    confidence: float,
+    student_seconds: float,
+    usd_per_hour: float,
+    tokens: tuple[int, int],
+    teacher: TeacherAnswer | TeacherFailure | None = None,
+) -> ServedRecord:
+    """The ledger row of one served text: the student's compute share always (it read the text), plus what the
+    teacher cost when it was asked. ``tokens``: (input, output) of the model that answered."""
+    student_usd = student_seconds / 3600 * usd_per_hour
+    if teacher is None:
+        return ServedRecord(student, endpoint, "student", tokens[0], tokens[1], student_usd, 0.0, student_seconds,
+                            confidence)
+    if isinstance(teacher, TeacherFailure):
+        return ServedRecord(student, endpoint, "none", 0, 0, student_usd + teacher.cost_usd, teacher.cost_usd,
+                            student_seconds, confidence, teacher.call_key, False, teacher.message)
+    return ServedRecord(student, endpoint, "teacher", teacher.input_tokens, teacher.output_tokens,
+                        student_usd + teacher.cost_usd, teacher.cost_usd, student_seconds + teacher.seconds,
+                        confidence, teacher.call_key, teacher.cached)
+
+
+def log_probs(probs: Sequence[float]) -> list[float]:
+    """Log-probabilities for an OpenAI-style answer; a zero becomes -9999.0, as OpenAI writes it."""
+    return [math.log(p) if p > 0 else -9999.0 for p in probs]
