@@ -26,7 +26,7 @@ import numpy as np
 
 from .data import Example
 from .errors import BudgetReached, PermanentError, ProtegeError
-from .recipe import Recipe
+from .recipe import EvalConfig, Recipe, load_recipe
 from .store import ServedRecord, Store, call_key
 
 __all__ = [
@@ -37,6 +37,8 @@ __all__ = [
     "TeacherFallback",
     "cascade_sweep",
     "default_store",
+    "saved_compute_price",
+    "teacher_recipe",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,40 @@ def default_store(student_dir: Path) -> Path | None:
     """The store of the run that made the student (``protege run`` puts the student beside it), if any."""
     path = Path(student_dir).resolve().parent / "protege.db"
     return path if path.is_file() else None
+
+
+def _saved_recipe(path: Path) -> dict[str, Any]:
+    """The recipe saved with a student, as plain YAML data ({} when there is none or it does not parse)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def saved_compute_price(path: Path) -> float:
+    """``eval.compute_usd_per_hour`` of the student's saved recipe, else the recipe default."""
+    value = (_saved_recipe(path).get("eval") or {}).get("compute_usd_per_hour")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    return float(value) if ok else EvalConfig.model_fields["compute_usd_per_hour"].default
+
+
+def teacher_recipe(student_dir: Path, path: Path | str | None, labels: tuple[str, ...]) -> Recipe:
+    """The recipe whose teacher (and task, which renders the teacher's prompt) the cascade asks: ``path``, or
+    the one saved with the student. Its labels must be the student's, in the same order."""
+    recipe_path = Path(path) if path is not None else student_dir / "recipe.yaml"
+    if not recipe_path.is_file():
+        raise ProtegeError(f"the cascade needs the teacher's recipe and {str(recipe_path)!r} does not exist; "
+                           "pass --teacher-recipe PATH")
+    recipe = load_recipe(recipe_path)
+    if recipe.task.kind != "classification" or recipe.task.label_names != labels:
+        raise ProtegeError(
+            f"the teacher's recipe {str(recipe_path)!r} has labels {list(recipe.task.label_names)}, the student "
+            f"{list(labels)}; a cascade needs the same labels in the same order"
+        )
+    return recipe
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -114,44 +114,6 @@ def _max_length(path: Path, meta: dict[str, Any], model: Any, tok: Any) -> int:
     return min(limits) if limits else 512
 
 
-def _saved_recipe(path: Path) -> dict[str, Any]:
-    """The recipe saved with a student, as plain YAML data ({} when there is none or it does not parse)."""
-    import yaml
-
-    try:
-        data = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _saved_compute_price(path: Path) -> float:
-    """``eval.compute_usd_per_hour`` of the student's saved recipe, else the recipe default."""
-    from .recipe import EvalConfig
-
-    value = (_saved_recipe(path).get("eval") or {}).get("compute_usd_per_hour")
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-    return float(value) if ok else EvalConfig.model_fields["compute_usd_per_hour"].default
-
-
-def _teacher_recipe(student_dir: Path, path: Path | str | None, labels: tuple[str, ...]) -> Any:
-    """The recipe whose teacher (and task, which renders the teacher's prompt) the cascade asks: ``path``, or
-    the one saved with the student. Its labels must be the student's, in the same order."""
-    from .recipe import load_recipe
-
-    recipe_path = Path(path) if path is not None else student_dir / "recipe.yaml"
-    if not recipe_path.is_file():
-        raise ProtegeError(f"the cascade needs the teacher's recipe and {str(recipe_path)!r} does not exist; "
-                           "pass --teacher-recipe PATH")
-    recipe = load_recipe(recipe_path)
-    if recipe.task.kind != "classification" or recipe.task.label_names != labels:
-        raise ProtegeError(
-            f"the teacher's recipe {str(recipe_path)!r} has labels {list(recipe.task.label_names)}, the student "
-            f"{list(labels)}; a cascade needs the same labels in the same order"
-        )
-    return recipe
-
-
 class Classifier:
     """A loaded student: ``predict(texts)`` -> (log-probabilities per text, tokens read per text)."""
 
@@ -783,12 +745,14 @@ def create_app(
         TeacherFallback,
         default_store,
         log_probs,
+        saved_compute_price,
         served_record,
     )
+    from .cascade import teacher_recipe as cascade_recipe  # the name teacher_recipe is this function's argument
 
     store_path = Path(store) if store is not None else default_store(student_dir)
     ledger = ServedLedger(store_path) if store_path is not None and lm is None else None
-    usd_per_hour = compute_usd_per_hour if compute_usd_per_hour is not None else _saved_compute_price(student_dir)
+    usd_per_hour = compute_usd_per_hour if compute_usd_per_hour is not None else saved_compute_price(student_dir)
     teacher_queue: _TeacherQueue | None = None
     if cascade_threshold is not None:
         if lm is not None:
@@ -802,7 +766,7 @@ def create_app(
                 f"the cascade keeps the teacher's answers in the run's store, and there is none at "
                 f"{str(student_dir.resolve().parent / 'protege.db')!r}; pass --store PATH"
             )
-        fallback = TeacherFallback(_teacher_recipe(student_dir, teacher_recipe, clf.labels), store_path, usd_per_hour)
+        fallback = TeacherFallback(cascade_recipe(student_dir, teacher_recipe, clf.labels), store_path, usd_per_hour)
         teacher_queue = _TeacherQueue(clf, max_batch=max(max_batch, 64), wait_s=max(0.0, batch_wait_ms) / 1000,
                                       fallback=fallback, timeout_s=teacher_timeout_s)
     student_name = student_dir.resolve().name
