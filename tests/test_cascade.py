@@ -53,20 +53,38 @@ def reviews(n: int, seed: int) -> list[dict]:
              "label": LABELS[i % 2]} for i in range(n)]
 
 
+def word_tokenizer(path: Path, texts: list[str]) -> Path:
+    """A word-level tokenizer over ``texts`` saved in ``path``: the student is built from scratch on it, and
+    knowing the review words it grows confident on some texts and not on others."""
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t)})
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]").save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def made(tmp_path_factory, llama_server, tiny_classifier_dir) -> Path:  # noqa: F811
+def made(tmp_path_factory, llama_server) -> Path:  # noqa: F811
     """A run labeled by the llama.cpp teacher and a tiny student trained on it, as `protege run` leaves it."""
     base = tmp_path_factory.mktemp("cascade")
-    write_jsonl(base / "data.jsonl", reviews(16, seed=7))
+    data = reviews(16, seed=7)
+    write_jsonl(base / "data.jsonl", data)
+    vocab = word_tokenizer(base / "tokenizer", [r["text"] for r in data] + NEW)
     recipe = {
         "task": {"instruction": "Is the review positive or negative?", "labels": LABELS},
         "data": {"path": "data.jsonl", "eval_fraction": 0.25},
         "teacher": {"model": "openai:smol", "provider": "llamacpp", "base_url": llama_server.base_url,
                     "max_tokens": 3, "concurrency": 4, "timeout_s": 30, "price_input": PRICE_IN,
                     "price_output": PRICE_OUT},
-        "student": {"model": str(tiny_classifier_dir), "init": "scratch", "hidden_size": 16, "num_heads": 2,
-                    "max_length": 32},
-        "training": {"epochs": 2, "batch_size": 8, "hard_label_baseline": False},
+        "student": {"model": str(vocab), "init": "scratch", "hidden_size": 16, "num_heads": 2, "max_length": 32},
+        "training": {"epochs": 20, "batch_size": 4, "learning_rate": 0.01, "hard_label_baseline": False},
         "eval": {"compute_usd_per_hour": USD_PER_HOUR},
         "output_dir": "out",
     }
