@@ -56,7 +56,7 @@ def write_recipe(tmp_path: Path, base_url: str, rows: int, seed: int = 5, **teac
             "base_url": base_url,
             "max_tokens": 3,
             "concurrency": 4,
-            "timeout_s": 20,
+            "timeout_s": 120,  # a loaded machine slows llama.cpp many times over; a timeout here would be a retry the counts do not expect
             "max_retries": 6,
             **teacher,
         },
