@@ -152,10 +152,11 @@ def test_hard_label_samples_and_rationale_record_their_method(tmp_path, llama_se
 
 def test_faults_are_retried_and_every_call_is_counted(tmp_path, proxy):
     faults = ["429", "500", "503", "slow", "cut", "malformed"]
-    proxy.slow_seconds = 9.0
+    proxy.slow_seconds = 40.0
     proxy.plan(faults)
-    # one call at a time: the server is serial, so a queued call must not time out on its own
-    recipe = write_recipe(tmp_path, proxy.base_url, rows=8, concurrency=1, timeout_s=6.0)
+    # one call at a time: the server is serial, so a queued call must not time out on its own; the timeout is
+    # far above a normal call (0.5 s idle, over 10 s on a loaded machine) and far below the slow fault
+    recipe = write_recipe(tmp_path, proxy.base_url, rows=8, concurrency=1, timeout_s=25.0)
     r = load_recipe(recipe)
     stats = label(r, quiet=True)
     assert stats.failed == 0 and stats.called == 8
