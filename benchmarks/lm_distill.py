@@ -25,8 +25,8 @@ import json
 import os
 import platform
 import random
-import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _md import write_section  # noqa: E402
 SECTION = "## LM distillation: sequence vs logits vs top-k (benchmarks/lm_distill.py)"
 
 _TOPICS = ["the sea", "autumn", "a busy kitchen", "trains", "the moon", "coffee", "a library", "rain", "mountains",
@@ -67,16 +69,6 @@ def prompts(n: int, seed: int) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-
-def write_section(md: Path, section: str) -> None:
-    text = md.read_text(encoding="utf-8") if md.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip() + "\n\n", text).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
-    md.write_text(text, encoding="utf-8")
 
 
 def load_avg() -> str:
@@ -212,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "results": results}, indent=1, default=str))
     print(section)
     if not args.quick and not args.no_md:
-        write_section(REPO / "BENCHMARKS.md", section)
+        write_section(REPO / "BENCHMARKS.md", SECTION, section)
         print(f"wrote {SECTION!r} to BENCHMARKS.md")
     return 0
 

@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import platform
-import re
 import socket
 import statistics
 import subprocess
@@ -35,6 +34,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _md import write_section  # noqa: E402
 SECTION = "## Serving: student vs teacher server (benchmarks/serve.py)"
 sys.path.insert(0, str(REPO / "tests"))  # the llama.cpp server fixture's class
 
@@ -128,16 +129,6 @@ def lm_bodies(n: int, model: str) -> list[dict]:
     return [{"model": model, "messages": r["messages"], "max_tokens": 24, "temperature": 0} for r in rows[:n]]
 
 
-def write_section(md: Path, section: str) -> None:
-    text = md.read_text(encoding="utf-8") if md.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip() + "\n\n", text).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
-    md.write_text(text, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -219,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     (REPO / "runs").mkdir(exist_ok=True)
     (REPO / "runs/serve_bench.json").write_text(json.dumps(results, indent=1))
     if not args.quick and not args.no_md:
-        write_section(REPO / "BENCHMARKS.md", section)
+        write_section(REPO / "BENCHMARKS.md", SECTION, section)
         print(f"wrote {SECTION!r} to BENCHMARKS.md")
     return 0
 

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _md import write_section  # noqa: E402
 DATA = REPO.parent / "shared" / "data" / "sst2"  # ../shared/data, beside the repository
 LABELS = ("negative", "positive")
 SECTION = "## SST-2 (benchmarks/sst2.py)"
@@ -243,16 +244,6 @@ def verdict(r: dict) -> list[str]:
     ]
 
 
-def write_section(md: Path, section: str) -> None:
-    text = md.read_text(encoding="utf-8") if md.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip() + "\n\n", text).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
-    md.write_text(text, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="work dir (default runs/sst2, or runs/sst2-quick with --quick)")
@@ -381,7 +372,7 @@ dev set, which is also the only labelled held-out set here, so the chosen settin
   0.4 ms per layer on this machine: a 2-layer student (2.09M, 79.4 / 79.2 / 79.7% over seeds) measured 12-13%
   of the teacher's p50, the 1-layer default about 9-10%.
 """
-    write_section(REPO / "BENCHMARKS.md", section)
+    write_section(REPO / "BENCHMARKS.md", SECTION, section)
     print(f"wrote {SECTION!r} to {REPO / 'BENCHMARKS.md'}")
     return 0
 

@@ -1,0 +1,17 @@
+"""Writing a benchmark's section into BENCHMARKS.md: replaced in place when it is there, appended when not."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+def write_section(md: Path, title: str, section: str) -> None:
+    """Put ``section`` (which starts with the ``title`` heading line) into ``md`` in place of the old one."""
+    text = md.read_text(encoding="utf-8") if md.is_file() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section.rstrip() + "\n\n", text).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
+    md.write_text(text, encoding="utf-8")
