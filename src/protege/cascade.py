@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,9 @@ import numpy as np
 from .data import Example
 from .errors import BudgetReached, PermanentError, ProtegeError
 from .recipe import EvalConfig, Recipe, load_recipe
+from .signals import TeacherSignal
 from .store import ServedRecord, Store, call_key
+from .task import Request
 
 __all__ = [
     "ALWAYS_TEACHER",
@@ -70,15 +72,20 @@ def saved_compute_price(path: Path) -> float:
     return float(value) if ok else EvalConfig.model_fields["compute_usd_per_hour"].default
 
 
-def teacher_recipe(student_dir: Path, path: Path | str | None, labels: tuple[str, ...]) -> Recipe:
+def teacher_recipe(student_dir: Path, path: Path | str | None, labels: tuple[str, ...] | None) -> Recipe:
     """The recipe whose teacher (and task, which renders the teacher's prompt) the cascade asks: ``path``, or
-    the one saved with the student. Its labels must be the student's, in the same order."""
+    the one saved with the student. A classifier student's (``labels``) must have its labels in the same order;
+    a language-model student's (``labels`` None) must be a generation task."""
     recipe_path = Path(path) if path is not None else student_dir / "recipe.yaml"
     if not recipe_path.is_file():
         raise ProtegeError(f"the cascade needs the teacher's recipe and {str(recipe_path)!r} does not exist; "
                            "pass --teacher-recipe PATH")
     recipe = load_recipe(recipe_path)
-    if recipe.task.kind != "classification" or recipe.task.label_names != labels:
+    if labels is None:
+        if recipe.task.kind != "generation":
+            raise ProtegeError(f"the teacher's recipe {str(recipe_path)!r} is a classification task and the student a "
+                               "language model; a cascade needs the recipe of the generation task it learned")
+    elif recipe.task.kind != "classification" or recipe.task.label_names != labels:
         raise ProtegeError(
             f"the teacher's recipe {str(recipe_path)!r} has labels {list(recipe.task.label_names)}, the student "
             f"{list(labels)}; a cascade needs the same labels in the same order"
@@ -92,14 +99,28 @@ def teacher_recipe(student_dir: Path, path: Path | str | None, labels: tuple[str
 
 @dataclass(frozen=True)
 class TeacherAnswer:
-    label: str
-    probs: tuple[float, ...]  # in the task's label order
+    signal: TeacherSignal  # as labeling stores it: a label distribution, or a generated reply
     call_key: str
     cached: bool  # the store already held this answer: no call was made for it
     cost_usd: float  # what asking cost now: API money, or a local teacher's compute at the compute price
     seconds: float  # the teacher call's time (0 when cached)
     input_tokens: int  # the teacher call's usage (what the answer took, even when it came from the store)
     output_tokens: int
+    # a generation's answer: the final answer where the task asks for a rationale first (what a student distilled
+    # step by step answers), else the whole reply
+    text: str | None = None
+
+    @property
+    def label(self) -> str:
+        assert self.signal.distribution is not None
+        return self.signal.distribution.top
+
+    @property
+    def probs(self) -> tuple[float, ...]:
+        """The label distribution in the task's label order."""
+        assert self.signal.distribution is not None
+        return self.signal.distribution.probs
+
 
 
 @dataclass(frozen=True)
@@ -116,7 +137,13 @@ class TeacherFailure:
 class TeacherFallback:
     """The teacher of ``recipe``, asked through labeling's code path with ``store_path`` as cache and ledger.
 
-    :meth:`answer` blocks (an API teacher runs the labeling engine's event loop; a local one runs its model), so
+    A classification recipe's requests are the task's rendering of each text (:meth:`requests`), exactly as
+    labeling sends them, so a text labeled before costs nothing. A generation recipe's are the served
+    conversation itself (:meth:`generation_request`): the student learned from the teacher's rendered prompts,
+    so a client sending one gets labeling's answer from the store. Batch APIs are not used here: a served
+    request cannot wait hours.
+
+    :meth:`ask` blocks (an API teacher runs the labeling engine's event loop; a local one runs its model), so
     the server calls it in a worker thread; it opens its own store connection each time.
     """
 
@@ -124,8 +151,8 @@ class TeacherFallback:
         from .engine import ApiTeacher
         from .teachers import make_teacher
 
-        if recipe.task.kind != "classification":
-            raise ProtegeError("the cascade needs a classification recipe (task.labels); this one generates text")
+        if recipe.teacher.batch_api:
+            recipe = recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update={"batch_api": False})})
         self.recipe = recipe
         self.store_path = Path(store_path)
         self.compute_usd_per_hour = compute_usd_per_hour
@@ -135,18 +162,40 @@ class TeacherFallback:
             check_key()  # a missing key fails before the server listens, not on the first unsure text
         self.name = recipe.teacher.model
 
-    def answer(self, texts: Sequence[str]) -> list[TeacherAnswer | TeacherFailure]:
-        """The teacher's answer for each text, in order; never raises for a teacher's failure."""
-        from .label import label_examples, requests_for
+    def requests(self, texts: Sequence[str]) -> list[Request]:
+        """The teacher's requests for classifying ``texts``, as labeling renders them."""
+        from .label import requests_for
 
-        examples = [Example(f"served-{i}", t, None, "served") for i, t in enumerate(texts)]
-        # the keys label_examples will use, to see what each text cost (before vs after)
-        keys = [call_key(self.teacher.identity, r.to_json()) for r in requests_for(self.recipe, examples)]
+        return requests_for(self.recipe, [Example(f"served-{i}", t, None, "served") for i, t in enumerate(texts)])
+
+    def generation_request(self, messages: Sequence[dict[str, str]], max_tokens: int | None) -> Request:
+        """The teacher's request for a served conversation: greedy, up to ``max_tokens`` (None: the recipe's
+        limit, the one labeling used), with the recipe's top-logprobs and answer format."""
+        from .task import render_generation
+
+        user = [m["content"] for m in messages if m["role"] == "user"]
+        labeled = render_generation(self.recipe.task, user[-1] if user else "", self.recipe.teacher.max_tokens,
+                                    self.recipe.teacher.top_logprobs)
+        assert labeled.generate is not None
+        gen = labeled.generate if max_tokens is None else replace(labeled.generate, max_tokens=max_tokens)
+        return Request(messages=tuple(dict(m) for m in messages), labels=(), text=labeled.text, generate=gen)
+
+    def answer(self, texts: Sequence[str]) -> list[TeacherAnswer | TeacherFailure]:
+        """The teacher's label for each text, in order (see :meth:`ask`)."""
+        return self.ask(self.requests(texts))
+
+    def ask(self, requests: Sequence[Request]) -> list[TeacherAnswer | TeacherFailure]:
+        """The teacher's answer for each request, in order; never raises for a teacher's failure."""
+        from .label import label_requests
+
+        requests = list(requests)
+        # the keys labeling will use, to see what each request cost (before vs after)
+        keys = [call_key(self.teacher.identity, r.to_json()) for r in requests]
         failure: TeacherFailure | None = None
         with Store(self.store_path) as store:
             before = _usage(store, keys)
             try:
-                signals, keys, _ = label_examples(self.teacher, self.recipe, examples, store, quiet=True, desc="cascade")
+                signals, keys, _ = label_requests(self.teacher, self.recipe, requests, store, quiet=True, desc="cascade")
             except BudgetReached as e:
                 failure = TeacherFailure(503, f"The teacher's budget is spent: {e}", "teacher_budget_reached")
             except PermanentError as e:
@@ -162,8 +211,8 @@ class TeacherFallback:
             after = _usage(store, keys)
             reasons = store.failures([k for k, s in zip(keys, signals) if s is None])
         out: list[TeacherAnswer | TeacherFailure] = []
-        charged: set[str] = set()  # identical texts share one call: its cost goes to the first
-        for key, sig in zip(keys, signals):
+        charged: set[str] = set()  # identical requests share one call: its cost goes to the first
+        for key, sig, req in zip(keys, signals, requests):
             spent, seconds, new = 0.0, 0.0, False
             if key not in charged and key in after:
                 b = before.get(key)
@@ -174,7 +223,8 @@ class TeacherFallback:
                     if not self.api:  # a local model's cost is its compute time
                         spent = seconds / 3600 * self.compute_usd_per_hour
             charged.add(key)
-            if sig is None or sig.distribution is None:
+            answered = sig is not None and (sig.text is not None if req.generate else sig.distribution is not None)
+            if not answered:
                 if failure is None:  # this row failed on its own (retries or parse retries used up)
                     reason = reasons.get(key, ("not answered", None))[0]
                     failure_here = TeacherFailure(502, f"The teacher failed: {reason}", "teacher_failed")
@@ -182,9 +232,12 @@ class TeacherFallback:
                     failure_here = failure
                 out.append(TeacherFailure(failure_here.status, failure_here.message, failure_here.code, key, spent))
                 continue
+            assert sig is not None
             _, _, tin, tout, _ = after[key]
-            d = sig.distribution
-            out.append(TeacherAnswer(d.top, tuple(d.probs), key, not new, spent, seconds, tin, tout))
+            text = None
+            if req.generate is not None:
+                text = sig.answer if req.generate.rationale and sig.answer is not None else sig.text
+            out.append(TeacherAnswer(sig, key, not new, spent, seconds, tin, tout, text))
         return out
 
 

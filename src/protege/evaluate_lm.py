@@ -26,7 +26,6 @@ import json
 import math
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import shutil
 import statistics
@@ -42,8 +41,9 @@ import torch
 
 from ._io import atomic_dir, write_json_atomic, write_text_atomic
 from .errors import MissingExtra, ProtegeError
+from .students import student_kind
 
-__all__ = ["DEFAULT_ATOL", "FORMATS", "SAMPLE_TEXTS", "export_student", "student_kind"]
+__all__ = ["DEFAULT_ATOL", "FORMATS", "SAMPLE_TEXTS", "export_student"]
 
 FORMATS = ("onnx", "gguf")
 DEFAULT_ATOL = {"classifier": 1e-4, "lm": 1e-3}  # by student kind; see the module docstring
@@ -65,29 +65,6 @@ SAMPLE_TEXTS = (
 # the student
 
 
-def student_kind(student_dir: Path) -> tuple[str, str]:
-    """("classifier" | "lm", architecture name) from config.json's ``architectures``."""
-    if not student_dir.is_dir():
-        raise ProtegeError(f"{str(student_dir)!r} is not a directory; point `protege export` at a trained student")
-    cfg_path = student_dir / "config.json"
-    if not cfg_path.is_file():
-        raise ProtegeError(
-            f"{str(student_dir)!r} is not a student directory: it has no config.json. "
-            "Point at a directory written by `protege train` (a Hugging Face model directory)"
-        )
-    try:
-        archs = json.loads(cfg_path.read_text(encoding="utf-8")).get("architectures") or []
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-        raise ProtegeError(f"{str(cfg_path)!r} is not a JSON object; the student directory is damaged") from None
-    for arch in archs:
-        if isinstance(arch, str) and arch.endswith("ForSequenceClassification"):
-            return "classifier", arch
-        if isinstance(arch, str) and arch.endswith("ForCausalLM"):
-            return "lm", arch
-    raise ProtegeError(
-        f"{str(cfg_path)!r} names architectures {archs}; export supports sequence classifiers "
-        "(*ForSequenceClassification) and causal LMs (*ForCausalLM)"
-    )
 
 
 def _load(student_dir: Path, kind: str) -> tuple[Any, Any]:
@@ -284,7 +261,7 @@ def export_student(
 
         return export_gguf(student_dir, output, gguf_type=gguf_type, atol=atol, runs=runs, warmup=warmup,
                            threads=threads, texts=texts)
-    kind, arch = student_kind(student_dir)
+    kind, arch = student_kind(student_dir, "protege export")
     atol = DEFAULT_ATOL[kind] if atol is None else atol
     if atol < 0 or runs < 1 or warmup < 0 or threads < 1:
         raise ProtegeError("atol must be >= 0, runs >= 1, warmup >= 0 and threads >= 1")

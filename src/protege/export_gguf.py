@@ -46,7 +46,8 @@ import torch
 
 from ._io import atomic_dir, write_json_atomic, write_text_atomic
 from .errors import MissingExtra, ProtegeError
-from .export import SAMPLE_TEXTS, _load, _ms, parity, student_kind
+from .export import SAMPLE_TEXTS, _load, _ms, parity
+from .students import student_kind
 
 __all__ = ["DEFAULT_ATOL", "GGUF_TYPES", "SUPPORTED", "export_gguf", "permute_qk", "pre_tokenizer", "write_gguf"]
 
@@ -408,7 +409,7 @@ def export_gguf(
     The folder appears whole or not at all: an unsupported student, a tokenization difference or logits outside
     ``atol`` (default DEFAULT_ATOL[gguf_type]) raise ProtegeError and leave any previous export in place."""
     student_dir = Path(student_dir)
-    kind, arch = student_kind(student_dir)
+    kind, arch = student_kind(student_dir, "protege export")
     if kind != "lm":
         raise ProtegeError(f"GGUF export is for causal-LM students; {arch} is a classifier: use --format onnx")
     if arch != SUPPORTED:

@@ -12,15 +12,15 @@ from tqdm.auto import tqdm
 
 from ._io import write_jsonl_atomic
 from .data import Example, load_splits
+from .engine import ApiTeacher, run_api
 from .errors import ProtegeError
 from .recipe import Recipe
-from .engine import ApiTeacher, run_api
 from .signals import TeacherSignal
 from .store import CallRecord, Store, call_key
 from .task import Request, render_generation, render_request
 from .teachers import LocalTeacher, Teacher, make_teacher
 
-__all__ = ["LabelStats", "Estimate", "label_examples", "label", "estimate", "read_signals"]
+__all__ = ["LabelStats", "Estimate", "label_examples", "label_requests", "label", "estimate", "read_signals"]
 
 
 @dataclass
@@ -62,14 +62,20 @@ def label_examples(
     Local teachers: each batch is committed before the next is sent. API teachers: each row is committed as it
     finishes (see :mod:`protege.engine`). Either way a crash loses at most the calls in flight.
     """
-    requests = requests_for(recipe, examples)
+    return label_requests(teacher, recipe, requests_for(recipe, examples), store, quiet, desc)
+
+
+def label_requests(
+    teacher: Teacher, recipe: Recipe, requests: list[Request], store: Store, quiet: bool = False, desc: str = "label"
+) -> tuple[list[TeacherSignal | None], list[str], LabelStats]:
+    """:func:`label_examples` for requests already rendered (the cascade asks with a served conversation)."""
     keys = [call_key(teacher.identity, r.to_json()) for r in requests]
     done = store.get_signals(keys)
     todo: dict[str, Request] = {}
     for k, r in zip(keys, requests):
         if k not in done:
             todo.setdefault(k, r)  # identical texts share one call
-    stats = LabelStats(examples=len(examples), cached=sum(k in done for k in keys))
+    stats = LabelStats(examples=len(requests), cached=sum(k in done for k in keys))
     items = list(todo.items())
     if isinstance(teacher, ApiTeacher):
         if recipe.teacher.batch_api:

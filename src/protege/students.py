@@ -11,7 +11,7 @@ from .errors import ProtegeError
 from .models import resolve_source
 from .recipe import StudentConfig
 
-__all__ = ["build_student", "load_student", "count_parameters"]
+__all__ = ["build_student", "load_student", "count_parameters", "student_kind"]
 
 META = "protege.json"
 
@@ -71,3 +71,30 @@ def load_student(path: Path) -> tuple[Any, Any, dict[str, Any]]:
     model = AutoModelForSequenceClassification.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer, json.loads((path / META).read_text())
+
+
+def student_kind(student_dir: Path, command: str) -> tuple[str, str]:
+    """("classifier" | "lm", architecture name) of a saved student, from its config.json's ``architectures``;
+    ``command`` (e.g. "protege serve") names what the user ran, in the errors."""
+    student_dir = Path(student_dir)
+    if not student_dir.is_dir():
+        raise ProtegeError(f"{str(student_dir)!r} is not a directory; point `{command}` at a trained student")
+    cfg_path = student_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ProtegeError(
+            f"{str(student_dir)!r} is not a trained protege student: it has no config.json. Point `{command}` at "
+            "the student directory `protege train` wrote (a Hugging Face model directory)"
+        )
+    try:
+        archs = json.loads(cfg_path.read_text(encoding="utf-8")).get("architectures") or []
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        raise ProtegeError(f"{str(cfg_path)!r} is not a JSON object; the student directory is damaged") from None
+    for arch in archs:
+        if isinstance(arch, str) and arch.endswith("ForSequenceClassification"):
+            return "classifier", arch
+        if isinstance(arch, str) and arch.endswith("ForCausalLM"):
+            return "lm", arch
+    raise ProtegeError(
+        f"{str(cfg_path)!r} names architectures {archs}; `{command}` supports sequence classifiers "
+        "(*ForSequenceClassification) and causal LMs (*ForCausalLM)"
+    )

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import threading
 import time
 import uuid
@@ -22,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GenerationParams", "Generation", "LMGenerator", "chat_completion"]
+__all__ = ["GenerationParams", "Generation", "LMGenerator", "chat_completion", "generate", "respond"]
 
 MAX_STOP = 4  # as OpenAI
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class Generation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     tokens: list[dict[str, Any]] = field(default_factory=list)  # OpenAI logprobs.content entries
+    confidence: float = 0.0  # the student's sequence-level confidence (see LMGenerator.generate)
+    seconds: float = 0.0  # compute time of the decoding
+    deltas: list[str] = field(default_factory=list)  # the text as streamed, piece by piece
 
 
 def _entry(token: str, lp: float, top: list[tuple[str, float]] | None) -> dict[str, Any]:
@@ -60,8 +66,8 @@ class LMGenerator:
     def __init__(self, path: Path | str):
         import torch
 
-        from .lm_students import load_lm_student
-        from .train_lm import ANSWER_PREFIX, prompt_ids
+        from ..lm_students import load_lm_student
+        from ..train_lm import ANSWER_PREFIX, prompt_ids
 
         self.model, self.tokenizer, self.meta = load_lm_student(Path(path))
         self._prompt_ids = prompt_ids
@@ -75,13 +81,13 @@ class LMGenerator:
         self.context = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self._torch = torch
         self._lock = threading.Lock()
-        from .teachers.hf import _cache_kwarg
+        from ..teachers.hf import _cache_kwarg
 
         self._cache_kw = _cache_kwarg(self.model)  # transformers 5 renamed past_key_values to cache
 
     def prompt(self, messages: list[dict[str, str]]) -> list[int]:
         if self.answer_prefix:
-            from .train_lm import _prefixed
+            from ..train_lm import _prefixed
 
             messages = list(_prefixed(tuple(messages), self.answer_prefix))
         return self._prompt_ids(self.tokenizer, messages)
@@ -89,7 +95,11 @@ class LMGenerator:
     def generate(
         self, messages: list[dict[str, str]], p: GenerationParams, on_text: Callable[[str], None] | None = None
     ) -> Generation:
-        """Decode an answer; ``on_text(delta)`` receives the text as it becomes final (for streaming)."""
+        """Decode an answer; ``on_text(delta)`` receives the text as it becomes final (for streaming).
+
+        The answer's ``confidence`` is the geometric mean of the probabilities the model gave its chosen tokens
+        (temperature 1), the end-of-answer token included when the model stopped by itself: exp of the mean
+        token log-probability, in (0, 1] like a classifier's top label probability; 0 for an empty decoding."""
         torch = self._torch
         tok = self.tokenizer
         ids = self.prompt(messages)
@@ -99,7 +109,9 @@ class LMGenerator:
         hold = max((len(s) for s in p.stop), default=1) - 1  # characters that may still start a stop string
         produced: list[int] = []
         sent = 0  # characters of the answer already handed to on_text
+        chosen: list[float] = []  # log-probability of each chosen token
         with self._lock, torch.inference_mode():
+            t0 = time.perf_counter()
             past = None
             step_ids = torch.tensor([ids])
             for _ in range(budget):
@@ -109,6 +121,7 @@ class LMGenerator:
                 logits = res.logits[0, -1].float()
                 logp = torch.log_softmax(logits, -1)
                 nxt = self._pick(logits, p, gen)
+                chosen.append(float(logp[nxt]))
                 if nxt in self.stops:
                     out.finish_reason = "stop"
                     break
@@ -119,7 +132,7 @@ class LMGenerator:
                     if p.top_logprobs:
                         v, i = logp.topk(p.top_logprobs)
                         top = [(tok.decode([a]), b) for a, b in zip(i.tolist(), v.tolist())]
-                    out.tokens.append(_entry(tok.decode([nxt]), float(logp[nxt]), top))
+                    out.tokens.append(_entry(tok.decode([nxt]), chosen[-1], top))
                 text = tok.decode(produced, skip_special_tokens=True)
                 cut = min((i for s in p.stop if (i := text.find(s)) >= 0), default=-1)
                 if cut >= 0:
@@ -127,13 +140,21 @@ class LMGenerator:
                     break
                 out.text = text
                 ready = len(text) - hold
-                if on_text is not None and ready > sent and not text.endswith("\ufffd"):
-                    on_text(text[sent:ready])
+                if ready > sent and not text.endswith("\ufffd"):
+                    self._emit(out, text[sent:ready], on_text)
                     sent = ready
                 step_ids = torch.tensor([[nxt]])
-        if on_text is not None and len(out.text) > sent:
-            on_text(out.text[sent:])
+            out.seconds = time.perf_counter() - t0
+        if len(out.text) > sent:
+            self._emit(out, out.text[sent:], on_text)
+        out.confidence = math.exp(sum(chosen) / len(chosen)) if chosen else 0.0
         return out
+
+    @staticmethod
+    def _emit(out: Generation, delta: str, on_text: Callable[[str], None] | None) -> None:
+        out.deltas.append(delta)
+        if on_text is not None:
+            on_text(delta)
 
     def _pick(self, logits: Any, p: GenerationParams, gen: Any) -> int:
         torch = self._torch
@@ -161,37 +182,89 @@ def _rationale_weight(path: Path) -> float:
 _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="protege-generate")
 
 
+async def generate(gen: LMGenerator, messages: list[dict[str, str]], p: GenerationParams) -> Generation:
+    """A whole answer, decoded in the generation worker thread (the event loop goes on meanwhile)."""
+    return await asyncio.get_running_loop().run_in_executor(_pool, gen.generate, messages, p, None)
+
+
+def _usage(g: Generation) -> dict[str, int]:
+    return {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
+            "total_tokens": g.prompt_tokens + g.completion_tokens}
+
+
+class _Completion:
+    """One chat completion's response, as JSON or as OpenAI's server-sent chunks."""
+
+    def __init__(self, model_id: str, p: GenerationParams, include_usage: bool):
+        self.p, self.include_usage = p, include_usage
+        self.base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id,
+                     "system_fingerprint": None}
+
+    def logprobs(self, g: Generation) -> dict[str, Any] | None:
+        return {"content": g.tokens, "refusal": None} if self.p.logprobs else None
+
+    def json(self, g: Generation, headers: dict[str, str]) -> Any:
+        from fastapi.responses import JSONResponse
+
+        choice = {"index": 0, "message": {"role": "assistant", "content": g.text, "refusal": None},
+                  "logprobs": self.logprobs(g), "finish_reason": g.finish_reason}
+        return JSONResponse({**self.base, "object": "chat.completion", "choices": [choice], "usage": _usage(g)},
+                            headers=headers)
+
+    def event(self, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return "data: " + json.dumps({**self.base, "object": "chat.completion.chunk", "choices": [choice]}) + "\n\n"
+
+    def first(self) -> str:
+        return self.event({"role": "assistant", "content": ""})
+
+    def last(self, g: Generation) -> list[str]:
+        """The final chunk (finish reason, logprobs), the usage chunk if asked for, and [DONE]."""
+        out = [self.event({}, g.finish_reason, self.logprobs(g))]
+        if self.include_usage:
+            chunk = {**self.base, "object": "chat.completion.chunk", "choices": [], "usage": _usage(g)}
+            out.append("data: " + json.dumps(chunk) + "\n\n")
+        return out + ["data: [DONE]\n\n"]
+
+    @staticmethod
+    def stream(events: AsyncIterator[str], headers: dict[str, str]) -> Any:
+        from fastapi.responses import StreamingResponse
+
+        return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+
+
+def respond(
+    g: Generation, p: GenerationParams, *, model_id: str, stream: bool, include_usage: bool, headers: dict[str, str]
+) -> Any:
+    """The response for a finished answer (the cascade decides who answers before anything is sent): JSON, or
+    its text replayed as server-sent chunks in the pieces it was produced in."""
+    c = _Completion(model_id, p, include_usage)
+    if not stream:
+        return c.json(g, headers)
+
+    async def sse() -> AsyncIterator[str]:
+        yield c.first()
+        for delta in g.deltas or ([g.text] if g.text else []):
+            yield c.event({"content": delta})
+        for event in c.last(g):
+            yield event
+
+    return c.stream(sse(), headers)
+
+
 async def chat_completion(
     gen: LMGenerator, messages: list[dict[str, str]], p: GenerationParams, *, model_id: str, stream: bool,
-    include_usage: bool, headers: dict[str, str],
+    include_usage: bool, headers: dict[str, str], on_done: Callable[[Generation], None] | None = None,
 ) -> Any:
-    """The response (JSON, or server-sent events) for one chat completion from an LM student."""
-    from fastapi.responses import JSONResponse, StreamingResponse
-
+    """The response (JSON, or server-sent events sent as the text is decoded) for one chat completion from an
+    LM student; ``on_done(generation)`` runs once the answer is complete (the served-traffic ledger)."""
     loop = asyncio.get_running_loop()
-    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id,
-            "system_fingerprint": None}
-
-    def usage(g: Generation) -> dict[str, int]:
-        return {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
-                "total_tokens": g.prompt_tokens + g.completion_tokens}
-
+    c = _Completion(model_id, p, include_usage)
     if not stream:
-        g = await loop.run_in_executor(_pool, gen.generate, messages, p, None)
-        return JSONResponse(
-            {
-                **base,
-                "object": "chat.completion",
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": g.text, "refusal": None},
-                    "logprobs": {"content": g.tokens, "refusal": None} if p.logprobs else None,
-                    "finish_reason": g.finish_reason,
-                }],
-                "usage": usage(g),
-            },
-            headers=headers,
-        )
+        g = await generate(gen, messages, p)
+        if on_done is not None:
+            on_done(g)
+        return c.json(g, headers)
 
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -202,36 +275,27 @@ async def chat_completion(
         try:
             g = gen.generate(messages, p, on_text)
             loop.call_soon_threadsafe(queue.put_nowait, ("done", g))
-        except Exception as e:  # reported to the client as a final error event, never swallowed
+        except Exception as e:  # logged, and reported to the client as a final error event
+            log.exception("the student failed while generating")
             loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
 
     future = loop.run_in_executor(_pool, work)
-    chunk = {**base, "object": "chat.completion.chunk"}
-
-    def event(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
-        return "data: " + json.dumps(
-            {**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-        ) + "\n\n"
 
     async def sse() -> AsyncIterator[str]:
-        yield event({"role": "assistant", "content": ""})
-        while True:
-            kind, value = await queue.get()
-            if kind == "text":
-                yield event({"content": value})
-            elif kind == "error":
-                err = {"error": {"message": "The server had an error while generating.", "type": "server_error",
-                                 "param": None, "code": None}}
-                yield f"data: {json.dumps(err)}\n\n"
-                break
-            else:
-                g: Generation = value
-                logprobs = {"content": g.tokens, "refusal": None} if p.logprobs else None
-                yield event({}, g.finish_reason, logprobs)
-                if include_usage:
-                    yield "data: " + json.dumps({**chunk, "choices": [], "usage": usage(g)}) + "\n\n"
-                break
+        yield c.first()
+        while (item := await queue.get())[0] == "text":
+            yield c.event({"content": item[1]})
         await future
-        yield "data: [DONE]\n\n"
+        kind, value = item
+        if kind == "error":
+            err = {"error": {"message": "The server had an error while generating.", "type": "server_error",
+                             "param": None, "code": None}}
+            yield f"data: {json.dumps(err)}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        if on_done is not None:
+            on_done(value)
+        for event in c.last(value):
+            yield event
 
-    return StreamingResponse(sse(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+    return c.stream(sse(), headers)
