@@ -11,7 +11,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from protege.cascade import ALWAYS_TEACHER, cascade_sweep
+from protege.cascade import ALWAYS_TEACHER, cascade_sweep, sweep
 from protege.cli import cli
 from protege.cost import lifetime
 from protege.errors import ProtegeError
@@ -65,6 +65,24 @@ def test_sweep_default_grid_runs_from_all_student_to_all_teacher():
     assert costs == sorted(costs)  # a higher threshold never sends fewer texts to the teacher
     # the cheapest grid point at or above 0.76 accuracy: any threshold in (0.55, 0.6] gives 0.8 at cost 3
     assert r["chosen"]["threshold"] == 0.56 and r["chosen"]["usd_per_1k"] == pytest.approx(3.0)
+
+
+def test_generic_sweep_with_graded_scores_and_unscored_rows_by_hand():
+    """What an LM student's sweep gets: scores in [0, 1] (e.g. similarity to a reference) and rows without a
+    reference, which are routed and paid for but not scored."""
+    conf = np.array([0.9, 0.5, 0.3, 0.7])
+    s_score = np.array([1.0, 0.25, 0.0, 0.5])
+    t_score = np.array([1.0, 1.0, 0.5, 0.0])
+    scored = np.array([True, True, True, False])
+    r = sweep(conf, s_score, t_score, scored, "similarity", "geometric mean token probability", 2.0, 20.0,
+              keep_fraction=0.9, thresholds=[0.0, 0.4, 0.6, 1.01])
+    assert r["rows"] == 3 and r["metric"] == "similarity"
+    assert r["teacher_accuracy"] == pytest.approx(2.5 / 3) and r["student_accuracy"] == pytest.approx(1.25 / 3)
+    got = [(p["accuracy"], p["teacher_fraction"], p["usd_per_1k"]) for p in r["points"]]
+    # t=0.4: the 0.3 row goes (0 -> 0.5); t=0.6: the 0.5 row too (0.25 -> 1); the unscored 0.7 row stays
+    want = [(1.25 / 3, 0.0, 2.0), (1.75 / 3, 0.25, 7.0), (2.5 / 3, 0.5, 12.0), (2.5 / 3, 1.0, 22.0)]
+    assert got == [pytest.approx(w) for w in want]
+    assert r["chosen"]["threshold"] == 0.6  # 0.9 of 2.5/3 = 0.75: only 0.6 and above reach it; 0.6 is cheaper
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def test_generation_recipe_runs_end_to_end_in_each_mode(tmp_path, sharp_teacher,
     recipe = write_recipe(tmp_path, sharp_teacher, distill)
     res = CliRunner().invoke(cli, ["run", str(recipe), "-q"])
     assert res.exit_code == 0, res.output
-    assert "top-1 agreement" in res.output and "KL" in res.output
+    assert "top-1 agreement" in res.output and "KL" in res.output and "cascade: threshold" in res.output
     out = tmp_path / "out"
     meta = json.loads((out / "student/protege.json").read_text())
     assert meta["kind"] == "causal_lm" and meta["distill"] == distill and meta["steps"] == 12
@@ -97,6 +97,23 @@ def test_generation_recipe_runs_end_to_end_in_each_mode(tmp_path, sharp_teacher,
     with __import__("sqlite3").connect(out / "protege.db") as db:
         stages = {row[0] for row in db.execute("SELECT stage FROM compute")}
     assert {"label", "train:student", "eval"} <= stages
+
+    # the cascade sweep over the student's held-out answers: its confidence is the one the server routes by
+    c = report["cascade"]
+    assert c["metric"] == "exact_match" and c["rows"] == 6 and c["confidence"] == "geometric mean token probability"
+    assert c["student_usd_per_1k"] == s["usd_per_1k"] and c["teacher_usd_per_1k"] == t["usd_per_1k"]
+    if distill == "sequence":
+        from protege.label import read_signals
+        from protege.recipe import load_recipe
+        from protege.serve.lm import GenerationParams, LMGenerator
+
+        gen = LMGenerator(out / "student")
+        conf = [gen.generate(list(r["messages"]), GenerationParams(8, temperature=0)).confidence
+                for r in read_signals(load_recipe(recipe), "eval")]
+        for p in c["points"]:
+            assert p["teacher_fraction"] == pytest.approx(sum(x < p["threshold"] for x in conf) / len(conf))
+    assert (out / "plots" / "cascade.png").is_file() and report["plots"] == ["plots/cascade.png"]
+    assert "## Cascade" in (out / "report.md").read_text()
 
     again = CliRunner().invoke(cli, ["run", str(recipe), "-q"])
     assert again.exit_code == 0 and "0 teacher calls" in again.output and "up to date, skipped" in again.output

@@ -4,11 +4,13 @@
   :func:`protege.label.label_examples`: the same backends, the same store as cache (a text labeled before, or
   asked before, costs nothing), the same budget cap and the same cost records as labeling.
 * :class:`ServedLedger` writes one :class:`protege.store.ServedRecord` per served answer, in batches.
-* :func:`cascade_sweep` computes, on held-out predictions, the cascade's accuracy and cost per 1,000 requests
-  for every threshold, and the cheapest threshold that keeps a chosen share of the teacher's accuracy.
+* :func:`sweep` computes, on held-out answers, the cascade's quality and cost per 1,000 requests for every
+  threshold, and the cheapest threshold that keeps a chosen share of the teacher's quality
+  (:func:`cascade_sweep` for a classifier's predictions; :mod:`protege.evaluate_lm` for an LM student's answers).
 
-A student answers a text when its top label probability is at least the threshold: threshold 0 sends nothing
-to the teacher, any threshold above 1 sends everything.
+A student answers when its confidence (a classifier's top label probability; an LM's geometric mean token
+probability, see :mod:`protege.serve`) is at least the threshold: threshold 0 sends nothing to the teacher,
+any threshold above 1 sends everything.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "TeacherFailure",
     "TeacherFallback",
     "cascade_sweep",
+    "sweep",
     "default_store",
     "saved_compute_price",
     "teacher_recipe",
@@ -321,36 +324,57 @@ def cascade_sweep(
     keep_fraction: float = 0.95,
     thresholds: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy and cost per 1,000 requests of the cascade at each threshold, on held-out predictions.
-
-    At threshold t the student answers a text when its top probability is >= t, the teacher otherwise:
-    accuracy(t) = mean over gold rows of [answer == gold]; cost(t) = student_usd_per_1k (the student reads
-    every request) + fallback(t) * teacher_usd_per_1k, fallback(t) = share of rows below t. Without gold
-    labels, accuracy is agreement with the teacher (``metric`` says which). ``chosen`` is the cheapest
-    threshold whose accuracy is at least keep_fraction * the teacher's (ties: the lowest threshold); the last
-    threshold, :data:`ALWAYS_TEACHER`, always qualifies.
+    """:func:`sweep` for a classifier: confidence is the student's top label probability, a row scores 1 when
+    the answer equals the gold label (``metric`` accuracy), or without gold labels the teacher's label
+    (``agreement_with_teacher``).
 
     student_probs, teacher_probs: (N, C); gold: (N,) label indices (-1 where unknown); has_gold: (N,) bool.
     """
-    if thresholds is None:
-        thresholds = [round(i / 100, 2) for i in range(101)] + [ALWAYS_TEACHER]
-    conf = student_probs.max(1)  # (N,)
     s_pred, t_pred = student_probs.argmax(1), teacher_probs.argmax(1)
     if has_gold.any():
         metric, ref, rows = "accuracy", gold, has_gold
     else:
-        metric, ref, rows = "agreement_with_teacher", t_pred, np.ones(len(conf), bool)
-    teacher_acc = float((t_pred[rows] == ref[rows]).mean())
-    student_acc = float((s_pred[rows] == ref[rows]).mean())
+        metric, ref, rows = "agreement_with_teacher", t_pred, np.ones(len(s_pred), bool)
+    return sweep(student_probs.max(1), (s_pred == ref).astype(float), (t_pred == ref).astype(float), rows, metric,
+                 "top label probability", student_usd_per_1k, teacher_usd_per_1k, keep_fraction, thresholds)
+
+
+def sweep(
+    confidence: np.ndarray,
+    student_score: np.ndarray,
+    teacher_score: np.ndarray,
+    scored: np.ndarray,
+    metric: str,
+    confidence_kind: str,
+    student_usd_per_1k: float,
+    teacher_usd_per_1k: float,
+    keep_fraction: float = 0.95,
+    thresholds: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Quality and cost per 1,000 requests of the cascade at each threshold, on held-out answers.
+
+    At threshold t the student answers a row when its confidence is >= t, the teacher otherwise:
+    quality(t) = mean over scored rows of the answering model's score; cost(t) = student_usd_per_1k (the
+    student reads every request) + fallback(t) * teacher_usd_per_1k, fallback(t) = share of all rows below t.
+    ``chosen`` is the cheapest threshold whose quality is at least keep_fraction * the teacher's (ties: the
+    lowest threshold); the last threshold, :data:`ALWAYS_TEACHER`, always qualifies.
+
+    All arrays are (N,): confidence in [0, 1], scores in [0, 1] (1: right), scored: rows with a score.
+    """
+    if thresholds is None:
+        thresholds = [round(i / 100, 2) for i in range(101)] + [ALWAYS_TEACHER]
+    rows = scored.astype(bool)
+    teacher_acc = float(teacher_score[rows].mean()) if rows.any() else 0.0
+    student_acc = float(student_score[rows].mean()) if rows.any() else 0.0
     target = keep_fraction * teacher_acc
     points = []
     for t in thresholds:
-        student_answers = conf >= t  # (N,)
-        pred = np.where(student_answers, s_pred, t_pred)
+        student_answers = confidence >= t  # (N,)
+        score = np.where(student_answers, student_score, teacher_score)
         fallback = float((~student_answers).mean())
         points.append({
             "threshold": float(t),
-            "accuracy": float((pred[rows] == ref[rows]).mean()),
+            "accuracy": float(score[rows].mean()) if rows.any() else 0.0,
             "teacher_fraction": fallback,
             "usd_per_1k": student_usd_per_1k + fallback * teacher_usd_per_1k,
         })
@@ -358,6 +382,8 @@ def cascade_sweep(
     chosen = min(ok, key=lambda p: (p["usd_per_1k"], p["threshold"])) if ok else None
     return {
         "metric": metric,
+        "confidence": confidence_kind,
+        "rows": int(rows.sum()),
         "keep_fraction": keep_fraction,
         "teacher_accuracy": teacher_acc,
         "student_accuracy": student_acc,

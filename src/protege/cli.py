@@ -347,6 +347,12 @@ def _print_report(report: dict[str, Any], r: Recipe) -> None:
         else:
             quality = f"accuracy {pct(m['accuracy'])}"
         click.echo(f"{key:>13}: {quality}, p50 {m['latency_ms_p50']:.1f} ms, ${m['usd_per_1k']:.5f}/1k")
+    c = report.get("cascade")
+    if c and c["chosen"] is not None:
+        ch = c["chosen"]
+        click.echo(f"      cascade: threshold {ch['threshold']:g} keeps {pct(ch['accuracy'])} against the teacher's "
+                   f"{pct(c['teacher_accuracy'])}, {pct(ch['teacher_fraction'])} to the teacher, "
+                   f"${ch['usd_per_1k']:.5f}/1k (`protege serve --cascade-threshold {ch['threshold']:g}`)")
     click.echo(f"report: {r.output_dir / 'report.md'}")
 
 

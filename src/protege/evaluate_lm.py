@@ -78,8 +78,10 @@ def _forced(model: Any, prompt: list[int], target: list[int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _generate(model: Any, tok: Any, prompt: list[int], max_new_tokens: int) -> tuple[str, int, float]:
-    """(text, generated tokens, seconds) of greedy generation for one prompt."""
+def _generate(model: Any, tok: Any, prompt: list[int], max_new_tokens: int) -> tuple[str, int, float, float]:
+    """(text, generated tokens, seconds, confidence) of greedy generation for one prompt. The confidence is the
+    one the server's cascade uses (:mod:`protege.serve`): exp of the mean log-probability of the chosen tokens,
+    the end token included when the model stopped by itself."""
     stops = _eos(tok, model)
     t0 = time.perf_counter()
     out = model.generate(
@@ -92,11 +94,16 @@ def _generate(model: Any, tok: Any, prompt: list[int], max_new_tokens: int) -> t
         top_k=None,
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else (stops or [None])[0],
         eos_token_id=stops or None,
+        output_scores=True,
+        return_dict_in_generate=True,
     )
     seconds = time.perf_counter() - t0
-    new = out[0, len(prompt) :].tolist()
+    new = out.sequences[0, len(prompt) :].tolist()
     n = next((i for i, t in enumerate(new) if t in stops), len(new))
-    return tok.decode(new[:n], skip_special_tokens=True), n, seconds
+    chosen = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)[0]
+    chosen = chosen[: min(len(new), n + 1)].float()  # the answer's tokens, and the end token if it stopped
+    confidence = math.exp(float(chosen.mean())) if len(chosen) else 0.0
+    return tok.decode(new[:n], skip_special_tokens=True), n, seconds, confidence
 
 
 def _quantiles(xs: list[float]) -> tuple[float, float]:
@@ -119,13 +126,16 @@ def lm_figures(
     teacher_tok: Any = None,
     generate: bool = True,
     answer_prefix: str | None = None,
+    record: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The figures above for one model over held-out generation rows (see :mod:`protege.label`'s signal
     dataset). ``teacher_model`` (a local teacher, same tokenizer) gives the full-vocabulary KL.
 
     ``answer_prefix``: a student distilled step-by-step answers after this prefix on the last user turn and
     writes the answer alone; it is then scored on the teacher's answers (not its whole replies, which hold the
-    rationale), and no KL is reported (the teacher answered in another context, after its rationale)."""
+    rationale), and no KL is reported (the teacher answered in another context, after its rationale).
+
+    ``record``, if given, receives one {"row", "answer", "confidence"} per generated answer (the cascade sweep)."""
     from .train_lm import _prefixed, prompt_ids
     rationale = recipe.task.answer_format == "rationale"
     max_new = recipe.teacher.max_tokens or (512 if rationale else 256)
@@ -178,12 +188,14 @@ def lm_figures(
             kl_n += int(count)
             kl_kind = kl_kind or f"top-{k} + tail"
         if generate:
-            text, n_new, seconds = _generate(model, tok, prompt, max_new)
+            text, n_new, seconds, confidence = _generate(model, tok, prompt, max_new)
             lat.append(1e3 * seconds)
             gen_tokens += n_new
             gen_seconds += seconds
             answer = text.strip() if answer_prefix else parse_answer(text, rationale)
             answers.append(answer)
+            if record is not None:
+                record.append({"row": r, "answer": answer, "confidence": confidence})
             if r.get("answer") is not None:
                 answer_agree.append(answer is not None and _norm(answer) == _norm(r["answer"]))
             if recipe.task.metric and r.get("gold") is not None:
@@ -271,7 +283,9 @@ def evaluate_lm(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict
     from .train_lm import ANSWER_PREFIX
 
     prefix = ANSWER_PREFIX if recipe.training.rationale_weight > 0 else None
-    s = lm_figures(model, tok, rows, recipe, teacher_model=t_model, teacher_tok=t_tok, answer_prefix=prefix)
+    answered: list[dict[str, Any]] = []
+    s = lm_figures(model, tok, rows, recipe, teacher_model=t_model, teacher_tok=t_tok, answer_prefix=prefix,
+                   record=answered)
     usd_h = recipe.eval.compute_usd_per_hour
     student = {
         "name": "distilled student",
@@ -293,13 +307,50 @@ def evaluate_lm(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict
         "teacher_without_answer": sum(r.get("answer") is None for r in rows),
         "models": {"teacher": teacher, STUDENT_DIR: student},
     }
+    if recipe.eval.cascade_sweep and answered:
+        report["cascade"] = {"student": STUDENT_DIR, **_cascade(answered, recipe, student, teacher)}
     with Store(recipe.store_path) as store:
         store.log_compute("eval", time.perf_counter() - started, examples=len(rows))
         report["ledger"] = {"teacher": store.teacher_totals(recipe.teacher.model), "compute": store.compute_totals()}
+    report["plots"] = []
+    if report.get("cascade"):
+        from .report import cascade_plot
+
+        report["plots"].append(cascade_plot(report, out))
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", _markdown(report, recipe))
     recipe.save(out / "recipe.yaml")
     return report
+
+
+def _cascade(answered: list[dict[str, Any]], recipe: Recipe, student: dict[str, Any],
+             teacher: dict[str, Any]) -> dict[str, Any]:
+    """The threshold sweep over the student's held-out answers (:func:`protege.cascade.sweep`): scored by the
+    task metric where the rows have reference answers, else by agreement with the teacher's answer."""
+    import numpy as np
+
+    from .cascade import sweep
+
+    metric = recipe.task.metric
+    with_gold = bool(metric) and any(a["row"].get("gold") is not None for a in answered)
+    s_score, t_score, scored = [], [], []
+    for a in answered:
+        r = a["row"]
+        if with_gold:
+            ok = r.get("gold") is not None
+            s_score.append(score_answer(metric, a["answer"], r["gold"]) if ok else 0.0)
+            t_score.append(score_answer(metric, r.get("answer"), r["gold"]) if ok else 0.0)
+        else:
+            ok = r.get("answer") is not None
+            s_score.append(float(ok and a["answer"] is not None and _norm(a["answer"]) == _norm(r["answer"])))
+            t_score.append(1.0)
+        scored.append(ok)
+    teacher_usd = teacher.get("usd_per_1k")
+    if teacher_usd is None:
+        teacher_usd = 0.0
+    return sweep(np.array([a["confidence"] for a in answered]), np.array(s_score), np.array(t_score),
+                 np.array(scored), metric if with_gold else "agreement_with_teacher",
+                 "geometric mean token probability", student["usd_per_1k"], teacher_usd, recipe.eval.keep_fraction)
 
 
 def _fmt(x: Any, spec: str = ".3f", pct: bool = False) -> str:
@@ -342,6 +393,11 @@ def _markdown(report: dict[str, Any], recipe: Recipe) -> str:
         f"local models is that time at ${recipe.eval.compute_usd_per_hour}/hour. An API teacher's figures are "
         "what labeling recorded.",
     ]
+    if report.get("cascade"):
+        from .report import cascade_lines
+
+        lines += cascade_lines(report["cascade"])
+        lines += ["", "![cascade](plots/cascade.png)"]
     if report["teacher_without_answer"]:
         lines.append(
             f"\nThe teacher's reply had no final 'Answer:' line on {report['teacher_without_answer']} held-out "

@@ -374,9 +374,10 @@ class EvalConfig(_Section):
     )
     cascade_sweep: bool = Field(
         True,
-        description="Classification: sweep the cascade's threshold (the student answers when its top probability "
-        "is at least it, the teacher otherwise) over the held-out split: accuracy and cost per 1,000 requests, "
-        "plots/cascade.png, the report's cascade section. Uses predictions already made; no teacher calls.",
+        description="Sweep the cascade's threshold (the student answers when its confidence, a classifier's top "
+        "label probability or an LM's geometric mean token probability, is at least it; the teacher otherwise) over "
+        "the held-out split: quality and cost per 1,000 requests, plots/cascade.png, the report's cascade section. "
+        "Uses answers already made; no teacher calls.",
     )
     keep_fraction: float = Field(
         0.95, gt=0.0, le=1.0,

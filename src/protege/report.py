@@ -10,7 +10,7 @@ import numpy as np
 from ._io import write_json_atomic, write_text_atomic
 from .recipe import Recipe
 
-__all__ = ["write_report"]
+__all__ = ["cascade_lines", "cascade_plot", "write_report"]
 
 
 def _pct(x: float | None) -> str:
@@ -113,11 +113,28 @@ def _plots(report: dict[str, Any], preds: dict[str, np.ndarray], gold: np.ndarra
     return files
 
 
+def cascade_plot(report: dict[str, Any], out: Path) -> str:
+    """plots/cascade.png alone (the generation report has no other plots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    return _cascade_plot(report, out, plt)
+
+
+def _metric_name(metric: str) -> str:
+    return {"accuracy": "accuracy on held-out gold labels", "agreement_with_teacher": "agreement with the teacher",
+            "exact_match": "exact match with the references", "similarity": "similarity to the references"}.get(
+        metric, metric.replace("_", " "))
+
+
 def _cascade_plot(report: dict[str, Any], out: Path, plt: Any) -> str:
     """Accuracy against cost per 1,000 requests along the cascade's thresholds, the chosen one marked."""
     c = report["cascade"]
     pts = c["points"]
-    metric = "accuracy on held-out gold labels" if c["metric"] == "accuracy" else "agreement with the teacher"
+    metric = _metric_name(c["metric"])
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.plot([p["usd_per_1k"] for p in pts], [p["accuracy"] for p in pts], marker=".", lw=1, label="cascade, by threshold")
     ax.scatter([c["teacher_usd_per_1k"]], [c["teacher_accuracy"]], marker="s", s=50, c="black", label="teacher alone")
@@ -139,16 +156,17 @@ def _cascade_plot(report: dict[str, Any], out: Path, plt: Any) -> str:
     return "plots/cascade.png"
 
 
-def _cascade_lines(c: dict[str, Any]) -> list[str]:
+def cascade_lines(c: dict[str, Any]) -> list[str]:
     """The report's cascade section: the chosen threshold and a few others for comparison."""
-    what = "accuracy" if c["metric"] == "accuracy" else "agreement with the teacher"
+    what = "accuracy" if c["metric"] == "accuracy" else _metric_name(c["metric"])
     lines = ["", "## Cascade", ""]
     ch = c["chosen"]
     if ch is None:
         lines.append(f"No threshold keeps {100 * c['keep_fraction']:g}% of the teacher's {what}.")
     else:
         lines.append(
-            f"Student when its top probability is at least the threshold, teacher otherwise: threshold "
+            f"Student when its {c.get('confidence', 'top label probability')} is at least the threshold, teacher "
+            f"otherwise: threshold "
             f"**{ch['threshold']:g}** keeps at least {100 * c['keep_fraction']:g}% of the teacher's {what} "
             f"({_pct(ch['accuracy'])} against {_pct(c['teacher_accuracy'])}) at the lowest cost, "
             f"${ch['usd_per_1k']:.5f} per 1,000 requests, sending {_pct(ch['teacher_fraction'])} of them to the "
@@ -225,7 +243,7 @@ def write_report(
         "",
     ]
     if report.get("cascade"):
-        lines += _cascade_lines(report["cascade"])
+        lines += cascade_lines(report["cascade"])
         if "plots/cascade.png" in report["plots"]:
             lines += ["", "![cascade](plots/cascade.png)", ""]
     write_json_atomic(out / "report.json", report)
