@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     section = "\n".join([
         SECTION,
         "",
-        f"- Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lm_distill.py`"
+        "- Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lm_distill.py`"
         + (" " + " ".join(argv) if argv else ""),
         f"- Machine: {os.cpu_count()}-core {platform.machine()} CPU, no GPU, torch {torch.__version__}, "
         f"{args.threads} threads",

@@ -92,6 +92,27 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def sql(db: Path, q: str, *args) -> list[tuple]:
+    """Rows of a query on a store, read directly with sqlite3 (not through protege's Store)."""
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        return conn.execute(q, args).fetchall()
+
+
+def served(db: Path) -> list[dict]:
+    """The store's served-traffic ledger, oldest first."""
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute("SELECT * FROM served ORDER BY id")]
+
+
+def n_calls(db: Path) -> int:
+    return sql(db, "SELECT COUNT(*) FROM calls")[0][0]
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_lm_dir, tiny_classifier_dir):
     """A recipe file over 60 demo texts with the tiny teacher and a tiny scratch student."""

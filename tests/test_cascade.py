@@ -6,14 +6,12 @@ say."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -24,9 +22,9 @@ import openai
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import write_jsonl
+from conftest import n_calls, served, sql, write_jsonl
 from servers import FaultProxy, free_port, llama_server  # noqa: F401  (fixture)
-from test_serve import Running
+from test_serve import running as serving
 
 from protege.cli import cli
 from protege.data import Example
@@ -41,6 +39,8 @@ from protege.teachers import make_teacher
 LABELS = ["positive", "negative"]
 PRICE_IN, PRICE_OUT = 1.0, 2.0  # USD per million tokens: the local server is free, the ledger needs money
 USD_PER_HOUR = 36.0  # the student's compute price (eval.compute_usd_per_hour in its recipe)
+# money spent on calls, as the ledger counts it: charged, plus attempts that may have been billed (timeouts)
+SPENT = "SELECT SUM(cost_usd + uncertain_usd) FROM calls"
 NEW = ["The museum was wonderful. #n1", "The bus ride was dreadful. #n2", "The pizza was superb. #n3",
        "The lecture was boring. #n4"]
 
@@ -100,31 +100,6 @@ def made(tmp_path_factory, llama_server) -> Path:  # noqa: F811
 def run(made, tmp_path) -> Path:
     """A fresh copy of the run, store included, so each test's ledger starts empty."""
     return Path(shutil.copytree(made, tmp_path / "out"))
-
-
-@contextlib.contextmanager
-def serving(student_dir, **kw):
-    """The app on a loopback port; on leaving, the server stops and the ledger's last rows are written."""
-    r = Running(create_app(student_dir, **kw))
-    try:
-        yield r
-    finally:
-        r.close()
-
-
-def sql(db: Path, q: str, *args) -> list[tuple]:
-    with sqlite3.connect(db) as c:
-        return c.execute(q, args).fetchall()
-
-
-def served(db: Path) -> list[dict]:
-    with sqlite3.connect(db) as c:
-        c.row_factory = sqlite3.Row
-        return [dict(r) for r in c.execute("SELECT * FROM served ORDER BY id")]
-
-
-def n_calls(db: Path) -> int:
-    return sql(db, "SELECT COUNT(*) FROM calls")[0][0]
 
 
 def held_out(run: Path) -> list[dict]:
@@ -229,7 +204,7 @@ def test_between_thresholds_each_text_goes_by_the_students_confidence_and_the_le
     threshold = (order[i] + order[i + 1]) / 2
     want = ["student" if c >= threshold else "teacher" for c in conf]
     assert "student" in want and "teacher" in want
-    calls_before, spent_before = n_calls(db), sql(db, "SELECT SUM(cost_usd) FROM calls")[0][0]
+    calls_before, spent_before = n_calls(db), sql(db, SPENT)[0][0]
 
     with serving(run / "student", cascade_threshold=threshold) as srv:
         resp = classify(srv, texts)
@@ -248,7 +223,7 @@ def test_between_thresholds_each_text_goes_by_the_students_confidence_and_the_le
     rows = served(db)
     assert len(rows) == len(texts) and [r["answered_by"] for r in rows] == want
     assert [r["confidence"] for r in rows] == pytest.approx(conf, abs=1e-6)
-    new_spend = sql(db, "SELECT SUM(cost_usd) FROM calls")[0][0] - spent_before
+    new_spend = sql(db, SPENT)[0][0] - spent_before
     assert sum(r["teacher_usd"] for r in rows) == pytest.approx(new_spend)
     for k, r in enumerate(rows):  # each: the student's compute share at its price, plus the teacher's new spend
         labeled = k < len(held)

@@ -6,11 +6,9 @@ OpenAI-format errors, and every conversation lands in the served ledger, which a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
-import sqlite3
 import sys
 from pathlib import Path
 
@@ -19,9 +17,9 @@ import openai
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import write_jsonl
+from conftest import n_calls, served, sql, write_jsonl
 from servers import FaultProxy, llama_server  # noqa: F401  (fixture)
-from test_serve import Running
+from test_serve import running as serving
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lm_fixtures import make_llama, make_tokenizer, save_model  # noqa: E402
@@ -36,6 +34,8 @@ from protege.task import render_generation  # noqa: E402
 
 PRICE_IN, PRICE_OUT = 1.0, 2.0  # USD per million tokens: the local server is free, the ledger needs money
 USD_PER_HOUR = 36.0
+# money spent on calls, as the ledger counts it: charged, plus attempts that may have been billed (timeouts)
+SPENT = "SELECT SUM(cost_usd + uncertain_usd) FROM calls"
 INSTRUCTION = "Answer the question in one short sentence."
 LABELED = ["What is the capital of France?", "Name a red fruit."]
 NEW = ["What do cats say?", "Which animal barks?", "What colour is the sky?"]
@@ -79,35 +79,11 @@ def run(made, tmp_path) -> Path:
     return Path(shutil.copytree(made, tmp_path / "out"))
 
 
-@contextlib.contextmanager
-def serving(student_dir, **kw):
-    r = Running(create_app(student_dir, **kw))
-    try:
-        yield r
-    finally:
-        r.close()
-
-
 def prompt(question: str) -> list[dict[str, str]]:
     """The conversation as labeling sent it to the teacher (what the student learned from)."""
     from protege.recipe import TaskConfig
 
     return list(render_generation(TaskConfig(kind="generation", instruction=INSTRUCTION), question, 12, 3).messages)
-
-
-def sql(db: Path, q: str, *args) -> list[tuple]:
-    with sqlite3.connect(db) as c:
-        return c.execute(q, args).fetchall()
-
-
-def served(db: Path) -> list[dict]:
-    with sqlite3.connect(db) as c:
-        c.row_factory = sqlite3.Row
-        return [dict(r) for r in c.execute("SELECT * FROM served ORDER BY id")]
-
-
-def n_calls(db: Path) -> int:
-    return sql(db, "SELECT COUNT(*) FROM calls")[0][0]
 
 
 def stored_reply(db: Path, question: str) -> dict:
@@ -179,7 +155,7 @@ def test_confidence_is_the_geometric_mean_of_the_chosen_tokens_probabilities(run
 
 def test_threshold_above_one_the_teacher_answers_from_the_store_or_with_one_priced_call(run):
     db = run / "protege.db"
-    calls, spent = n_calls(db), sql(db, "SELECT SUM(cost_usd) FROM calls")[0][0]
+    calls, spent = n_calls(db), sql(db, SPENT)[0][0]
     stored = stored_reply(db, LABELED[0])
     with serving(run / "student", cascade_threshold=1.01) as srv, srv.client() as c:
         # a conversation labeling sent, without max_tokens: labeling's answer, from the store
@@ -206,7 +182,7 @@ def test_threshold_above_one_the_teacher_answers_from_the_store_or_with_one_pric
 
     assert n_calls(db) == calls + 1 and new.choices[0].message.content == again.choices[0].message.content
     assert 0 < new.usage.completion_tokens <= 6 and new.choices[0].message.content
-    new_spend = sql(db, "SELECT SUM(cost_usd) FROM calls")[0][0] - spent
+    new_spend = sql(db, SPENT)[0][0] - spent
     assert new_spend == pytest.approx((new.usage.prompt_tokens * PRICE_IN + new.usage.completion_tokens * PRICE_OUT) / 1e6)
 
     rows = served(db)

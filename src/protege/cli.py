@@ -215,8 +215,9 @@ def demo(output_dir: Path, quiet: bool) -> None:
 @click.option("--max-tokens", "max_new_tokens", default=1024, show_default=True, type=click.IntRange(1),
               help="LM students: the most tokens one answer may ask for (max_tokens above it gets 400).")
 @click.option("--cascade-threshold", type=float, default=None, metavar="P",
-              help="Classifiers: the teacher answers texts whose top label probability is below P (0: never; "
-                   "above 1: always). Its answers are cached in the store and count against its budget.")
+              help="The teacher answers where the student's confidence is below P (0: never; above 1: always): a "
+                   "classifier's top label probability, a language model's geometric mean token probability. The "
+                   "teacher's answers are cached in the store and count against its budget.")
 @click.option("--teacher-recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Recipe of the cascade's teacher [default: STUDENT_DIR/recipe.yaml].")
 @click.option("--store", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -237,9 +238,9 @@ def serve(student_dir: Path, host: str, port: int, api_key_env: str | None, mode
 
     A classifier answers with its label (and /v1/classify with every label's probability); a language-model
     student generates, with OpenAI's sampling settings, stop strings, streaming and logprobs. With
-    --cascade-threshold an unsure classifier hands the text to its teacher; the x-protege-model header (and
-    answered_by, and the chat completion's model) says who answered. Every classifier answer is recorded in
-    the store for `protege cost`.
+    --cascade-threshold an unsure student hands the request to its teacher; the x-protege-model header (and
+    answered_by, and the chat completion's model) says who answered. Every answer is recorded in the store for
+    `protege cost`.
 
     \b
     Example:  protege serve protege-demo/student

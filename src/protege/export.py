@@ -33,6 +33,7 @@ import shutil
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,17 @@ def _copy_student_files(student_dir: Path, out: Path) -> None:
             shutil.copy2(student_dir / name, out / name)
 
 
+def write_report(tmp: Path, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Finish an export's ``report`` (the files beside it, when it was made) and write it into the export's
+    folder as export_report.json and ``markdown(report)`` as export_report.md; return it."""
+    files = [p.name for p in tmp.iterdir() if p.is_file()]
+    report["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    report["files"] = sorted(files + ["export_report.json", "export_report.md"])
+    write_json_atomic(tmp / "export_report.json", report)
+    write_text_atomic(tmp / "export_report.md", markdown(report))
+    return report
+
+
 def _report_md(r: dict[str, Any]) -> str:
     p, lat = r["parity"], r["latency"]
     pt, ox = lat["pytorch_ms"], lat["onnxruntime_ms"]
@@ -305,20 +317,15 @@ def export_student(
                 )
             latency = _latency(module, session, singles, runs, warmup)
             _copy_student_files(student_dir, tmp)
-            files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-            report = {
+            report = write_report(tmp, {
                 "student": str(student_dir), "output": str(out), "format": format, "kind": kind,
                 "architecture": arch, "exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET,
                 "inputs": ["input_ids", "attention_mask"], "outputs": ["logits"],
-                "model_bytes": sum((tmp / f).stat().st_size for f in files if f.startswith(MODEL_FILE)),
+                "model_bytes": sum(f.stat().st_size for f in tmp.glob(f"{MODEL_FILE}*") if f.is_file()),
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "threads": threads, "parity": check, "latency": latency,
                 "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            report["files"] = sorted(files + ["export_report.json", "export_report.md"])
-            write_json_atomic(tmp / "export_report.json", report)
-            write_text_atomic(tmp / "export_report.md", _report_md(report))
+            }, _report_md)
     finally:
         torch.set_num_threads(prev_threads)
     return report

@@ -35,7 +35,6 @@ import contextlib
 import json
 import shutil
 import time
-from datetime import datetime, timezone
 from hashlib import sha256
 from importlib.metadata import version
 from pathlib import Path
@@ -44,9 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import atomic_dir, write_json_atomic, write_text_atomic
+from ._io import atomic_dir
 from .errors import MissingExtra, ProtegeError
-from .export import SAMPLE_TEXTS, _load, _ms, parity
+from .export import SAMPLE_TEXTS, _load, _ms, parity, write_report
 from .students import student_kind
 
 __all__ = ["DEFAULT_ATOL", "GGUF_TYPES", "SUPPORTED", "export_gguf", "permute_qk", "pre_tokenizer", "write_gguf"]
@@ -455,8 +454,7 @@ def export_gguf(
             for name in COPIED:
                 if (student_dir / name).is_file():
                     shutil.copy2(student_dir / name, tmp / name)
-            files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-            report = {
+            report = write_report(tmp, {
                 "student": str(student_dir), "output": str(out), "format": "gguf", "kind": kind,
                 "architecture": arch, "gguf_type": gguf_type, "converter": "protege.export_gguf (gguf.GGUFWriter)",
                 "tokenizer": tok_info, "tokenization": tokenization,
@@ -464,11 +462,7 @@ def export_gguf(
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "threads": threads, "parity": check, "latency": latency,
                 "versions": {"torch": torch.__version__, "gguf": version("gguf"), "llama_cpp": llama_cpp.__version__},
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            report["files"] = sorted(files + ["export_report.json", "export_report.md"])
-            write_json_atomic(tmp / "export_report.json", report)
-            write_text_atomic(tmp / "export_report.md", _report_md(report))
+            }, _report_md)
     finally:
         torch.set_num_threads(prev_threads)
     return report

@@ -27,7 +27,6 @@ import functools
 import itertools
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._io import atomic_dir, content_hash, write_json_atomic, write_text_atomic
+from ._io import atomic_dir, content_hash, replace_dir, write_json_atomic, write_text_atomic
 from .errors import ProtegeError
 from .lm_students import build_lm_student, lm_head, load_causal_lm, save_lm_student
 from .losses import check_vocab, chunked_lm_distillation_loss, topk_distillation_loss
@@ -377,7 +376,7 @@ def _fingerprint(recipe: Recipe, rows: list[LMRow]) -> str:
 def _save_checkpoint(accelerator: Any, ckpt: Path, progress: dict[str, Any]) -> None:
     """Every process writes into a temporary directory (model and optimizer from the main one, RNG state from
     each); the main process then renames it over the previous checkpoint, so a kill leaves one whole checkpoint."""
-    tmp, old = ckpt.with_name(f".{ckpt.name}.tmp"), ckpt.with_name(f".{ckpt.name}.old")
+    tmp = ckpt.with_name(f".{ckpt.name}.tmp")  # a fixed name: every process must find it
     main = accelerator.is_main_process
     if main and tmp.exists():
         shutil.rmtree(tmp)
@@ -387,19 +386,14 @@ def _save_checkpoint(accelerator: Any, ckpt: Path, progress: dict[str, Any]) -> 
         write_json_atomic(tmp / "progress.json", progress)
     accelerator.wait_for_everyone()
     if main:
-        if old.exists():
-            shutil.rmtree(old)
-        if ckpt.exists():
-            os.replace(ckpt, old)
-        os.replace(tmp, ckpt)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, ckpt)
     accelerator.wait_for_everyone()
 
 
 def _find_checkpoint(ckpt: Path, fingerprint: str) -> tuple[Path | None, str | None]:
     """(checkpoint to resume, or None; a note when one exists but belongs to other settings or data)."""
     old = ckpt.with_name(f".{ckpt.name}.old")
-    for path in (ckpt, old):  # .old alone: a kill between the two renames of _save_checkpoint
+    for path in (ckpt, old):  # .old alone: a kill between the two renames of replace_dir
         progress = path / "progress.json"
         if progress.is_file():
             if json.loads(progress.read_text())["fingerprint"] == fingerprint:

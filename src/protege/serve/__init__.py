@@ -60,6 +60,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
+from typing import Any
 
 from ..errors import MissingExtra, ProtegeError
 
@@ -69,12 +70,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise MissingExtra(e.name or "fastapi", "serve", "`protege serve`") from None
 
 from .app import (
-    DEFAULT_BATCH_WAIT_MS,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONCURRENCY,
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_TEACHER_TIMEOUT_S,
     create_app,
 )
 from .workers import Classifier
@@ -99,22 +97,13 @@ def serve(
     port: int = 8000,
     api_key_env: str | None = None,
     *,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    model_name: str | None = None,
-    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
     log_level: str = "info",
     graceful_timeout_s: float | None = 30.0,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    store: Path | str | None = None,
-    compute_usd_per_hour: float | None = None,
-    cascade_threshold: float | None = None,
-    teacher_recipe: Path | str | None = None,
-    teacher_timeout_s: float = DEFAULT_TEACHER_TIMEOUT_S,
+    **options: Any,
 ) -> None:
     """Serve the student until interrupted; on SIGINT/SIGTERM uvicorn stops accepting connections and lets
-    requests in flight finish (up to ``graceful_timeout_s``).
+    requests in flight finish (up to ``graceful_timeout_s``). ``options`` are :func:`create_app`'s settings
+    (limits, batching, store, cascade).
 
     The API key, if any, is read from the environment variable named ``api_key_env`` (never from a flag or a
     file, so it stays out of shell history and process lists). A host other than loopback needs one."""
@@ -133,12 +122,7 @@ def serve(
         import uvicorn
     except ImportError:
         raise MissingExtra("uvicorn", "serve", "`protege serve`") from None
-    app = create_app(
-        student_dir, api_key=api_key, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
-        max_batch=max_batch, model_name=model_name, batch_wait_ms=batch_wait_ms, max_new_tokens=max_new_tokens,
-        store=store, compute_usd_per_hour=compute_usd_per_hour, cascade_threshold=cascade_threshold,
-        teacher_recipe=teacher_recipe, teacher_timeout_s=teacher_timeout_s,
-    )
+    app = create_app(student_dir, api_key=api_key, **options)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s,
                     server_header=False)

@@ -48,7 +48,14 @@ from .api import (
     lm_messages,
     validation_message,
 )
-from .lm import Generation, GenerationParams, LMGenerator, chat_completion, generate, respond
+from .lm import (
+    Generation,
+    GenerationParams,
+    LMGenerator,
+    chat_completion,
+    generate,
+    respond,
+)
 from .workers import Batcher, Classifier, TeacherQueue
 
 __all__ = ["create_app"]
