@@ -163,6 +163,8 @@ class TeacherFallback:
         self.api = isinstance(self.teacher, ApiTeacher)
         if (check_key := getattr(self.teacher, "check_key", None)) is not None:
             check_key()  # a missing key fails before the server listens, not on the first unsure text
+        if not self.api and (load := getattr(self.teacher, "load", None)) is not None:
+            load()  # a local model loads now: missing weights fail at start, and no request pays the load time
         self.name = recipe.teacher.model
 
     def requests(self, texts: Sequence[str]) -> list[Request]:
