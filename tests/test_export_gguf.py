@@ -227,22 +227,61 @@ def test_a_conversion_error_fails_and_leaves_the_previous_export(f32_export, mon
 
 
 def test_refuses_other_architectures_with_the_onnx_alternative(tmp_path, tiny_classifier_dir):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     tok = make_tokenizer()
-    qwen = Qwen2ForCausalLM(Qwen2Config(
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(
         vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+        max_position_embeddings=64, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
     ))
-    save_model(tmp_path / "qwen", qwen, tok)
-    r = CliRunner().invoke(cli, ["export", str(tmp_path / "qwen"), "--format", "gguf"])
+    save_model(tmp_path / "neox", neox, tok)
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "neox"), "--format", "gguf"])
     assert r.exit_code == 2
-    assert "supports LlamaForCausalLM students" in r.output and "not Qwen2ForCausalLM" in r.output
-    assert "--format onnx" in r.output
+    assert "supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM students" in r.output
+    assert "not GPTNeoXForCausalLM" in r.output and "--format onnx" in r.output
     with pytest.raises(ProtegeError, match="causal-LM students; BertForSequenceClassification .* --format onnx"):
         export_student(tiny_classifier_dir, "gguf", tmp_path / "bert")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["qwen"]  # nothing written for either
-    assert not (tmp_path / "qwen" / "gguf").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["neox"]  # nothing written for either
+    assert not (tmp_path / "neox" / "gguf").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_students_match_pytorch_in_llama_cpp(tmp_path, family):
+    """The other two families: Qwen2 (llama.cpp's qwen2: halves rotated as in Hugging Face, q/k/v biases kept)
+    and Mistral (llama.cpp's llama, q/k permuted). Matrices and biases scaled up, as in _student, so a wrong
+    rotary layout or a dropped bias would move the logits far past the tolerance."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = make_tokenizer()
+    cls, config = (Qwen2ForCausalLM, Qwen2Config) if family == "qwen2" else (MistralForCausalLM, MistralConfig)
+    torch.manual_seed(0)
+    model = cls(config(  # vocab padded past the tokenizer, as real models are (transformers' Qwen2Tokenizer adds a token)
+        vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=family == "qwen2",
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    ))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.mul_(10)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.5)  # zero-initialised: a dropped bias would otherwise go unnoticed
+    student = save_model(tmp_path / "student", model, tok)
+    (student / "protege.json").write_text(json.dumps({"kind": "causal_lm"}))
+    report = export_student(student, "gguf", tmp_path / "out", gguf_type="f32", runs=2)
+    p = report["parity"]
+    assert p["passed"] and p["greedy_identical"] and p["max_abs_diff"] < 1e-3
+    assert report["architecture"] == cls.__name__ and report["tokenizer"]["arch"] == ("qwen2" if family == "qwen2" else "llama")
+    assert report["tokenizer"]["pre"] == ("qwen2" if family == "qwen2" else "gpt-2")
+    assert report["tokenization"]["identical"]
+    fields, tensors = _reader(tmp_path / "out")
+    assert fields["general.architecture"] == report["tokenizer"]["arch"]
+    has_bias = "blk.0.attn_q.bias" in tensors
+    assert has_bias == (family == "qwen2")
+    if family == "qwen2":  # tied: one embedding matrix, reused as the output layer
+        assert "output.weight" not in tensors
+        np.testing.assert_allclose(np.array(tensors["blk.0.attn_q.bias"].data),
+                                   model.model.layers[0].self_attn.q_proj.bias.detach().numpy(), atol=1e-6)
 
 
 def test_refuses_a_tokenizer_llama_cpp_cannot_run(tmp_path, tiny_lm_dir):

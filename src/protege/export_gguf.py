@@ -1,13 +1,14 @@
-"""Export a Llama-architecture causal-LM student to GGUF, checked by running it back in llama.cpp.
+"""Export a Llama, Mistral or Qwen2 causal-LM student to GGUF, checked by running it back in llama.cpp.
 
 The folder holds ``model.gguf`` (weights, hyper-parameters, tokenizer and chat template in one file, what
 llama.cpp's server and ``llama-cli`` load), ``protege.json`` and ``recipe.yaml`` when the student has them, and
 the export's report.
 
-* Conversion: the conventions of llama.cpp's own ``convert_hf_to_gguf.py`` (``LlamaModel``), written with the
-  ``gguf`` package's ``GGUFWriter`` and tensor-name map for ``MODEL_ARCH.LLAMA``. llama.cpp applies rotary
-  embeddings to adjacent pairs of a head's dimensions, Hugging Face to its two halves, so q_proj and k_proj rows
-  are permuted (:func:`permute_qk`). Tied embeddings are written once (``token_embd``), which llama.cpp reuses as
+* Conversion: the conventions of llama.cpp's own ``convert_hf_to_gguf.py`` (``LlamaModel``, ``Qwen2Model``),
+  written with the ``gguf`` package's ``GGUFWriter`` and tensor-name map of the llama.cpp architecture
+  (:data:`ARCHITECTURES`). For ``llama`` (Llama, Mistral) llama.cpp applies rotary embeddings to adjacent pairs
+  of a head's dimensions, Hugging Face to its two halves, so q_proj and k_proj rows are permuted
+  (:func:`permute_qk`); ``qwen2`` rotates halves, as Hugging Face does, and keeps the q/k/v biases. Tied embeddings are written once (``token_embd``), which llama.cpp reuses as
   the output layer. ``f16`` (default) stores matrices in float16 and norms in float32, as the convert script
   does; ``f32`` stores everything in float32.
 * Tokenizer: byte-level BPE only (``tokenizer.ggml.model`` "gpt2"): the tokens with llama.cpp's token types,
@@ -48,9 +49,17 @@ from .errors import MissingExtra, ProtegeError
 from .export import SAMPLE_TEXTS, _load, _ms, parity, write_report
 from .students import student_kind
 
-__all__ = ["DEFAULT_ATOL", "GGUF_TYPES", "SUPPORTED", "export_gguf", "permute_qk", "pre_tokenizer", "write_gguf"]
+__all__ = ["ARCHITECTURES", "DEFAULT_ATOL", "GGUF_TYPES", "SUPPORTED", "export_gguf", "permute_qk", "pre_tokenizer", "write_gguf"]
 
-SUPPORTED = "LlamaForCausalLM"
+# Hugging Face architecture -> (llama.cpp architecture, q/k rows permuted). As llama.cpp's convert_hf_to_gguf.py:
+# Llama and Mistral (its LlamaModel) rotate adjacent pairs, so their q/k rows are reordered; Qwen2 (its
+# Qwen2Model, llama.cpp's NEOX rotary) rotates halves as Hugging Face does, and has q/k/v biases.
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("LLAMA", True),
+    "MistralForCausalLM": ("LLAMA", True),
+    "Qwen2ForCausalLM": ("QWEN2", False),
+}
+SUPPORTED = ", ".join(ARCHITECTURES)
 GGUF_TYPES = ("f16", "f32")
 # Measured (max |Δlogit| over 214 positions): SmolLM2-135M-Instruct 1.1e-4 (f32) / 0.092 (f16), its 11-layer
 # teacher_layers student 1.9e-4 / 0.15; a conversion error (q/k left unpermuted) is off by 6 to 19.
@@ -94,6 +103,17 @@ def _rope(cfg: Any) -> dict[str, Any]:
     return rope
 
 
+def _arch(model: Any) -> tuple[Any, bool]:
+    """(gguf.MODEL_ARCH member, whether q/k rows are permuted) for ``model``'s architecture."""
+    import gguf
+
+    name = type(model).__name__
+    if name not in ARCHITECTURES:
+        raise ProtegeError(f"GGUF export supports {SUPPORTED} students, not {name}; use --format onnx")
+    arch, permute = ARCHITECTURES[name]
+    return gguf.MODEL_ARCH[arch], permute
+
+
 def _check_config(cfg: Any) -> None:
     problems = []
     if (rope_type := _rope(cfg).get("rope_type", "default")) != "default":
@@ -101,7 +121,7 @@ def _check_config(cfg: Any) -> None:
     if getattr(cfg, "hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {cfg.hidden_act!r} (llama.cpp's llama uses silu)")
     if problems:
-        raise ProtegeError(f"cannot convert this {SUPPORTED} to GGUF: {'; '.join(problems)}. Export it with "
+        raise ProtegeError(f"cannot convert this model to GGUF: {'; '.join(problems)}. Export it with "
                            "--format onnx instead")
 
 
@@ -112,7 +132,8 @@ def _tensors(model: Any, gguf_type: str) -> list[tuple[str, np.ndarray]]:
     cfg = model.config
     n_head = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    arch, permute = _arch(model)
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     out = []
     for name, t in model.state_dict().items():
@@ -120,11 +141,12 @@ def _tensors(model: Any, gguf_type: str) -> list[tuple[str, np.ndarray]]:
             continue  # llama.cpp uses token_embd as the output layer when output.weight is absent
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
-            raise ProtegeError(f"cannot convert {SUPPORTED} weight {name!r}: llama.cpp's llama has no such tensor")
+            raise ProtegeError(f"cannot convert {type(model).__name__} weight {name!r}: llama.cpp's "
+                               f"{gguf.MODEL_ARCH_NAMES[arch]} has no such tensor")
         t = t.detach().float()
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
+        if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
             t = permute_qk(t, n_head)
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
             t = permute_qk(t, n_kv)
         # llama.cpp keeps 1-D tensors (norms, biases) in float32 whatever the file type
         dtype = np.float16 if gguf_type == "f16" and t.ndim >= 2 else np.float32
@@ -137,6 +159,11 @@ def _backend(tokenizer: Any) -> dict[str, Any]:
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise ProtegeError("GGUF export needs the student's fast tokenizer (tokenizer.json)")
     return json.loads(tokenizer.backend_tokenizer.to_str())
+
+
+# Qwen2's pre-tokenizer split (its tokenizer.json), which llama.cpp names "qwen2"
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def pre_tokenizer(tokenizer: Any) -> tuple[str, str]:
@@ -152,6 +179,8 @@ def pre_tokenizer(tokenizer: Any) -> tuple[str, str]:
         return "gpt-2", "structure"
     if byte_level and kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm", "structure"  # its regex: each digit alone, then GPT-2's
+    if kinds == ["Split", "ByteLevel"] and (parts[0].get("pattern") or {}).get("Regex") == QWEN2_REGEX:
+        return "qwen2", "structure"  # Qwen2's own split, then bytes without GPT-2's regex
     raise ProtegeError(
         f"GGUF export supports byte-level BPE tokenizers (GPT-2 style); this one's pre-tokenizer is {kinds or None}, "
         "which llama.cpp has no name for here. Export with --format onnx instead"
@@ -196,7 +225,7 @@ def _adds(tokenizer: Any) -> dict[str, bool]:
 
 def write_gguf(model: Any, tokenizer: Any, tokenizer_dir: Path, path: Path, gguf_type: str = "f16",
                name: str = "student") -> dict[str, Any]:
-    """Write ``model`` (a LlamaForCausalLM) and its tokenizer, saved in ``tokenizer_dir``, to the GGUF file ``path``.
+    """Write ``model`` (one of :data:`ARCHITECTURES`) and its tokenizer, saved in ``tokenizer_dir``, to the GGUF file ``path``.
 
     Returns what was written about the tokenizer: {pre, pre_source, tokens, merges, add_bos, add_eos,
     chat_template}."""
@@ -214,7 +243,7 @@ def write_gguf(model: Any, tokenizer: Any, tokenizer_dir: Path, path: Path, gguf
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     ftype = gguf.LlamaFileType.MOSTLY_F16 if gguf_type == "f16" else gguf.LlamaFileType.ALL_F32
 
-    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[_arch(model)[0]])
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
@@ -243,7 +272,7 @@ def write_gguf(model: Any, tokenizer: Any, tokenizer_dir: Path, path: Path, gguf
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {"model": "gpt2", "pre": pre, "pre_source": pre_source, "tokens": len(tokens),
+    return {"arch": gguf.MODEL_ARCH_NAMES[_arch(model)[0]], "model": "gpt2", "pre": pre, "pre_source": pre_source, "tokens": len(tokens),
             "merges": len(special.merges), "add_bos": special.add_special_token["bos"],
             "add_eos": special.add_special_token["eos"], "chat_template": special.chat_template is not None}
 
@@ -357,7 +386,7 @@ def _report_md(r: dict[str, Any]) -> str:
     return "\n".join([
         f"# Export of `{r['student']}` ({r['kind']}, {r['architecture']})",
         "",
-        (f"Format GGUF ({r['gguf_type']}, llama.cpp architecture `llama`), written with gguf {versions['gguf']} and "
+        (f"Format GGUF ({r['gguf_type']}, llama.cpp architecture `{r['tokenizer'].get('arch', 'llama')}`), written with gguf {versions['gguf']} and "
          f"checked with llama-cpp-python {versions['llama_cpp']}; torch {versions['torch']}; {r['created']}."),
         "",
         (f"Tokenizer: `{tk['model']}` BPE, pre-tokenizer `{tk['pre']}` (found by {tk['pre_source']}), {tk['tokens']} "
@@ -411,9 +440,9 @@ def export_gguf(
     kind, arch = student_kind(student_dir, "protege export")
     if kind != "lm":
         raise ProtegeError(f"GGUF export is for causal-LM students; {arch} is a classifier: use --format onnx")
-    if arch != SUPPORTED:
+    if arch not in ARCHITECTURES:
         raise ProtegeError(
-            f"GGUF export supports {SUPPORTED} students (llama.cpp's 'llama' architecture), not {arch}; "
+            f"GGUF export supports {SUPPORTED} students (llama.cpp's llama and qwen2 architectures), not {arch}; "
             "export this one with --format onnx"
         )
     if gguf_type not in GGUF_TYPES:
