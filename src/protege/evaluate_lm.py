@@ -360,7 +360,7 @@ def _fmt(x: Any, spec: str = ".3f", pct: bool = False) -> str:
 
 
 def _markdown(report: dict[str, Any], recipe: Recipe) -> str:
-    t, s = report["models"]["teacher"], report["models"][STUDENT_DIR]
+    s = report["models"][STUDENT_DIR]
     metric = report["task"]["metric"]
     lines = [
         "# protege report (generation)",
