@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import httpx2
@@ -18,19 +17,17 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import n_calls, served, sql, write_jsonl
+from lm_fixtures import make_llama, make_tokenizer, save_model
 from servers import FaultProxy, llama_server  # noqa: F401  (fixture)
 from test_serve import running as serving
 
-sys.path.insert(0, str(Path(__file__).parent))
-from lm_fixtures import make_llama, make_tokenizer, save_model  # noqa: E402
-
-from protege.cli import cli  # noqa: E402
-from protege.errors import ProtegeError  # noqa: E402
-from protege.label import label  # noqa: E402
-from protege.recipe import load_recipe  # noqa: E402
-from protege.serve import create_app  # noqa: E402
-from protege.serve.lm import GenerationParams, LMGenerator  # noqa: E402
-from protege.task import render_generation  # noqa: E402
+from protege.cli import cli
+from protege.errors import ProtegeError
+from protege.label import label
+from protege.recipe import load_recipe
+from protege.serve import create_app
+from protege.serve.lm import GenerationParams, LMGenerator
+from protege.task import render_generation
 
 PRICE_IN, PRICE_OUT = 1.0, 2.0  # USD per million tokens: the local server is free, the ledger needs money
 USD_PER_HOUR = 36.0

@@ -1,7 +1,7 @@
 """The cascade: the student answers when it is sure enough, the teacher otherwise; and what that costs.
 
-* :class:`TeacherFallback` answers the texts a served student was unsure of with the teacher, through
-  :func:`protege.label.label_examples`: the same backends, the same store as cache (a text labeled before, or
+* :class:`TeacherFallback` answers what a served student was unsure of (a text, or a conversation) with the
+  teacher, through :func:`protege.label.label_requests`: the same backends, the same store as cache (a text labeled before, or
   asked before, costs nothing), the same budget cap and the same cost records as labeling.
 * :class:`ServedLedger` writes one :class:`protege.store.ServedRecord` per served answer, in batches.
 * :func:`sweep` computes, on held-out answers, the cascade's quality and cost per 1,000 requests for every
@@ -184,10 +184,6 @@ class TeacherFallback:
         assert labeled.generate is not None
         gen = labeled.generate if max_tokens is None else replace(labeled.generate, max_tokens=max_tokens)
         return Request(messages=tuple(dict(m) for m in messages), labels=(), text=labeled.text, generate=gen)
-
-    def answer(self, texts: Sequence[str]) -> list[TeacherAnswer | TeacherFailure]:
-        """The teacher's label for each text, in order (see :meth:`ask`)."""
-        return self.ask(self.requests(texts))
 
     def ask(self, requests: Sequence[Request]) -> list[TeacherAnswer | TeacherFailure]:
         """The teacher's answer for each request, in order; never raises for a teacher's failure."""

@@ -345,12 +345,10 @@ def _cascade(answered: list[dict[str, Any]], recipe: Recipe, student: dict[str, 
             s_score.append(float(ok and a["answer"] is not None and _norm(a["answer"]) == _norm(r["answer"])))
             t_score.append(1.0)
         scored.append(ok)
-    teacher_usd = teacher.get("usd_per_1k")
-    if teacher_usd is None:
-        teacher_usd = 0.0
     return sweep(np.array([a["confidence"] for a in answered]), np.array(s_score), np.array(t_score),
                  np.array(scored), metric if with_gold else "agreement_with_teacher",
-                 "geometric mean token probability", student["usd_per_1k"], teacher_usd, recipe.eval.keep_fraction)
+                 "geometric mean token probability", student["usd_per_1k"], teacher["usd_per_1k"],
+                 recipe.eval.keep_fraction)
 
 
 def _fmt(x: Any, spec: str = ".3f", pct: bool = False) -> str:

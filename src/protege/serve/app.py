@@ -55,6 +55,8 @@ from .lm import (
     chat_completion,
     generate,
     respond,
+    stop_at,
+    token_entry,
 )
 from .workers import Batcher, Classifier, TeacherQueue
 
@@ -165,8 +167,8 @@ class Service:
         logprobs = None
         if req.logprobs:
             order = sorted(range(len(a.logp)), key=lambda i: -a.logp[i])[: req.top_logprobs or 0]
-            entry = _token(a.label, a.logp[self.clf.labels.index(a.label)])
-            entry["top_logprobs"] = [_token(self.clf.labels[i], a.logp[i]) for i in order]
+            entry = token_entry(a.label, a.logp[self.clf.labels.index(a.label)],
+                                [(self.clf.labels[i], a.logp[i]) for i in order])
             logprobs = {"content": [entry], "refusal": None}
         usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
                  "total_tokens": a.prompt_tokens + a.completion_tokens}
@@ -234,7 +236,7 @@ def teacher_generation(reply: TeacherAnswer, p: GenerationParams) -> Generation:
     rationale's final answer is only part of it, so it has none)."""
     text = reply.text or ""
     finish = "length" if reply.signal.truncated else "stop"
-    cut = min((i for s in p.stop if (i := text.find(s)) >= 0), default=-1)
+    cut = stop_at(text, p.stop)
     if cut >= 0:
         text, finish = text[:cut], "stop"
     tokens: list[dict[str, Any]] = []
@@ -246,15 +248,11 @@ def teacher_generation(reply: TeacherAnswer, p: GenerationParams) -> Generation:
                 break
             length += len(token)
             alternatives = sorted(top.items(), key=lambda kv: -kv[1])[: p.top_logprobs]
-            tokens.append({**_token(token, top[token]), "top_logprobs": [_token(t, v) for t, v in alternatives]})
+            tokens.append(token_entry(token, top[token], alternatives))
         if length < len(text):  # a token the teacher recorded without its own probability: none rather than some
             tokens = []
     return Generation(text=text, finish_reason=finish, prompt_tokens=reply.input_tokens,
                       completion_tokens=reply.output_tokens, tokens=tokens)
-
-
-def _token(token: str, logprob: float) -> dict[str, Any]:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
 
 def _raise_first_failure(replies: list[Any]) -> None:

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GenerationParams", "Generation", "LMGenerator", "chat_completion", "generate", "respond"]
+__all__ = ["GenerationParams", "Generation", "LMGenerator", "chat_completion", "generate", "respond", "stop_at",
+           "token_entry"]
 
 MAX_STOP = 4  # as OpenAI
 log = logging.getLogger(__name__)
@@ -53,11 +54,17 @@ class Generation:
     deltas: list[str] = field(default_factory=list)  # the text as streamed, piece by piece
 
 
-def _entry(token: str, lp: float, top: list[tuple[str, float]] | None) -> dict[str, Any]:
+def token_entry(token: str, lp: float, top: list[tuple[str, float]] | None = None) -> dict[str, Any]:
+    """One OpenAI ``logprobs.content`` entry; with ``top``, its ``top_logprobs`` alternatives."""
     e: dict[str, Any] = {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
     if top is not None:
-        e["top_logprobs"] = [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))} for t, v in top]
+        e["top_logprobs"] = [token_entry(t, v) for t, v in top]
     return e
+
+
+def stop_at(text: str, stop: tuple[str, ...]) -> int:
+    """Where the first of the ``stop`` strings begins in ``text`` (-1: none does); the answer ends there."""
+    return min((i for s in stop if (i := text.find(s)) >= 0), default=-1)
 
 
 class LMGenerator:
@@ -132,9 +139,9 @@ class LMGenerator:
                     if p.top_logprobs:
                         v, i = logp.topk(p.top_logprobs)
                         top = [(tok.decode([a]), b) for a, b in zip(i.tolist(), v.tolist())]
-                    out.tokens.append(_entry(tok.decode([nxt]), chosen[-1], top))
+                    out.tokens.append(token_entry(tok.decode([nxt]), chosen[-1], top))
                 text = tok.decode(produced, skip_special_tokens=True)
-                cut = min((i for s in p.stop if (i := text.find(s)) >= 0), default=-1)
+                cut = stop_at(text, p.stop)
                 if cut >= 0:
                     out.text, out.finish_reason = text[:cut], "stop"
                     break
