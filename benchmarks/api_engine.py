@@ -1,4 +1,4 @@
-"""Benchmark of protege's labeling engine for API teachers (``protege.engine.run_api``), on loopback only.
+"""Benchmark of protege's labeling engine for API teachers (``protege.labeling.engine.run_api``), on loopback only.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/api_engine.py            # full run (~11 min), writes BENCHMARKS.md
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/api_engine.py --quick    # smoke run (~1 min), no BENCHMARKS.md
@@ -22,7 +22,7 @@ Measured, side by side in one run:
    teacher's own ``_params``), concurrency 1, in alternating rounds (A B B A ...); wall ms and client CPU ms
    per call, against llama.cpp and against the instant endpoint; plus the time the engine spends in
    ``Store.put`` (serialising each row's signal, one SQLite transaction);
-3. the replay of 1,000 cached rows: ``protege.label.label`` once (instant endpoint), then again with every row in
+3. the replay of 1,000 cached rows: ``protege.labeling.labeler.label`` once (instant endpoint), then again with every row in
    the store (0 calls), timed;
 4. the fraction of a requests-per-minute limit achieved: ``FaultProxy.limit_rpm(R)`` (a sliding 60 s window, 429
    past it, OpenAI-style ``x-ratelimit-*`` headers) in front of the instant endpoint and
@@ -63,12 +63,13 @@ sys.path.insert(0, str(REPO / "tests"))  # the loopback servers live with the te
 import yaml
 from servers import FaultProxy, LlamaServer
 
-from protege.engine import run_api
-from protege.label import label
+from protege.labeling.engine import run_api
+from protege.labeling.labeler import label
+from protege.labeling.prompts import render_request
 from protege.recipe import Recipe, TeacherConfig, load_recipe
 from protege.store import Store
-from protege.task import Request, render_request
 from protege.teachers import make_teacher
+from protege.teachers.base import Request
 
 SECTION = "## API labeling engine (benchmarks/api_engine.py)"
 NOTES_MARK = "<!-- notes below this line are kept when benchmarks/api_engine.py rewrites this section -->"
@@ -612,7 +613,7 @@ def markdown(res: dict, args: argparse.Namespace, cmd: str) -> str:
     lines = [
         SECTION,
         "",
-        "The engine (`protege.engine.run_api` behind the `openai:` teacher) against loopback servers only: llama.cpp's",
+        "The engine (`protege.labeling.engine.run_api` behind the `openai:` teacher) against loopback servers only: llama.cpp's",
         "OpenAI-compatible server with the packaged SmolLM2-135M-Instruct (`tests/servers.py:LlamaServer`, one request",
         "at a time), and an *instant* endpoint started by the script (a fixed valid completion with `logprobs`, no",
         "model: the server's time is about zero, so what is measured is the client). Requests are the sentiment",
@@ -708,7 +709,7 @@ def markdown(res: dict, args: argparse.Namespace, cmd: str) -> str:
         "",
         "### 3. Replay of cached rows",
         "",
-        f"`protege.label.label` over {rp['rows']} rows (train and eval splits) once against the instant endpoint",
+        f"`protege.labeling.labeler.label` over {rp['rows']} rows (train and eval splits) once against the instant endpoint",
         f"({rp['first_s']:.2f} s, {rp['rows']} calls, concurrency 16), then again with every row in the store:",
         (
             f"0 calls (checked), **{rp['median']:.2f} s** median of {len(rp['replays'])} "

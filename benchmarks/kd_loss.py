@@ -57,7 +57,7 @@ def flops(n: int, hs: int, ht: int, v: int) -> int:
 
 def make_loss(variant: str, chunk_size: int):
     """(hs, ws, ht, wt) -> scalar mean loss, for the protocol's forward KL at TAU with tau^2, alpha = 1."""
-    from protege.losses import chunked_lm_distillation_loss, lm_distillation_loss
+    from protege.training.losses import chunked_lm_distillation_loss, lm_distillation_loss
 
     def plain(hs, ws, ht, wt):
         y = torch.zeros(hs.shape[0], dtype=torch.long, device=hs.device)  # unused at alpha = 1 but required

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _md import write_section  # noqa: E402
+
 SECTION = "## LM distillation: sequence vs logits vs top-k (benchmarks/lm_distill.py)"
 
 _TOPICS = ["the sea", "autumn", "a busy kitchen", "trains", "the moon", "coffee", "a library", "rain", "mountains",
@@ -94,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         args.train, args.eval, args.steps, args.max_tokens = 16, 4, 2, 8
     out = args.out or REPO / "runs" / ("lm_distill-quick" if args.quick else "lm_distill")
     torch.set_num_threads(args.threads)
-    from protege.evaluate_lm import lm_figures
-    from protege.label import label, read_signals
-    from protege.lm_students import build_lm_student, load_lm_student
+    from protege.evaluation.lm import lm_figures
+    from protege.labeling.labeler import label, read_signals
     from protege.pipeline import _lm_rows
     from protege.recipe import Recipe
+    from protege.students.lm import build_lm_student, load_lm_student
     from protege.teachers import make_teacher
-    from protege.train_lm import train_lm
+    from protege.training.lm import train_lm
 
     started = time.perf_counter()
     load_before = load_avg()

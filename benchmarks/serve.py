@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _md import write_section  # noqa: E402
+
 SECTION = "## Serving: student vs teacher server (benchmarks/serve.py)"
 sys.path.insert(0, str(REPO / "tests"))  # the llama.cpp server fixture's class
 
@@ -105,8 +106,8 @@ async def drive(base_url: str, bodies: list[dict], concurrency: int) -> dict:
 
 
 def sst2_bodies(n: int, model: str, teacher: bool) -> list[dict]:
+    from protege.labeling.prompts import render_request
     from protege.recipe import TaskConfig
-    from protege.task import render_request
 
     rows = []
     for line in (REPO.parent / "shared/data/sst2/dev.tsv").read_text(encoding="utf-8").splitlines():

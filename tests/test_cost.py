@@ -11,10 +11,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from protege.cascade import ALWAYS_TEACHER, cascade_sweep, sweep
 from protege.cli import cli
 from protege.cost import lifetime
 from protege.errors import ProtegeError
+from protege.evaluation.sweep import ALWAYS_TEACHER, cascade_sweep, sweep
 from protege.signals import LabelDistribution, TeacherSignal
 from protege.store import CallRecord, ServedRecord, Store
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from protege.data import Example, load_splits, read_examples
 from protege.errors import DataError
+from protege.labeling.data import Example, load_splits, read_examples
 from protege.recipe import DataConfig
 
 LABELS = ("billing", "shipping", "other")

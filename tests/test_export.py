@@ -22,7 +22,9 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
-from protege.export import DEFAULT_ATOL, export_student, parity  # noqa: E402
+from protege.export import export_student  # noqa: E402
+from protege.export.common import parity  # noqa: E402
+from protege.export.onnx import DEFAULT_ATOL  # noqa: E402
 
 TEXTS = [r["text"] for r in make_examples(6, seed=21)] + ["ok", "refund " * 40]
 
@@ -38,7 +40,7 @@ def classifier(tmp_path_factory, tiny_classifier_dir) -> Path:
     """The tiny BERT classifier saved the way `protege train` saves a student."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from protege.students import save_student
+    from protege.students.classifier import save_student
 
     path = tmp_path_factory.mktemp("export") / "student"
     model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir)

@@ -22,8 +22,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from lm_fixtures import SPECIAL, make_llama, make_tokenizer, save_model
 from servers import LlamaServer
 
-from protege import export_gguf as eg
 from protege.export import export_student
+from protege.export import gguf as eg
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -308,8 +308,8 @@ def test_smollm2_student_exports_and_chats_in_llama_cpp_server(tmp_path):
     import openai
     from servers import default_gguf
 
-    from protege.lm_students import build_lm_student, save_lm_student
     from protege.recipe import build_recipe
+    from protege.students.lm import build_lm_student, save_lm_student
 
     recipe = build_recipe({"task": {"kind": "generation"}, "student": {"init": "teacher_layers"}})
     model, tok = build_lm_student(recipe)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from protege.recipe import TaskConfig, TeacherConfig
-from protege.task import render_generation
-from protege.teachers import make_teacher
 from servers import llama_server  # noqa: F401  (fixture)
+
+from protege.labeling.prompts import render_generation
+from protege.recipe import TaskConfig, TeacherConfig
+from protege.teachers import make_teacher
 
 TASK = TaskConfig(kind="generation", instruction="Reply to the customer in one sentence.")
 TEXTS = ["my parcel is late again", "how do I reset my password", "I was charged twice this month"]
@@ -67,7 +67,7 @@ def test_label_writes_a_generation_signal_dataset(tmp_path, tiny_lm_dir):
     on a rerun (no second call)."""
     import json
 
-    from protege.label import label
+    from protege.labeling.labeler import label
     from protege.recipe import Recipe
     from protege.signals import TokenLogprobs
 
@@ -100,7 +100,7 @@ def test_api_teacher_generates_with_token_logprobs(tmp_path, llama_server):  # n
     every token it generated (spelling the reply out), and the usage recorded in the store."""
     import json
 
-    from protege.label import label
+    from protege.labeling.labeler import label
     from protege.recipe import Recipe
     from protege.store import Store
 
@@ -156,8 +156,8 @@ def _as_student(src, dst):
 def test_a_student_identical_to_its_teacher_agrees_fully(tmp_path, tiny_lm_dir):
     """The LM report's figures on the one case with known answers: the teacher itself as the student agrees on
     every next token, is at KL 0 from it, and writes the same answers."""
-    from protege.evaluate_lm import evaluate_lm
-    from protege.label import label
+    from protege.evaluation.lm import evaluate_lm
+    from protege.labeling.labeler import label
 
     recipe = _generation_recipe(tmp_path, tiny_lm_dir, metric="exact_match")
     label(recipe, quiet=True)
@@ -180,8 +180,8 @@ def test_a_different_student_disagrees_measurably(tmp_path, tiny_lm_dir):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from protege.evaluate_lm import evaluate_lm
-    from protege.label import label
+    from protege.evaluation.lm import evaluate_lm
+    from protege.labeling.labeler import label
 
     recipe = _generation_recipe(tmp_path, tiny_lm_dir)
     label(recipe, quiet=True)

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from lm_fixtures import make_llama, make_tokenizer, run_spec, save_model
 
 

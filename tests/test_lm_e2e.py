@@ -54,10 +54,10 @@ def sharp_teacher(tmp_path_factory, tiny_lm_dir) -> Path:
 
 def untrained(recipe_path: Path) -> dict:
     """The figures of the student before any training (the kept layer, straight from the teacher)."""
-    from protege.evaluate_lm import lm_figures
-    from protege.label import read_signals
-    from protege.lm_students import build_lm_student
+    from protege.evaluation.lm import lm_figures
+    from protege.labeling.labeler import read_signals
     from protege.recipe import load_recipe
+    from protege.students.lm import build_lm_student
     from protege.teachers import make_teacher
 
     r = load_recipe(recipe_path)
@@ -103,7 +103,7 @@ def test_generation_recipe_runs_end_to_end_in_each_mode(tmp_path, sharp_teacher,
     assert c["metric"] == "exact_match" and c["rows"] == 6 and c["confidence"] == "geometric mean token probability"
     assert c["student_usd_per_1k"] == s["usd_per_1k"] and c["teacher_usd_per_1k"] == t["usd_per_1k"]
     if distill == "sequence":
-        from protege.label import read_signals
+        from protege.labeling.labeler import read_signals
         from protege.recipe import load_recipe
         from protege.serve.lm import GenerationParams, LMGenerator
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.distributions import Categorical, kl_divergence
 
 from protege.errors import ProtegeError
-from protege.losses import (
+from protege.training.losses import (
     check_vocab,
     chunked_lm_distillation_loss,
     lm_distillation_loss,
@@ -378,7 +378,7 @@ def _tokenizer(words):
 
 def test_check_vocab_padded_heads_same_tokenizer(caplog):
     words = ["<unk>", "the", "cat", "sat"]
-    with caplog.at_level(logging.INFO, logger="protege.losses"):
+    with caplog.at_level(logging.INFO, logger="protege.training.losses"):
         assert check_vocab(6, 8, _tokenizer(words), _tokenizer(list(words))) == 6
     assert "first 6" in caplog.text
     assert check_vocab(151_936, 152_064) == 151_936  # Qwen2.5 0.5B vs 7B heads, tokenizers not given

@@ -11,7 +11,6 @@ import sys
 import time
 
 import torch
-
 from lm_fixtures import FIXTURES, make_llama, make_tokenizer, run_spec, save_model
 
 

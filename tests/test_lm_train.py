@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from lm_fixtures import CORPUS, make_llama, make_recipe, make_rows, make_tokenizer, save_model, teacher_token_logprobs
+
 from protege.errors import ProtegeError
-from protege.lm_students import build_lm_student, default_keep_layers, load_lm_student
-from protege.train_lm import LMRow, _collate, _encode, _StudentLoss, train_lm
+from protege.students.lm import build_lm_student, default_keep_layers, load_lm_student
+from protege.training.lm import LMRow, _collate, _encode, _StudentLoss, train_lm
 
 OTHER_CORPUS = CORPUS + ["Zebras and yaks graze quietly while xylophones play.", "Quick brown foxes jump over lazy dogs."]
 
@@ -311,9 +311,16 @@ def test_topk_refused_when_tokens_do_not_line_up(tmp_path, tok, teacher, teacher
 
 
 def test_lm_head_folds_logit_scales_and_refuses_softcapping():
-    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+    )
 
-    from protege.lm_students import lm_head
+    from protege.students.lm import lm_head
 
     small = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, eos_token_id=1, bos_token_id=1, pad_token_id=0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from protege.losses import distillation_loss, forward_kl
+from protege.training.losses import distillation_loss, forward_kl
 
 
 def _rand(n=6, c=5, seed=0, scale=1.0):

@@ -8,12 +8,12 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from protege.engine import Budget, RateControl, _duration, worst_case_tokens
 from protege.errors import BudgetReached, RecipeError
+from protege.labeling.engine import Budget, RateControl, _duration
 from protege.recipe import TeacherConfig
-from protege.task import Request
 from protege.teachers._api import retry_after, scrub
-from protege.teachers.presets import PRESETS, Price, resolve_price
+from protege.teachers.base import Price, Request, worst_case_tokens
+from protege.teachers.presets import PRESETS, resolve_price
 
 
 def test_price_of_a_call_counts_cached_input_apart():

@@ -45,7 +45,7 @@ def student_dir(tmp_path_factory, tiny_classifier_dir) -> Path:
     import yaml
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from protege.students import save_student
+    from protege.students.classifier import save_student
 
     path = tmp_path_factory.mktemp("served") / NAME
     model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir)
@@ -58,8 +58,8 @@ def student_dir(tmp_path_factory, tiny_classifier_dir) -> Path:
 @pytest.fixture(scope="module")
 def direct(student_dir):
     """The student's own predictions, through load_student and evaluate's predictor."""
-    from protege.evaluate import _student_predict
-    from protege.students import load_student
+    from protege.evaluation.classifier import _student_predict
+    from protege.students.classifier import load_student
 
     model, tok, _ = load_student(student_dir)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]

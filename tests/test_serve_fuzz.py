@@ -22,9 +22,9 @@ from schemathesis.checks import (  # noqa: E402
     response_schema_conformance,
     status_code_conformance,
 )
-
-from protege.demo_data import LABELS  # noqa: E402
 from test_serve import NAME, running, student_dir  # noqa: E402, F401  (student_dir is a fixture)
+
+from protege.demo_data import LABELS
 
 # no 5xx; and every answer is one the schema declares: its status, its content type, its body's shape (an
 # error is OpenAI's {"error": {message, type, param, code}}, a 200 the documented response)

@@ -38,7 +38,7 @@ def reference(lm_student):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from protege.train_lm import prompt_ids
+    from protege.students.chat import prompt_ids
 
     model = AutoModelForCausalLM.from_pretrained(lm_student).eval()
     tok = AutoTokenizer.from_pretrained(lm_student)
@@ -84,7 +84,7 @@ def test_logprobs_are_the_models_own(server, lm_student):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from protege.train_lm import prompt_ids
+    from protege.students.chat import prompt_ids
 
     with server.client() as c:
         r = c.chat.completions.create(model="m", messages=QUESTION, temperature=0, max_tokens=4, logprobs=True,

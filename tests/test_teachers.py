@@ -7,8 +7,8 @@ import torch
 
 from protege.demo_data import LABELS, make_examples
 from protege.errors import ProtegeError
+from protege.labeling.prompts import render_request
 from protege.recipe import TaskConfig, TeacherConfig
-from protege.task import render_request
 from protege.teachers import make_teacher
 from protege.teachers.hf import HFCausalLMTeacher, HFClassifierTeacher
 

@@ -1,13 +1,13 @@
 """protege: turn any teacher model into a small student model you own, and prove what it kept and saves."""
 
 from .errors import BudgetReached, DataError, PermanentError, ProtegeError, RecipeError, TeacherError
-from .evaluate import evaluate
-from .label import estimate, label
-from .losses import distillation_loss, forward_kl
+from .evaluation import evaluate
+from .labeling.labeler import estimate, label
 from .pipeline import run, train
 from .recipe import Recipe, load_recipe
 from .signals import LabelDistribution, TeacherSignal, TokenLogprobs
 from .store import Store
+from .training.losses import distillation_loss, forward_kl
 
 __all__ = [
     "Recipe",

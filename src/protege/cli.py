@@ -92,8 +92,8 @@ def label(recipe: Path | None, quiet: bool, dry_run: bool, **kw: Any) -> None:
                protege label recipe.yaml --teacher.budget_usd 5
     Exit codes: 0 done, 2 bad input or a refused request, 3 budget reached (rerun with a higher cap).
     """
-    from .label import estimate
-    from .label import label as run_label
+    from .labeling.labeler import estimate
+    from .labeling.labeler import label as run_label
 
     r = _load(recipe, kw, quiet)
     if dry_run:
@@ -160,7 +160,7 @@ def eval_(recipe: Path | None, quiet: bool, **kw: Any) -> None:
     \b
     Example:  protege eval recipe.yaml
     """
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     r = _load(recipe, kw, quiet)
     _print_report(evaluate(r, quiet), r)

@@ -9,11 +9,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .evaluate import evaluate
-from .label import LabelStats, label, read_signals
+from .evaluation import evaluate
+from .labeling.labeler import LabelStats, label, read_signals
 from .recipe import Recipe
 from .store import Store
-from .train import TrainRow, train_student
+from .training.classifier import TrainRow, train_student
 
 __all__ = ["label", "train", "evaluate", "run"]
 
@@ -38,7 +38,7 @@ def _lm_rows(recipe: Recipe) -> list[Any]:
     """Training rows of a generation task: the prompt the teacher saw, its whole reply (what its token
     logprobs describe), the parsed answer and rationale."""
     from .signals import TeacherSignal
-    from .train_lm import LMRow
+    from .training.lm import LMRow
 
     return [
         LMRow(
@@ -63,7 +63,7 @@ def train(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, 
         "signals_hash": _signals_hash(recipe),
     }
     if recipe.task.kind == "generation":
-        from .train_lm import train_lm
+        from .training.lm import train_lm
 
         path = recipe.output_dir / STUDENT_DIR
         if not force and _current(path / "protege.json", expect):

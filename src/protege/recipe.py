@@ -29,6 +29,9 @@ __all__ = [
     "load_recipe",
 ]
 
+# The prefixes of a teacher spec; protege.teachers.BACKENDS has one factory for each (a test holds them equal).
+TEACHER_BACKENDS = ("hf", "openai", "anthropic")
+
 
 CLASSIFY_INSTRUCTION = "Classify the text into exactly one of the labels."
 GENERATE_INSTRUCTION = "Answer the following."
@@ -256,11 +259,9 @@ class TeacherConfig(_Section):
     @field_validator("model")
     @classmethod
     def _known_prefix(cls, v: str) -> str:
-        from .teachers import BACKENDS
-
         prefix = v.split(":", 1)[0]
-        if ":" not in v or prefix not in BACKENDS:
-            known = ", ".join(f"'{p}:'" for p in BACKENDS)
+        if ":" not in v or prefix not in TEACHER_BACKENDS:
+            known = ", ".join(f"'{p}:'" for p in TEACHER_BACKENDS)
             raise ValueError(f"teacher {v!r} has no known prefix; start it with one of {known}")
         return v
 

@@ -27,7 +27,7 @@ completion's ``model``, which is the served model's id for the student and the t
 ``openai:gpt-4o-mini``) when the teacher answered.
 
 Cascade (optional): with a threshold, the student answers when its confidence is at least the threshold and the
-teacher otherwise, asked through labeling's code path and store (see :mod:`protege.cascade`): an answer the store
+teacher otherwise, asked through labeling's code path and store (see :mod:`protege.serve.fallback`): an answer the store
 holds costs nothing, the budget cap holds. A classifier's confidence is its top label probability; a teacher's
 answer then has the logs of the teacher's label distribution as logprobs. A language-model student's confidence
 is the geometric mean of the probabilities of the tokens it chose (exp of the mean token log-probability, the
@@ -69,12 +69,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise MissingExtra(e.name or "fastapi", "serve", "`protege serve`") from None
 
-from .app import (
-    DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_CONCURRENCY,
-    create_app,
-)
+from .app import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENCY, create_app
 from .workers import Classifier
 
 __all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_CONCURRENCY", "Classifier", "create_app",

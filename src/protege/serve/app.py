@@ -18,17 +18,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..cascade import (
-    ServedLedger,
-    TeacherAnswer,
-    TeacherFailure,
-    TeacherFallback,
-    default_store,
-    log_probs,
-    saved_compute_price,
-    served_record,
-)
-from ..cascade import teacher_recipe as cascade_recipe
 from ..errors import ProtegeError
 from ..students import student_kind
 from .api import (
@@ -48,16 +37,10 @@ from .api import (
     lm_messages,
     validation_message,
 )
-from .lm import (
-    Generation,
-    GenerationParams,
-    LMGenerator,
-    chat_completion,
-    generate,
-    respond,
-    stop_at,
-    token_entry,
-)
+from .fallback import TeacherAnswer, TeacherFailure, TeacherFallback, default_store, log_probs, saved_compute_price
+from .fallback import teacher_recipe as cascade_recipe
+from .ledger import ServedLedger, served_record
+from .lm import Generation, GenerationParams, LMGenerator, chat_completion, generate, respond, stop_at, token_entry
 from .workers import Batcher, Classifier, TeacherQueue
 
 __all__ = ["create_app"]

@@ -73,8 +73,8 @@ class LMGenerator:
     def __init__(self, path: Path | str):
         import torch
 
-        from ..lm_students import load_lm_student
-        from ..train_lm import ANSWER_PREFIX, prompt_ids
+        from ..students.chat import ANSWER_PREFIX, prompt_ids
+        from ..students.lm import load_lm_student
 
         self.model, self.tokenizer, self.meta = load_lm_student(Path(path))
         self._prompt_ids = prompt_ids
@@ -94,7 +94,7 @@ class LMGenerator:
 
     def prompt(self, messages: list[dict[str, str]]) -> list[int]:
         if self.answer_prefix:
-            from ..train_lm import _prefixed
+            from ..students.chat import _prefixed
 
             messages = list(_prefixed(tuple(messages), self.answer_prefix))
         return self._prompt_ids(self.tokenizer, messages)

@@ -49,7 +49,7 @@ class Classifier:
     """A loaded student: ``predict(texts)`` -> (log-probabilities per text, tokens read per text)."""
 
     def __init__(self, path: Path, max_length: int | None = None):
-        from ..students import load_student
+        from ..students.classifier import load_student
 
         path = Path(path)
         if not path.is_dir():
@@ -198,13 +198,13 @@ class Batcher:
 
 @dataclass
 class TeacherQueue(Batcher):
-    """The cascade's other half: the teacher requests (:class:`protege.task.Request`) of what the student was
+    """The cascade's other half: the teacher requests (:class:`protege.teachers.base.Request`) of what the student was
     unsure of, gathered from concurrent requests into one labeling run of the teacher
-    (:meth:`protege.cascade.TeacherFallback.ask`) in its own worker thread."""
+    (:meth:`protege.serve.fallback.TeacherFallback.ask`) in its own worker thread."""
 
     thread_name: ClassVar[str] = "protege-teacher"
 
-    fallback: Any = None  # protege.cascade.TeacherFallback
+    fallback: Any = None  # protege.serve.fallback.TeacherFallback
     timeout_s: float = 60.0
 
     def _forward(self, requests: list[Any]) -> tuple[list[Any], ...]:

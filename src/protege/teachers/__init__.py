@@ -2,35 +2,19 @@
 
 Backends live in a plain dict keyed by the prefix of the teacher spec (``hf:``, ``openai:``, ``anthropic:``).
 Local teachers answer a batch at once (``signals``); API teachers answer one request at a time through the
-engine (``answer``, see :class:`protege.engine.ApiTeacher`). A backend is a
+engine (``answer``, see :class:`protege.teachers.base.ApiTeacher`). A backend is a
 factory ``(spec_without_prefix, TeacherConfig) -> Teacher``; constructing one must be cheap (no weights
 loaded) so a fully cached run never loads the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable
 
 from ..recipe import TeacherConfig
-from ..signals import TeacherSignal
-from ..task import Request
+from .base import ApiTeacher, LocalTeacher, Teacher
 
-__all__ = ["Teacher", "LocalTeacher", "BACKENDS", "make_teacher"]
-
-
-class Teacher(Protocol):
-    """``identity`` is everything about the teacher that determines its answers; it enters every cache key
-    (never a key or a URL). A local teacher also has ``signals`` (below); an API teacher has ``answer``
-    (:class:`protege.engine.ApiTeacher`)."""
-
-    identity: dict[str, Any]
-
-
-class LocalTeacher(Teacher, Protocol):
-    """A model in this process: answers a batch of requests at once."""
-
-    def signals(self, requests: Sequence[Request]) -> list[TeacherSignal]: ...
+__all__ = ["Teacher", "LocalTeacher", "ApiTeacher", "BACKENDS", "make_teacher"]
 
 
 def _hf(spec: str, cfg: TeacherConfig) -> Teacher:

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from ..errors import PermanentError, RecipeError
 from ..signals import LabelDistribution, TeacherSignal, TokenLogprobs
-from ..task import Generate
+from .base import Generate
 from .parse import ParseError, parse_label, split_rationale
 
 __all__ = [

@@ -32,12 +32,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..batch import Outcome as BatchOutcome
-from ..engine import Call, Reply, TransientError, Usage, worst_case_tokens
 from ..errors import MissingExtra, PermanentError, RecipeError
 from ..recipe import TeacherConfig
 from ..signals import LabelDistribution, TeacherSignal
-from ..task import Request
 from ._api import (
     answer_and_rationale,
     api_key,
@@ -48,8 +45,10 @@ from ._api import (
     sampled_distribution,
     scrub,
 )
+from .base import Caller, Outcome, Price, Progress, Reply, Request, TransientError, Usage, worst_case_tokens
+from .base import Outcome as BatchOutcome
 from .parse import ParseError, parse_label
-from .presets import ANTHROPIC, Price, resolve_price
+from .presets import ANTHROPIC, resolve_price
 
 __all__ = ["AnthropicBatches", "AnthropicTeacher", "BatchOutcome", "BatchStatus", "message_parts", "usage_of"]
 
@@ -223,7 +222,7 @@ class AnthropicTeacher:
         return PermanentError(text)
 
     # -- signals -------------------------------------------------------------------------------------
-    async def answer(self, request: Request, call: Call) -> TeacherSignal:
+    async def answer(self, request: Request, call: Caller) -> TeacherSignal:
         params = self.params(request)
         worst_in = worst_case_tokens(request)
         if self.method == "samples" and request.generate is None:
@@ -500,3 +499,34 @@ def _line_error(result: Mapping[str, Any]) -> str:
     if kind == "succeeded":
         return "batch request succeeded without a message"
     return f"batch result of unknown type {kind!r}"
+
+
+class AnthropicAdapter:
+    """Anthropic's Message Batches: created directly from the requests (no file, no metadata), so a batch
+    whose id was not recorded before a crash cannot be found again; the id is recorded the moment
+    ``create`` returns, which leaves only that instant exposed."""
+
+    provider = "anthropic"
+
+    def __init__(self, teacher: Any):
+        from ..teachers.teachers.anthropic_api import AnthropicBatches
+
+        self.api = AnthropicBatches(teacher)
+
+    async def prepare(self, items: Sequence[tuple[str, Request]]) -> str:
+        from ._io import content_hash
+
+        return "anthropic:" + content_hash([k for k, _ in items])[:32]
+
+    async def create(self, ref: str, items: Sequence[tuple[str, Request]]) -> str:
+        return await self.api.create(items)
+
+    async def find(self, ref: str) -> str | None:
+        return None
+
+    async def progress(self, batch_id: str) -> Progress:
+        st = await self.api.status(batch_id)
+        return Progress(st.state, st.done, st.succeeded + st.errored + st.canceled + st.expired)
+
+    async def outcomes(self, batch_id: str, requests: dict[str, Request]) -> list[Outcome]:
+        return self.api.outcomes(await self.api.results(batch_id), requests)

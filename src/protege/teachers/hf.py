@@ -15,14 +15,17 @@ from typing import Any
 
 import torch
 
-from ..models import ModelSource, resolve_source
+from ..errors import ProtegeError, TeacherError
 from ..recipe import TeacherConfig
 from ..signals import LabelDistribution, TeacherSignal, TokenLogprobs
-from ..task import CONTENT_FREE_INPUTS, Request
+from ..sources import ModelSource, resolve_source
+from .base import Request
 from .parse import ParseError, split_rationale
-from ..errors import ProtegeError, TeacherError
 
 __all__ = ["HFCausalLMTeacher", "HFClassifierTeacher", "make_hf_teacher", "pick_device", "pick_dtype"]
+
+# Inputs that carry no content, for contextual calibration (Zhao et al., 2021, "Calibrate Before Use").
+CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
 
 
 def pick_device(name: str) -> torch.device:

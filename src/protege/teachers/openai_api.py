@@ -15,14 +15,15 @@ The top-k log-probabilities of every generated token are kept with the signal wh
 
 from __future__ import annotations
 
+import io
+import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
-from ..engine import Call, Reply, TransientError, Usage, worst_case_tokens
 from ..errors import MissingExtra, PermanentError, RecipeError
 from ..recipe import TeacherConfig
 from ..signals import LabelDistribution, TeacherSignal, TokenLogprobs
-from ..task import Request
 from ._api import (
     answer_and_rationale,
     api_key,
@@ -34,8 +35,9 @@ from ._api import (
     sampled_distribution,
     scrub,
 )
-from .parse import TokenStep, distribution_from_logprobs, parse_label
-from .presets import PRESETS, Price, resolve_price
+from .base import Caller, Outcome, Price, Progress, Reply, Request, TransientError, Usage, worst_case_tokens
+from .parse import ParseError, TokenStep, distribution_from_logprobs, parse_label
+from .presets import PRESETS, resolve_price
 
 __all__ = ["OpenAITeacher"]
 
@@ -172,7 +174,7 @@ class OpenAITeacher:
         return Reply(body, usage_of(body), dict(raw.headers))
 
     # -- signals -------------------------------------------------------------------------------------
-    async def answer(self, request: Request, call: Call) -> TeacherSignal:
+    async def answer(self, request: Request, call: Caller) -> TeacherSignal:
         if request.generate is not None:
             params = self._params(request, n=1)
             reply = await call(lambda: self._send(params), worst_case_tokens(request), request.generate.max_tokens)
@@ -237,7 +239,7 @@ class OpenAITeacher:
         truncated = choice.finish_reason == "length"
         return generation_signal(choice.message.content or "", request.generate, truncated=truncated, token_logprobs=tokens)
 
-    async def _samples(self, request: Request, call: Call) -> TeacherSignal:
+    async def _samples(self, request: Request, call: Caller) -> TeacherSignal:
         """n answers: ``n`` in one call where the preset says the provider honours it (topped up with more
         calls if it returns fewer choices), otherwise one call per sample."""
         want = self.cfg.n_samples
@@ -278,3 +280,78 @@ def _safe_text(raw: Any) -> str:
         return str(raw.text)[:4000]
     except Exception as e:  # the body itself may be unreadable; say so rather than hide it
         return f"<unreadable body: {type(e).__name__}>"
+
+
+_DONE = {"completed", "failed", "expired", "cancelled"}  # batch states after which nothing changes
+
+
+class OpenAIBatches:
+    """OpenAI's Batch API through the SDK: files.create, batches.create / retrieve / list, files.content.
+    The input file is uploaded first and named in the batch's metadata, so a batch whose id was never recorded
+    can be found again by its file."""
+
+    provider = "openai"
+
+    def __init__(self, teacher: Any):
+        self.teacher = teacher
+
+    @property
+    def client(self) -> Any:
+        return self.teacher.client  # built lazily inside the running event loop
+
+    async def prepare(self, items: Sequence[tuple[str, Request]]) -> str:
+        lines = [
+            {"custom_id": k, "method": "POST", "url": "/v1/chat/completions", "body": self.teacher.batch_body(r)}
+            for k, r in items
+        ]
+        data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
+        f = await self.client.files.create(file=("protege-batch.jsonl", io.BytesIO(data)), purpose="batch")
+        return str(f.id)
+
+    async def create(self, ref: str, items: Sequence[tuple[str, Request]]) -> str:
+        b = await self.client.batches.create(
+            input_file_id=ref, endpoint="/v1/chat/completions", completion_window="24h", metadata={"protege_input": ref}
+        )
+        return str(b.id)
+
+    async def find(self, ref: str) -> str | None:
+        async for b in self.client.batches.list(limit=100):
+            if b.input_file_id == ref:
+                return str(b.id)
+        return None
+
+    async def progress(self, batch_id: str) -> Progress:
+        b = await self.client.batches.retrieve(batch_id)
+        counts = b.request_counts
+        return Progress(b.status, b.status in _DONE, (counts.completed + counts.failed) if counts else 0)
+
+    async def outcomes(self, batch_id: str, requests: dict[str, Request]) -> list[Outcome]:
+        b = await self.client.batches.retrieve(batch_id)
+        out = []
+        for file_id in (b.output_file_id, b.error_file_id):
+            if not file_id:
+                continue
+            content = await self.client.files.content(file_id)
+            for raw in content.text.splitlines():
+                if raw.strip():
+                    line = json.loads(raw)
+                    if line.get("custom_id") in requests:
+                        out.append(self._outcome(line, requests[line["custom_id"]]))
+        return out
+
+    def _outcome(self, line: dict[str, Any], request: Request) -> Outcome:
+        key = line["custom_id"]
+        response = line.get("response") or {}
+        if line.get("error"):
+            return Outcome(key, None, Usage(), f"batch error: {line['error']}")
+        body = response.get("body")
+        if response.get("status_code") != 200 or not isinstance(body, dict):
+            return Outcome(key, None, Usage(), f"HTTP {response.get('status_code')}: {str(body)[:500]}")
+        u = body.get("usage") or {}
+        cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        usage = Usage(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0, cached)
+        try:
+            signal = self.teacher.signal_from_completion(body, request)
+        except (ParseError, TransientError, PermanentError) as e:
+            return Outcome(key, None, usage, f"unparseable batch answer: {e}", getattr(e, "raw", None) or None)
+        return Outcome(key, signal, usage)

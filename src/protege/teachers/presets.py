@@ -13,29 +13,11 @@ from dataclasses import dataclass, field
 
 from ..errors import RecipeError
 from ..recipe import TeacherConfig
+from .base import Price
 
 __all__ = ["Price", "Preset", "PRESETS", "ANTHROPIC", "PRICES_CHECKED", "resolve_price"]
 
 PRICES_CHECKED = "2025-11"
-
-
-@dataclass(frozen=True)
-class Price:
-    """USD per million tokens."""
-
-    input: float
-    cached_input: float
-    output: float
-
-    def cost(self, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0, factor: float = 1.0) -> float:
-        """Cost of one call from its usage. ``input_tokens`` includes the cached ones, as the APIs report it."""
-        fresh = max(0, input_tokens - cached_input_tokens)
-        usd = fresh * self.input + cached_input_tokens * self.cached_input + output_tokens * self.output
-        return factor * usd / 1e6
-
-    @property
-    def free(self) -> bool:
-        return self.input == self.cached_input == self.output == 0
 
 
 FREE = Price(0.0, 0.0, 0.0)

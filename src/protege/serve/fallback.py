@@ -1,12 +1,10 @@
 """The cascade: the student answers when it is sure enough, the teacher otherwise; and what that costs.
 
 * :class:`TeacherFallback` answers what a served student was unsure of (a text, or a conversation) with the
-  teacher, through :func:`protege.label.label_requests`: the same backends, the same store as cache (a text labeled before, or
+  teacher, through :func:`protege.labeling.labeler.label_requests`: the same backends, the same store as cache (a text labeled before, or
   asked before, costs nothing), the same budget cap and the same cost records as labeling.
-* :class:`ServedLedger` writes one :class:`protege.store.ServedRecord` per served answer, in batches.
-* :func:`sweep` computes, on held-out answers, the cascade's quality and cost per 1,000 requests for every
-  threshold, and the cheapest threshold that keeps a chosen share of the teacher's quality
-  (:func:`cascade_sweep` for a classifier's predictions; :mod:`protege.evaluate_lm` for an LM student's answers).
+* the ledger (:mod:`protege.serve.ledger`) records every served answer; the threshold is chosen by
+  :mod:`protege.evaluation.sweep` on held-out answers.
 
 A student answers when its confidence (a classifier's top label probability; an LM's geometric mean token
 probability, see :mod:`protege.serve`) is at least the threshold: threshold 0 sends nothing to the teacher,
@@ -15,8 +13,6 @@ any threshold above 1 sends everything.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -24,14 +20,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .data import Example
-from .errors import BudgetReached, PermanentError, ProtegeError
-from .recipe import EvalConfig, Recipe, load_recipe
-from .signals import TeacherSignal
-from .store import ServedRecord, Store, call_key
-from .task import Request
+from ..errors import BudgetReached, PermanentError, ProtegeError
+from ..evaluation.sweep import ALWAYS_TEACHER, cascade_sweep, sweep
+from ..labeling.data import Example
+from ..recipe import EvalConfig, Recipe, load_recipe
+from ..signals import TeacherSignal
+from ..store import Store, call_key
+from ..teachers.base import Request
 
 __all__ = [
     "ALWAYS_TEACHER",
@@ -47,8 +42,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-ALWAYS_TEACHER = 1.01  # a threshold no probability reaches: every text goes to the teacher
 
 
 def default_store(student_dir: Path) -> Path | None:
@@ -100,6 +93,23 @@ def teacher_recipe(student_dir: Path, path: Path | str | None, labels: tuple[str
 # the teacher behind a served student
 
 
+def _usage(store: Store, keys: Sequence[str]) -> dict[str, tuple[str, float, int, int, float]]:
+    """key -> (status, money spent incl. possibly billed, input tokens, output tokens, seconds) as recorded."""
+    out = {}
+    uniq = list(dict.fromkeys(keys))
+    for i in range(0, len(uniq), 500):
+        chunk = uniq[i : i + 500]
+        q = (f"SELECT key, status, cost_usd + uncertain_usd, input_tokens, output_tokens, seconds FROM calls "
+             f"WHERE key IN ({','.join('?' * len(chunk))})")
+        for key, *rest in store.db.execute(q, chunk):
+            out[key] = tuple(rest)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the served-traffic ledger
+
+
 @dataclass(frozen=True)
 class TeacherAnswer:
     signal: TeacherSignal  # as labeling stores it: a label distribution, or a generated reply
@@ -123,7 +133,6 @@ class TeacherAnswer:
         """The label distribution in the task's label order."""
         assert self.signal.distribution is not None
         return self.signal.distribution.probs
-
 
 
 @dataclass(frozen=True)
@@ -151,8 +160,8 @@ class TeacherFallback:
     """
 
     def __init__(self, recipe: Recipe, store_path: Path, compute_usd_per_hour: float):
-        from .engine import ApiTeacher
-        from .teachers import make_teacher
+        from ..teachers import make_teacher
+        from ..teachers.base import ApiTeacher
 
         if recipe.teacher.batch_api:
             recipe = recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update={"batch_api": False})})
@@ -169,14 +178,14 @@ class TeacherFallback:
 
     def requests(self, texts: Sequence[str]) -> list[Request]:
         """The teacher's requests for classifying ``texts``, as labeling renders them."""
-        from .label import requests_for
+        from ..labeling.labeler import requests_for
 
         return requests_for(self.recipe, [Example(f"served-{i}", t, None, "served") for i, t in enumerate(texts)])
 
     def generation_request(self, messages: Sequence[dict[str, str]], max_tokens: int | None) -> Request:
         """The teacher's request for a served conversation: greedy, up to ``max_tokens`` (None: the recipe's
         limit, the one labeling used), with the recipe's top-logprobs and answer format."""
-        from .task import render_generation
+        from ..labeling.prompts import render_generation
 
         user = [m["content"] for m in messages if m["role"] == "user"]
         labeled = render_generation(self.recipe.task, user[-1] if user else "", self.recipe.teacher.max_tokens,
@@ -187,7 +196,7 @@ class TeacherFallback:
 
     def ask(self, requests: Sequence[Request]) -> list[TeacherAnswer | TeacherFailure]:
         """The teacher's answer for each request, in order; never raises for a teacher's failure."""
-        from .label import label_requests
+        from ..labeling.labeler import label_requests
 
         requests = list(requests)
         # the keys labeling will use, to see what each request cost (before vs after)
@@ -242,178 +251,12 @@ class TeacherFallback:
         return out
 
 
-def _usage(store: Store, keys: Sequence[str]) -> dict[str, tuple[str, float, int, int, float]]:
-    """key -> (status, money spent incl. possibly billed, input tokens, output tokens, seconds) as recorded."""
-    out = {}
-    uniq = list(dict.fromkeys(keys))
-    for i in range(0, len(uniq), 500):
-        chunk = uniq[i : i + 500]
-        q = (f"SELECT key, status, cost_usd + uncertain_usd, input_tokens, output_tokens, seconds FROM calls "
-             f"WHERE key IN ({','.join('?' * len(chunk))})")
-        for key, *rest in store.db.execute(q, chunk):
-            out[key] = tuple(rest)
-    return out
-
-
 # --------------------------------------------------------------------------------------------------------------
 # the served-traffic ledger
 
 
-class ServedLedger:
-    """Collects served answers and writes them to the store in one transaction every ``interval_s`` (and at
-    :meth:`close`), off the event loop, so recording costs a request nothing it would wait for."""
-
-    def __init__(self, store_path: Path, interval_s: float = 0.25):
-        self.store_path = Path(store_path)
-        self.interval_s = interval_s
-        self.pending: list[ServedRecord] = []
-        self.written = 0
-        self._task: asyncio.Task[None] | None = None
-        with Store(self.store_path):  # create or migrate it now: a bad path fails before the server listens
-            pass
-
-    def add(self, records: Sequence[ServedRecord]) -> None:
-        self.pending.extend(records)
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def flush(self) -> None:
-        rows, self.pending = self.pending, []
-        if not rows:
-            return
-        try:
-            await asyncio.to_thread(self._write, rows)
-        except Exception:  # keep them for the next flush; serving goes on
-            log.exception("could not write %d served rows to %s", len(rows), self.store_path)
-            self.pending[:0] = rows
-            return
-        self.written += len(rows)
-
-    def _write(self, rows: list[ServedRecord]) -> None:
-        with Store(self.store_path) as store:
-            store.record_served(rows)
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            await self.flush()
-
-    async def close(self) -> None:
-        """Stop the periodic writes and write what is left."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.flush()
-
-
 # --------------------------------------------------------------------------------------------------------------
 # the threshold sweep (evaluation)
-
-
-def cascade_sweep(
-    student_probs: np.ndarray,
-    teacher_probs: np.ndarray,
-    gold: np.ndarray,
-    has_gold: np.ndarray,
-    student_usd_per_1k: float,
-    teacher_usd_per_1k: float,
-    keep_fraction: float = 0.95,
-    thresholds: Sequence[float] | None = None,
-) -> dict[str, Any]:
-    """:func:`sweep` for a classifier: confidence is the student's top label probability, a row scores 1 when
-    the answer equals the gold label (``metric`` accuracy), or without gold labels the teacher's label
-    (``agreement_with_teacher``).
-
-    student_probs, teacher_probs: (N, C); gold: (N,) label indices (-1 where unknown); has_gold: (N,) bool.
-    """
-    s_pred, t_pred = student_probs.argmax(1), teacher_probs.argmax(1)
-    if has_gold.any():
-        metric, ref, rows = "accuracy", gold, has_gold
-    else:
-        metric, ref, rows = "agreement_with_teacher", t_pred, np.ones(len(s_pred), bool)
-    return sweep(student_probs.max(1), (s_pred == ref).astype(float), (t_pred == ref).astype(float), rows, metric,
-                 "top label probability", student_usd_per_1k, teacher_usd_per_1k, keep_fraction, thresholds)
-
-
-def sweep(
-    confidence: np.ndarray,
-    student_score: np.ndarray,
-    teacher_score: np.ndarray,
-    scored: np.ndarray,
-    metric: str,
-    confidence_kind: str,
-    student_usd_per_1k: float,
-    teacher_usd_per_1k: float,
-    keep_fraction: float = 0.95,
-    thresholds: Sequence[float] | None = None,
-) -> dict[str, Any]:
-    """Quality and cost per 1,000 requests of the cascade at each threshold, on held-out answers.
-
-    At threshold t the student answers a row when its confidence is >= t, the teacher otherwise:
-    quality(t) = mean over scored rows of the answering model's score; cost(t) = student_usd_per_1k (the
-    student reads every request) + fallback(t) * teacher_usd_per_1k, fallback(t) = share of all rows below t.
-    ``chosen`` is the cheapest threshold whose quality is at least keep_fraction * the teacher's (ties: the
-    lowest threshold); the last threshold, :data:`ALWAYS_TEACHER`, always qualifies.
-
-    All arrays are (N,): confidence in [0, 1], scores in [0, 1] (1: right), scored: rows with a score.
-    """
-    if thresholds is None:
-        thresholds = [round(i / 100, 2) for i in range(101)] + [ALWAYS_TEACHER]
-    rows = scored.astype(bool)
-    teacher_acc = float(teacher_score[rows].mean()) if rows.any() else 0.0
-    student_acc = float(student_score[rows].mean()) if rows.any() else 0.0
-    target = keep_fraction * teacher_acc
-    points = []
-    for t in thresholds:
-        student_answers = confidence >= t  # (N,)
-        score = np.where(student_answers, student_score, teacher_score)
-        fallback = float((~student_answers).mean())
-        points.append({
-            "threshold": float(t),
-            "accuracy": float(score[rows].mean()) if rows.any() else 0.0,
-            "teacher_fraction": fallback,
-            "usd_per_1k": student_usd_per_1k + fallback * teacher_usd_per_1k,
-        })
-    ok = [p for p in points if p["accuracy"] >= target - 1e-12]
-    chosen = min(ok, key=lambda p: (p["usd_per_1k"], p["threshold"])) if ok else None
-    return {
-        "metric": metric,
-        "confidence": confidence_kind,
-        "rows": int(rows.sum()),
-        "keep_fraction": keep_fraction,
-        "teacher_accuracy": teacher_acc,
-        "student_accuracy": student_acc,
-        "target_accuracy": target,
-        "student_usd_per_1k": student_usd_per_1k,
-        "teacher_usd_per_1k": teacher_usd_per_1k,
-        "points": points,
-        "chosen": chosen,
-    }
-
-
-def served_record(
-    student: str,
-    endpoint: str,
-    confidence: float,
-    student_seconds: float,
-    usd_per_hour: float,
-    tokens: tuple[int, int],
-    teacher: TeacherAnswer | TeacherFailure | None = None,
-) -> ServedRecord:
-    """The ledger row of one served text: the student's compute share always (it read the text), plus what the
-    teacher cost when it was asked. ``tokens``: (input, output) of the model that answered."""
-    student_usd = student_seconds / 3600 * usd_per_hour
-    if teacher is None:
-        return ServedRecord(student, endpoint, "student", tokens[0], tokens[1], student_usd, 0.0, student_seconds,
-                            confidence)
-    if isinstance(teacher, TeacherFailure):
-        return ServedRecord(student, endpoint, "none", 0, 0, student_usd + teacher.cost_usd, teacher.cost_usd,
-                            student_seconds, confidence, teacher.call_key, False, teacher.message)
-    return ServedRecord(student, endpoint, "teacher", teacher.input_tokens, teacher.output_tokens,
-                        student_usd + teacher.cost_usd, teacher.cost_usd, student_seconds + teacher.seconds,
-                        confidence, teacher.call_key, teacher.cached)
 
 
 def log_probs(probs: Sequence[float]) -> list[float]:

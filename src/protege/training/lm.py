@@ -37,18 +37,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._io import atomic_dir, content_hash, replace_dir, write_json_atomic, write_text_atomic
-from .errors import ProtegeError
-from .lm_students import build_lm_student, lm_head, load_causal_lm, save_lm_student
+from .._io import atomic_dir, content_hash, replace_dir, write_json_atomic, write_text_atomic
+from ..errors import ProtegeError
+from ..recipe import Recipe
+from ..signals import TokenLogprobs
+from ..students.chat import ANSWER_PREFIX, EXPLAIN_PREFIX, _prefixed, prompt_ids
+from ..students.classifier import count_parameters
+from ..students.lm import build_lm_student, lm_head, load_causal_lm, save_lm_student
 from .losses import check_vocab, chunked_lm_distillation_loss, topk_distillation_loss
-from .recipe import Recipe
-from .signals import TokenLogprobs
-from .students import count_parameters
 
 __all__ = ["LMRow", "train_lm", "prompt_ids", "ANSWER_PREFIX", "EXPLAIN_PREFIX", "MIN_ALIGNED_SHARE"]
 
-ANSWER_PREFIX = "[answer] "
-EXPLAIN_PREFIX = "[explain] "
 MIN_ALIGNED_SHARE = 0.5  # under this share of teacher positions usable, token-level KD from top-k is refused
 MAX_UNMAPPED_MASS = 0.5  # ... or when more teacher probability than this falls outside the student's vocabulary
 
@@ -70,21 +69,6 @@ class LMRow:
     rationale: str | None = None
     token_logprobs: TokenLogprobs | None = None
     truncated: bool = False
-
-
-def prompt_ids(tokenizer: Any, messages: list[dict[str, str]] | tuple[dict[str, str], ...]) -> list[int]:
-    """Token ids of the prompt: the chat template with the assistant's turn opened (plain text without one)."""
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    else:
-        text = "\n\n".join(m["content"] for m in messages) + "\nAnswer: "
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _prefixed(messages: tuple[dict[str, str], ...], prefix: str) -> tuple[dict[str, str], ...]:
-    """The messages with ``prefix`` before the last user turn (distilling step-by-step's task prefixes)."""
-    last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
-    return tuple({**m, "content": prefix + m["content"]} if i == last else m for i, m in enumerate(messages))
 
 
 # -- tokenizing once ----------------------------------------------------------------------------------------
@@ -416,7 +400,7 @@ def train_lm(
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
 
-    from .teachers.hf import pick_dtype
+    from ..teachers.hf import pick_dtype
 
     cfg, scfg, tcfg = recipe.training, recipe.student, recipe.teacher
     if not rows:

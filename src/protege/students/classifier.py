@@ -6,20 +6,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ._io import write_json_atomic
-from .errors import ProtegeError
-from .models import resolve_source
-from .recipe import StudentConfig
+from .._io import write_json_atomic
+from ..errors import ProtegeError
+from ..recipe import StudentConfig
+from ..sources import resolve_source
+from . import META
 
 __all__ = ["build_student", "load_student", "count_parameters", "student_kind"]
-
-META = "protege.json"
 
 
 def build_student(cfg: StudentConfig, labels: tuple[str, ...], seed: int) -> tuple[Any, Any]:
     """(model, tokenizer) for a new student whose head predicts ``labels`` in order."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+    )
 
     source = resolve_source(cfg.model)
     try:
@@ -73,28 +77,3 @@ def load_student(path: Path) -> tuple[Any, Any, dict[str, Any]]:
     return model.eval(), tokenizer, json.loads((path / META).read_text())
 
 
-def student_kind(student_dir: Path, command: str) -> tuple[str, str]:
-    """("classifier" | "lm", architecture name) of a saved student, from its config.json's ``architectures``;
-    ``command`` (e.g. "protege serve") names what the user ran, in the errors."""
-    student_dir = Path(student_dir)
-    if not student_dir.is_dir():
-        raise ProtegeError(f"{str(student_dir)!r} is not a directory; point `{command}` at a trained student")
-    cfg_path = student_dir / "config.json"
-    if not cfg_path.is_file():
-        raise ProtegeError(
-            f"{str(student_dir)!r} is not a trained protege student: it has no config.json. Point `{command}` at "
-            "the student directory `protege train` wrote (a Hugging Face model directory)"
-        )
-    try:
-        archs = json.loads(cfg_path.read_text(encoding="utf-8")).get("architectures") or []
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-        raise ProtegeError(f"{str(cfg_path)!r} is not a JSON object; the student directory is damaged") from None
-    for arch in archs:
-        if isinstance(arch, str) and arch.endswith("ForSequenceClassification"):
-            return "classifier", arch
-        if isinstance(arch, str) and arch.endswith("ForCausalLM"):
-            return "lm", arch
-    raise ProtegeError(
-        f"{str(cfg_path)!r} names architectures {archs}; `{command}` supports sequence classifiers "
-        "(*ForSequenceClassification) and causal LMs (*ForCausalLM)"
-    )

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._io import atomic_dir, write_text_atomic
+from .._io import atomic_dir, write_text_atomic
+from ..recipe import Recipe
+from ..students.classifier import build_student, count_parameters, save_student
 from .losses import distillation_loss
-from .recipe import Recipe
-from .students import build_student, count_parameters, save_student
 
 __all__ = ["TrainRow", "train_student"]
 

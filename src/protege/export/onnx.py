@@ -1,6 +1,7 @@
 """Export a trained student for the edge: ONNX for classifier and causal-LM students, checked against PyTorch.
 
-GGUF for Llama-architecture LM students (llama.cpp) lives in export_gguf.py; ``export_student`` dispatches to it.
+GGUF for LM students (llama.cpp) lives in :mod:`protege.export.gguf`; :func:`protege.export.export_student`
+picks one by format.
 
 The exported folder is self-contained: ``model.onnx`` beside the tokenizer, ``config.json`` (the label names
 of a classifier), ``protege.json`` and ``recipe.yaml`` when the student has them, and the export's report.
@@ -29,58 +30,36 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
-import statistics
 import time
 import warnings
-from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._io import atomic_dir, write_json_atomic, write_text_atomic
-from .errors import MissingExtra, ProtegeError
-from .students import student_kind
+from .._io import atomic_dir
+from ..errors import MissingExtra, ProtegeError
+from ..students import student_kind
+from .common import (
+    SAMPLE_TEXTS,
+    _copy_student_files,
+    _encode,
+    _load,
+    _max_length,
+    _ms,
+    parity,
+    write_report,
+)
 
-__all__ = ["DEFAULT_ATOL", "FORMATS", "SAMPLE_TEXTS", "export_student"]
+__all__ = ["DEFAULT_ATOL", "export_onnx"]
 
-FORMATS = ("onnx", "gguf")
 DEFAULT_ATOL = {"classifier": 1e-4, "lm": 1e-3}  # by student kind; see the module docstring
 OPSET = 18  # the dynamo exporter's own default; onnxruntime 1.17+ runs it
 MODEL_FILE = "model.onnx"
-# Files copied beside the model when the student has them (the tokenizer is saved anew, see _copy_student_files).
-META_FILES = ("config.json", "generation_config.json", "protege.json", "recipe.yaml")
-# Different lengths on purpose: batched together they exercise padding.
-SAMPLE_TEXTS = (
-    "Hi",
-    "Where is my order?",
-    "I was charged twice for the same invoice and the refund has not arrived yet.",
-    "The app crashes every time I open the settings page on my phone, even after reinstalling it, and "
-    "support has not answered my last three emails about the problem. Please help me fix it today.",
-)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # the student
-
-
-
-
-def _load(student_dir: Path, kind: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModelForCausalLM
-    try:
-        model = auto.from_pretrained(student_dir, dtype="float32")
-        tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    except (OSError, ValueError) as e:
-        raise ProtegeError(f"cannot load the student in {str(student_dir)!r}: {e}") from None
-    if tokenizer.pad_token is None:  # many LM tokenizers have none; padding is only for the parity batch here
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    tokenizer.padding_side = "right"
-    return model.eval(), tokenizer
 
 
 class _Logits(torch.nn.Module):
@@ -93,17 +72,6 @@ class _Logits(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **self.extra).logits.float()
-
-
-def _encode(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, Any]:
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-def _max_length(model: Any, tokenizer: Any) -> int:
-    """Sample length cap: enough for the sample texts, within what the model takes."""
-    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    return min([x for x in limits if isinstance(x, int) and x > 1] + [128])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -144,32 +112,8 @@ def _ort_session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def parity(ref: Any, got: Any, mask: Any, kind: str, atol: float) -> dict[str, Any]:
-    """Compare PyTorch logits ``ref`` with exported ``got`` (numpy, (B, C) or (B, T, V)) over real tokens.
-
-    ``argmax_agreement`` is the strict fraction of equal argmaxes; ``passed`` needs max_abs_diff <= atol and
-    every differing argmax to be a near-tie (the exported argmax's PyTorch logit within 2·atol of the top)."""
-    import numpy as np
-
-    if kind == "lm":
-        keep = mask.astype(bool)  # (B, T): padding positions carry no meaning
-        ref, got = ref[keep], got[keep]  # (N, V)
-    diff = float(np.abs(ref - got).max())
-    top_ref, top_got = ref.argmax(-1), got.argmax(-1)
-    agree = float((top_ref == top_got).mean())
-    picked = np.take_along_axis(ref, top_got[:, None], -1)[:, 0]
-    near_ties = bool((picked >= ref.max(-1) - 2 * atol).all())
-    return {"positions": int(ref.shape[0]), "max_abs_diff": diff, "atol": atol, "argmax_agreement": agree,
-            "passed": bool(diff <= atol and near_ties)}
-
-
 # --------------------------------------------------------------------------------------------------------------
 # latency
-
-
-def _ms(samples: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(samples, n=20) if len(samples) > 1 else samples * 19
-    return {"p50": 1e3 * statistics.median(samples), "p95": 1e3 * q[18], "mean": 1e3 * statistics.fmean(samples)}
 
 
 def _latency(module: Any, session: Any, singles: list[dict[str, Any]], runs: int, warmup: int) -> dict[str, Any]:
@@ -195,28 +139,6 @@ def _latency(module: Any, session: Any, singles: list[dict[str, Any]], runs: int
 
 # --------------------------------------------------------------------------------------------------------------
 # the export
-
-
-def _copy_student_files(student_dir: Path, out: Path) -> None:
-    """The tokenizer (loaded fresh and saved, so every file it needs is there and nothing we changed) and the
-    student's config and metadata: the folder needs nothing from the student directory."""
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(student_dir).save_pretrained(out)
-    for name in META_FILES:
-        if (student_dir / name).is_file():
-            shutil.copy2(student_dir / name, out / name)
-
-
-def write_report(tmp: Path, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
-    """Finish an export's ``report`` (the files beside it, when it was made) and write it into the export's
-    folder as export_report.json and ``markdown(report)`` as export_report.md; return it."""
-    files = [p.name for p in tmp.iterdir() if p.is_file()]
-    report["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    report["files"] = sorted(files + ["export_report.json", "export_report.md"])
-    write_json_atomic(tmp / "export_report.json", report)
-    write_text_atomic(tmp / "export_report.md", markdown(report))
-    return report
 
 
 def _report_md(r: dict[str, Any]) -> str:
@@ -246,9 +168,8 @@ def _report_md(r: dict[str, Any]) -> str:
     ])
 
 
-def export_student(
+def export_onnx(
     student_dir: Path | str,
-    format: str = "onnx",
     output: Path | str | None = None,
     *,
     atol: float | None = None,
@@ -256,23 +177,16 @@ def export_student(
     warmup: int = 5,
     threads: int = 1,
     texts: list[str] | None = None,
-    gguf_type: str = "f16",
 ) -> dict[str, Any]:
     """Export the student in ``student_dir`` to ``output`` (default ``student_dir/FORMAT``) and return the report.
 
     The folder appears whole or not at all: a failed export, or a parity check outside ``atol`` (default by
-    kind: DEFAULT_ATOL; for GGUF by file type: export_gguf.DEFAULT_ATOL), raises ProtegeError and leaves any
+    kind: DEFAULT_ATOL), raises ProtegeError and leaves any
     previous export in place. ``threads`` applies to both runtimes while timing; the default, 1, is one request
     on one core: the figure least disturbed by other work on the machine (with more threads than free cores,
     PyTorch's OpenMP pool can be 100x slower)."""
     student_dir = Path(student_dir)
-    if format not in FORMATS:
-        raise ProtegeError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
-    if format == "gguf":
-        from .export_gguf import export_gguf
-
-        return export_gguf(student_dir, output, gguf_type=gguf_type, atol=atol, runs=runs, warmup=warmup,
-                           threads=threads, texts=texts)
+    format = "onnx"
     kind, arch = student_kind(student_dir, "protege export")
     atol = DEFAULT_ATOL[kind] if atol is None else atol
     if atol < 0 or runs < 1 or warmup < 0 or threads < 1:

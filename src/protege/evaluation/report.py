@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ._io import write_json_atomic, write_text_atomic
-from .recipe import Recipe
+from .._io import write_json_atomic, write_text_atomic
+from ..recipe import Recipe
 
 __all__ = ["cascade_lines", "cascade_plot", "write_report"]
 

@@ -44,10 +44,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import atomic_dir
-from .errors import MissingExtra, ProtegeError
-from .export import SAMPLE_TEXTS, _load, _ms, parity, write_report
-from .students import student_kind
+from .._io import atomic_dir
+from ..errors import MissingExtra, ProtegeError
+from ..students import student_kind
+from .common import SAMPLE_TEXTS, _load, _ms, parity, write_report
 
 __all__ = ["ARCHITECTURES", "DEFAULT_ATOL", "GGUF_TYPES", "SUPPORTED", "export_gguf", "permute_qk", "pre_tokenizer", "write_gguf"]
 
@@ -485,7 +485,7 @@ def export_gguf(
                     shutil.copy2(student_dir / name, tmp / name)
             report = write_report(tmp, {
                 "student": str(student_dir), "output": str(out), "format": "gguf", "kind": kind,
-                "architecture": arch, "gguf_type": gguf_type, "converter": "protege.export_gguf (gguf.GGUFWriter)",
+                "architecture": arch, "gguf_type": gguf_type, "converter": "protege.export.gguf (gguf.GGUFWriter)",
                 "tokenizer": tok_info, "tokenization": tokenization,
                 "model_bytes": (tmp / MODEL_FILE).stat().st_size,
                 "parameters": sum(p.numel() for p in model.parameters()),

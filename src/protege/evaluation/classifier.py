@@ -4,7 +4,7 @@ Quality (accuracy, agreement, quality kept, calibration) comes from the held-out
 predictions. Speed is measured here, on this machine: latency one example at a time (p50, p95) and batched
 throughput. Money per 1,000 examples is the API price for API teachers, and measured compute time times
 ``eval.compute_usd_per_hour`` for local models. With ``eval.cascade_sweep`` the report also sweeps the
-cascade's threshold on the same predictions (:func:`protege.cascade.cascade_sweep`).
+cascade's threshold on the same predictions (:func:`protege.evaluation.sweep.cascade_sweep`).
 """
 
 from __future__ import annotations
@@ -17,35 +17,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import content_hash
-from .engine import ApiTeacher
-from .errors import ProtegeError
-from .label import read_signals
-from .recipe import Recipe
-from .store import Store
-from .students import count_parameters, load_student
-from .task import render_request
-from .teachers import make_teacher
+from .._io import content_hash
+from ..errors import ProtegeError
+from ..labeling.labeler import read_signals
+from ..labeling.prompts import render_request
+from ..recipe import Recipe
+from ..store import Store
+from ..students.classifier import count_parameters, load_student
+from ..teachers import make_teacher
+from ..teachers.base import ApiTeacher
+from .measure import _api_teacher_figures, expected_calibration_error
 
 __all__ = ["evaluate", "expected_calibration_error"]
 
 STUDENTS = (("student", "distilled student"), ("student-hard", "hard-label student"))
-
-
-def expected_calibration_error(probs: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
-    """ECE = sum_b (n_b / N) * |accuracy_b - mean confidence_b| over equal-width confidence bins.
-
-    probs: (N, C) predicted distributions; correct: (N,) bool, whether the top label was right.
-    """
-    conf = probs.max(1)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        sel = idx == b
-        if sel.any():
-            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(ece)
 
 
 def _quality(probs: np.ndarray, gold: np.ndarray, has_gold: np.ndarray, bins: int) -> dict[str, Any]:
@@ -90,38 +75,8 @@ def _money(speed: dict[str, float], usd_per_hour: float) -> dict[str, float]:
     return {"compute_seconds_per_1k": seconds, "usd_per_1k": seconds / 3600 * usd_per_hour, "price_source": "compute"}
 
 
-def _api_teacher_figures(recipe: Recipe, keys: list[str]) -> tuple[dict[str, float], dict[str, Any]]:
-    """An API teacher's latency and price per 1,000 texts, from what labeling recorded: each held-out row's
-    wall time (retries and rate-limit waits included, as the user waited for them), its recorded spend, and
-    the rows per second the labeling runs achieved."""
-    with Store(recipe.store_path) as store:
-        recorded = []
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            recorded += store.db.execute(
-                f"SELECT seconds, cost_usd FROM calls WHERE status = 'ok' AND key IN ({marks})", chunk
-            ).fetchall()
-        runs = store.db.execute(
-            "SELECT SUM(seconds), SUM(json_extract(detail, '$.rows')) FROM compute WHERE stage = 'label'"
-        ).fetchone()
-    if not recorded:
-        raise ProtegeError("the store holds none of the held-out answers; run `protege label` first")
-    lat = sorted(1e3 * s for s, _ in recorded)
-    q = statistics.quantiles(lat, n=20) if len(lat) > 1 else [lat[0]] * 19
-    seconds, labeled = runs
-    throughput = labeled / seconds if seconds and labeled else recipe.teacher.concurrency / (statistics.mean(lat) / 1e3)
-    speed = {"latency_ms_p50": statistics.median(lat), "latency_ms_p95": q[18], "throughput_per_s": throughput}
-    per_row = statistics.mean(c for _, c in recorded)
-    return speed, {"usd_per_1k": 1000 * per_row, "price_source": "recorded API spend"}
-
-
-def evaluate(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, Any]:
-    """Stage 3: compare teacher and students on the eval split; write report.json, report.md and plots."""
-    if recipe.task.kind == "generation":
-        from .evaluate_lm import evaluate_lm
-
-        return evaluate_lm(recipe, quiet, force)
+def evaluate_classifier(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, Any]:
+    """Compare teacher and classifier students on the eval split; write report.json, report.md and plots."""
     out = recipe.output_dir
     rows = read_signals(recipe, "eval")
     present = [(d, name) for d, name in STUDENTS if (out / d / "protege.json").is_file()]
@@ -200,7 +155,7 @@ def evaluate(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[st
         "models": models,
     }
     if recipe.eval.cascade_sweep:
-        from .cascade import cascade_sweep
+        from .sweep import cascade_sweep
 
         d = present[0][0]  # the distilled student, else the baseline
         report["cascade"] = {

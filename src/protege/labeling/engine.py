@@ -19,26 +19,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 from tqdm.auto import tqdm
 
-from .errors import BudgetReached, PermanentError
-from .recipe import TeacherConfig
-from .signals import TeacherSignal
-from .store import CallRecord, Store
-from .task import Request
-from .teachers.parse import ParseError
-from .teachers.presets import Price
+from ..errors import BudgetReached, PermanentError
+from ..recipe import TeacherConfig
+from ..signals import TeacherSignal
+from ..store import CallRecord, Store
+from ..teachers.base import ApiTeacher, Reply, Request, TransientError, Usage
+from ..teachers.parse import ParseError
 
 __all__ = [
     "Usage",
@@ -51,66 +49,6 @@ __all__ = [
     "worst_case_tokens",
     "expected_tokens",
 ]
-
-
-@dataclass(frozen=True)
-class Usage:
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_input_tokens: int = 0
-
-
-@dataclass
-class Reply:
-    """One successful HTTP call: the parsed body, its usage and the response headers."""
-
-    body: Any
-    usage: Usage
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-
-class TransientError(Exception):
-    """A call that may succeed if sent again (429, 5xx, timeout, dropped connection, malformed body).
-
-    ``maybe_billed``: the request reached the provider and may have been charged (a timeout or a connection
-    cut after sending), so its worst-case cost stays counted against the budget.
-    """
-
-    def __init__(self, reason: str, retry_after: float | None = None, maybe_billed: bool = False, raw: str = ""):
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-        self.maybe_billed = maybe_billed
-        self.raw = raw
-
-
-@runtime_checkable
-class ApiTeacher(Protocol):
-    """A teacher behind an API. ``answer`` makes one or more calls through ``call`` and returns the signal,
-    or raises :class:`ParseError` when the reply names no label."""
-
-    identity: dict[str, Any]
-    price: Price
-    price_factor: float
-
-    def worst_case(self, request: Request) -> tuple[int, int, int]:
-        """(input tokens, output tokens, calls) a request can cost at most."""
-        ...
-
-    async def answer(self, request: Request, call: Call) -> TeacherSignal: ...
-
-    async def aclose(self) -> None: ...
-
-
-def worst_case_tokens(request: Request) -> int:
-    """An upper bound on a request's input tokens without its tokenizer: byte-level BPE and byte-fallback
-    tokenizers spend at least one UTF-8 byte per token, plus chat-template tokens per message."""
-    return sum(len(m["content"].encode("utf-8")) + 16 for m in request.messages) + 32
-
-
-def expected_tokens(request: Request) -> int:
-    """A typical estimate of input tokens (about 4 characters per token in English), for dry runs."""
-    return sum(math.ceil(len(m["content"]) / 4) + 4 for m in request.messages) + 3
 
 
 class Budget:

@@ -10,15 +10,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ._io import write_jsonl_atomic
+from .._io import write_jsonl_atomic
+from ..errors import ProtegeError
+from ..recipe import Recipe
+from ..signals import TeacherSignal
+from ..store import CallRecord, Store, call_key
+from ..teachers import make_teacher
+from ..teachers.base import ApiTeacher, LocalTeacher, Request, Teacher
 from .data import Example, load_splits
-from .engine import ApiTeacher, run_api
-from .errors import ProtegeError
-from .recipe import Recipe
-from .signals import TeacherSignal
-from .store import CallRecord, Store, call_key
-from .task import Request, render_generation, render_request
-from .teachers import LocalTeacher, Teacher, make_teacher
+from .engine import run_api
+from .prompts import render_generation, render_request
 
 __all__ = ["LabelStats", "Estimate", "label_examples", "label_requests", "label", "estimate", "read_signals"]
 
@@ -60,7 +61,7 @@ def label_examples(
     the store does not hold as answered.
 
     Local teachers: each batch is committed before the next is sent. API teachers: each row is committed as it
-    finishes (see :mod:`protege.engine`). Either way a crash loses at most the calls in flight.
+    finishes (see :mod:`protege.labeling.engine`). Either way a crash loses at most the calls in flight.
     """
     return label_requests(teacher, recipe, requests_for(recipe, examples), store, quiet, desc)
 
@@ -274,7 +275,7 @@ def estimate(recipe: Recipe) -> Estimate:
     Expected tokens come from earlier calls of the same teacher in the store when there are any, else from
     about four characters per token and a short answer. The worst case is what the engine reserves.
     """
-    from .engine import expected_tokens
+    from ..teachers.base import expected_tokens
 
     train, held = load_splits(recipe.data, task_labels(recipe), recipe.training.seed)
     examples = train + held

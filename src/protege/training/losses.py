@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import ProtegeError
+from ..errors import ProtegeError
 
 __all__ = [
     "check_vocab",

@@ -18,148 +18,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .engine import ApiTeacher, EngineStats, TransientError, Usage
-from .errors import BudgetReached, PermanentError, ProtegeError
-from .recipe import TeacherConfig
-from .signals import TeacherSignal
-from .store import CallRecord, Store
-from .task import Request
-from .teachers.parse import ParseError
+from ..errors import BudgetReached, ProtegeError
+from ..recipe import TeacherConfig
+from ..signals import TeacherSignal
+from ..store import CallRecord, Store
+from ..teachers.anthropic_api import AnthropicAdapter
+from ..teachers.base import BATCH_DISCOUNT, ApiTeacher, Progress, Request
+from ..teachers.openai_api import OpenAIBatches
+from .engine import EngineStats
 
 __all__ = ["run_batch", "BATCH_DISCOUNT"]
 
-BATCH_DISCOUNT = 0.5
-_DONE = {"completed", "failed", "expired", "cancelled"}
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What a batch made of one request: a signal, or the reason there is none; ``usage`` is billed either way."""
-
-    key: str
-    signal: TeacherSignal | None
-    usage: Usage
-    error: str | None = None
-    raw: str | None = None
-
-
-@dataclass(frozen=True)
-class Progress:
-    state: str
-    done: bool
-    finished: int
-
-
-class OpenAIBatches:
-    """OpenAI's Batch API through the SDK: files.create, batches.create / retrieve / list, files.content.
-    The input file is uploaded first and named in the batch's metadata, so a batch whose id was never recorded
-    can be found again by its file."""
-
-    provider = "openai"
-
-    def __init__(self, teacher: Any):
-        self.teacher = teacher
-
-    @property
-    def client(self) -> Any:
-        return self.teacher.client  # built lazily inside the running event loop
-
-    async def prepare(self, items: Sequence[tuple[str, Request]]) -> str:
-        lines = [
-            {"custom_id": k, "method": "POST", "url": "/v1/chat/completions", "body": self.teacher.batch_body(r)}
-            for k, r in items
-        ]
-        data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
-        f = await self.client.files.create(file=("protege-batch.jsonl", io.BytesIO(data)), purpose="batch")
-        return str(f.id)
-
-    async def create(self, ref: str, items: Sequence[tuple[str, Request]]) -> str:
-        b = await self.client.batches.create(
-            input_file_id=ref, endpoint="/v1/chat/completions", completion_window="24h", metadata={"protege_input": ref}
-        )
-        return str(b.id)
-
-    async def find(self, ref: str) -> str | None:
-        async for b in self.client.batches.list(limit=100):
-            if b.input_file_id == ref:
-                return str(b.id)
-        return None
-
-    async def progress(self, batch_id: str) -> Progress:
-        b = await self.client.batches.retrieve(batch_id)
-        counts = b.request_counts
-        return Progress(b.status, b.status in _DONE, (counts.completed + counts.failed) if counts else 0)
-
-    async def outcomes(self, batch_id: str, requests: dict[str, Request]) -> list[Outcome]:
-        b = await self.client.batches.retrieve(batch_id)
-        out = []
-        for file_id in (b.output_file_id, b.error_file_id):
-            if not file_id:
-                continue
-            content = await self.client.files.content(file_id)
-            for raw in content.text.splitlines():
-                if raw.strip():
-                    line = json.loads(raw)
-                    if line.get("custom_id") in requests:
-                        out.append(self._outcome(line, requests[line["custom_id"]]))
-        return out
-
-    def _outcome(self, line: dict[str, Any], request: Request) -> Outcome:
-        key = line["custom_id"]
-        response = line.get("response") or {}
-        if line.get("error"):
-            return Outcome(key, None, Usage(), f"batch error: {line['error']}")
-        body = response.get("body")
-        if response.get("status_code") != 200 or not isinstance(body, dict):
-            return Outcome(key, None, Usage(), f"HTTP {response.get('status_code')}: {str(body)[:500]}")
-        u = body.get("usage") or {}
-        cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        usage = Usage(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0, cached)
-        try:
-            signal = self.teacher.signal_from_completion(body, request)
-        except (ParseError, TransientError, PermanentError) as e:
-            return Outcome(key, None, usage, f"unparseable batch answer: {e}", getattr(e, "raw", None) or None)
-        return Outcome(key, signal, usage)
-
-
-class AnthropicAdapter:
-    """Anthropic's Message Batches: created directly from the requests (no file, no metadata), so a batch
-    whose id was not recorded before a crash cannot be found again; the id is recorded the moment
-    ``create`` returns, which leaves only that instant exposed."""
-
-    provider = "anthropic"
-
-    def __init__(self, teacher: Any):
-        from .teachers.anthropic_api import AnthropicBatches
-
-        self.api = AnthropicBatches(teacher)
-
-    async def prepare(self, items: Sequence[tuple[str, Request]]) -> str:
-        from ._io import content_hash
-
-        return "anthropic:" + content_hash([k for k, _ in items])[:32]
-
-    async def create(self, ref: str, items: Sequence[tuple[str, Request]]) -> str:
-        return await self.api.create(items)
-
-    async def find(self, ref: str) -> str | None:
-        return None
-
-    async def progress(self, batch_id: str) -> Progress:
-        st = await self.api.status(batch_id)
-        return Progress(st.state, st.done, st.succeeded + st.errored + st.canceled + st.expired)
-
-    async def outcomes(self, batch_id: str, requests: dict[str, Request]) -> list[Outcome]:
-        return self.api.outcomes(await self.api.results(batch_id), requests)
 
 
 def _adapter(teacher: Any) -> OpenAIBatches | AnthropicAdapter:
@@ -325,7 +203,7 @@ def run_batch(
     quiet: bool = False,
     desc: str = "label",
 ) -> tuple[dict[str, TeacherSignal], EngineStats]:
-    """Answer ``items`` through the provider's batch API; same contract as :func:`protege.engine.run_api`."""
+    """Answer ``items`` through the provider's batch API; same contract as :func:`protege.labeling.engine.run_api`."""
     run = _BatchRun(teacher, cfg, store, teacher_name, quiet)
     asyncio.run(run.run(items))
     return run.done, run.stats

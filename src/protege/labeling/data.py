@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
-from .recipe import DataConfig
+from ..errors import DataError
+from ..recipe import DataConfig
 
 __all__ = ["Example", "read_examples", "load_splits"]
 

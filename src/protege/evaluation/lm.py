@@ -8,7 +8,7 @@ Figures per model, on the held-out split of the signal dataset:
 - **KL to the teacher**: mean per token of KL(teacher || student) at temperature 1 over those positions.
   Over the full vocabulary when the teacher is a local model with the student's tokenizer (run here); over
   the stored top-k plus one tail bucket when only the teacher's top-k token ids are known (see
-  :func:`protege.losses.topk_distillation_loss`); not reported otherwise (another tokenizer: the figure
+  :func:`protege.training.losses.topk_distillation_loss`); not reported otherwise (another tokenizer: the figure
   would not compare like with like).
 - **perplexity** of the teacher's replies under the model: exp(mean NLL per token).
 - **task metric** against the data's reference answers where the recipe names one (``task.metric``), for
@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from ._io import content_hash, write_json_atomic, write_text_atomic
-from .errors import ProtegeError
-from .recipe import Recipe
-from .teachers.parse import ParseError, split_rationale
+from .._io import content_hash, write_json_atomic, write_text_atomic
+from ..errors import ProtegeError
+from ..recipe import Recipe
+from ..teachers.parse import ParseError, split_rationale
 
 __all__ = ["evaluate_lm", "lm_figures", "score_answer"]
 
@@ -128,7 +128,7 @@ def lm_figures(
     answer_prefix: str | None = None,
     record: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The figures above for one model over held-out generation rows (see :mod:`protege.label`'s signal
+    """The figures above for one model over held-out generation rows (see :mod:`protege.labeling.labeler`'s signal
     dataset). ``teacher_model`` (a local teacher, same tokenizer) gives the full-vocabulary KL.
 
     ``answer_prefix``: a student distilled step-by-step answers after this prefix on the last user turn and
@@ -136,7 +136,7 @@ def lm_figures(
     rationale), and no KL is reported (the teacher answered in another context, after its rationale).
 
     ``record``, if given, receives one {"row", "answer", "confidence"} per generated answer (the cascade sweep)."""
-    from .train_lm import _prefixed, prompt_ids
+    from ..students.chat import _prefixed, prompt_ids
     rationale = recipe.task.answer_format == "rationale"
     max_new = recipe.teacher.max_tokens or (512 if rationale else 256)
     full_kl = teacher_model is not None and teacher_tok is not None and _same_vocab(tok, teacher_tok) and not answer_prefix
@@ -174,7 +174,7 @@ def lm_figures(
             and list(tl["ids"]) == target[: len(tl["ids"])]
         ):
             # the teacher's own ids match the student's tokenization of its reply: compare over top-k + tail
-            from .losses import topk_distillation_loss
+            from ..training.losses import topk_distillation_loss
 
             n = len(tl["ids"])
             k = max(len(x) for x in tl["top_ids"])
@@ -223,8 +223,8 @@ def lm_figures(
 
 def _teacher_figures(recipe: Recipe, rows: list[dict[str, Any]], student_tok: Any) -> tuple[dict[str, Any], Any, Any]:
     """The teacher's row of the report, and (model, tokenizer) when it is a local model."""
-    from .evaluate import _api_teacher_figures  # shared with the classifier report
-    from .teachers import make_teacher
+    from ..teachers import make_teacher
+    from .measure import _api_teacher_figures
 
     teacher = make_teacher(recipe.teacher)
     figures: dict[str, Any] = {"name": recipe.teacher.model}
@@ -243,7 +243,7 @@ def _teacher_figures(recipe: Recipe, rows: list[dict[str, Any]], student_tok: An
         figures["price_source"] = "compute"
         return figures, model, tok
     speed, money = _api_teacher_figures(recipe, [r["call_key"] for r in rows])
-    from .store import Store
+    from ..store import Store
 
     with Store(recipe.store_path) as store:
         keys = [r["call_key"] for r in rows]
@@ -262,15 +262,15 @@ def _teacher_figures(recipe: Recipe, rows: list[dict[str, Any]], student_tok: An
 
 def evaluate_lm(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, Any]:
     """Stage 3 for generation tasks: write report.json and report.md comparing student and teacher."""
-    from .label import read_signals
-    from .store import Store
+    from ..labeling.labeler import read_signals
+    from ..store import Store
 
     out = recipe.output_dir
     rows = read_signals(recipe, "eval")
     if not rows:
         raise ProtegeError("the held-out split has no answered rows; check signals/failed.jsonl and relabel")
     student_dir = out / STUDENT_DIR
-    from .lm_students import load_lm_student
+    from ..students.lm import load_lm_student
 
     model, tok, meta = load_lm_student(student_dir)
     inputs_hash = content_hash({"eval": recipe.section_hash("eval", "task"), "signals": content_hash(rows), "student": meta})[:16]
@@ -280,7 +280,7 @@ def evaluate_lm(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict
 
     started = time.perf_counter()
     teacher, t_model, t_tok = _teacher_figures(recipe, rows, tok)
-    from .train_lm import ANSWER_PREFIX
+    from ..students.chat import ANSWER_PREFIX
 
     prefix = ANSWER_PREFIX if recipe.training.rationale_weight > 0 else None
     answered: list[dict[str, Any]] = []
@@ -325,11 +325,11 @@ def evaluate_lm(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict
 
 def _cascade(answered: list[dict[str, Any]], recipe: Recipe, student: dict[str, Any],
              teacher: dict[str, Any]) -> dict[str, Any]:
-    """The threshold sweep over the student's held-out answers (:func:`protege.cascade.sweep`): scored by the
+    """The threshold sweep over the student's held-out answers (:func:`protege.evaluation.sweep.sweep`): scored by the
     task metric where the rows have reference answers, else by agreement with the teacher's answer."""
     import numpy as np
 
-    from .cascade import sweep
+    from .sweep import sweep
 
     metric = recipe.task.metric
     with_gold = bool(metric) and any(a["row"].get("gold") is not None for a in answered)

@@ -2,49 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
-from .recipe import TaskConfig
+from ..recipe import TaskConfig
+from ..teachers.base import Generate, Request
 
 __all__ = ["Request", "Generate", "render_request", "render_generation", "CONTENT_FREE_INPUTS"]
 
 GENERATION_MAX_TOKENS = 256  # default answer length of a generation task (512 with a rationale)
-
-# Inputs that carry no content, for contextual calibration (Zhao et al., 2021, "Calibrate Before Use").
-CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
-
-
-@dataclass(frozen=True)
-class Request:
-    """One rendered teacher request: chat messages plus the label set the answer must come from.
-
-    Everything that determines the teacher's answer is here or in the teacher's identity; the store's
-    cache key is a hash of both.
-    """
-
-    messages: tuple[dict[str, str], ...]
-    labels: tuple[str, ...]
-    text: str
-    generate: Generate | None = None  # set for generation tasks: the teacher writes an answer
-
-    def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"messages": list(self.messages), "labels": list(self.labels)}
-        if self.generate is not None:
-            d["generate"] = {"max_tokens": self.generate.max_tokens, "top_logprobs": self.generate.top_logprobs,
-                             "rationale": self.generate.rationale}
-        return d
-
-
-@dataclass(frozen=True)
-class Generate:
-    """How a generation request is answered: greedy, up to ``max_tokens``, keeping the ``top_logprobs``
-    most likely alternatives of every generated token (0: none) where the teacher can give them. With
-    ``rationale`` the answer is expected after an explanation, on a last line 'Answer: ...'."""
-
-    max_tokens: int
-    top_logprobs: int
-    rationale: bool = False
 
 
 def instruction_block(task: TaskConfig) -> str:

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from ._io import write_json_atomic
-from .errors import MissingExtra, ProtegeError
-from .models import resolve_source
-from .recipe import Recipe, StudentConfig
+from .._io import write_json_atomic
+from ..errors import MissingExtra, ProtegeError
+from ..recipe import Recipe, StudentConfig
+from ..sources import resolve_source
 
 __all__ = [
     "build_lm_student",

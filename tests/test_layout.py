@@ -1,0 +1,115 @@
+"""The package's layout keeps the pipeline's direction: no import cycles, every module importable.
+
+The import graph is read from the source (top-level imports and those inside functions alike), so a cycle
+hidden behind a function-level import fails here even though Python would tolerate it at run time.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+import protege
+from protege.recipe import TEACHER_BACKENDS
+from protege.teachers import BACKENDS
+
+ROOT = Path(protege.__file__).parent
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The protege modules ``name`` imports anywhere in its source. ``from .x import y`` counts as importing
+    ``x.y`` when that is a module, else ``x``; a package's own ``__init__`` is not an edge to its children."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+            if not base.startswith("protege"):
+                continue
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                deps.add(full if full in MODULES else base)
+        elif isinstance(node, ast.Import):
+            deps |= {a.name for a in node.names if a.name.startswith("protege")}
+    return {d for d in deps if d in MODULES and d != name}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component with more than one module (Tarjan), as a sorted list."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    graph = {name: _imports(name, path) for name, path in MODULES.items()}
+    assert _cycles(graph) == []
+
+
+def test_the_bottom_layer_imports_nothing_above_it():
+    """recipe, store, signals and sources are what every stage reads; they import no stage."""
+    stages = ("protege.teachers", "protege.labeling", "protege.students", "protege.training",
+              "protege.evaluation", "protege.serve", "protege.export", "protege.pipeline", "protege.cli")
+    for bottom in ("protege.recipe", "protege.store", "protege.signals", "protege.sources", "protege.errors"):
+        above = sorted(d for d in _imports(bottom, MODULES[bottom]) if d.startswith(stages))
+        assert above == [], f"{bottom} imports {above}"
+
+
+@pytest.mark.parametrize("name", sorted(set(MODULES) - {"protege.__main__"}))  # __main__ runs the CLI
+def test_every_module_imports(name):
+    assert importlib.import_module(name).__name__ == name
+
+
+def test_recipe_and_teachers_know_the_same_backends():
+    assert set(TEACHER_BACKENDS) == set(BACKENDS)
