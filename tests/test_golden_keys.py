@@ -70,13 +70,11 @@ def test_rendered_requests_and_cache_keys_do_not_change(name):
     assert call_key(teacher.identity, request.to_json()) == key
 
 
-def test_the_demo_teachers_key_does_not_change():
+def test_the_demo_teachers_key_does_not_change(tmp_path):
     """The packaged local teacher: its identity includes the weights' fingerprint and its calibration."""
-    from pathlib import Path
-
     from protege.demo import demo_recipe
 
-    recipe = demo_recipe(Path("unused"))
+    recipe = demo_recipe(tmp_path)  # writes the demo data there
     (request,) = requests_for(recipe, [Example(id="0", text=TEXT, gold=None, where="golden:1")])
     assert content_hash(request.to_json()) == "083a07b73cfceae7703d9784c67c57738596d05abe1b67c13ecb7a3532528c5d"
     key = call_key(make_teacher(recipe.teacher).identity, request.to_json())
