@@ -300,10 +300,8 @@ def test_run_end_to_end_with_an_api_teacher_reports_recorded_latency_and_spend(
     assert t["price_source"] == "recorded API spend" and t["signal_method"] == ["label_logprobs"]
     with Store(tmp_path / "out/protege.db") as store:
         keys = [r["call_key"] for r in rows(tmp_path / "out/signals/eval.jsonl")]
-        costs = [c for (c,) in store.db.execute(
-            f"SELECT cost_usd FROM calls WHERE key IN ({','.join('?' * len(keys))})", keys)]
-        seconds = sorted(s for (s,) in store.db.execute(
-            f"SELECT seconds FROM calls WHERE key IN ({','.join('?' * len(keys))})", keys))
+        usage = store.call_usage(keys).values()
+        costs, seconds = [u.cost_usd for u in usage], sorted(u.seconds for u in usage)
         label_runs = store.compute_totals()["label"]
         all_spend = store.teacher_totals()["cost_usd"]
     assert t["usd_per_1k"] == pytest.approx(1000 * sum(costs) / len(costs)) and t["usd_per_1k"] > 0

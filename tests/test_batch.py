@@ -5,7 +5,6 @@ follows OpenAI's documented formats and sends each line to the real llama.cpp se
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sqlite3
 import subprocess
@@ -109,11 +108,7 @@ def test_a_batch_created_but_never_recorded_is_found_by_its_input_file(tmp_path,
     orphan_file, file_id = asyncio.run(create_unrecorded())
     with Store(r.store_path) as store:
         for f in (orphan_file, file_id):
-            store.db.execute(
-                "INSERT INTO batches (provider, teacher, input_file_id, keys, reserved_usd, status, created_at,"
-                " updated_at) VALUES ('openai', ?, ?, ?, 0.5, 'submitting', 0, 0)",
-                (r.teacher.model, f, json.dumps([[k, q.to_json()] for k, q in items])),
-            )
+            store.add_batch("openai", r.teacher.model, f, [(k, q.to_json()) for k, q in items], 0.5)
     assert proxy.batches_created == 1
     stats = label(r, quiet=True)
     assert stats.failed == 0

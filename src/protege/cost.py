@@ -29,8 +29,6 @@ from .store import Store
 
 __all__ = ["format_lifetime", "lifetime"]
 
-_SERVING_KEYS = "SELECT call_key FROM served WHERE cached = 0 AND call_key IS NOT NULL"
-
 
 def _locate(target: Path, student: str) -> tuple[Path, Path, Recipe]:
     """(run directory, student directory, recipe) from a recipe file, a run directory or a student directory."""
@@ -64,11 +62,7 @@ def _locate(target: Path, student: str) -> tuple[Path, Path, Recipe]:
 def _teacher_per_request(store: Store, recipe: Recipe, usd_per_hour: float) -> tuple[float | None, str]:
     """What one request to the teacher costs, and how that was worked out."""
     name = recipe.teacher.model
-    n, usd, tin, tout, secs = store.db.execute(
-        "SELECT COUNT(*), AVG(cost_usd), AVG(input_tokens), AVG(output_tokens), AVG(seconds) FROM calls "
-        "WHERE teacher = ? AND status = 'ok'",
-        (name,),
-    ).fetchone()
+    n, usd, tin, tout, secs = store.answered_means(name)
     if not n:
         return None, f"no answered calls of {name} in the store"
     if name.startswith("hf:"):
@@ -90,11 +84,9 @@ def lifetime(target: Path | str, student: str = "student", compute_usd_per_hour:
     student = student_dir.name
     price = recipe.eval.compute_usd_per_hour if compute_usd_per_hour is None else compute_usd_per_hour
     with Store(run_dir / "protege.db") as store:
-        calls, teacher_usd, tin, tout = store.db.execute(
-            f"""SELECT COUNT(*), COALESCE(SUM(cost_usd + uncertain_usd), 0), COALESCE(SUM(input_tokens), 0),
-                       COALESCE(SUM(output_tokens), 0)
-                FROM calls WHERE key NOT IN ({_SERVING_KEYS})"""
-        ).fetchone()
+        made = store.teacher_totals(include_served=False)  # the cascade's new calls are serving's cost
+        calls, tin, tout = made["calls"], made["input_tokens"], made["output_tokens"]
+        teacher_usd = made["cost_usd"] + made["uncertain_usd"]
         compute = {}
         for stage, totals in store.compute_totals().items():
             # labeling priced its compute when it ran (0 for an API teacher: its cost is the calls');

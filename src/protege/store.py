@@ -3,7 +3,10 @@
 It is at once the cache (a rerun makes zero calls), the resume point after a crash (every finished batch is
 committed before the next starts), the provenance of every training example, and the cost ledger. Rows are
 keyed by a content hash of everything that determines the answer, so a row is never recorded twice.
-The schema is versioned with named migrations, applied in order and recorded in ``migrations``.
+
+The schema is known here only: other modules ask the store through the named methods below, never in SQL.
+It is versioned with named migrations (Python functions, so one can transform data as well as change the
+schema), applied in order, each in one transaction, and recorded by name in ``migrations``.
 """
 
 from __future__ import annotations
@@ -11,21 +14,40 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._io import content_hash
 from .errors import ProtegeError
 from .signals import TeacherSignal
 
-__all__ = ["Store", "CallRecord", "ServedRecord", "call_key"]
+__all__ = ["Store", "CallRecord", "ServedRecord", "CallUsage", "CallMeans", "PendingBatch", "call_key"]
 
-# (name, SQL). Append only: never edit a migration that has shipped.
-MIGRATIONS: list[tuple[str, str]] = [
-    (
-        "0001_calls",
+# --------------------------------------------------------------------------------------------------------------
+# migrations
+
+Migration = Callable[[sqlite3.Connection], None]
+# Applied in this order; each is recorded under its name without the leading "m" ("0001_calls"), the names
+# users' stores already hold. Append only: never edit a migration that has shipped.
+MIGRATIONS: list[Migration] = []
+
+
+def _migration(fn: Migration) -> Migration:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+def migration_name(fn: Migration) -> str:
+    """The name a migration is recorded under in the ``migrations`` table."""
+    return fn.__name__.removeprefix("m")
+
+
+@_migration
+def m0001_calls(db: sqlite3.Connection) -> None:
+    db.execute(
         """
         CREATE TABLE calls (
             key           TEXT PRIMARY KEY,
@@ -39,12 +61,15 @@ MIGRATIONS: list[tuple[str, str]] = [
             cost_usd      REAL NOT NULL DEFAULT 0,
             seconds       REAL NOT NULL DEFAULT 0,
             created_at    REAL NOT NULL
-        );
-        CREATE INDEX calls_teacher ON calls (teacher);
-        """,
-    ),
-    (
-        "0002_compute",
+        )
+        """
+    )
+    db.execute("CREATE INDEX calls_teacher ON calls (teacher)")
+
+
+@_migration
+def m0002_compute(db: sqlite3.Connection) -> None:
+    db.execute(
         """
         CREATE TABLE compute (
             id         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -53,15 +78,18 @@ MIGRATIONS: list[tuple[str, str]] = [
             cost_usd   REAL NOT NULL DEFAULT 0,
             detail     TEXT NOT NULL DEFAULT '{}',
             created_at REAL NOT NULL
-        );
-        """,
-    ),
-    (
-        "0003_api_calls",
+        )
         """
-        ALTER TABLE calls ADD COLUMN raw TEXT;
-        ALTER TABLE calls ADD COLUMN uncertain_usd REAL NOT NULL DEFAULT 0;
-        ALTER TABLE calls ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1;
+    )
+
+
+@_migration
+def m0003_api_calls(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE calls ADD COLUMN raw TEXT")
+    db.execute("ALTER TABLE calls ADD COLUMN uncertain_usd REAL NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE calls ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
+    db.execute(
+        """
         CREATE TABLE batches (
             id            INTEGER PRIMARY KEY AUTOINCREMENT,
             provider      TEXT NOT NULL,
@@ -74,16 +102,19 @@ MIGRATIONS: list[tuple[str, str]] = [
             detail        TEXT NOT NULL DEFAULT '{}',
             created_at    REAL NOT NULL,
             updated_at    REAL NOT NULL
-        );
-        """,
-    ),
-    (
-        # Served traffic: one row per text a served student was asked about (a /v1/classify list gives one row
-        # per input). answered_by is 'none' when the cascade sent the text to the teacher and the teacher failed
-        # (the request got an error, but what the attempt spent is still spent). cost_usd is everything this
-        # answer cost: the student's compute plus teacher_usd, the teacher money (or, for a local teacher, its
-        # compute) newly spent on it; an answer the store already held costs the teacher nothing (cached = 1).
-        "0004_served",
+        )
+        """
+    )
+
+
+@_migration
+def m0004_served(db: sqlite3.Connection) -> None:
+    # Served traffic: one row per text a served student was asked about (a /v1/classify list gives one row
+    # per input). answered_by is 'none' when the cascade sent the text to the teacher and the teacher failed
+    # (the request got an error, but what the attempt spent is still spent). cost_usd is everything this
+    # answer cost: the student's compute plus teacher_usd, the teacher money (or, for a local teacher, its
+    # compute) newly spent on it; an answer the store already held costs the teacher nothing (cached = 1).
+    db.execute(
         """
         CREATE TABLE served (
             id            INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -100,11 +131,14 @@ MIGRATIONS: list[tuple[str, str]] = [
             cached        INTEGER,
             error         TEXT,
             created_at    REAL NOT NULL
-        );
-        CREATE INDEX served_student ON served (student, answered_by);
-        """,
-    ),
-]
+        )
+        """
+    )
+    db.execute("CREATE INDEX served_student ON served (student, answered_by)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# records
 
 
 def call_key(teacher_identity: dict[str, Any], request: dict[str, Any]) -> str:
@@ -149,6 +183,47 @@ class ServedRecord:
     error: str | None = None
 
 
+class CallUsage(NamedTuple):
+    """What one recorded call took, summed over its attempts (tokens, money); ``seconds`` is the last attempt's."""
+
+    status: str  # 'ok' or 'failed'
+    cost_usd: float
+    uncertain_usd: float  # sent but unanswered attempts that may have been billed
+    input_tokens: int
+    output_tokens: int
+    seconds: float
+
+    @property
+    def spent_usd(self) -> float:
+        """Money spent, counting what may have been billed: what a budget sees."""
+        return self.cost_usd + self.uncertain_usd
+
+
+class CallMeans(NamedTuple):
+    """Means over one teacher's answered calls; the means are None when there are none (``calls`` 0)."""
+
+    calls: int
+    cost_usd: float | None
+    input_tokens: float | None
+    output_tokens: float | None
+    seconds: float | None
+
+
+class PendingBatch(NamedTuple):
+    """A provider batch not yet collected: ``submitting`` (recorded before it was created, so it may not
+    exist) or ``submitted``."""
+
+    id: int  # the row id, which the other batch methods take
+    input_file_id: str
+    batch_id: str | None  # the provider's id; None until it is known
+    requests: list[tuple[str, dict[str, Any]]]  # (call key, request JSON) of every row it holds
+    status: str
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the store
+
+
 class Store:
     """A SQLite file; safe against kill -9 (WAL, one transaction per batch)."""
 
@@ -179,47 +254,81 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """The block as one transaction: committed, or on any exception rolled back. BEGIN IMMEDIATE takes the
+        write lock at once, so a concurrent writer waits (up to the connection's timeout) instead of failing
+        midway."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
     def _migrate(self) -> None:
         self.db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-        done = {r[0] for r in self.db.execute("SELECT name FROM migrations")}
-        unknown = done - {name for name, _ in MIGRATIONS}
+        done = set(self.migrations)
+        unknown = done - {migration_name(m) for m in MIGRATIONS}
         if unknown:
             raise ProtegeError(
                 f"store {str(self.path)!r} was written by a newer protege (migrations {sorted(unknown)}); upgrade protege"
             )
-        for name, sql in MIGRATIONS:
+        for migrate in MIGRATIONS:
+            name = migration_name(migrate)
             if name in done:
                 continue
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for stmt in filter(str.strip, sql.split(";")):
-                    self.db.execute(stmt)
+            with self._transaction():
+                # checked under the write lock: another process opening the same new store may have applied it
+                if self.db.execute("SELECT 1 FROM migrations WHERE name = ?", (name,)).fetchone():
+                    continue
+                migrate(self.db)
                 self.db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
 
     @property
     def migrations(self) -> list[str]:
+        """Names of the migrations applied to this store, in order."""
         return [r[0] for r in self.db.execute("SELECT name FROM migrations ORDER BY name")]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # teacher calls: the cache
 
     def get_signals(self, keys: Sequence[str]) -> dict[str, TeacherSignal]:
         """The successful signals among ``keys``; failed calls are not cached answers."""
-        out: dict[str, TeacherSignal] = {}
-        for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
-            chunk = keys[i : i + 500]
-            q = f"SELECT key, signal FROM calls WHERE status = 'ok' AND key IN ({','.join('?' * len(chunk))})"
-            for key, sig in self.db.execute(q, chunk):
-                out[key] = TeacherSignal.from_json(json.loads(sig))
-        return out
+        return {
+            key: TeacherSignal.from_json(json.loads(sig))
+            for key, sig in self._rows_by_key("SELECT key, signal FROM calls WHERE status = 'ok' AND key IN", keys)
+        }
 
-    def put(self, records: Iterable[CallRecord], then: tuple[str, Sequence[Any]] | None = None) -> int:
+    def failures(self, keys: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+        """(reason, raw reply) of the failed calls among ``keys``."""
+        q = "SELECT key, error, raw FROM calls WHERE status = 'failed' AND key IN"
+        return {key: (error or "", raw) for key, error, raw in self._rows_by_key(q, keys)}
+
+    def call_usage(self, keys: Sequence[str]) -> dict[str, CallUsage]:
+        """What each recorded call among ``keys`` took, answered or failed; keys never called are absent."""
+        q = "SELECT key, status, cost_usd, uncertain_usd, input_tokens, output_tokens, seconds FROM calls WHERE key IN"
+        return {key: CallUsage(*rest) for key, *rest in self._rows_by_key(q, keys)}
+
+    def _rows_by_key(self, select: str, keys: Sequence[str]) -> Iterator[tuple[Any, ...]]:
+        """The rows of ``select`` (which ends in ``key IN``) for ``keys``, each key once."""
+        uniq = list(dict.fromkeys(keys))
+        for i in range(0, len(uniq), 500):  # stay under SQLite's bound-parameter limit
+            chunk = uniq[i : i + 500]
+            yield from self.db.execute(f"{select} ({','.join('?' * len(chunk))})", chunk)
+
+    def put(self, records: Iterable[CallRecord]) -> int:
         """Record a batch of calls in one transaction; returns how many rows were new.
 
-        A key already recorded as ok is left alone (the answer was bought once); a failed one is replaced.
-        ``then`` is one more statement (SQL, parameters) committed in the same transaction.
+        A key already recorded as ok is left alone (the answer was bought once); a failed one is replaced,
+        its tokens, money and attempts added to the new attempt's.
         """
+        with self._transaction():
+            return self._put(records)
+
+    def _put(self, records: Iterable[CallRecord]) -> int:
+        """:meth:`put`'s insert, inside the caller's transaction."""
         rows = [
             (
                 r.key,
@@ -239,33 +348,81 @@ class Store:
             )
             for r in records
         ]
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            before = self.db.total_changes
-            self.db.executemany(
-                """INSERT INTO calls (key, teacher, request, status, signal, error, raw, input_tokens, output_tokens,
-                                      cost_usd, uncertain_usd, attempts, seconds, created_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (key) DO UPDATE SET
-                       status = excluded.status, signal = excluded.signal, error = excluded.error,
-                       raw = excluded.raw,
-                       input_tokens = calls.input_tokens + excluded.input_tokens,
-                       output_tokens = calls.output_tokens + excluded.output_tokens,
-                       cost_usd = calls.cost_usd + excluded.cost_usd,
-                       uncertain_usd = calls.uncertain_usd + excluded.uncertain_usd,
-                       attempts = calls.attempts + excluded.attempts,
-                       seconds = excluded.seconds, created_at = excluded.created_at
-                   WHERE calls.status = 'failed'""",
-                rows,
+        before = self.db.total_changes
+        self.db.executemany(
+            """INSERT INTO calls (key, teacher, request, status, signal, error, raw, input_tokens, output_tokens,
+                                  cost_usd, uncertain_usd, attempts, seconds, created_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (key) DO UPDATE SET
+                   status = excluded.status, signal = excluded.signal, error = excluded.error,
+                   raw = excluded.raw,
+                   input_tokens = calls.input_tokens + excluded.input_tokens,
+                   output_tokens = calls.output_tokens + excluded.output_tokens,
+                   cost_usd = calls.cost_usd + excluded.cost_usd,
+                   uncertain_usd = calls.uncertain_usd + excluded.uncertain_usd,
+                   attempts = calls.attempts + excluded.attempts,
+                   seconds = excluded.seconds, created_at = excluded.created_at
+               WHERE calls.status = 'failed'""",
+            rows,
+        )
+        return self.db.total_changes - before
+
+    # ----------------------------------------------------------------------------------------------------------
+    # provider batches (see protege.labeling.batch for the order of events that makes a crash cheap)
+
+    def add_batch(
+        self, provider: str, teacher: str, input_file_id: str, requests: Sequence[tuple[str, dict[str, Any]]],
+        reserved_usd: float,
+    ) -> int:
+        """Record a batch as ``submitting`` (before it is created) with its rows (call key, request JSON) and
+        its worst-case cost reserved against the budget; returns its row id."""
+        now = time.time()
+        cur = self.db.execute(
+            "INSERT INTO batches (provider, teacher, input_file_id, keys, reserved_usd, status, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, 'submitting', ?, ?)",
+            (provider, teacher, input_file_id, json.dumps([[k, r] for k, r in requests]), reserved_usd, now, now),
+        )
+        assert cur.lastrowid is not None  # set by every INSERT
+        return cur.lastrowid
+
+    def pending_batches(self, teacher: str) -> list[PendingBatch]:
+        """The teacher's batches not yet collected nor abandoned, oldest first."""
+        return [
+            PendingBatch(row_id, file_id, batch_id, [(k, r) for k, r in json.loads(keys)], status)
+            for row_id, file_id, batch_id, keys, status in self.db.execute(
+                "SELECT id, input_file_id, batch_id, keys, status FROM batches "
+                "WHERE teacher = ? AND status IN ('submitting', 'submitted') ORDER BY id",
+                (teacher,),
             )
-            changed = self.db.total_changes - before
-            if then is not None:
-                self.db.execute(*then)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+        ]
+
+    def set_batch_status(self, row_id: int, status: str, batch_id: str | None = None) -> None:
+        """Mark a batch ``submitted`` (with the provider's ``batch_id`` once known) or ``abandoned`` (never
+        created: its reservation ends). A collected batch goes through :meth:`collect_batch`."""
+        if status not in ("submitted", "abandoned"):
+            raise ProtegeError(f"batch status {status!r}: set 'submitted' or 'abandoned' here; a batch is "
+                               "'collected' through Store.collect_batch, with its answers")
+        cur = self.db.execute(
+            "UPDATE batches SET status = ?, batch_id = COALESCE(?, batch_id), updated_at = ? WHERE id = ?",
+            (status, batch_id, time.time(), row_id),
+        )
+        if cur.rowcount != 1:
+            raise ProtegeError(f"no batch with row id {row_id} in store {str(self.path)!r}")
+
+    def collect_batch(self, row_id: int, records: Iterable[CallRecord]) -> int:
+        """Record a finished batch's answers (as :meth:`put`) and mark it ``collected``, in one transaction:
+        the answers and the end of its reservation land together or not at all. Returns how many rows were new."""
+        with self._transaction():
+            changed = self._put(records)
+            cur = self.db.execute(
+                "UPDATE batches SET status = 'collected', updated_at = ? WHERE id = ?", (time.time(), row_id)
+            )
+            if cur.rowcount != 1:
+                raise ProtegeError(f"no batch with row id {row_id} in store {str(self.path)!r}")
         return changed
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the cost ledger
 
     def spent(self) -> float:
         """Teacher money this store has recorded (plus what may have been billed for calls that never
@@ -276,26 +433,19 @@ class Store:
         ).fetchone()[0]
         return calls + pending
 
-    def failures(self, keys: Sequence[str]) -> dict[str, tuple[str, str | None]]:
-        """(reason, raw reply) of the failed calls among ``keys``."""
-        out: dict[str, tuple[str, str | None]] = {}
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            q = f"SELECT key, error, raw FROM calls WHERE status = 'failed' AND key IN ({','.join('?' * len(chunk))})"
-            for key, error, raw in self.db.execute(q, chunk):
-                out[key] = (error or "", raw)
-        return out
+    def teacher_totals(self, teacher: str | None = None, include_served: bool = True) -> dict[str, float]:
+        """Calls, failures, tokens, money and compute seconds spent on the teacher (all teachers: None) so far.
 
-    def log_compute(self, stage: str, seconds: float, cost_usd: float = 0.0, **detail: Any) -> None:
-        """Add training or evaluation compute to the ledger."""
-        self.db.execute(
-            "INSERT INTO compute (stage, seconds, cost_usd, detail, created_at) VALUES (?, ?, ?, ?, ?)",
-            (stage, seconds, cost_usd, json.dumps(detail, default=str), time.time()),
-        )
-
-    def teacher_totals(self, teacher: str | None = None) -> dict[str, float]:
-        """Calls, failures, tokens, money and compute seconds spent on the teacher so far."""
-        where, args = ("WHERE teacher = ?", (teacher,)) if teacher else ("", ())
+        ``include_served=False`` leaves out the calls a serving cascade made (new calls behind a served
+        answer), leaving what making the student cost.
+        """
+        conditions, args = [], []
+        if teacher:
+            conditions.append("teacher = ?")
+            args.append(teacher)
+        if not include_served:
+            conditions.append("key NOT IN (SELECT call_key FROM served WHERE cached = 0 AND call_key IS NOT NULL)")
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         row = self.db.execute(
             f"""SELECT COUNT(*), COALESCE(SUM(status = 'failed'), 0), COALESCE(SUM(input_tokens), 0),
                        COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost_usd), 0), COALESCE(SUM(uncertain_usd), 0),
@@ -306,13 +456,41 @@ class Store:
         names = ("calls", "failed", "input_tokens", "output_tokens", "cost_usd", "uncertain_usd", "attempts", "seconds")
         return dict(zip(names, row))
 
+    def answered_means(self, teacher: str) -> CallMeans:
+        """Means of money, tokens and seconds over the teacher's answered calls: what one more call is
+        expected to take."""
+        return CallMeans(*self.db.execute(
+            "SELECT COUNT(*), AVG(cost_usd), AVG(input_tokens), AVG(output_tokens), AVG(seconds) FROM calls "
+            "WHERE teacher = ? AND status = 'ok'",
+            (teacher,),
+        ).fetchone())
+
+    def log_compute(self, stage: str, seconds: float, cost_usd: float = 0.0, **detail: Any) -> None:
+        """Add training or evaluation compute to the ledger."""
+        self.db.execute(
+            "INSERT INTO compute (stage, seconds, cost_usd, detail, created_at) VALUES (?, ?, ?, ?, ?)",
+            (stage, seconds, cost_usd, json.dumps(detail, default=str), time.time()),
+        )
+
     def compute_totals(self) -> dict[str, dict[str, float]]:
+        """stage -> runs, seconds and money of the compute ledger."""
         return {
             stage: {"runs": n, "seconds": s, "cost_usd": c}
             for stage, n, s, c in self.db.execute(
                 "SELECT stage, COUNT(*), SUM(seconds), SUM(cost_usd) FROM compute GROUP BY stage ORDER BY stage"
             )
         }
+
+    def labeling_throughput(self) -> tuple[float, int]:
+        """(seconds, rows called) summed over the labeling runs in the compute ledger; (0.0, 0) when none."""
+        seconds, rows = self.db.execute(
+            "SELECT COALESCE(SUM(seconds), 0.0), COALESCE(SUM(json_extract(detail, '$.rows')), 0) FROM compute "
+            "WHERE stage = 'label'"
+        ).fetchone()
+        return seconds, rows
+
+    # ----------------------------------------------------------------------------------------------------------
+    # served traffic
 
     def record_served(self, records: Sequence[ServedRecord]) -> None:
         """Add served answers to the ledger, all in one transaction (the server batches them)."""
@@ -324,18 +502,13 @@ class Store:
         ]
         if not rows:
             return
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             self.db.executemany(
                 """INSERT INTO served (student, endpoint, answered_by, input_tokens, output_tokens, cost_usd,
                                        teacher_usd, seconds, confidence, call_key, cached, error, created_at)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 rows,
             )
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def served_totals(self, student: str | None = None) -> dict[str, dict[str, float]]:
         """Served answers so far by who answered ('student', 'teacher', 'none'): requests, tokens, money (all,

@@ -246,11 +246,8 @@ def _teacher_figures(recipe: Recipe, rows: list[dict[str, Any]], student_tok: An
     from ..store import Store
 
     with Store(recipe.store_path) as store:
-        keys = [r["call_key"] for r in rows]
-        marks = ",".join("?" * len(keys))
-        secs, out_tokens = store.db.execute(
-            f"SELECT SUM(seconds), SUM(output_tokens) FROM calls WHERE status = 'ok' AND key IN ({marks})", keys
-        ).fetchone()
+        answered = [u for u in store.call_usage([r["call_key"] for r in rows]).values() if u.status == "ok"]
+    secs, out_tokens = sum(u.seconds for u in answered), sum(u.output_tokens for u in answered)
     figures |= {
         "latency_ms_p50": speed["latency_ms_p50"],
         "latency_ms_p95": speed["latency_ms_p95"],

@@ -17,16 +17,8 @@ def _api_teacher_figures(recipe: Recipe, keys: list[str]) -> tuple[dict[str, flo
     wall time (retries and rate-limit waits included, as the user waited for them), its recorded spend, and
     the rows per second the labeling runs achieved."""
     with Store(recipe.store_path) as store:
-        recorded = []
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            recorded += store.db.execute(
-                f"SELECT seconds, cost_usd FROM calls WHERE status = 'ok' AND key IN ({marks})", chunk
-            ).fetchall()
-        runs = store.db.execute(
-            "SELECT SUM(seconds), SUM(json_extract(detail, '$.rows')) FROM compute WHERE stage = 'label'"
-        ).fetchone()
+        recorded = [(u.seconds, u.cost_usd) for u in store.call_usage(keys).values() if u.status == "ok"]
+        runs = store.labeling_throughput()
     if not recorded:
         raise ProtegeError("the store holds none of the held-out answers; run `protege label` first")
     lat = sorted(1e3 * s for s, _ in recorded)

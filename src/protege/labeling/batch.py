@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -63,19 +62,12 @@ class _BatchRun:
     def _pending(self) -> list[tuple[int, str, str | None, dict[str, Request], str]]:
         """Unfinished batches of this teacher, with the requests they hold (whatever split they came from)."""
         return [
-            (row_id, file_id, batch_id, {k: _request(r) for k, r in json.loads(keys)}, status)
-            for row_id, file_id, batch_id, keys, status in self.store.db.execute(
-                "SELECT id, input_file_id, batch_id, keys, status FROM batches "
-                "WHERE teacher = ? AND status IN ('submitting', 'submitted') ORDER BY id",
-                (self.name,),
-            )
+            (b.id, b.input_file_id, b.batch_id, {k: _request(r) for k, r in b.requests}, b.status)
+            for b in self.store.pending_batches(self.name)
         ]
 
     def _set(self, row_id: int, status: str, batch_id: str | None = None) -> None:
-        self.store.db.execute(
-            "UPDATE batches SET status = ?, batch_id = COALESCE(?, batch_id), updated_at = ? WHERE id = ?",
-            (status, batch_id, time.time(), row_id),
-        )
+        self.store.set_batch_status(row_id, status, batch_id)
 
     async def _wait(self, batch_id: str, total: int) -> Progress:
         with tqdm(total=total, desc=f"batch {batch_id}", unit="row", disable=self.quiet) as bar:
@@ -112,8 +104,7 @@ class _BatchRun:
                 )
             )
         # The answers and the end of the reservation land together, or not at all.
-        done_sql = "UPDATE batches SET status = 'collected', updated_at = ? WHERE id = ?"
-        self.store.put(records, then=(done_sql, (time.time(), row_id)))
+        self.store.collect_batch(row_id, records)
         for r in records:
             self.stats.cost_usd += r.cost_usd
             if r.signal is not None:
@@ -173,13 +164,8 @@ class _BatchRun:
                 "reserved; rerun with a higher --teacher.budget_usd to continue"
             )
         file_id = await self.api.prepare(chosen)
-        now = time.time()
-        cur = self.store.db.execute(
-            "INSERT INTO batches (provider, teacher, input_file_id, keys, reserved_usd, status, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, 'submitting', ?, ?)",
-            (self.api.provider, self.name, file_id, json.dumps([[k, r.to_json()] for k, r in chosen]), reserved, now, now),
-        )
-        row_id = int(cur.lastrowid)
+        rows = [(k, r.to_json()) for k, r in chosen]
+        row_id = self.store.add_batch(self.api.provider, self.name, file_id, rows, reserved)
         batch_id = await self.api.create(file_id, chosen)
         self._set(row_id, "submitted", batch_id)
         await self._collect(row_id, batch_id, dict(chosen))

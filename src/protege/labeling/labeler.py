@@ -285,10 +285,7 @@ def estimate(recipe: Recipe) -> Estimate:
     with Store(recipe.store_path) as store:
         done = store.get_signals(keys)
         spent = store.spent()
-        seen = store.db.execute(
-            "SELECT COUNT(*), AVG(input_tokens), AVG(output_tokens) FROM calls WHERE teacher = ? AND status = 'ok'",
-            (recipe.teacher.model,),
-        ).fetchone()
+        seen = store.answered_means(recipe.teacher.model)
     todo = {k: r for k, r in zip(keys, requests) if k not in done}
     est = Estimate(
         teacher=recipe.teacher.model,
@@ -311,7 +308,7 @@ def estimate(recipe: Recipe) -> Estimate:
     cfg = recipe.teacher
     factor = 0.5 if cfg.batch_api else 1.0
     price = teacher.price
-    n_seen, in_seen, out_seen = seen
+    n_seen, in_seen, out_seen = seen.calls, seen.input_tokens, seen.output_tokens
     for r in todo.values():
         worst_in, worst_out, calls = teacher.worst_case(r)
         est.calls += calls

@@ -93,19 +93,6 @@ def teacher_recipe(student_dir: Path, path: Path | str | None, labels: tuple[str
 # the teacher behind a served student
 
 
-def _usage(store: Store, keys: Sequence[str]) -> dict[str, tuple[str, float, int, int, float]]:
-    """key -> (status, money spent incl. possibly billed, input tokens, output tokens, seconds) as recorded."""
-    out = {}
-    uniq = list(dict.fromkeys(keys))
-    for i in range(0, len(uniq), 500):
-        chunk = uniq[i : i + 500]
-        q = (f"SELECT key, status, cost_usd + uncertain_usd, input_tokens, output_tokens, seconds FROM calls "
-             f"WHERE key IN ({','.join('?' * len(chunk))})")
-        for key, *rest in store.db.execute(q, chunk):
-            out[key] = tuple(rest)
-    return out
-
-
 # --------------------------------------------------------------------------------------------------------------
 # the served-traffic ledger
 
@@ -203,7 +190,7 @@ class TeacherFallback:
         keys = [call_key(self.teacher.identity, r.to_json()) for r in requests]
         failure: TeacherFailure | None = None
         with Store(self.store_path) as store:
-            before = _usage(store, keys)
+            before = store.call_usage(keys)
             try:
                 signals, keys, _ = label_requests(self.teacher, self.recipe, requests, store, quiet=True, desc="cascade")
             except BudgetReached as e:
@@ -218,7 +205,7 @@ class TeacherFallback:
             if failure is not None:  # what finished before the error is in the store
                 held = store.get_signals(keys)
                 signals = [held.get(k) for k in keys]
-            after = _usage(store, keys)
+            after = store.call_usage(keys)
             reasons = store.failures([k for k, s in zip(keys, signals) if s is None])
         out: list[TeacherAnswer | TeacherFailure] = []
         charged: set[str] = set()  # identical requests share one call: its cost goes to the first
@@ -226,10 +213,10 @@ class TeacherFallback:
             spent, seconds, new = 0.0, 0.0, False
             if key not in charged and key in after:
                 b = before.get(key)
-                new = b is None or b[0] != "ok"
+                new = b is None or b.status != "ok"
                 if new:
-                    spent = after[key][1] - (b[1] if b else 0.0)
-                    seconds = after[key][4] - (b[4] if b else 0.0)
+                    spent = after[key].spent_usd - (b.spent_usd if b else 0.0)
+                    seconds = after[key].seconds - (b.seconds if b else 0.0)
                     if not self.api:  # a local model's cost is its compute time
                         spent = seconds / 3600 * self.compute_usd_per_hour
             charged.add(key)
@@ -243,7 +230,7 @@ class TeacherFallback:
                 out.append(TeacherFailure(failure_here.status, failure_here.message, failure_here.code, key, spent))
                 continue
             assert sig is not None
-            _, _, tin, tout, _ = after[key]
+            tin, tout = after[key].input_tokens, after[key].output_tokens
             text = None
             if req.generate is not None:
                 text = sig.answer if req.generate.rationale and sig.answer is not None else sig.text
