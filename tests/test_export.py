@@ -165,13 +165,21 @@ def test_parity_failure_writes_nothing_and_keeps_the_previous_export(exported, t
 
 def test_lm_export_parity_and_report(lm_export):
     out, r = lm_export
-    assert (r["kind"], r["architecture"]) == ("lm", "LlamaForCausalLM")
-    assert r["parity"]["atol"] == DEFAULT_ATOL["lm"] == 1e-3
-    assert r["parity"]["passed"] and r["parity"]["max_abs_diff"] <= 1e-4 and r["parity"]["argmax_agreement"] == 1.0
-    assert r["parity"]["positions"] > r["parity"]["texts"]  # every real token of every text, not one per text
-    assert r["latency"]["pytorch_ms"]["p50"] > 0 and r["latency"]["onnxruntime_ms"]["p50"] > 0
-    assert json.loads((out / "export_report.json").read_text()) == r
-    assert {"model.onnx", "tokenizer.json", "config.json", "generation_config.json"} <= set(r["files"])
+    assert (r.kind, r.architecture) == ("lm", "LlamaForCausalLM")
+    assert r.parity["atol"] == DEFAULT_ATOL["lm"] == 1e-3
+    assert r.parity["passed"] and r.parity["max_abs_diff"] <= 1e-4 and r.parity["argmax_agreement"] == 1.0
+    assert r.parity["positions"] > r.parity["texts"]  # every real token of every text, not one per text
+    lat = r.latency
+    assert (lat.runtime, lat.runs, lat.warmup, lat.pytorch.runs, lat.exported.runs) == ("onnxruntime", 10, 5, 10, 10)
+    assert 0 < lat.pytorch.p50 <= lat.pytorch.p95 and 0 < lat.exported.p50 <= lat.exported.p95
+    assert lat.speedup_p50 == pytest.approx(lat.pytorch.p50 / lat.exported.p50)
+    # the file is the typed report, under the keys readers of export_report.json know
+    written = json.loads((out / "export_report.json").read_text())
+    assert written == r.to_json()
+    assert written["latency"]["onnxruntime_ms"] == {"p50": lat.exported.p50, "p95": lat.exported.p95,
+                                                    "mean": lat.exported.mean}
+    assert (written["exporter"], written["opset"]) == ("torch.onnx.export(dynamo=True)", 18)
+    assert {"model.onnx", "tokenizer.json", "config.json", "generation_config.json"} <= set(r.files)
 
 
 def test_lm_logits_equal_pytorch_at_every_real_token(lm_export, tiny_lm_dir):

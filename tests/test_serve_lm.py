@@ -150,3 +150,28 @@ def test_classify_is_refused_for_a_language_model(server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=20)
     assert e.value.code == 400 and "classifier" in json.loads(e.value.read())["error"]["message"]
+
+def test_the_generation_thread_ends_with_the_server(lm_student):
+    """The generator owns its worker thread; the server's shutdown stops it (no pool outlives the app)."""
+    import threading
+
+    from test_serve import Running
+
+    from protege.serve import create_app
+
+    def workers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("protege-generate")}
+
+    before = workers()  # other servers of this module have their own
+    r = Running(create_app(lm_student))
+    try:
+        with r.client() as c:
+            c.chat.completions.create(model="m", messages=QUESTION, temperature=0, max_tokens=2)
+        gen = r.app.state.generator
+        ours = workers() - before
+        assert len(ours) == 1  # one thread, started by this server's first answer
+    finally:
+        r.close()
+    assert not any(t.is_alive() for t in ours)
+    with pytest.raises(RuntimeError, match="shutdown"):
+        gen.executor.submit(print)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,23 @@ def _command(f: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(e.exit_code)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """HF_HUB_OFFLINE=1 for one command, unless the user set it either way; the environment is restored after,
+    so a caller in the same process (a test runner, a notebook) is not left offline.
+
+    huggingface_hub reads the variable once, when it is first imported: in a ``protege`` process that happens
+    inside the command, which is what this covers (a process that imported it earlier keeps its own setting)."""
+    if "HF_HUB_OFFLINE" in os.environ:
+        yield
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("HF_HUB_OFFLINE", None)
 
 
 def _quiet_libraries() -> None:
@@ -191,16 +209,16 @@ def demo(output_dir: Path, quiet: bool) -> None:
     \b
     Example:  protege demo --output-dir /tmp/demo
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .demo import demo_recipe
-    from .pipeline import run as run_all
-
     if output_dir.exists() and not output_dir.is_dir():
         raise ProtegeError(f"--output-dir {str(output_dir)!r} is a file; point it at a directory")
-    if quiet:
-        _quiet_libraries()
-    r = demo_recipe(output_dir)
-    _print_run(run_all(r, quiet), r)
+    with _hub_offline():  # the demo's models are packaged in wheels; set before anything imports the hub
+        from .demo import demo_recipe
+        from .pipeline import run as run_all
+
+        if quiet:
+            _quiet_libraries()
+        r = demo_recipe(output_dir)
+        _print_run(run_all(r, quiet), r)
 
 
 @cli.command()
@@ -247,14 +265,15 @@ def serve(student_dir: Path, host: str, port: int, api_key_env: str | None, mode
               protege serve protege-demo/student --cascade-threshold 0.8
     Then:     OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(...)
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a saved student is local; never reach for the hub when serving
-    _quiet_libraries()
-    from .serve import serve as run_server
+    with _hub_offline():  # a saved student is local; never reach for the hub while serving
+        _quiet_libraries()
+        from .serve import serve as run_server
 
-    run_server(student_dir, host, port, api_key_env, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
-               max_batch=max_batch, model_name=model_name, log_level="warning" if quiet else "info",
-               max_new_tokens=max_new_tokens, store=store, compute_usd_per_hour=compute_usd_per_hour,
-               cascade_threshold=cascade_threshold, teacher_recipe=teacher_recipe, teacher_timeout_s=teacher_timeout_s)
+        run_server(student_dir, host, port, api_key_env, max_body_bytes=max_body_bytes,
+                   max_concurrency=max_concurrency, max_batch=max_batch, model_name=model_name,
+                   log_level="warning" if quiet else "info", max_new_tokens=max_new_tokens, store=store,
+                   compute_usd_per_hour=compute_usd_per_hour, cascade_threshold=cascade_threshold,
+                   teacher_recipe=teacher_recipe, teacher_timeout_s=teacher_timeout_s)
 
 
 @cli.command()
@@ -306,25 +325,23 @@ def export(student_dir: Path, fmt: str, gguf_type: str, output: Path | None, ato
     Writes model.onnx and the tokenizer (or model.gguf), protege.json and export_report.{json,md}; a parity
     failure writes nothing.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a saved student is local
     _quiet_libraries()
-    from .export import export_student
+    from .export import export_student  # it loads the student with local_files_only: no hub
 
     r = export_student(student_dir, fmt, output, atol=atol, runs=runs, threads=threads, gguf_type=gguf_type)
-    p, lat = r["parity"], r["latency"]
-    runtime, key, model_type, greedy = "onnxruntime", "onnxruntime_ms", "", ""
+    p, lat = r.parity, r.latency
+    model_type, greedy = "", ""
     if fmt == "gguf":
-        runtime, key, model_type = "llama.cpp", "llama_cpp_ms", f", {gguf_type}"
+        model_type = f", {gguf_type}"
         greedy = f", greedy {p['new_tokens']} tokens " + ("identical" if p["greedy_identical"] else "differ only at near-ties")
-    pt, ox = lat["pytorch_ms"], lat[key]
-    click.echo(f"exported {r['kind']} student ({r['architecture']}) to {r['output']} "
-               f"(model {r['model_bytes'] / 1e6:.1f} MB{model_type})")
+    pt, ex = lat.pytorch, lat.exported
+    speedup = "n/a" if lat.speedup_p50 is None else f"{lat.speedup_p50:.1f}x"
+    click.echo(f"exported {r.kind} student ({r.architecture}) to {r.output} (model {r.model_bytes / 1e6:.1f} MB{model_type})")
     click.echo(f"parity: max |logit difference| {p['max_abs_diff']:.2g} over {p['texts']} texts (tolerance {p['atol']:g}), "
                f"argmax agreement {100 * p['argmax_agreement']:.1f}%{greedy}")
-    click.echo(f"latency, one text per call on {r['threads']} thread(s), p50/p95 over {lat['runs']} runs: "
-               f"PyTorch {pt['p50']:.2f}/{pt['p95']:.2f} ms, {runtime} {ox['p50']:.2f}/{ox['p95']:.2f} ms "
-               f"({lat['speedup_p50']:.1f}x at p50)")
-    click.echo(f"report: {Path(r['output']) / 'export_report.md'}")
+    click.echo(f"latency, one text per call on {r.threads} thread(s), p50/p95 over {lat.runs} runs: "
+               f"PyTorch {pt.p50:.2f}/{pt.p95:.2f} ms, {lat.runtime} {ex.p50:.2f}/{ex.p95:.2f} ms ({speedup} at p50)")
+    click.echo(f"report: {Path(r.output) / 'export_report.md'}")
 
 
 def _print_run(result: dict[str, Any], r: Recipe) -> None:

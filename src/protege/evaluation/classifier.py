@@ -10,7 +10,6 @@ cascade's threshold on the same predictions (:func:`protege.evaluation.sweep.cas
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from typing import Any
 
@@ -26,7 +25,7 @@ from ..store import Store
 from ..students.classifier import count_parameters, load_student
 from ..teachers import make_teacher
 from ..teachers.base import ApiTeacher
-from .measure import _api_teacher_figures, expected_calibration_error
+from .measure import Speed, _api_teacher_figures, compute_cost, expected_calibration_error, summarize_latency, time_calls
 
 __all__ = ["evaluate", "expected_calibration_error"]
 
@@ -50,29 +49,13 @@ def _student_predict(model: Any, tok: Any, texts: list[str], max_length: int, ba
     return np.concatenate(out)
 
 
-def _speed(one: Any, many: Any, texts: list[str], n: int) -> dict[str, float]:
+def _speed(one: Any, many: Any, texts: list[str], n: int) -> Speed:
     """Latency of ``one(text)`` over n texts (after one warm-up), and throughput of ``many(texts)``."""
     sample = (texts * (n // len(texts) + 1))[:n]
-    one(sample[0])
-    lat = []
-    for t in sample:
-        t0 = time.perf_counter()
-        one(t)
-        lat.append(time.perf_counter() - t0)
+    (lat,) = time_calls([lambda i: one(sample[i % n])], n, warmup=1)
     t0 = time.perf_counter()
     many(sample)
-    dt = time.perf_counter() - t0
-    q = statistics.quantiles(lat, n=20) if len(lat) > 1 else [lat[0]] * 19
-    return {
-        "latency_ms_p50": 1e3 * statistics.median(lat),
-        "latency_ms_p95": 1e3 * q[18],
-        "throughput_per_s": len(sample) / dt,
-    }
-
-
-def _money(speed: dict[str, float], usd_per_hour: float) -> dict[str, float]:
-    seconds = 1000 / speed["throughput_per_s"]
-    return {"compute_seconds_per_1k": seconds, "usd_per_1k": seconds / 3600 * usd_per_hour, "price_source": "compute"}
+    return Speed(summarize_latency(lat), len(sample) / (time.perf_counter() - t0))
 
 
 def evaluate_classifier(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, Any]:
@@ -112,14 +95,14 @@ def evaluate_classifier(recipe: Recipe, quiet: bool = False, force: bool = True)
         t_speed = _speed(
             lambda t: teacher.signals([reqs[t]]), lambda ts: teacher.signals([reqs[t] for t in ts]), texts, n_lat
         )
-        t_money = _money(t_speed, usd_h)
+        t_money = compute_cost(t_speed.throughput_per_s, usd_h)
     models: dict[str, Any] = {
         "teacher": {
             "name": recipe.teacher.model,
             "parameters": getattr(teacher, "num_parameters", None),
             "signal_method": methods,
             **_quality(t_probs, gold, has_gold, bins),
-            **t_speed,
+            **t_speed.report_fields(),
             **t_money,
             "mean_label_mass": float(np.mean([r.get("label_mass", 1.0) for r in rows])),
         }
@@ -142,8 +125,8 @@ def evaluate_classifier(recipe: Recipe, quiet: bool = False, force: bool = True)
             **q,
             "agreement_with_teacher": float((probs.argmax(1) == t_pred).mean()),
             "quality_kept": None if not ta or q["accuracy"] is None else q["accuracy"] / ta,
-            **speed,
-            **_money(speed, usd_h),
+            **speed.report_fields(),
+            **compute_cost(speed.throughput_per_s, usd_h),
             "train_seconds": meta["train_seconds"],
         }
 

@@ -14,9 +14,10 @@ Figures per model, on the held-out split of the signal dataset:
 - **task metric** against the data's reference answers where the recipe names one (``task.metric``), for
   the student's own greedy answers and for the teacher's; **answer agreement**: how often the student's
   final answer equals the teacher's.
-- **generation speed**: greedy generation one prompt at a time (p50/p95 latency, generated tokens per
-  second), and from it the compute cost per 1,000 requests. An API teacher's speed and cost are what
-  labeling recorded, never a new paid call.
+- **generation speed**: greedy generation one prompt at a time, as the server answers (p50/p95 latency,
+  answers and generated tokens per second), and from it the compute cost per 1,000 requests
+  (:func:`protege.evaluation.measure.compute_cost`: 1,000 x the mean latency at the compute price). An API
+  teacher's speed and cost are what labeling recorded, never a new paid call.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .._io import content_hash, write_json_atomic, write_text_atomic
 from ..errors import ProtegeError
 from ..recipe import Recipe
 from ..teachers.parse import ParseError, split_rationale
+from .measure import Speed, _api_teacher_figures, compute_cost, summarize_latency
 
 __all__ = ["evaluate_lm", "lm_figures", "score_answer"]
 
@@ -104,12 +106,6 @@ def _generate(model: Any, tok: Any, prompt: list[int], max_new_tokens: int) -> t
     chosen = chosen[: min(len(new), n + 1)].float()  # the answer's tokens, and the end token if it stopped
     confidence = math.exp(float(chosen.mean())) if len(chosen) else 0.0
     return tok.decode(new[:n], skip_special_tokens=True), n, seconds, confidence
-
-
-def _quantiles(xs: list[float]) -> tuple[float, float]:
-    if len(xs) == 1:
-        return xs[0], xs[0]
-    return statistics.median(xs), statistics.quantiles(xs, n=20)[18]
 
 
 def _same_vocab(a: Any, b: Any) -> bool:
@@ -189,7 +185,7 @@ def lm_figures(
             kl_kind = kl_kind or f"top-{k} + tail"
         if generate:
             text, n_new, seconds, confidence = _generate(model, tok, prompt, max_new)
-            lat.append(1e3 * seconds)
+            lat.append(seconds)
             gen_tokens += n_new
             gen_seconds += seconds
             answer = text.strip() if answer_prefix else parse_answer(text, rationale)
@@ -208,12 +204,11 @@ def lm_figures(
         "kl_support": kl_kind if kl_n else None,
     }
     if generate and lat:
-        p50, p95 = _quantiles(lat)
         out |= {
             "task_metric": statistics.mean(metric_scores) if metric_scores else None,
             "answer_agreement": statistics.mean(answer_agree) if answer_agree else None,
-            "latency_ms_p50": p50,
-            "latency_ms_p95": p95,
+            # answered one at a time, as the server does: answers per second is 1 / the mean latency
+            **Speed(summarize_latency(lat), len(lat) / gen_seconds).report_fields(),
             "tokens_per_s": gen_tokens / gen_seconds if gen_seconds else None,
             "mean_generated_tokens": gen_tokens / len(lat),
             "sample_answers": answers[:3],
@@ -224,7 +219,6 @@ def lm_figures(
 def _teacher_figures(recipe: Recipe, rows: list[dict[str, Any]], student_tok: Any) -> tuple[dict[str, Any], Any, Any]:
     """The teacher's row of the report, and (model, tokenizer) when it is a local model."""
     from ..teachers import make_teacher
-    from .measure import _api_teacher_figures
 
     teacher = make_teacher(recipe.teacher)
     figures: dict[str, Any] = {"name": recipe.teacher.model}
@@ -238,9 +232,9 @@ def _teacher_figures(recipe: Recipe, rows: list[dict[str, Any]], student_tok: An
         n = min(len(rows), recipe.eval.latency_samples)
         timed = lm_figures(model, tok, rows[:n], recipe)
         usd_h = recipe.eval.compute_usd_per_hour
-        figures |= {k: timed[k] for k in ("latency_ms_p50", "latency_ms_p95", "tokens_per_s", "mean_generated_tokens")}
-        figures["usd_per_1k"] = timed["latency_ms_p50"] / 1e3 * 1000 / 3600 * usd_h
-        figures["price_source"] = "compute"
+        figures |= {k: timed[k] for k in ("latency_ms_p50", "latency_ms_p95", "throughput_per_s", "tokens_per_s",
+                                          "mean_generated_tokens")}
+        figures |= compute_cost(timed["throughput_per_s"], usd_h)
         return figures, model, tok
     speed, money = _api_teacher_figures(recipe, [r["call_key"] for r in rows])
     from ..store import Store
@@ -249,8 +243,7 @@ def _teacher_figures(recipe: Recipe, rows: list[dict[str, Any]], student_tok: An
         answered = [u for u in store.call_usage([r["call_key"] for r in rows]).values() if u.status == "ok"]
     secs, out_tokens = sum(u.seconds for u in answered), sum(u.output_tokens for u in answered)
     figures |= {
-        "latency_ms_p50": speed["latency_ms_p50"],
-        "latency_ms_p95": speed["latency_ms_p95"],
+        **speed.latency.report_fields(),
         "tokens_per_s": out_tokens / secs if secs else None,
         **money,
     }
@@ -289,8 +282,7 @@ def evaluate_lm(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict
         "distill": meta.get("distill", recipe.training.distill),
         "parameters": sum(p.numel() for p in model.parameters()),
         **s,
-        "usd_per_1k": s["latency_ms_p50"] / 1e3 * 1000 / 3600 * usd_h,
-        "price_source": "compute",
+        **compute_cost(s["throughput_per_s"], usd_h),
         "train_seconds": meta.get("train_seconds"),
     }
     for m in (teacher, student):
@@ -355,6 +347,8 @@ def _fmt(x: Any, spec: str = ".3f", pct: bool = False) -> str:
 
 
 def _markdown(report: dict[str, Any], recipe: Recipe) -> str:
+    from .report import cascade_lines, cost_definition
+
     s = report["models"][STUDENT_DIR]
     metric = report["task"]["metric"]
     lines = [
@@ -384,13 +378,12 @@ def _markdown(report: dict[str, Any], recipe: Recipe) -> str:
         "Top-1 agreement and perplexity are teacher-forced on the teacher's replies; "
         + (f"KL is over the {kl}. " if kl else "KL is not reported: the teacher's token distribution is not known "
            "over the student's vocabulary. ")
-        + "Latency and tokens per second are greedy generation one prompt at a time on this machine; cost for "
-        f"local models is that time at ${recipe.eval.compute_usd_per_hour}/hour. An API teacher's figures are "
-        "what labeling recorded.",
+        + "Latency and tokens per second are greedy generation one prompt at a time on this machine. An API "
+        "teacher's figures are what labeling recorded.",
+        "",
+        cost_definition(recipe.eval.compute_usd_per_hour),
     ]
     if report.get("cascade"):
-        from .report import cascade_lines
-
         lines += cascade_lines(report["cascade"])
         lines += ["", "![cascade](plots/cascade.png)"]
     if report["teacher_without_answer"]:

@@ -10,7 +10,7 @@ import numpy as np
 from .._io import write_json_atomic, write_text_atomic
 from ..recipe import Recipe
 
-__all__ = ["cascade_lines", "cascade_plot", "write_report"]
+__all__ = ["cascade_lines", "cascade_plot", "cost_definition", "write_report"]
 
 
 def _pct(x: float | None) -> str:
@@ -40,6 +40,17 @@ def _verdict(report: dict[str, Any]) -> str:
             "the rest on other replies"
         )
     return s + "."
+
+
+def cost_definition(usd_per_hour: float) -> str:
+    """The report's definition of its $ / 1k column (:func:`protege.evaluation.measure.compute_cost`)."""
+    return (
+        "Cost per 1,000 requests ($ / 1k), for a local model: the machine time 1,000 requests take at the rate "
+        "the model gets through them as it is served (batched throughput for a classifier; one answer at a time "
+        f"for a language model, so 1,000 x its mean latency), at ${usd_per_hour:g}/hour "
+        "(eval.compute_usd_per_hour). `protege cost` charges each served request its compute time the same way. "
+        "For an API teacher: 1,000 x its mean recorded spend per request."
+    )
 
 
 def _table(report: dict[str, Any]) -> str:
@@ -78,7 +89,7 @@ def _plots(report: dict[str, Any], preds: dict[str, np.ndarray], gold: np.ndarra
             ax.annotate(names[k], (m["usd_per_1k"], m["accuracy"]), textcoords="offset points", xytext=(6, 4 + 12 * i))
     ax.set_ylim(0.0, 1.05)
     ax.set_xscale("log")
-    ax.set_xlabel("cost per 1,000 examples (USD, log scale)")
+    ax.set_xlabel("cost per 1,000 requests (USD, log scale)")
     ax.set_ylabel("accuracy on held-out gold labels")
     ax.axhline(report["task"]["chance_accuracy"], ls=":", c="grey", label="chance")
     ax.legend(loc="upper right")
@@ -203,6 +214,8 @@ def write_report(
         "",
         _table(report),
         "",
+        cost_definition(recipe.eval.compute_usd_per_hour),
+        "",
     ]
     kd = report["models"].get("student")
     if kd:
@@ -232,8 +245,7 @@ def write_report(
         ]
     lines += [
         "",
-        "Latency is one example at a time on this machine; throughput is batched. Cost for local models is the "
-        f"measured compute time at ${recipe.eval.compute_usd_per_hour}/hour (eval.compute_usd_per_hour). "
+        "Latency is one example at a time on this machine; throughput is batched. "
         "An API teacher's latency, throughput and cost are what labeling recorded (wall time per call, retries "
         "included; rows per second achieved; dollars actually spent), never a new paid call. "
         "ECE is the expected calibration error over "

@@ -7,11 +7,11 @@ students, run by llama.cpp); both share :mod:`protege.export.common` (sample tex
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from ..errors import ProtegeError
+from .common import ExportReport, RuntimeLatency
 
-__all__ = ["FORMATS", "export_student"]
+__all__ = ["FORMATS", "ExportReport", "RuntimeLatency", "export_student"]
 
 FORMATS = ("onnx", "gguf")
 
@@ -27,8 +27,9 @@ def export_student(
     threads: int = 1,
     texts: list[str] | None = None,
     gguf_type: str = "f16",
-) -> dict[str, Any]:
-    """Export the student in ``student_dir`` to ``output`` (default ``student_dir/FORMAT``) and return the report.
+) -> ExportReport:
+    """Export the student in ``student_dir`` to ``output`` (default ``student_dir/FORMAT``) and return the report
+    (``report.to_json()`` is what export_report.json holds).
 
     The folder appears whole or not at all: a failed export, or a parity check outside ``atol`` (default: by
     student kind for ONNX, :data:`protege.export.onnx.DEFAULT_ATOL`; by file type for GGUF,

@@ -1,17 +1,19 @@
-"""What every export shares: the sample texts, loading the student, the parity check, latency summary and the
-report writer."""
+"""What every export shares: the sample texts, loading the student, the parity check, the latency comparison
+with PyTorch, and the report (:class:`ExportReport`) and its writer."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
-import statistics
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .._io import write_json_atomic, write_text_atomic
 from ..errors import ProtegeError
+from ..evaluation.measure import LatencySummary, summarize_latency, time_calls
 
 # Different lengths on purpose: batched together they exercise padding.
 SAMPLE_TEXTS = (
@@ -31,20 +33,15 @@ def _load(student_dir: Path, kind: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModelForCausalLM
-    try:
-        model = auto.from_pretrained(student_dir, dtype="float32")
-        tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    try:  # a saved student is a local folder: never reach for the hub
+        model = auto.from_pretrained(student_dir, dtype="float32", local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(student_dir, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ProtegeError(f"cannot load the student in {str(student_dir)!r}: {e}") from None
     if tokenizer.pad_token is None:  # many LM tokenizers have none; padding is only for the parity batch here
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
     return model.eval(), tokenizer
-
-
-def _ms(samples: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(samples, n=20) if len(samples) > 1 else samples * 19
-    return {"p50": 1e3 * statistics.median(samples), "p95": 1e3 * q[18], "mean": 1e3 * statistics.fmean(samples)}
 
 
 def parity(ref: Any, got: Any, mask: Any, kind: str, atol: float) -> dict[str, Any]:
@@ -66,14 +63,80 @@ def parity(ref: Any, got: Any, mask: Any, kind: str, atol: float) -> dict[str, A
             "passed": bool(diff <= atol and near_ties)}
 
 
-def write_report(tmp: Path, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RuntimeLatency:
+    """CPU latency of one input per call through PyTorch and the exported ``runtime``, timed alternately."""
+
+    runtime: str  # "onnxruntime" | "llama.cpp"
+    runs: int
+    warmup: int
+    pytorch: LatencySummary
+    exported: LatencySummary
+
+    @property
+    def speedup_p50(self) -> float | None:
+        """How many times faster the exported runtime is at p50 (above 1: faster than PyTorch)."""
+        return self.pytorch.p50 / self.exported.p50 if self.exported.p50 > 0 else None
+
+    @property
+    def key(self) -> str:
+        """The exported runtime's key in the JSON report: ``onnxruntime_ms``, ``llama_cpp_ms``."""
+        return self.runtime.replace(".", "_") + "_ms"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"runs": self.runs, "warmup": self.warmup, "pytorch_ms": self.pytorch.as_ms(),
+                self.key: self.exported.as_ms(), "speedup_p50": self.speedup_p50}
+
+
+def compare_latency(runtime: str, pytorch: Callable[[int], object], exported: Callable[[int], object], runs: int,
+                    warmup: int) -> RuntimeLatency:
+    """Time ``pytorch(i)`` and ``exported(i)`` (``i``: the run, to pick the input) alternating run by run, so
+    both see the same machine; PyTorch under ``torch.inference_mode``."""
+    import torch
+
+    with torch.inference_mode():
+        torch_s, exported_s = time_calls([pytorch, exported], runs, warmup)
+    return RuntimeLatency(runtime, runs, warmup, summarize_latency(torch_s), summarize_latency(exported_s))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportReport:
+    """What an export made and measured; :meth:`to_json` is export_report.json. ``details`` holds what only
+    one format has (ONNX: exporter, opset, inputs, outputs; GGUF: gguf_type, converter, tokenizer,
+    tokenization) and ``versions`` the libraries used; both are written at the top level of the JSON."""
+
+    student: str
+    output: str
+    format: str
+    kind: str
+    architecture: str
+    model_bytes: int
+    parameters: int
+    threads: int
+    parity: dict[str, Any]  # protege.export.common.parity's figures, plus what the format's check adds
+    latency: RuntimeLatency
+    versions: dict[str, str]
+    details: dict[str, Any] = field(default_factory=dict)
+    created: str = ""  # set by write_report
+    files: tuple[str, ...] = ()  # set by write_report
+
+    def to_json(self) -> dict[str, Any]:
+        return {"student": self.student, "output": self.output, "format": self.format, "kind": self.kind,
+                "architecture": self.architecture, **self.details, "model_bytes": self.model_bytes,
+                "parameters": self.parameters, "threads": self.threads, "parity": self.parity,
+                "latency": self.latency.to_json(), "versions": self.versions, "created": self.created,
+                "files": list(self.files)}
+
+
+def write_report(tmp: Path, report: ExportReport, markdown: Callable[[dict[str, Any]], str]) -> ExportReport:
     """Finish an export's ``report`` (the files beside it, when it was made) and write it into the export's
-    folder as export_report.json and ``markdown(report)`` as export_report.md; return it."""
+    folder as export_report.json and ``markdown(its JSON)`` as export_report.md; return it."""
     files = [p.name for p in tmp.iterdir() if p.is_file()]
-    report["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    report["files"] = sorted(files + ["export_report.json", "export_report.md"])
-    write_json_atomic(tmp / "export_report.json", report)
-    write_text_atomic(tmp / "export_report.md", markdown(report))
+    report = dataclasses.replace(report, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                 files=tuple(sorted(files + ["export_report.json", "export_report.md"])))
+    data = report.to_json()
+    write_json_atomic(tmp / "export_report.json", data)
+    write_text_atomic(tmp / "export_report.md", markdown(data))
     return report
 
 
@@ -82,7 +145,7 @@ def _copy_student_files(student_dir: Path, out: Path) -> None:
     student's config and metadata: the folder needs nothing from the student directory."""
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(student_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(student_dir, local_files_only=True).save_pretrained(out)
     for name in META_FILES:
         if (student_dir / name).is_file():
             shutil.copy2(student_dir / name, out / name)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import time
 from hashlib import sha256
 from importlib.metadata import version
 from pathlib import Path
@@ -47,7 +46,7 @@ import torch
 from .._io import atomic_dir
 from ..errors import MissingExtra, ProtegeError
 from ..students import student_kind
-from .common import SAMPLE_TEXTS, _load, _ms, parity, write_report
+from .common import SAMPLE_TEXTS, ExportReport, RuntimeLatency, _load, compare_latency, parity, write_report
 
 __all__ = ["ARCHITECTURES", "DEFAULT_ATOL", "GGUF_TYPES", "SUPPORTED", "export_gguf", "permute_qk", "pre_tokenizer", "write_gguf"]
 
@@ -322,26 +321,16 @@ def _greedy(llm: Any, prompt: list[int], new_tokens: int) -> tuple[list[int], np
     return ids, np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
-def _latency(model: Any, llm: Any, prompts: list[list[int]], runs: int, warmup: int) -> dict[str, Any]:
-    """One prompt per call (logits at every position, no cache), alternating PyTorch and llama.cpp."""
-    torch_s: list[float] = []
-    llama_s: list[float] = []
-    with torch.inference_mode():
-        for i in range(warmup + runs):
-            ids = prompts[i % len(prompts)]
-            t = torch.tensor([ids])
-            t0 = time.perf_counter()
-            model(input_ids=t, use_cache=False)
-            t1 = time.perf_counter()
-            llm.reset()
-            llm.eval(ids)
-            t2 = time.perf_counter()
-            if i >= warmup:
-                torch_s.append(t1 - t0)
-                llama_s.append(t2 - t1)
-    pt, lc = _ms(torch_s), _ms(llama_s)
-    return {"runs": runs, "warmup": warmup, "pytorch_ms": pt, "llama_cpp_ms": lc,
-            "speedup_p50": pt["p50"] / lc["p50"] if lc["p50"] > 0 else None}
+def _latency(model: Any, llm: Any, prompts: list[list[int]], runs: int, warmup: int) -> RuntimeLatency:
+    """One prompt per call (logits at every position, no cache), PyTorch and llama.cpp alternating."""
+    tensors = [torch.tensor([ids]) for ids in prompts]
+
+    def run_llama(i: int) -> None:
+        llm.reset()
+        llm.eval(prompts[i % len(prompts)])
+
+    return compare_latency("llama.cpp", lambda i: model(input_ids=tensors[i % len(tensors)], use_cache=False),
+                           run_llama, runs, warmup)
 
 
 def _check(model: Any, tokenizer: Any, llm: Any, texts: list[str], prompts: list[list[int]], atol: float,
@@ -430,7 +419,7 @@ def export_gguf(
     threads: int = 1,
     texts: list[str] | None = None,
     new_tokens: int = NEW_TOKENS,
-) -> dict[str, Any]:
+) -> ExportReport:
     """Convert the LM student in ``student_dir`` to ``output`` (default ``student_dir/gguf``), check it in
     llama.cpp and return the report.
 
@@ -483,15 +472,15 @@ def export_gguf(
             for name in COPIED:
                 if (student_dir / name).is_file():
                     shutil.copy2(student_dir / name, tmp / name)
-            report = write_report(tmp, {
-                "student": str(student_dir), "output": str(out), "format": "gguf", "kind": kind,
-                "architecture": arch, "gguf_type": gguf_type, "converter": "protege.export.gguf (gguf.GGUFWriter)",
-                "tokenizer": tok_info, "tokenization": tokenization,
-                "model_bytes": (tmp / MODEL_FILE).stat().st_size,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "threads": threads, "parity": check, "latency": latency,
-                "versions": {"torch": torch.__version__, "gguf": version("gguf"), "llama_cpp": llama_cpp.__version__},
-            }, _report_md)
+            report = write_report(tmp, ExportReport(
+                student=str(student_dir), output=str(out), format="gguf", kind=kind, architecture=arch,
+                details={"gguf_type": gguf_type, "converter": "protege.export.gguf (gguf.GGUFWriter)",
+                         "tokenizer": tok_info, "tokenization": tokenization},
+                model_bytes=(tmp / MODEL_FILE).stat().st_size,
+                parameters=sum(p.numel() for p in model.parameters()),
+                threads=threads, parity=check, latency=latency,
+                versions={"torch": torch.__version__, "gguf": version("gguf"), "llama_cpp": llama_cpp.__version__},
+            ), _report_md)
     finally:
         torch.set_num_threads(prev_threads)
     return report

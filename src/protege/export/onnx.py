@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,11 +41,12 @@ from ..errors import MissingExtra, ProtegeError
 from ..students import student_kind
 from .common import (
     SAMPLE_TEXTS,
+    ExportReport,
     _copy_student_files,
     _encode,
     _load,
     _max_length,
-    _ms,
+    compare_latency,
     parity,
     write_report,
 )
@@ -113,31 +113,6 @@ def _ort_session(path: Path, threads: int) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# latency
-
-
-def _latency(module: Any, session: Any, singles: list[dict[str, Any]], runs: int, warmup: int) -> dict[str, Any]:
-    """One text per call, alternating PyTorch and onnxruntime so both see the same machine."""
-    torch_s: list[float] = []
-    ort_s: list[float] = []
-    with torch.inference_mode():
-        for i in range(warmup + runs):
-            enc = singles[i % len(singles)]
-            feed = {k: v.numpy() for k, v in enc.items()}
-            t0 = time.perf_counter()
-            module(**enc)
-            t1 = time.perf_counter()
-            session.run(None, feed)
-            t2 = time.perf_counter()
-            if i >= warmup:
-                torch_s.append(t1 - t0)
-                ort_s.append(t2 - t1)
-    pt, ox = _ms(torch_s), _ms(ort_s)
-    return {"runs": runs, "warmup": warmup, "pytorch_ms": pt, "onnxruntime_ms": ox,
-            "speedup_p50": pt["p50"] / ox["p50"] if ox["p50"] > 0 else None}
-
-
-# --------------------------------------------------------------------------------------------------------------
 # the export
 
 
@@ -177,7 +152,7 @@ def export_onnx(
     warmup: int = 5,
     threads: int = 1,
     texts: list[str] | None = None,
-) -> dict[str, Any]:
+) -> ExportReport:
     """Export the student in ``student_dir`` to ``output`` (default ``student_dir/FORMAT``) and return the report.
 
     The folder appears whole or not at all: a failed export, or a parity check outside ``atol`` (default by
@@ -229,17 +204,19 @@ def export_onnx(
                     f"(tolerance {atol:g}), argmax agreement {100 * check['argmax_agreement']:.1f}%; nothing was "
                     "written. Report it with the model's architecture, or loosen --atol if the difference is noise"
                 )
-            latency = _latency(module, session, singles, runs, warmup)
+            feeds = [{k: v.numpy() for k, v in enc.items()} for enc in singles]
+            latency = compare_latency("onnxruntime", lambda i: module(**singles[i % len(singles)]),
+                                      lambda i: session.run(None, feeds[i % len(feeds)]), runs, warmup)
             _copy_student_files(student_dir, tmp)
-            report = write_report(tmp, {
-                "student": str(student_dir), "output": str(out), "format": format, "kind": kind,
-                "architecture": arch, "exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET,
-                "inputs": ["input_ids", "attention_mask"], "outputs": ["logits"],
-                "model_bytes": sum(f.stat().st_size for f in tmp.glob(f"{MODEL_FILE}*") if f.is_file()),
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "threads": threads, "parity": check, "latency": latency,
-                "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-            }, _report_md)
+            report = write_report(tmp, ExportReport(
+                student=str(student_dir), output=str(out), format=format, kind=kind, architecture=arch,
+                details={"exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET,
+                         "inputs": ["input_ids", "attention_mask"], "outputs": ["logits"]},
+                model_bytes=sum(f.stat().st_size for f in tmp.glob(f"{MODEL_FILE}*") if f.is_file()),
+                parameters=sum(p.numel() for p in model.parameters()),
+                threads=threads, parity=check, latency=latency,
+                versions={"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+            ), _report_md)
     finally:
         torch.set_num_threads(prev_threads)
     return report

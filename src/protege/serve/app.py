@@ -370,6 +370,8 @@ def create_app(
             for part in (batcher, teacher_queue):
                 if part is not None:
                     await part.stop()
+            if lm is not None:
+                lm.close()  # its generation thread
             if ledger is not None:
                 await ledger.close()  # after the workers: the last answers are recorded too
 

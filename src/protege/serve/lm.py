@@ -91,6 +91,12 @@ class LMGenerator:
         from ..teachers.hf import _cache_kwarg
 
         self._cache_kw = _cache_kwarg(self.model)  # transformers 5 renamed past_key_values to cache
+        # the one thread the server decodes answers in, owned here so that close() stops it with the generator
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="protege-generate")
+
+    def close(self) -> None:
+        """Stop the generation thread once the answer in progress is done (the server's shutdown)."""
+        self.executor.shutdown(wait=True)
 
     def prompt(self, messages: list[dict[str, str]]) -> list[int]:
         if self.answer_prefix:
@@ -186,12 +192,9 @@ def _rationale_weight(path: Path) -> float:
         return 0.0
 
 
-_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="protege-generate")
-
-
 async def generate(gen: LMGenerator, messages: list[dict[str, str]], p: GenerationParams) -> Generation:
     """A whole answer, decoded in the generation worker thread (the event loop goes on meanwhile)."""
-    return await asyncio.get_running_loop().run_in_executor(_pool, gen.generate, messages, p, None)
+    return await asyncio.get_running_loop().run_in_executor(gen.executor, gen.generate, messages, p, None)
 
 
 def _usage(g: Generation) -> dict[str, int]:
@@ -286,7 +289,7 @@ async def chat_completion(
             log.exception("the student failed while generating")
             loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
 
-    future = loop.run_in_executor(_pool, work)
+    future = loop.run_in_executor(gen.executor, work)
 
     async def sse() -> AsyncIterator[str]:
         yield c.first()
