@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -99,9 +98,11 @@ async def drive(base_url: str, bodies: list[dict], concurrency: int) -> dict:
     await asyncio.gather(*(one(b) for b in bodies))
     wall = time.perf_counter() - t0
     await client.close()
-    q = statistics.quantiles(lat, n=20) if len(lat) > 1 else [lat[0]] * 19
+    from protege.evaluation.measure import summarize_latency
+
+    s = summarize_latency(lat)
     return {"requests": len(bodies), "wall_s": wall, "req_per_s": len(bodies) / wall,
-            "p50_ms": 1e3 * statistics.median(lat), "p95_ms": 1e3 * q[18], "completion_tokens": tokens,
+            "p50_ms": s.p50, "p95_ms": s.p95, "completion_tokens": tokens,
             "tokens_per_s": tokens / wall}
 
 

@@ -22,7 +22,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from lm_fixtures import SPECIAL, make_llama, make_tokenizer, save_model
 from servers import LlamaServer
 
-from protege.export import export_student
+from protege.export import ExportReport, export_student
 from protege.export import gguf as eg
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -62,7 +62,7 @@ def cli_export(tied) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def f32_export(tmp_path_factory) -> tuple[Path, dict]:
+def f32_export(tmp_path_factory) -> tuple[Path, ExportReport]:
     """An untied student exported in f32 through the library."""
     student = _student(tmp_path_factory.mktemp("gguf-f32") / "student", tie=False)
     return student, export_student(student, "gguf", student / "out", gguf_type="f32", runs=3)
@@ -171,7 +171,9 @@ def test_f32_matches_pytorch_in_llama_cpp(f32_export):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     student, report = f32_export
-    assert report["parity"]["max_abs_diff"] < 1e-4 and report["parity"]["greedy_identical"]
+    assert report.parity["max_abs_diff"] < 1e-4 and report.parity["greedy_identical"]
+    assert report.latency.runtime == "llama.cpp" and report.latency.runs == report.latency.exported.runs == 3
+    assert report.to_json()["latency"]["llama_cpp_ms"] == report.latency.exported.as_ms()
     model = AutoModelForCausalLM.from_pretrained(student).eval()
     tok = AutoTokenizer.from_pretrained(student)
     ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -269,13 +271,13 @@ def test_qwen2_and_mistral_students_match_pytorch_in_llama_cpp(tmp_path, family)
     student = save_model(tmp_path / "student", model, tok)
     (student / "protege.json").write_text(json.dumps({"kind": "causal_lm"}))
     report = export_student(student, "gguf", tmp_path / "out", gguf_type="f32", runs=2)
-    p = report["parity"]
+    p, tokenizer = report.parity, report.details["tokenizer"]
     assert p["passed"] and p["greedy_identical"] and p["max_abs_diff"] < 1e-3
-    assert report["architecture"] == cls.__name__ and report["tokenizer"]["arch"] == ("qwen2" if family == "qwen2" else "llama")
-    assert report["tokenizer"]["pre"] == ("qwen2" if family == "qwen2" else "gpt-2")
-    assert report["tokenization"]["identical"]
+    assert report.architecture == cls.__name__ and tokenizer["arch"] == ("qwen2" if family == "qwen2" else "llama")
+    assert tokenizer["pre"] == ("qwen2" if family == "qwen2" else "gpt-2")
+    assert report.details["tokenization"]["identical"]
     fields, tensors = _reader(tmp_path / "out")
-    assert fields["general.architecture"] == report["tokenizer"]["arch"]
+    assert fields["general.architecture"] == tokenizer["arch"]
     has_bias = "blk.0.attn_q.bias" in tensors
     assert has_bias == (family == "qwen2")
     if family == "qwen2":  # tied: one embedding matrix, reused as the output layer
@@ -315,8 +317,8 @@ def test_smollm2_student_exports_and_chats_in_llama_cpp_server(tmp_path):
     model, tok = build_lm_student(recipe)
     save_lm_student(model, tok, tmp_path / "student", {"teacher": recipe.teacher.model})
     report = export_student(tmp_path / "student", "gguf", tmp_path / "gguf", runs=3)
-    p = report["parity"]
-    assert p["passed"] and p["max_abs_diff"] < 0.5 and report["tokenizer"]["pre"] == "smollm"
+    p = report.parity
+    assert p["passed"] and p["max_abs_diff"] < 0.5 and report.details["tokenizer"]["pre"] == "smollm"
 
     ours, _ = _reader(tmp_path / "gguf")
     shipped = {k: f.contents() for k, f in gguf.GGUFReader(default_gguf()).fields.items()}

@@ -11,6 +11,10 @@ All figures come from one SQLite store (see :mod:`protege.store`):
   (a price set after labeling), the price table times their mean tokens; a local teacher's mean compute time
   per call at the compute price.
 
+Compute is priced one way throughout: a request's seconds of machine time (a batched text's share of its
+batch) times the compute price, the definition the report's cost per 1,000 requests uses
+(:func:`protege.evaluation.measure.compute_cost`), so its estimate and the served figures compare.
+
 Teacher calls made while serving (the cascade's fallbacks that were not in the store) count as serving, not
 as making. One exception: a call that outlives its request's wait (``protege serve --teacher-timeout``) is
 finished and stored, but no served row names it, so it counts with labeling's calls.
