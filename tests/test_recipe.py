@@ -1,5 +1,5 @@
 """The recipe: defaults, YAML errors that name file/line/field, label shorthands, overrides, path resolution,
-and a save/load round trip."""
+a save/load round trip, and settings the chosen task would ignore refused at load time."""
 
 from __future__ import annotations
 
@@ -144,8 +144,9 @@ def test_scratch_student_heads_must_divide_hidden():
         build_recipe({"student": {"init": "scratch", "hidden_size": 30, "num_heads": 4}})
     ok = build_recipe({"student": {"init": "scratch", "hidden_size": 32, "num_heads": 4}})
     assert ok.student.hidden_size == 32
-    # pretrained students ignore the scratch-only sizes
-    assert build_recipe({"student": {"init": "pretrained", "hidden_size": 30, "num_heads": 4}}).student.num_heads == 4
+    # a pretrained student has its model's sizes: the scratch-only ones would be ignored, so they are refused
+    with pytest.raises(RecipeError, match=r"student\.hidden_size sizes a student\.init: scratch encoder"):
+        build_recipe({"student": {"init": "pretrained", "hidden_size": 30, "num_heads": 4}})
 
 
 def test_invalid_yaml_names_file_and_line(tmp_path):
@@ -194,3 +195,100 @@ def test_save_load_round_trip_and_section_hash(tmp_path, monkeypatch):
     changed = build_recipe({**r.model_dump(), "training": {**r.model_dump()["training"], "epochs": 7}})
     assert changed.section_hash("training") != h
     assert changed.section_hash("task", "data") == r.section_hash("task", "data")  # other sections unaffected
+
+
+# -- every setting works or is refused -------------------------------------------------------------------------
+
+GEN = {"task": {"kind": "generation"}, "teacher": {"model": "hf:some/lm"}}  # the student: the teacher's layers
+GEN_API = {"task": {"kind": "generation"}, "teacher": {"model": "openai:gpt-4o-mini"}, "student": {"model": "gpt2"}}
+
+
+def _with(base: dict, **sections: dict) -> dict:
+    return {**base, **{k: {**base.get(k, {}), **v} for k, v in sections.items()}}
+
+
+UNUSED = [
+    # classification: the language-model settings
+    ({"training": {"loss_chunk_size": 256}}, "training.loss_chunk_size", "set task.kind: generation"),
+    ({"training": {"divergence": "jsd"}}, "training.divergence", "set task.kind: generation"),
+    ({"training": {"jsd_beta": 0.3}}, "training.jsd_beta", "set task.kind: generation"),
+    ({"training": {"distill": "logits"}}, "training.distill", "set task.kind: generation"),
+    ({"training": {"rationale_weight": 0.5}}, "training.rationale_weight", "set task.kind: generation"),
+    ({"student": {"init": "teacher_layers"}}, "student.init: teacher_layers", "set task.kind: generation"),
+    ({"student": {"lora_r": 8}}, "student.lora_r", "set task.kind: generation"),
+    ({"student": {"lora_dropout": 0.2}}, "student.lora_dropout", "set task.kind: generation"),
+    ({"student": {"keep_layers": [0, 2]}}, "student.keep_layers", "set task.kind: generation"),
+    ({"student": {"layer_stride": 2}}, "student.layer_stride", "set task.kind: generation"),
+    ({"student": {"num_layers": 4}}, "student.num_layers", "set student.init: scratch"),
+    # generation: the classification settings
+    (_with(GEN, task={"labels": ["yes", "no", "maybe"]}), "task.labels", "task.metric"),
+    (_with(GEN, training={"use_gold": False}), "training.use_gold", "remove it"),
+    (_with(GEN, training={"hard_label_baseline": False}), "training.hard_label_baseline", "remove it"),
+    (_with(GEN, teacher={"calibrate": False}), "teacher.calibrate", "remove it"),
+    (_with(GEN_API, teacher={"rationale": True}), "teacher.rationale", "set task.answer_format: rationale"),
+    (_with(GEN_API, teacher={"label_method": "samples"}), "teacher.label_method", "remove it"),
+    (_with(GEN_API, teacher={"n_samples": 4}), "teacher.n_samples", "remove it"),
+    (_with(GEN_API, teacher={"sample_temperature": 0.7}), "teacher.sample_temperature", "remove it"),
+    (_with(GEN_API, student={"init": "scratch"}), "student.init: scratch", "set student.model to a causal LM"),
+    (_with(GEN_API, student={"hidden_size": 64}), "student.hidden_size", "set student.init: scratch"),
+    # generation: a setting of a mode that is not chosen
+    (_with(GEN, training={"divergence": "reverse_kl"}), "training.divergence", "set training.distill: logits"),
+    (_with(GEN, training={"distill": "topk", "divergence": "jsd"}), "training.divergence", "training.distill: logits"),
+    (_with(GEN, training={"distill": "logits", "jsd_beta": 0.2}), "training.jsd_beta", "set training.divergence: jsd"),
+    (_with(GEN, student={"lora_alpha": 32}), "student.lora_alpha", "set student.lora_r"),
+    (_with(GEN_API, student={"keep_layers": [0, 3]}), "student.keep_layers", "set student.init: teacher_layers"),
+]
+
+
+@pytest.mark.parametrize(("sections", "setting", "fix"), UNUSED, ids=[f"{c[1]}-{i}" for i, c in enumerate(UNUSED)])
+def test_a_setting_the_task_would_ignore_is_refused_with_the_reason_and_the_fix(sections, setting, fix):
+    kind = sections.get("task", {}).get("kind", "classification")
+    with pytest.raises(RecipeError) as e:
+        build_recipe(sections)
+    msg = str(e.value)
+    assert f"in a {kind} task these settings would be ignored" in msg
+    line = next(x for x in msg.splitlines() if x.strip().startswith(setting + " "))
+    assert "Fix: " in line and fix in line.split("Fix: ", 1)[1]
+    assert line.split("Fix: ", 1)[0].strip() != setting  # it says what the setting is for
+
+
+def test_every_ignored_setting_is_named_at_once_with_its_yaml_line(tmp_path):
+    path = _write(tmp_path, "training:\n  epochs: 2\n  divergence: jsd\n  loss_chunk_size: 64\nstudent:\n  lora_r: 4\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert str(path) in msg
+    assert all(f"\n    {name} " in msg for name in ("training.divergence", "training.loss_chunk_size", "student.lora_r"))
+    assert "training.epochs" not in msg
+
+
+def test_the_same_settings_are_accepted_where_they_apply():
+    gen = build_recipe(_with(GEN, training={"distill": "logits", "divergence": "jsd", "jsd_beta": 0.3,
+                                            "loss_chunk_size": 256, "max_steps": 10, "gradient_accumulation_steps": 2,
+                                            "checkpoint_every": 5},
+                             student={"keep_layers": [0, 2], "lora_r": 4, "lora_alpha": 8}))
+    assert gen.training.jsd_beta == 0.3 and gen.student.init == "teacher_layers" and gen.student.lora_alpha == 8
+    api = build_recipe(_with(GEN_API, teacher={"max_tokens": 64, "top_logprobs": 5}, training={"distill": "topk"}))
+    assert api.teacher.top_logprobs == 5
+    clf = build_recipe({"training": {"use_gold": False, "hard_label_baseline": False, "max_steps": 10,
+                                     "gradient_accumulation_steps": 2, "checkpoint_every": 5},
+                        "teacher": {"calibrate": False},
+                        "student": {"init": "scratch", "hidden_size": 64, "num_layers": 4, "num_heads": 4}})
+    assert clf.training.gradient_accumulation_steps == 2 and clf.student.num_layers == 4
+    rationale = build_recipe({"teacher": {"model": "openai:gpt-4o-mini", "rationale": True, "label_method": "samples",
+                                          "n_samples": 4}})
+    assert rationale.teacher.n_samples == 4
+
+
+def test_defaults_written_out_are_never_refused(tmp_path, monkeypatch):
+    """A saved recipe (beside every artifact) writes every setting, defaults included; it loads again, for
+    either task kind. A default written by hand is accepted too: it changes nothing."""
+    monkeypatch.chdir(tmp_path)
+    for sections in ({}, GEN, GEN_API):
+        r = build_recipe(sections)
+        path = tmp_path / "saved.yaml"
+        r.save(path)
+        sections_of = ("task", "teacher", "student", "training")
+        assert load_recipe(path).section_hash(*sections_of) == r.section_hash(*sections_of)
+        assert build_recipe(r.model_dump()).model_dump() == r.model_dump()
+    assert build_recipe({"training": {"loss_chunk_size": 1024, "divergence": "forward_kl"}}).training.jsd_beta == 0.5

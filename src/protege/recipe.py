@@ -8,6 +8,7 @@ artifact, so each artifact says exactly how it was made.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -321,17 +322,29 @@ class TrainingConfig(_Section):
     learning_rate: float | None = Field(
         None, gt=0.0, description="Peak AdamW learning rate. Default: 5e-5 for pretrained students, 1e-3 for scratch."
     )
-    batch_size: int = Field(32, gt=0, description="Examples per optimizer step.")
+    batch_size: int = Field(
+        32, gt=0, description="Examples per optimizer step, over all processes and accumulated micro-batches."
+    )
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
     seed: int = Field(0, description="Seed for the split, initialisation and data order.")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Micro-batches each optimizer step's batch_size is split into (less memory, same result)."
+    )
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="Save a resumable checkpoint every K optimizer steps; a rerun after a kill continues "
+        "from the last one."
+    )
+    # classifier students ------------------------------------------------------------------------------------
     use_gold: bool = Field(
         True,
-        description="Hard target y is the gold label where a training row has one (else the teacher's top label). "
-        "false: learn from the teacher alone, as with unlabeled data.",
+        description="Classification: hard target y is the gold label where a training row has one (else the "
+        "teacher's top label). false: learn from the teacher alone, as with unlabeled data.",
     )
     hard_label_baseline: bool = Field(
-        True, description="Also train a same-size student on hard labels only (alpha=0), for the report."
+        True, description="Classification: also train a same-size student on hard labels only (alpha=0), for the "
+        "report."
     )
     # language-model students -------------------------------------------------------------------------------
     distill: Literal["sequence", "logits", "topk"] = Field(
@@ -345,7 +358,9 @@ class TrainingConfig(_Section):
         description="distill 'logits': forward KL(teacher || student), reverse KL(student || teacher), or the "
         "generalized Jensen-Shannon divergence with jsd_beta. 'topk' uses forward KL.",
     )
-    jsd_beta: float = Field(0.5, ge=0.0, le=1.0, description="Interpolation of the generalized JSD (see losses).")
+    jsd_beta: float = Field(
+        0.5, ge=0.0, le=1.0, description="divergence 'jsd': interpolation of the generalized JSD (see losses)."
+    )
     rationale_weight: float = Field(
         0.0,
         ge=0.0,
@@ -353,13 +368,8 @@ class TrainingConfig(_Section):
         "explanation behind an '[explain]' prefix, next to the '[answer]' target (distilling step-by-step). "
         "0: train on the answer alone.",
     )
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Batches per optimizer step.")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
-    checkpoint_every: int | None = Field(
-        None, gt=0, description="Save a resumable checkpoint every K optimizer steps (LM students)."
-    )
     loss_chunk_size: int = Field(
-        1024, gt=0, description="Tokens per chunk of the LM-head loss; all logits are never held at once."
+        1024, gt=0, description="Generation: tokens per chunk of the LM-head loss; all logits are never held at once."
     )
 
 
@@ -401,19 +411,13 @@ class Recipe(_Section):
     def _sections_agree(self) -> Recipe:
         backend = self.teacher.model.split(":", 1)[0]
         s, t = self.student, self.training
-        if self.task.kind == "classification":
-            lm_only = {
-                "student.init: teacher_layers": s.init == "teacher_layers",
-                "student.lora_r": s.lora_r is not None,
-                f"training.distill: {t.distill}": t.distill != "sequence",
-                "training.rationale_weight": t.rationale_weight > 0,
-            }
-            if bad := [k for k, v in lm_only.items() if v]:
-                raise ValueError(f"{', '.join(bad)} apply to generation tasks (set task.kind: generation)")
-            return self
         # generation: the default student is the teacher with a third of its layers, when there is one to cut
-        if "model" not in s.model_fields_set and "init" not in s.model_fields_set and backend == "hf":
+        if self.task.kind == "generation" and "model" not in s.model_fields_set and "init" not in s.model_fields_set \
+                and backend == "hf":
             s.init = "teacher_layers"
+        _refuse_unused(self)
+        if self.task.kind == "classification":
+            return self
         if s.init == "teacher_layers" and backend != "hf":
             raise ValueError(
                 "student.init teacher_layers copies layers of a local teacher; with an API teacher set student.model "
@@ -460,6 +464,118 @@ class Recipe(_Section):
 
     def save(self, path: Path) -> None:
         write_text_atomic(path, self.to_yaml())
+
+
+# -- settings that do nothing for the chosen task ------------------------------------------------------------
+
+_LM = "language-model students (task.kind: generation)"
+_TO_GENERATION = "remove it, or set task.kind: generation"
+_LORA = (f"configures LoRA, which protege applies to {_LM}", _TO_GENERATION)
+_KEEP = ("picks the teacher layers a student.init: teacher_layers student keeps", _TO_GENERATION)
+# setting -> (what it is for, the fix), for the settings only one task kind uses
+_GENERATION_ONLY = {
+    "student.keep_layers": _KEEP,
+    "student.layer_stride": _KEEP,
+    "student.lora_r": _LORA,
+    "student.lora_alpha": _LORA,
+    "student.lora_dropout": _LORA,
+    "student.lora_target_modules": _LORA,
+    "training.distill": (f"picks what {_LM} learn from: the teacher's text, logits or top-k", _TO_GENERATION),
+    "training.rationale_weight": (f"weighs the teacher's explanation as a second target of {_LM}", _TO_GENERATION),
+    "training.loss_chunk_size": (
+        "chunks a language model's LM-head loss over tokens; a classifier makes one prediction per text",
+        _TO_GENERATION,
+    ),
+    "training.divergence": (
+        "picks the token-level divergence of training.distill: logits; a classifier student learns by forward KL "
+        "to the teacher's label distribution, at training.temperature",
+        _TO_GENERATION,
+    ),
+    "training.jsd_beta": ("mixes the two sides of training.divergence: jsd, a generation setting", _TO_GENERATION),
+}
+_ONE_ANSWER = "a generation teacher writes one answer per text"
+_CLASSIFICATION_ONLY = {
+    "task.labels": (
+        "is a classification task's label set; a generation task's answers are free text",
+        "remove it (task.metric scores answers against data.label_column)",
+    ),
+    "teacher.rationale": (
+        "asks a classifying API teacher to explain before its label",
+        "remove it; for a generation task set task.answer_format: rationale",
+    ),
+    "teacher.label_method": (f"picks how an API teacher's label distribution is made; {_ONE_ANSWER}", "remove it"),
+    "teacher.n_samples": (f"counts the answers sampled for label_method 'samples'; {_ONE_ANSWER}", "remove it"),
+    "teacher.sample_temperature": (f"is the temperature of label_method 'samples'; {_ONE_ANSWER}", "remove it"),
+    "teacher.calibrate": (
+        "calibrates a local teacher's label scores; a generation teacher writes text", "remove it"
+    ),
+    "training.use_gold": (
+        "picks the hard label a classifier learns; a language-model student learns the teacher's text", "remove it"
+    ),
+    "training.hard_label_baseline": (
+        "trains a second classifier on hard labels for the report; a generation task trains one student", "remove it"
+    ),
+}
+_SCRATCH_SIZES = ("student.hidden_size", "student.num_layers", "student.num_heads", "student.intermediate_size")
+
+
+def _set_off_default(recipe: Recipe, dotted: Iterable[str]) -> list[str]:
+    """The settings among ``dotted`` that were set to something other than their default.
+
+    Set alone is not enough: a saved recipe (the recipe.yaml beside every artifact) writes every setting back,
+    so its defaults return as set, and a default does no harm wherever it is.
+    """
+    out = []
+    for name in dotted:
+        section_name, field = name.split(".")
+        section = getattr(recipe, section_name)
+        default = type(section).model_fields[field].get_default(call_default_factory=True)
+        if field in section.model_fields_set and getattr(section, field) != default:
+            out.append(name)
+    return out
+
+
+def _refuse_unused(recipe: Recipe) -> None:
+    """Refuse every setting the user set that the task kind (or another setting) leaves unused, saying what it
+    is for and the fix: a setting that validates and then does nothing misleads whoever set it."""
+    s, t = recipe.student, recipe.training
+    unused: dict[str, tuple[str, str]] = {}
+    if recipe.task.kind == "classification":
+        if s.init == "teacher_layers":
+            unused["student.init: teacher_layers"] = (
+                "copies a local teacher's layers into a language-model student (task.kind: generation)", _TO_GENERATION
+            )
+        unused |= {k: _GENERATION_ONLY[k] for k in _set_off_default(recipe, _GENERATION_ONLY)}
+    else:
+        if s.init == "scratch":
+            unused["student.init: scratch"] = (
+                "builds a new small encoder; a language-model student starts from pretrained weights",
+                "set student.model to a causal LM, or student.init: teacher_layers with an 'hf:' teacher",
+            )
+        unused |= {k: _CLASSIFICATION_ONLY[k] for k in _set_off_default(recipe, _CLASSIFICATION_ONLY)}
+        if s.init != "teacher_layers":
+            for k in _set_off_default(recipe, ("student.keep_layers", "student.layer_stride")):
+                unused[k] = (_KEEP[0], "remove it, or set student.init: teacher_layers")
+        if s.lora_r is None:
+            for k in _set_off_default(recipe, ("student.lora_alpha", "student.lora_dropout", "student.lora_target_modules")):
+                unused[k] = ("configures LoRA, which is off until student.lora_r (the rank) is set",
+                             "remove it, or set student.lora_r")
+        if t.distill != "logits" and _set_off_default(recipe, ("training.divergence",)):
+            unused["training.divergence"] = (
+                "picks the divergence of training.distill: logits ('topk' uses forward KL over the stored top-k, "
+                "'sequence' cross-entropy on the teacher's text)",
+                "remove it, or set training.distill: logits",
+            )
+        elif t.divergence != "jsd" and _set_off_default(recipe, ("training.jsd_beta",)):
+            unused["training.jsd_beta"] = ("mixes the two sides of training.divergence: jsd",
+                                           "remove it, or set training.divergence: jsd")
+    if s.init != "scratch":
+        for k in _set_off_default(recipe, _SCRATCH_SIZES):
+            unused.setdefault(k, ("sizes a student.init: scratch encoder; any other student has its model's size",
+                                  "remove it, or set student.init: scratch"))
+    if unused:
+        lines = "".join(f"\n    {k} {why}. Fix: {fix}." for k, (why, fix) in unused.items())
+        raise ValueError(f"in a {recipe.task.kind} task these settings would be ignored, so they are refused:{lines}")
 
 
 def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:

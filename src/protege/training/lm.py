@@ -29,7 +29,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .._io import atomic_dir, content_hash, replace_dir, write_json_atomic, write_text_atomic
+from .._io import atomic_dir, write_text_atomic
 from ..errors import ProtegeError
 from ..recipe import Recipe
 from ..signals import TokenLogprobs
@@ -45,6 +45,8 @@ from ..students.chat import ANSWER_PREFIX, EXPLAIN_PREFIX, _prefixed, prompt_ids
 from ..students.classifier import count_parameters
 from ..students.lm import build_lm_student, lm_head, load_causal_lm, save_lm_student
 from .losses import check_vocab, chunked_lm_distillation_loss, topk_distillation_loss
+from .optim import make_optimizer
+from .steps import check_split, checkpoint_dir, fingerprint, micro_batches, resume, save_checkpoint
 
 __all__ = ["LMRow", "train_lm", "prompt_ids", "ANSWER_PREFIX", "EXPLAIN_PREFIX", "MIN_ALIGNED_SHARE"]
 
@@ -338,54 +340,6 @@ class _StudentLoss(torch.nn.Module):
         return sums[0], sums[1], sums[2]
 
 
-# -- order, shards and checkpoints --------------------------------------------------------------------------
-
-
-def _order(n: int, seed: int, epoch: int) -> list[int]:
-    """The data order of one epoch: a permutation fixed by the seed and the epoch, so a resumed run sees the same."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
-
-def _shards(rows: list[int], n: int) -> list[list[int]]:
-    """``rows`` in ``n`` contiguous near-equal parts (some empty when there are fewer rows than parts)."""
-    return [rows[i * len(rows) // n : (i + 1) * len(rows) // n] for i in range(n)]
-
-
-def _fingerprint(recipe: Recipe, rows: list[LMRow]) -> str:
-    """What a checkpoint must match to be resumed: the settings that shape training, and the data."""
-    sections = recipe.model_dump(mode="json")
-    return content_hash({k: sections[k] for k in ("task", "teacher", "student", "training")} | {"rows": [asdict(r) for r in rows]})
-
-
-def _save_checkpoint(accelerator: Any, ckpt: Path, progress: dict[str, Any]) -> None:
-    """Every process writes into a temporary directory (model and optimizer from the main one, RNG state from
-    each); the main process then renames it over the previous checkpoint, so a kill leaves one whole checkpoint."""
-    tmp = ckpt.with_name(f".{ckpt.name}.tmp")  # a fixed name: every process must find it
-    main = accelerator.is_main_process
-    if main and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if main:
-        write_json_atomic(tmp / "progress.json", progress)
-    accelerator.wait_for_everyone()
-    if main:
-        replace_dir(tmp, ckpt)
-    accelerator.wait_for_everyone()
-
-
-def _find_checkpoint(ckpt: Path, fingerprint: str) -> tuple[Path | None, str | None]:
-    """(checkpoint to resume, or None; a note when one exists but belongs to other settings or data)."""
-    old = ckpt.with_name(f".{ckpt.name}.old")
-    for path in (ckpt, old):  # .old alone: a kill between the two renames of replace_dir
-        progress = path / "progress.json"
-        if progress.is_file():
-            if json.loads(progress.read_text())["fingerprint"] == fingerprint:
-                return path, None
-            return None, f"checkpoint {str(path)!r} was made with other settings or data; starting over"
-    return None, None
-
-
 # -- the loop -----------------------------------------------------------------------------------------------
 
 
@@ -398,7 +352,6 @@ def train_lm(
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
 
     from ..teachers.hf import pick_dtype
 
@@ -413,11 +366,7 @@ def train_lm(
     )
     set_seed(cfg.seed)
     P, G, B = accelerator.num_processes, cfg.gradient_accumulation_steps, cfg.batch_size
-    if B < G * P:
-        raise ProtegeError(
-            f"training.batch_size {B} is the examples of one optimizer step over all processes; it must be at "
-            f"least gradient_accumulation_steps ({G}) x processes ({P}) so every micro-batch has an example"
-        )
+    check_split(B, G, P)
 
     # -- models -------------------------------------------------------------------------------------------
     need_teacher = cfg.distill == "logits" or scfg.init == "teacher_layers"
@@ -442,27 +391,12 @@ def train_lm(
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
 
     student = _StudentLoss(model, recipe)
-    params = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
-    no_decay = {name for name, _ in params if name.endswith("bias") or "norm" in name.lower()}
-    groups = [
-        {"params": [p for name, p in params if name not in no_decay], "weight_decay": cfg.weight_decay},
-        {"params": [p for name, p in params if name in no_decay], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_fraction * total), total)
+    optimizer, scheduler = make_optimizer(student, cfg, lr, total)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
 
     # -- resume -------------------------------------------------------------------------------------------
-    ckpt = out.parent / (out.name + ".checkpoint")
-    fingerprint = _fingerprint(recipe, rows)
-    start, log = 0, []
-    found, note = _find_checkpoint(ckpt, fingerprint)
-    if note and accelerator.is_main_process and not quiet:
-        tqdm.write(note)
-    if found is not None:
-        accelerator.load_state(str(found))
-        progress = json.loads((found / "progress.json").read_text())
-        start, log = progress["step"], progress["log"]
+    ckpt, fp = checkpoint_dir(out), fingerprint(recipe, rows)
+    start, log = resume(accelerator, ckpt, fp, quiet)
 
     # -- train --------------------------------------------------------------------------------------------
     rank, pad = accelerator.process_index, tokenizer.pad_token_id
@@ -470,10 +404,7 @@ def train_lm(
     bar = tqdm(total=total, initial=start, desc=f"train {cfg.distill}", unit="step", disable=quiet or not accelerator.is_main_process)
     student.train()
     for step in range(start, total):
-        epoch, k = divmod(step, steps_per_epoch)
-        step_rows = _order(n, cfg.seed, epoch)[k * B : (k + 1) * B]
-        shards = _shards(step_rows, G * P)
-        mine = [shards[j * P + rank] for j in range(G)]
+        epoch, step_rows, mine = micro_batches(step, n, cfg.seed, B, G, P, rank)
         # Normalize once: the loss of every micro-batch is divided by the target weight of the whole step over
         # all processes, times P because DDP averages the processes' gradients.
         local = sum(examples[i].weight * (len(examples[i].ids) - examples[i].n_prompt) for idx in mine for i in idx)
@@ -517,7 +448,7 @@ def train_lm(
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", kd=f"{rec['kd_loss']:.3f}", ce=f"{rec['ce_loss']:.3f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            _save_checkpoint(accelerator, ckpt, {"step": step + 1, "fingerprint": fingerprint, "log": log})
+            save_checkpoint(accelerator, ckpt, {"step": step + 1, "fingerprint": fp, "log": log})
     bar.close()
     seconds = time.perf_counter() - t0
 
