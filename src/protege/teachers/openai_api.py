@@ -47,7 +47,9 @@ _TRANSIENT_STATUS = {408, 409, 425, 429}
 class OpenAITeacher:
     backend = "openai"
 
-    def __init__(self, model: str, cfg: TeacherConfig):
+    def __init__(self, model: str, cfg: TeacherConfig, *, http_client: Any = None):
+        """``http_client``: an ``httpx2.AsyncClient`` for the SDK to send through (tests inject one with a
+        mock transport). The caller owns it: :meth:`aclose` leaves it open."""
         provider = cfg.provider or "openai"
         if provider not in PRESETS:
             raise RecipeError(f"teacher.provider {provider!r} is not a known preset; use one of {sorted(PRESETS)}")
@@ -76,6 +78,7 @@ class OpenAITeacher:
             self.identity["top_logprobs"] = cfg.top_logprobs
         if self.method == "samples":
             self.identity |= {"n_samples": cfg.n_samples, "temperature": cfg.sample_temperature}
+        self._http_client = http_client
         self._client: Any = None
         self._key: str | None = None
 
@@ -88,8 +91,11 @@ class OpenAITeacher:
             except ImportError:
                 raise MissingExtra("openai", "api", "an 'openai:' teacher") from None
             self._key = api_key(self.key_env, self.provider)
+            kwargs: dict[str, Any] = {}
+            if self._http_client is not None:
+                kwargs["http_client"] = self._http_client
             self._client = openai.AsyncOpenAI(
-                api_key=self._key, base_url=self.base_url, max_retries=0, timeout=self.cfg.timeout_s
+                api_key=self._key, base_url=self.base_url, max_retries=0, timeout=self.cfg.timeout_s, **kwargs
             )
         return self._client
 
@@ -99,8 +105,9 @@ class OpenAITeacher:
 
     async def aclose(self) -> None:
         if self._client is not None:
-            await self._client.close()
-            self._client = None
+            client, self._client = self._client, None
+            if self._http_client is None:  # an injected HTTP client belongs to the caller
+                await client.close()
 
     def worst_case(self, request: Request) -> tuple[int, int, int]:
         if request.generate is not None:
