@@ -67,6 +67,16 @@ def save_model(path: Path, model: Any, tokenizer: Any) -> Path:
     return path
 
 
+def save_student(path: Path, model: Any, tokenizer: Any, recipe: Any = None, **summary: Any) -> Path:
+    """``model`` saved as `protege train` saves an LM student (weights, tokenizer, card), its card made for
+    ``recipe`` (default: a generation recipe whose teacher is the model itself); ``summary``: training figures."""
+    from protege.students.card import StudentCard
+    from protege.students.lm import save_lm_student
+
+    save_lm_student(model, tokenizer, path, StudentCard.for_lm(recipe or make_recipe(path), tokenizer, model, summary))
+    return path
+
+
 def make_recipe(
     teacher: Path, student: dict[str, Any] | None = None, task: dict[str, Any] | None = None, **training: Any
 ) -> Any:

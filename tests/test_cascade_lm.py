@@ -17,7 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import n_calls, served, sql, write_jsonl
-from lm_fixtures import make_llama, make_tokenizer, save_model
+from lm_fixtures import make_llama, make_tokenizer, save_student
 from servers import FaultProxy, llama_server  # noqa: F401  (fixture)
 from test_serve import running as serving
 
@@ -64,8 +64,7 @@ def made(tmp_path_factory, llama_server) -> Path:  # noqa: F811
     model = make_llama(tok)
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)  # peaked distributions: confident on some prompts, less on others
-    student = save_model(base / "out" / "student", model, tok)
-    (student / "protege.json").write_text(json.dumps({"kind": "causal_lm", "distill": "sequence"}))
+    student = save_student(base / "out" / "student", model, tok, r, distill="sequence")
     r.save(student / "recipe.yaml")
     return base / "out"
 

@@ -40,11 +40,14 @@ def classifier(tmp_path_factory, tiny_classifier_dir) -> Path:
     """The tiny BERT classifier saved the way `protege train` saves a student."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from protege.recipe import build_recipe
+    from protege.students.card import StudentCard
     from protege.students.classifier import save_student
 
     path = tmp_path_factory.mktemp("export") / "student"
     model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir)
-    save_student(model, AutoTokenizer.from_pretrained(tiny_classifier_dir), path, {"labels": list(LABELS)})
+    card = StudentCard.for_classifier(build_recipe({"task": {"labels": list(LABELS)}}), LABELS, {})
+    save_student(model, AutoTokenizer.from_pretrained(tiny_classifier_dir), path, card)
     return path
 
 
@@ -88,7 +91,8 @@ def test_folder_is_self_contained(exported, classifier):
     assert {"model.onnx", "tokenizer.json", "tokenizer_config.json", "config.json", "protege.json",
             "export_report.json", "export_report.md"} <= names
     assert not any(p.name.startswith(".") for p in classifier.iterdir())  # no temporary folder left
-    assert json.loads((folder / "protege.json").read_text()) == {"labels": list(LABELS)}
+    assert json.loads((folder / "protege.json").read_text()) == json.loads((classifier / "protege.json").read_text())
+    assert json.loads((folder / "protege.json").read_text())["labels"] == list(LABELS)
     report = json.loads((folder / "export_report.json").read_text())
     assert sorted(names) == report["files"]
     onnx.checker.check_model(str(folder / "model.onnx"))

@@ -19,7 +19,7 @@ from protege.errors import ProtegeError
 gguf = pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from lm_fixtures import SPECIAL, make_llama, make_tokenizer, save_model
+from lm_fixtures import SPECIAL, make_llama, make_tokenizer, save_model, save_student
 from servers import LlamaServer
 
 from protege.export import ExportReport, export_student
@@ -43,9 +43,7 @@ def _student(path: Path, tie: bool) -> Path:
         for p in model.parameters():
             if p.ndim == 2:
                 p.mul_(10)
-    save_model(path, model, tok)
-    (path / "protege.json").write_text(json.dumps({"kind": "causal_lm"}))
-    return path
+    return save_student(path, model, tok)
 
 
 @pytest.fixture(scope="module")
@@ -268,8 +266,7 @@ def test_qwen2_and_mistral_students_match_pytorch_in_llama_cpp(tmp_path, family)
                 p.mul_(10)
             elif name.endswith("bias"):
                 p.normal_(0, 0.5)  # zero-initialised: a dropped bias would otherwise go unnoticed
-    student = save_model(tmp_path / "student", model, tok)
-    (student / "protege.json").write_text(json.dumps({"kind": "causal_lm"}))
+    student = save_student(tmp_path / "student", model, tok)
     report = export_student(student, "gguf", tmp_path / "out", gguf_type="f32", runs=2)
     p, tokenizer = report.parity, report.details["tokenizer"]
     assert p["passed"] and p["greedy_identical"] and p["max_abs_diff"] < 1e-3
@@ -288,9 +285,13 @@ def test_qwen2_and_mistral_students_match_pytorch_in_llama_cpp(tmp_path, family)
 
 def test_refuses_a_tokenizer_llama_cpp_cannot_run(tmp_path, tiny_lm_dir):
     """The conftest's Llama has a word-level tokenizer: no GGUF tokenizer model fits it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student = save_student(tmp_path / "student", AutoModelForCausalLM.from_pretrained(tiny_lm_dir),
+                           AutoTokenizer.from_pretrained(tiny_lm_dir))
     with pytest.raises(ProtegeError, match="byte-level BPE tokenizers .* this one is WordLevel"):
-        export_student(tiny_lm_dir, "gguf", tmp_path / "out")
-    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+        export_student(student, "gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["student"]
 
 
 def test_bad_gguf_type():
@@ -311,11 +312,11 @@ def test_smollm2_student_exports_and_chats_in_llama_cpp_server(tmp_path):
     from servers import default_gguf
 
     from protege.recipe import build_recipe
-    from protege.students.lm import build_lm_student, save_lm_student
+    from protege.students.lm import build_lm_student
 
     recipe = build_recipe({"task": {"kind": "generation"}, "student": {"init": "teacher_layers"}})
     model, tok = build_lm_student(recipe)
-    save_lm_student(model, tok, tmp_path / "student", {"teacher": recipe.teacher.model})
+    save_student(tmp_path / "student", model, tok, recipe, teacher=recipe.teacher.model)
     report = export_student(tmp_path / "student", "gguf", tmp_path / "gguf", runs=3)
     p = report.parity
     assert p["passed"] and p["max_abs_diff"] < 0.5 and report.details["tokenizer"]["pre"] == "smollm"

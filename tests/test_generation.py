@@ -144,13 +144,13 @@ def _generation_recipe(tmp_path, teacher_dir, **task):
     )
 
 
-def _as_student(src, dst):
-    """A saved causal LM made into a 'trained student' directory (weights, tokenizer, protege.json)."""
-    import json
+def _as_student(src, dst, recipe):
+    """A saved causal LM made into a 'trained student' directory of ``recipe`` (weights, tokenizer, its card)."""
     import shutil
 
     shutil.copytree(src, dst)
-    (dst / "protege.json").write_text(json.dumps({"kind": "causal_lm", "distill": "sequence", "train_seconds": 0.0}))
+    model, tok = AutoModelForCausalLM.from_pretrained(dst), AutoTokenizer.from_pretrained(dst)
+    StudentCard.for_lm(recipe, tok, model, {"distill": "sequence", "train_seconds": 0.0}).write(dst)
 
 
 def test_a_student_identical_to_its_teacher_agrees_fully(tmp_path, tiny_lm_dir):
@@ -161,7 +161,7 @@ def test_a_student_identical_to_its_teacher_agrees_fully(tmp_path, tiny_lm_dir):
 
     recipe = _generation_recipe(tmp_path, tiny_lm_dir, metric="exact_match")
     label(recipe, quiet=True)
-    _as_student(tiny_lm_dir, recipe.output_dir / "student")
+    _as_student(tiny_lm_dir, recipe.output_dir / "student", recipe)
     report = evaluate_lm(recipe, quiet=True)
     s, t = report["models"]["student"], report["models"]["teacher"]
     assert report["kind"] == "generation" and report["eval_examples"] == 3
@@ -190,7 +190,11 @@ def test_a_different_student_disagrees_measurably(tmp_path, tiny_lm_dir):
     other = tmp_path / "other"
     LlamaForCausalLM(LlamaConfig.from_pretrained(tiny_lm_dir)).save_pretrained(other)
     tok.save_pretrained(other)
-    _as_student(other, recipe.output_dir / "student")
+    _as_student(other, recipe.output_dir / "student", recipe)
     s = evaluate_lm(recipe, quiet=True)["models"]["student"]
     assert 0 <= s["top1_agreement"] < 1 and s["kl_to_teacher"] > 0.01
     assert s["task_metric"] is None  # no metric set in the recipe
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from protege.students.card import StudentCard
+

@@ -80,7 +80,7 @@ def test_each_mode_learns_and_saves_a_plain_transformers_model(tmp_path, tok, te
     model = AutoModelForCausalLM.from_pretrained(out)  # transformers alone
     assert model.config.num_hidden_layers == 2
     _, tok2, meta2 = load_lm_student(out)
-    assert meta2["final_loss"] == log[-1]["loss"] and len(tok2) == len(tok)
+    assert meta2.summary["final_loss"] == log[-1]["loss"] and len(tok2) == len(tok)
 
 
 # -- the loss sees only answer tokens -----------------------------------------------------------------------

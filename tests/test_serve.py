@@ -40,18 +40,19 @@ NAME = "ticket-student"
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory, tiny_classifier_dir) -> Path:
-    """The tiny BERT classifier saved the way a trained student is (save_student: weights, tokenizer, protege.json),
-    with the recipe beside it that sets its max length."""
-    import yaml
+    """The tiny BERT classifier saved the way a trained student is (save_student: weights, tokenizer, and the card
+    protege.json, which sets its max length)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from protege.recipe import build_recipe
+    from protege.students.card import StudentCard
     from protege.students.classifier import save_student
 
     path = tmp_path_factory.mktemp("served") / NAME
     model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir)
     tok = AutoTokenizer.from_pretrained(tiny_classifier_dir)
-    save_student(model, tok, path, {"labels": list(LABELS), "alpha": 0.9, "train_seconds": 0.0})
-    (path / "recipe.yaml").write_text(yaml.safe_dump({"student": {"max_length": MAX_LENGTH}}))
+    recipe = build_recipe({"task": {"labels": list(LABELS)}, "student": {"max_length": MAX_LENGTH}})
+    save_student(model, tok, path, StudentCard.for_classifier(recipe, LABELS, {"alpha": 0.9, "train_seconds": 0.0}))
     return path
 
 

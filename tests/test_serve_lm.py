@@ -11,7 +11,7 @@ import openai
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lm_fixtures import make_llama, make_tokenizer, save_model  # noqa: E402
+from lm_fixtures import make_llama, make_tokenizer, save_student  # noqa: E402
 from test_serve import running  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -27,9 +27,7 @@ def lm_student(tmp_path_factory) -> Path:
     model = make_llama(tok)
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
-    path = save_model(tmp_path_factory.mktemp("lm") / "lm-student", model, tok)
-    (path / "protege.json").write_text(json.dumps({"kind": "causal_lm", "distill": "sequence"}))
-    return path
+    return save_student(tmp_path_factory.mktemp("lm") / "lm-student", model, tok, distill="sequence")
 
 
 @pytest.fixture(scope="module")

@@ -120,14 +120,14 @@ def evaluate_classifier(recipe: Recipe, quiet: bool = False, force: bool = True)
         ta = models["teacher"]["accuracy"]
         models[d] = {
             "name": name,
-            "alpha": meta["alpha"],
+            "alpha": meta.summary["alpha"],
             "parameters": count_parameters(model),
             **q,
             "agreement_with_teacher": float((probs.argmax(1) == t_pred).mean()),
             "quality_kept": None if not ta or q["accuracy"] is None else q["accuracy"] / ta,
             **speed.report_fields(),
             **compute_cost(speed.throughput_per_s, usd_h),
-            "train_seconds": meta["train_seconds"],
+            "train_seconds": meta.summary["train_seconds"],
         }
 
     report = {

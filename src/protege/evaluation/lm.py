@@ -34,6 +34,7 @@ import torch
 from .._io import content_hash, write_json_atomic, write_text_atomic
 from ..errors import ProtegeError
 from ..recipe import Recipe
+from ..students.chat import ChatFormat
 from ..teachers.parse import ParseError, split_rationale
 from .measure import Speed, _api_teacher_figures, compute_cost, summarize_latency
 
@@ -65,12 +66,6 @@ def parse_answer(text: str, rationale: bool) -> str | None:
         return None
 
 
-def _eos(tok: Any, model: Any) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
-    return ids or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-
-
 @torch.inference_mode()
 def _forced(model: Any, prompt: list[int], target: list[int]) -> torch.Tensor:
     """Log-probabilities (T, V) the model gives each position of ``target`` after ``prompt``."""
@@ -79,33 +74,14 @@ def _forced(model: Any, prompt: list[int], target: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, -1)
 
 
-@torch.inference_mode()
-def _generate(model: Any, tok: Any, prompt: list[int], max_new_tokens: int) -> tuple[str, int, float, float]:
-    """(text, generated tokens, seconds, confidence) of greedy generation for one prompt. The confidence is the
-    one the server's cascade uses (:mod:`protege.serve`): exp of the mean log-probability of the chosen tokens,
-    the end token included when the model stopped by itself."""
-    stops = _eos(tok, model)
-    t0 = time.perf_counter()
-    out = model.generate(
-        input_ids=torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else (stops or [None])[0],
-        eos_token_id=stops or None,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-    seconds = time.perf_counter() - t0
-    new = out.sequences[0, len(prompt) :].tolist()
-    n = next((i for i, t in enumerate(new) if t in stops), len(new))
-    chosen = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)[0]
-    chosen = chosen[: min(len(new), n + 1)].float()  # the answer's tokens, and the end token if it stopped
-    confidence = math.exp(float(chosen.mean())) if len(chosen) else 0.0
-    return tok.decode(new[:n], skip_special_tokens=True), n, seconds, confidence
+def _generate(model: Any, tok: Any, prompt: list[int], chat: ChatFormat, max_new_tokens: int) -> tuple[str, int, float, float]:
+    """(text, generated tokens, seconds, confidence) of greedy generation for one prompt, through the decoding
+    loop the server runs (:func:`protege.students.generate.greedy`), so the confidence is the one its cascade
+    routes by for the same prompt."""
+    from ..students.generate import greedy
+
+    d = greedy(model, prompt, chat.stop_ids, max_new_tokens)
+    return tok.decode(d.ids, skip_special_tokens=True), len(d.ids), d.seconds, d.confidence
 
 
 def _same_vocab(a: Any, b: Any) -> bool:
@@ -121,22 +97,24 @@ def lm_figures(
     teacher_model: Any = None,
     teacher_tok: Any = None,
     generate: bool = True,
-    answer_prefix: str | None = None,
+    chat: ChatFormat | None = None,
     record: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The figures above for one model over held-out generation rows (see :mod:`protege.labeling.labeler`'s signal
     dataset). ``teacher_model`` (a local teacher, same tokenizer) gives the full-vocabulary KL.
 
-    ``answer_prefix``: a student distilled step-by-step answers after this prefix on the last user turn and
-    writes the answer alone; it is then scored on the teacher's answers (not its whole replies, which hold the
-    rationale), and no KL is reported (the teacher answered in another context, after its rationale).
+    ``chat``: the model's prompt format and stop tokens, a student's from its card (None: those of the tokenizer
+    and model as they are, for a local teacher). A student distilled step-by-step answers after its card's
+    answer prefix and writes the answer alone; it is then scored on the teacher's answers (not its whole
+    replies, which hold the rationale), and no KL is reported (the teacher answered in another context, after
+    its rationale).
 
     ``record``, if given, receives one {"row", "answer", "confidence"} per generated answer (the cascade sweep)."""
-    from ..students.chat import _prefixed, prompt_ids
+    chat = chat or ChatFormat.of(tok, model)
+    answer_prefix = chat.answer_prefix
     rationale = recipe.task.answer_format == "rationale"
     max_new = recipe.teacher.max_tokens or (512 if rationale else 256)
     full_kl = teacher_model is not None and teacher_tok is not None and _same_vocab(tok, teacher_tok) and not answer_prefix
-    stops = _eos(tok, model)
     nll = agree = tokens = 0.0
     kl_sum, kl_n = 0.0, 0
     kl_kind = "full vocabulary" if full_kl else None
@@ -148,10 +126,10 @@ def lm_figures(
         if answer_prefix:
             if r.get("answer") is None:
                 continue  # the teacher gave no answer to compare with
-            messages, reference, ends = _prefixed(messages, answer_prefix), r["answer"], True
-        prompt = prompt_ids(tok, messages)
-        # the end of turn is part of the answer, unless the teacher was cut off at the length limit
-        target = tok(reference, add_special_tokens=False)["input_ids"] + (stops[:1] if ends else [])
+            reference, ends = r["answer"], True
+        prompt = chat.prompt_ids(tok, messages)  # the answer prefix before the last user turn, where there is one
+        # the end of turn (as training appended it) is part of the answer, unless the teacher was cut off
+        target = tok(reference, add_special_tokens=False)["input_ids"] + ([chat.end_token_id] if ends else [])
         lp = _forced(model, prompt, target)  # (T, V)
         tgt = torch.tensor(target)
         nll -= float(lp.gather(1, tgt[:, None]).sum())
@@ -184,7 +162,7 @@ def lm_figures(
             kl_n += int(count)
             kl_kind = kl_kind or f"top-{k} + tail"
         if generate:
-            text, n_new, seconds, confidence = _generate(model, tok, prompt, max_new)
+            text, n_new, seconds, confidence = _generate(model, tok, prompt, chat, max_new)
             lat.append(seconds)
             gen_tokens += n_new
             gen_seconds += seconds
@@ -262,7 +240,8 @@ def evaluate_lm(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict
     student_dir = out / STUDENT_DIR
     from ..students.lm import load_lm_student
 
-    model, tok, meta = load_lm_student(student_dir)
+    model, tok, card = load_lm_student(student_dir)
+    meta = card.to_json()
     inputs_hash = content_hash({"eval": recipe.section_hash("eval", "task"), "signals": content_hash(rows), "student": meta})[:16]
     report_path = out / "report.json"
     if not force and report_path.is_file() and json.loads(report_path.read_text()).get("inputs_hash") == inputs_hash:
@@ -270,11 +249,9 @@ def evaluate_lm(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict
 
     started = time.perf_counter()
     teacher, t_model, t_tok = _teacher_figures(recipe, rows, tok)
-    from ..students.chat import ANSWER_PREFIX
-
-    prefix = ANSWER_PREFIX if recipe.training.rationale_weight > 0 else None
     answered: list[dict[str, Any]] = []
-    s = lm_figures(model, tok, rows, recipe, teacher_model=t_model, teacher_tok=t_tok, answer_prefix=prefix,
+    # the student's card says how it is prompted (its answer prefix, if it was distilled step by step)
+    s = lm_figures(model, tok, rows, recipe, teacher_model=t_model, teacher_tok=t_tok, chat=card.chat,
                    record=answered)
     usd_h = recipe.eval.compute_usd_per_hour
     student = {

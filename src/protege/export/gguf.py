@@ -45,7 +45,8 @@ import torch
 
 from .._io import atomic_dir
 from ..errors import MissingExtra, ProtegeError
-from ..students import student_kind
+from ..students import StudentCard, student_kind
+from ..students.chat import ChatFormat
 from .common import SAMPLE_TEXTS, ExportReport, RuntimeLatency, _load, compare_latency, parity, write_report
 
 __all__ = ["ARCHITECTURES", "DEFAULT_ATOL", "GGUF_TYPES", "SUPPORTED", "export_gguf", "permute_qk", "pre_tokenizer", "write_gguf"]
@@ -288,13 +289,10 @@ def _llama(path: Path, n_ctx: int, threads: int) -> Any:
                  n_threads=threads, n_threads_batch=threads, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
 
 
-def _prompt(tokenizer: Any, text: str) -> str:
-    """The text as a user's chat message ready for the reply, as a server renders it; the text alone without a
-    chat template."""
-    if not tokenizer.chat_template:
-        return text
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
+def _prompt(chat: ChatFormat, tokenizer: Any, text: str) -> str:
+    """The text as a user's chat message ready for the reply, in the student's chat format (its card's: chat
+    template or plain text, answer prefix), as `protege serve` renders it."""
+    return chat.prompt_text(tokenizer, [{"role": "user", "content": text}])
 
 
 def _tokenization(llm: Any, tokenizer: Any, texts: list[str]) -> dict[str, Any]:
@@ -447,9 +445,12 @@ def export_gguf(
 
     out = Path(output) if output is not None else student_dir / "gguf"
     texts = list(texts or SAMPLE_TEXTS)
+    chat = StudentCard.read(student_dir).chat
+    assert chat is not None  # an LM student's card always has its chat format
     model, tokenizer = _load(student_dir, "lm")
     limit = model.config.max_position_embeddings - new_tokens
-    prompts = [tokenizer(_prompt(tokenizer, t))["input_ids"][:limit] for t in texts]
+    # tokenized as llama.cpp tokenizes a prompt (special tokens parsed, a BOS where the tokenizer adds one)
+    prompts = [tokenizer(_prompt(chat, tokenizer, t))["input_ids"][:limit] for t in texts]
     if min(map(len, prompts)) < 1:
         raise ProtegeError("a sample text tokenizes to nothing; pass other texts")
 
@@ -459,7 +460,7 @@ def export_gguf(
         with atomic_dir(out) as tmp:
             tok_info = write_gguf(model, tokenizer, student_dir, tmp / MODEL_FILE, gguf_type, name=student_dir.name)
             with contextlib.closing(_llama(tmp / MODEL_FILE, max(map(len, prompts)) + new_tokens, threads)) as llm:
-                tokenization = _tokenization(llm, tokenizer, texts + [_prompt(tokenizer, t) for t in texts] + [CHKTXT])
+                tokenization = _tokenization(llm, tokenizer, texts + [_prompt(chat, tokenizer, t) for t in texts] + [CHKTXT])
                 check = _check(model, tokenizer, llm, texts, prompts, atol, new_tokens)
                 if not check["passed"]:
                     raise ProtegeError(

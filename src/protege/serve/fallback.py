@@ -18,14 +18,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from ..errors import BudgetReached, PermanentError, ProtegeError
 from ..evaluation.sweep import ALWAYS_TEACHER, cascade_sweep, sweep
 from ..labeling.data import Example
-from ..recipe import EvalConfig, Recipe, load_recipe
+from ..recipe import Recipe, load_recipe
 from ..signals import TeacherSignal
 from ..store import Store, call_key
+from ..students.card import CARD, StudentCard
 from ..teachers.base import Request
 
 __all__ = [
@@ -50,33 +50,24 @@ def default_store(student_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def _saved_recipe(path: Path) -> dict[str, Any]:
-    """The recipe saved with a student, as plain YAML data ({} when there is none or it does not parse)."""
-    import yaml
-
-    try:
-        data = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def saved_compute_price(path: Path) -> float:
-    """``eval.compute_usd_per_hour`` of the student's saved recipe, else the recipe default."""
-    value = (_saved_recipe(path).get("eval") or {}).get("compute_usd_per_hour")
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-    return float(value) if ok else EvalConfig.model_fields["compute_usd_per_hour"].default
+    """``eval.compute_usd_per_hour`` the student was trained with, from its card."""
+    return StudentCard.read(path).compute_usd_per_hour
 
 
 def teacher_recipe(student_dir: Path, path: Path | str | None, labels: tuple[str, ...] | None) -> Recipe:
     """The recipe whose teacher (and task, which renders the teacher's prompt) the cascade asks: ``path``, or
-    the one saved with the student. A classifier student's (``labels``) must have its labels in the same order;
-    a language-model student's (``labels`` None) must be a generation task."""
-    recipe_path = Path(path) if path is not None else student_dir / "recipe.yaml"
-    if not recipe_path.is_file():
-        raise ProtegeError(f"the cascade needs the teacher's recipe and {str(recipe_path)!r} does not exist; "
-                           "pass --teacher-recipe PATH")
-    recipe = load_recipe(recipe_path)
+    the teacher and task in the student's card. A classifier student's (``labels``) must have its labels in the
+    same order; a language-model student's (``labels`` None) must be a generation task."""
+    if path is None:
+        recipe_path = Path(student_dir) / CARD
+        recipe = StudentCard.read(student_dir).teacher_recipe(student_dir)
+    else:
+        recipe_path = Path(path)
+        if not recipe_path.is_file():
+            raise ProtegeError(f"the cascade needs the teacher's recipe and {str(recipe_path)!r} does not exist; "
+                               "pass --teacher-recipe PATH")
+        recipe = load_recipe(recipe_path)
     if labels is None:
         if recipe.task.kind != "generation":
             raise ProtegeError(f"the teacher's recipe {str(recipe_path)!r} is a classification task and the student a "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -68,29 +67,18 @@ def stop_at(text: str, stop: tuple[str, ...]) -> int:
 
 
 class LMGenerator:
-    """A loaded causal LM student that answers chat messages."""
+    """A loaded causal LM student that answers chat messages, in the chat format of its card."""
 
     def __init__(self, path: Path | str):
         import torch
 
-        from ..students.chat import ANSWER_PREFIX, prompt_ids
         from ..students.lm import load_lm_student
 
-        self.model, self.tokenizer, self.meta = load_lm_student(Path(path))
-        self._prompt_ids = prompt_ids
-        # a student distilled step-by-step answers after this prefix on the last user turn
-        self.answer_prefix = ANSWER_PREFIX if _rationale_weight(Path(path)) > 0 else None
-        ids = self.model.generation_config.eos_token_id
-        ids = [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
-        if self.tokenizer.eos_token_id is not None:
-            ids.append(self.tokenizer.eos_token_id)
-        self.stops = set(ids)
-        self.context = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        self.model, self.tokenizer, self.card = load_lm_student(Path(path))
+        assert self.card.chat is not None  # a causal_lm card always has one
+        self.chat = self.card.chat  # prompt format, answer prefix (a step-by-step student) and stop tokens
         self._torch = torch
         self._lock = threading.Lock()
-        from ..teachers.hf import _cache_kwarg
-
-        self._cache_kw = _cache_kwarg(self.model)  # transformers 5 renamed past_key_values to cache
         # the one thread the server decodes answers in, owned here so that close() stops it with the generator
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="protege-generate")
 
@@ -99,53 +87,44 @@ class LMGenerator:
         self.executor.shutdown(wait=True)
 
     def prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        if self.answer_prefix:
-            from ..students.chat import _prefixed
-
-            messages = list(_prefixed(tuple(messages), self.answer_prefix))
-        return self._prompt_ids(self.tokenizer, messages)
+        return self.chat.prompt_ids(self.tokenizer, messages)
 
     def generate(
         self, messages: list[dict[str, str]], p: GenerationParams, on_text: Callable[[str], None] | None = None
     ) -> Generation:
         """Decode an answer; ``on_text(delta)`` receives the text as it becomes final (for streaming).
 
-        The answer's ``confidence`` is the geometric mean of the probabilities the model gave its chosen tokens
-        (temperature 1), the end-of-answer token included when the model stopped by itself: exp of the mean
-        token log-probability, in (0, 1] like a classifier's top label probability; 0 for an empty decoding."""
+        Decoding is :func:`protege.students.generate.decode`, the loop evaluation's sweep runs too; the
+        answer's ``confidence`` is :func:`protege.students.generate.confidence` of its chosen tokens (the
+        end-of-answer token included when the model stopped by itself), so at temperature 0 it is the figure
+        ``protege eval`` recorded for the same prompt."""
+        from ..students.generate import confidence, decode
+
         torch = self._torch
         tok = self.tokenizer
         ids = self.prompt(messages)
         out = Generation(prompt_tokens=len(ids))
-        budget = min(p.max_tokens, max(0, self.context - len(ids)))
         gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+        pick = None if p.temperature == 0 else (lambda logits: self._pick(logits, p, gen))
         hold = max((len(s) for s in p.stop), default=1) - 1  # characters that may still start a stop string
         produced: list[int] = []
         sent = 0  # characters of the answer already handed to on_text
         chosen: list[float] = []  # log-probability of each chosen token
-        with self._lock, torch.inference_mode():
+        with self._lock:
             t0 = time.perf_counter()
-            past = None
-            step_ids = torch.tensor([ids])
-            for _ in range(budget):
-                kw = {} if past is None else {self._cache_kw: past}
-                res = self.model(input_ids=step_ids, use_cache=True, **kw)
-                past = getattr(res, "cache", None) or res.past_key_values
-                logits = res.logits[0, -1].float()
-                logp = torch.log_softmax(logits, -1)
-                nxt = self._pick(logits, p, gen)
-                chosen.append(float(logp[nxt]))
-                if nxt in self.stops:
+            for step in decode(self.model, ids, self.chat.stop_ids, p.max_tokens, pick):
+                chosen.append(step.logprob)
+                if step.stop:
                     out.finish_reason = "stop"
                     break
-                produced.append(nxt)
+                produced.append(step.token)
                 out.completion_tokens += 1
                 if p.logprobs:
                     top = None
                     if p.top_logprobs:
-                        v, i = logp.topk(p.top_logprobs)
+                        v, i = step.logprobs.topk(p.top_logprobs)
                         top = [(tok.decode([a]), b) for a, b in zip(i.tolist(), v.tolist())]
-                    out.tokens.append(token_entry(tok.decode([nxt]), chosen[-1], top))
+                    out.tokens.append(token_entry(tok.decode([step.token]), step.logprob, top))
                 text = tok.decode(produced, skip_special_tokens=True)
                 cut = stop_at(text, p.stop)
                 if cut >= 0:
@@ -156,11 +135,10 @@ class LMGenerator:
                 if ready > sent and not text.endswith("\ufffd"):
                     self._emit(out, text[sent:ready], on_text)
                     sent = ready
-                step_ids = torch.tensor([[nxt]])
             out.seconds = time.perf_counter() - t0
         if len(out.text) > sent:
             self._emit(out, out.text[sent:], on_text)
-        out.confidence = math.exp(sum(chosen) / len(chosen)) if chosen else 0.0
+        out.confidence = confidence(chosen)
         return out
 
     @staticmethod
@@ -171,25 +149,12 @@ class LMGenerator:
 
     def _pick(self, logits: Any, p: GenerationParams, gen: Any) -> int:
         torch = self._torch
-        if p.temperature == 0:
-            return int(logits.argmax())
         probs = torch.softmax(logits / p.temperature, -1)
         if p.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(-1) - sorted_p < p.top_p  # the smallest set reaching top_p (at least one)
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=gen))
-
-
-def _rationale_weight(path: Path) -> float:
-    """training.rationale_weight of the recipe saved beside the student (0 when there is none)."""
-    import yaml
-
-    try:
-        saved = yaml.safe_load((path / "recipe.yaml").read_text())
-        return float(saved.get("training", {}).get("rationale_weight") or 0)
-    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
-        return 0.0
 
 
 async def generate(gen: LMGenerator, messages: list[dict[str, str]], p: GenerationParams) -> Generation:

@@ -21,30 +21,6 @@ log = logging.getLogger(__name__)
 # the model
 
 
-def _max_length(path: Path, meta: dict[str, Any], model: Any, tok: Any) -> int:
-    """The length the student was trained with: protege.json, else the recipe saved beside it, else what the
-    model can take."""
-    if isinstance(meta.get("max_length"), int):
-        return meta["max_length"]
-    recipe = path / "recipe.yaml"
-    if recipe.is_file():
-        import yaml
-
-        from ..recipe import StudentConfig
-
-        try:
-            data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
-            student = data.get("student") or {}
-            value = student.get("max_length", StudentConfig.model_fields["max_length"].default)
-            if isinstance(value, int) and value > 0:
-                return value
-        except (yaml.YAMLError, AttributeError):
-            pass
-    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tok, "model_max_length", None)]
-    limits = [x for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
-    return min(limits) if limits else 512
-
-
 class Classifier:
     """A loaded student: ``predict(texts)`` -> (log-probabilities per text, tokens read per text)."""
 
@@ -54,13 +30,10 @@ class Classifier:
         path = Path(path)
         if not path.is_dir():
             raise ProtegeError(f"{str(path)!r} is not a directory; point `protege serve` at a trained student")
-        self.model, self.tokenizer, self.meta = load_student(path)
-        cfg = self.model.config
-        id2label = {int(k): v for k, v in (cfg.id2label or {}).items()}
-        self.labels: tuple[str, ...] = tuple(id2label.get(i, f"LABEL_{i}") for i in range(cfg.num_labels))
-        if len(self.labels) < 2:
-            raise ProtegeError(f"{str(path)!r} is not a classifier student: it has {len(self.labels)} label(s)")
-        self.max_length = max_length or _max_length(path, self.meta, self.model, self.tokenizer)
+        self.model, self.tokenizer, self.card = load_student(path)
+        assert self.card.labels is not None  # a classifier's card always lists them (2 or more)
+        self.labels: tuple[str, ...] = self.card.labels  # in the order of the head (load_student checks)
+        self.max_length = max_length or self.card.max_length  # the length it was trained with
 
     def predict(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
         import torch

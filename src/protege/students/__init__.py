@@ -1,7 +1,8 @@
-"""Students: the small models protege trains, saved as Hugging Face model directories.
+"""Students: the small models protege trains, saved as Hugging Face model directories with a card.
 
 ``classifier`` (an encoder with a classification head), ``lm`` (a causal language model), ``chat`` (the one
-prompt format training, evaluation and serving share)."""
+prompt format and stop tokens training, evaluation, serving and export share), ``generate`` (the one decoding
+loop evaluation and serving share), ``card`` (``protege.json``: what running a saved student needs)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import json
 from pathlib import Path
 
 from ..errors import ProtegeError
+from .card import CARD, StudentCard
 
-META = "protege.json"
+__all__ = ["CARD", "StudentCard", "student_kind"]
 
 
 def student_kind(student_dir: Path, command: str) -> tuple[str, str]:

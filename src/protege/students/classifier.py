@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .._io import write_json_atomic
 from ..errors import ProtegeError
 from ..recipe import StudentConfig
 from ..sources import resolve_source
-from . import META
+from .card import StudentCard
 
-__all__ = ["build_student", "load_student", "count_parameters", "student_kind"]
+__all__ = ["build_student", "save_student", "load_student", "count_parameters"]
 
 
 def build_student(cfg: StudentConfig, labels: tuple[str, ...], seed: int) -> tuple[Any, Any]:
@@ -60,20 +58,29 @@ def count_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_student(model: Any, tokenizer: Any, path: Path, meta: dict[str, Any]) -> None:
-    """save_pretrained (safetensors) plus protege.json; the label names are also in config.id2label."""
+def save_student(model: Any, tokenizer: Any, path: Path, card: StudentCard) -> None:
+    """save_pretrained (safetensors) plus the card, protege.json; the label names are also in config.id2label."""
+    if card.kind != "classifier":
+        raise ValueError(f"a classifier student is saved with a classifier's card, not a {card.kind}'s")
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
-    write_json_atomic(path / META, meta)
+    card.write(path)
 
 
-def load_student(path: Path) -> tuple[Any, Any, dict[str, Any]]:
+def load_student(path: Path) -> tuple[Any, Any, StudentCard]:
+    """(model in eval mode, tokenizer, card) of a saved classifier student."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if not (path / META).is_file():
-        raise ProtegeError(f"{str(path)!r} is not a trained protege student; run `protege train` first")
+    path = Path(path)
+    card = StudentCard.read(path)
+    if card.kind != "classifier":
+        raise ProtegeError(f"{str(path)!r} is a {card.kind} student, not a classifier")
     model = AutoModelForSequenceClassification.from_pretrained(path)
+    id2label = model.config.id2label or {}
+    if tuple(id2label.get(i, f"LABEL_{i}") for i in range(model.config.num_labels)) != card.labels:
+        raise ProtegeError(f"{str(path)!r}: the card's labels {list(card.labels or ())} are not those of the model's "
+                           f"head (config.json id2label {id2label}); the student directory is damaged, retrain it")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer, json.loads((path / META).read_text())
+    return model.eval(), tokenizer, card
 
 

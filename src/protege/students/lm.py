@@ -10,16 +10,15 @@ with transformers alone.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._io import write_json_atomic
 from ..errors import MissingExtra, ProtegeError
 from ..recipe import Recipe, StudentConfig
 from ..sources import resolve_source
+from .card import StudentCard
 
 __all__ = [
     "build_lm_student",
@@ -32,8 +31,6 @@ __all__ = [
     "save_lm_student",
     "load_lm_student",
 ]
-
-META = "protege.json"
 
 
 def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> tuple[Any, Any]:
@@ -189,22 +186,27 @@ def lm_head(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
-def save_lm_student(model: Any, tokenizer: Any, path: Path, meta: dict[str, Any]) -> None:
-    """save_pretrained (safetensors, LoRA merged) plus the tokenizer and protege.json with kind causal_lm."""
+def save_lm_student(model: Any, tokenizer: Any, path: Path, card: StudentCard) -> None:
+    """save_pretrained (safetensors, LoRA merged) plus the tokenizer and the card, protege.json."""
+    if card.kind != "causal_lm":
+        raise ValueError(f"a language-model student is saved with a causal_lm card, not a {card.kind}'s")
     model = merge_lora(model)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
-    write_json_atomic(path / META, {"kind": "causal_lm", **meta})
+    card.write(path)
 
 
-def load_lm_student(path: Path) -> tuple[Any, Any, dict[str, Any]]:
-    """(model in eval mode, tokenizer, protege.json) of a saved causal LM student."""
+def load_lm_student(path: Path) -> tuple[Any, Any, StudentCard]:
+    """(model in eval mode, tokenizer, card) of a saved causal LM student."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    meta_path = path / META
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta.get("kind") != "causal_lm":
-        raise ProtegeError(f"{str(path)!r} is not a trained protege language-model student; run `protege train` first")
+    path = Path(path)
+    card = StudentCard.read(path)
+    if card.kind != "causal_lm":
+        raise ProtegeError(f"{str(path)!r} is a {card.kind} student, not a language model")
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer, meta
+    if card.chat is not None and card.chat.template and not tokenizer.chat_template:
+        raise ProtegeError(f"{str(path)!r}: the student was trained with its tokenizer's chat template and the saved "
+                           "tokenizer has none; the student directory is damaged, retrain it with `protege train`")
+    return model.eval(), tokenizer, card

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .._io import atomic_dir, write_text_atomic
 from ..errors import ProtegeError
 from ..recipe import Recipe
+from ..students.card import StudentCard
 from ..students.classifier import build_student, count_parameters, save_student
 from .losses import distillation_loss
 from .optim import make_optimizer
@@ -151,7 +152,8 @@ def train_student(
     }
     if accelerator.is_main_process:
         with atomic_dir(out) as tmp:
-            save_student(accelerator.unwrap_model(model), tokenizer, tmp, summary)
+            card = StudentCard.for_classifier(recipe, labels, summary)  # labels, max length, teacher, price
+            save_student(accelerator.unwrap_model(model), tokenizer, tmp, card)
             write_text_atomic(tmp / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
             recipe.save(tmp / "recipe.yaml")
         shutil.rmtree(ckpt, ignore_errors=True)

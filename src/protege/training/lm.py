@@ -41,7 +41,8 @@ from .._io import atomic_dir, write_text_atomic
 from ..errors import ProtegeError
 from ..recipe import Recipe
 from ..signals import TokenLogprobs
-from ..students.chat import ANSWER_PREFIX, EXPLAIN_PREFIX, _prefixed, prompt_ids
+from ..students.card import StudentCard
+from ..students.chat import ANSWER_PREFIX, EXPLAIN_PREFIX, prompt_ids
 from ..students.classifier import count_parameters
 from ..students.lm import build_lm_student, lm_head, load_causal_lm, save_lm_student
 from .losses import check_vocab, chunked_lm_distillation_loss, topk_distillation_loss
@@ -207,7 +208,6 @@ def _encode(recipe: Recipe, rows: list[LMRow], tokenizer: Any) -> tuple[list[_Ex
         else:
             parts = [("", r.target, 1.0)]
         for prefix, text, weight in parts:
-            messages = _prefixed(r.messages, prefix) if prefix else r.messages
             if by_id and text == r.target:
                 target = list(tl.ids)  # the teacher's very tokens, not a re-tokenization of its text
             else:
@@ -219,7 +219,7 @@ def _encode(recipe: Recipe, rows: list[LMRow], tokenizer: Any) -> tuple[list[_Ex
             if room < 1:
                 too_long += 1
                 continue
-            p = prompt_ids(tokenizer, messages)
+            p = prompt_ids(tokenizer, r.messages, prefix)  # the prefix (if any) before the last user turn
             if len(p) > room:
                 p, cut = p[len(p) - room :], cut + 1
             if topk is not None and ends:
@@ -478,7 +478,8 @@ def train_lm(
     }
     if accelerator.is_main_process:
         with atomic_dir(out) as tmp:
-            save_lm_student(trained, tokenizer, tmp, summary)
+            # the card records the prompt format, answer prefix and end token the student was trained with
+            save_lm_student(trained, tokenizer, tmp, StudentCard.for_lm(recipe, tokenizer, trained, summary))
             write_text_atomic(tmp / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
             recipe.save(tmp / "recipe.yaml")
         shutil.rmtree(ckpt, ignore_errors=True)
