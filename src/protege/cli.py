@@ -237,13 +237,13 @@ def demo(output_dir: Path, quiet: bool) -> None:
                    "classifier's top label probability, a language model's geometric mean token probability. The "
                    "teacher's answers are cached in the store and count against its budget.")
 @click.option("--teacher-recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Recipe of the cascade's teacher [default: STUDENT_DIR/recipe.yaml].")
+              help="Recipe of the cascade's teacher [default: the teacher and task in STUDENT_DIR/protege.json].")
 @click.option("--store", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Store for the served-traffic ledger and the teacher's cache [default: the run's protege.db "
                    "beside STUDENT_DIR, when it exists].")
 @click.option("--compute-usd-per-hour", type=click.FloatRange(0), default=None,
               help="Price of this machine's time, for the student's answers in the ledger [default: the student's "
-                   "recipe eval.compute_usd_per_hour].")
+                   "eval.compute_usd_per_hour, in its protege.json].")
 @click.option("--teacher-timeout", "teacher_timeout_s", type=click.FloatRange(0, min_open=True), default=60.0,
               show_default=True, help="Seconds a request waits for the cascade's teacher before a 503.")
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings only.")

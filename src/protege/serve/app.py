@@ -330,9 +330,9 @@ def create_app(
 
     Every answer is recorded in the ``served`` table of ``store`` (default: the ``protege.db`` of the run that made
     the student, when there is one; without a store nothing is recorded), the student's answers priced at their
-    measured compute time times ``compute_usd_per_hour`` (default: the student's saved recipe's
-    ``eval.compute_usd_per_hour``). With ``cascade_threshold`` the teacher of ``teacher_recipe`` (default: the
-    recipe saved with the student) answers where the student's confidence is below it (see :mod:`protege.serve`)."""
+    measured compute time times ``compute_usd_per_hour`` (default: the ``eval.compute_usd_per_hour`` in the
+    student's card). With ``cascade_threshold`` the teacher of ``teacher_recipe`` (default: the teacher and task
+    in the student's card) answers where the student's confidence is below it (see :mod:`protege.serve`)."""
     for name, value in (("max_body_bytes", max_body_bytes), ("max_concurrency", max_concurrency),
                         ("max_batch", max_batch), ("max_new_tokens", max_new_tokens)):
         if value < 1:
