@@ -74,7 +74,9 @@ def _forced(model: Any, prompt: list[int], target: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, -1)
 
 
-def _generate(model: Any, tok: Any, prompt: list[int], chat: ChatFormat, max_new_tokens: int) -> tuple[str, int, float, float]:
+def _generate(
+    model: Any, tok: Any, prompt: list[int], chat: ChatFormat, max_new_tokens: int
+) -> tuple[str, int, float, float]:
     """(text, generated tokens, seconds, confidence) of greedy generation for one prompt, through the decoding
     loop the server runs (:func:`protege.students.generate.greedy`), so the confidence is the one its cascade
     routes by for the same prompt."""

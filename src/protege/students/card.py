@@ -43,7 +43,8 @@ class StudentCard:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
-        if (self.kind == "classifier") != (self.labels is not None) or (self.kind == "causal_lm") != (self.chat is not None):
+        lm = self.kind == "causal_lm"
+        if lm == (self.labels is not None) or lm != (self.chat is not None):
             raise ValueError("a classifier's card has labels and no chat format; a language model's the reverse")
         if clash := sorted(set(self.summary) & set(_KEYS)):
             raise ValueError(f"the training summary repeats the card's own fields {clash}")
@@ -73,7 +74,8 @@ class StudentCard:
             "max_length": self.max_length,
             "labels": None if self.labels is None else list(self.labels),
             "chat": None if self.chat is None else self.chat.to_json(),
-            "teacher_recipe": {"task": self.task.model_dump(mode="json"), "teacher": self.teacher.model_dump(mode="json")},
+            "teacher_recipe": {"task": self.task.model_dump(mode="json"),
+                               "teacher": self.teacher.model_dump(mode="json")},
             "compute_usd_per_hour": self.compute_usd_per_hour,
         }
 
@@ -92,7 +94,8 @@ class StudentCard:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ProtegeError(f"{str(path)!r} is not valid JSON ({e}); the student directory is damaged: {RETRAIN}") from None
+            raise ProtegeError(f"{str(path)!r} is not valid JSON ({e}); the student directory is damaged: "
+                               f"{RETRAIN}") from None
         if not isinstance(data, dict):
             raise ProtegeError(f"{str(path)!r} is not a JSON object; the student directory is damaged: {RETRAIN}")
         if "card_version" not in data:
@@ -176,7 +179,8 @@ def _chat(d: dict[str, Any]) -> ChatFormat:
         raise ValueError(f"chat.answer_prefix {prefix!r} (a string, or null)")
     if not isinstance(end, int) or isinstance(end, bool) or end < 0:
         raise ValueError(f"chat.end_token_id {end!r} (a token id)")
-    if not (isinstance(stops, list) and end in stops and all(isinstance(x, int) and not isinstance(x, bool) for x in stops)):
+    ids = isinstance(stops, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in stops)
+    if not (ids and end in stops):
         raise ValueError(f"chat.stop_ids {stops!r} (token ids, the end token among them)")
     return ChatFormat(template, prefix, end, tuple(stops))
 

@@ -43,7 +43,9 @@ def prompt_text(tokenizer: Any, messages: Messages, prefix: str | None = None, t
     return "\n\n".join(m["content"] for m in messages) + "\nAnswer: "
 
 
-def prompt_ids(tokenizer: Any, messages: Messages, prefix: str | None = None, template: bool | None = None) -> list[int]:
+def prompt_ids(
+    tokenizer: Any, messages: Messages, prefix: str | None = None, template: bool | None = None
+) -> list[int]:
     """Token ids of :func:`prompt_text` (the template writes any special tokens it needs, so none are added)."""
     return tokenizer(prompt_text(tokenizer, messages, prefix, template), add_special_tokens=False)["input_ids"]
 
