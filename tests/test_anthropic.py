@@ -20,13 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx2
 import pytest
 
 import protege.labeling.engine as engine_mod
 from protege.errors import PermanentError, RecipeError
+from protege.labeling.batch import run_batch
 from protege.labeling.engine import run_api
-from protege.labeling.prompts import render_request
+from protege.labeling.prompts import render_generation, render_request
 from protege.recipe import TaskConfig, TeacherConfig, build_recipe
 from protege.signals import TeacherSignal
 from protege.store import Store, call_key
@@ -579,7 +581,7 @@ def test_batch_requests_results_and_outcomes_for_hard_labels():
     ]
 
     async def go():
-        batch_id = await api.create(items)
+        batch_id = await api.create(await api.prepare(items), items)
         status = await api.status(batch_id)
         got = await api.results(batch_id)
         await teacher.aclose()
@@ -593,13 +595,12 @@ def test_batch_requests_results_and_outcomes_for_hard_labels():
     assert all(r["params"] == teacher.params(req) for r, (_, req) in zip(body["requests"], items))
     assert body["requests"][0]["params"]["model"] == MODEL and "temperature" not in body["requests"][0]["params"]
 
-    outcomes = {o.key: o for o in api.outcomes(got, dict(items))}
+    outcomes = {o.key: o for o in api.outcomes_of(got, dict(items))}
     assert set(outcomes) == set(keys)  # the stranger's line is ignored
     ok = outcomes[keys[0]]
     assert (
         ok.error is None and ok.signal.distribution.top == "billing" and ok.signal.distribution.method == "hard_label"
     )
-    assert ok.signal.usage == {"input_tokens": 120, "output_tokens": 2, "cached_input_tokens": 20}
     assert (ok.usage.input_tokens, ok.usage.output_tokens, ok.usage.cached_input_tokens) == (120, 2, 20)
     bad = outcomes[keys[1]]
     assert bad.signal is None and bad.error.startswith("unparseable batch answer") and bad.usage.input_tokens == 120
@@ -607,7 +608,6 @@ def test_batch_requests_results_and_outcomes_for_hard_labels():
     assert outcomes[keys[3]].error.startswith("batch request canceled")
     assert outcomes[keys[4]].error.startswith("batch request expired")
     assert all(outcomes[k].usage.input_tokens == 0 for k in keys[2:])  # not answered: not billed
-    assert api.outcome(keys[0], lines[0], requests[0]).signal.distribution.top == "billing"
 
 
 def test_batch_samples_get_one_request_each_and_are_gathered_per_text():
@@ -630,7 +630,7 @@ def test_batch_samples_get_one_request_each_and_are_gathered_per_text():
         {"custom_id": ids[4], "result": {"type": "expired"}},
         succeeded(ids[5], "technical"),
     ]
-    outcomes = {o.key: o for o in api.outcomes(reversed(lines), dict(items))}
+    outcomes = {o.key: o for o in api.outcomes_of(reversed(lines), dict(items))}
     dist = outcomes[k0].signal.distribution
     assert dist.method == "samples" and dist.n_samples == 3
     assert dict(zip(dist.labels, dist.probs)) == pytest.approx(
@@ -639,7 +639,7 @@ def test_batch_samples_get_one_request_each_and_are_gathered_per_text():
     assert outcomes[k0].usage.input_tokens == 3 * 150
     assert outcomes[k1].signal is None and outcomes[k1].error.startswith("batch request expired")
     assert outcomes[k1].usage.input_tokens == 2 * 150  # the two answered samples were billed
-    partial = {o.key: o for o in api.outcomes(lines[:2], dict(items))}
+    partial = {o.key: o for o in api.outcomes_of(lines[:2], dict(items))}
     assert list(partial) == [k0] and partial[k0].error == "1 of 3 answers missing from the batch results"
 
 
@@ -664,3 +664,95 @@ def test_a_reply_without_an_answer_says_why():
     refusal["stop_reason"] = "refusal"
     with pytest.raises(ParseError, match="declined to answer"):
         teacher.signal_from_message(refusal, one_request(task))
+
+
+# -- the batch runner over Message Batches ---------------------------------------------------------------
+CACHED_USAGE = {
+    "input_tokens": 100, "output_tokens": 2, "cache_read_input_tokens": 20, "cache_creation_input_tokens": 0,
+}
+
+
+class FakeMessageBatches:
+    """Message Batches in Anthropic's documented formats: POST creates a batch from its requests, GET reports
+    it ended (after ``fail_polls`` 500s), the results line of each request is ``reply(params)``."""
+
+    def __init__(self, reply: Callable[[dict[str, Any]], str], usage: dict[str, int] | None = None, fail_polls=0):
+        self.reply, self.usage, self.fail_polls = reply, usage, fail_polls
+        self.created: list[list[dict[str, Any]]] = []
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        path = request.url.path
+        n = len(self.created[-1]) if self.created else 0
+        if request.method == "POST" and path == "/v1/messages/batches":
+            self.created.append(json.loads(request.content)["requests"])
+            return httpx2.Response(200, json=batch_json("in_progress", processing=len(self.created[-1])))
+        if path == "/v1/messages/batches/msgbatch_013Zva2CMHLNnXjNJJKqJ2EF":
+            if self.fail_polls:
+                self.fail_polls -= 1
+                return error_response(500, "Internal server error")
+            return httpx2.Response(200, json=batch_json("ended", succeeded=n))
+        if path.endswith("/results"):
+            lines = [succeeded(r["custom_id"], self.reply(r["params"]), self.usage) for r in self.created[-1]]
+            body = "".join(json.dumps(line) + "\n" for line in lines)
+            return httpx2.Response(200, content=body.encode(), headers={"content-type": "application/binary"})
+        raise AssertionError(f"unexpected {request.method} {path}")
+
+    def client(self) -> httpx2.AsyncClient:
+        return httpx2.AsyncClient(transport=httpx2.MockTransport(self))
+
+
+def test_run_batch_bills_the_batch_discount_and_keeps_cached_tokens(tmp_path):
+    task, cfg = recipe(label_method="hard_label", batch_api=True)
+    fake = FakeMessageBatches(label_of, CACHED_USAGE)
+    teacher = AnthropicTeacher(MODEL, cfg, http_client=fake.client())
+    assert teacher.kind == "api" and teacher.batches().discount == 0.5
+    items = items_for(teacher, [render_request(task, t) for t in list(TEXTS)[:3]])
+    with Store(tmp_path / "db") as store:
+        done, stats = run_batch(teacher, cfg, store, items, cfg.model, quiet=True)
+        spent = store.spent()
+    assert len(fake.created) == 1 and [r["custom_id"] for r in fake.created[0]] == [k for k, _ in items]
+    assert stats.ok == 3 and stats.failed == 0
+    for key, request in items:
+        assert done[key].distribution.top == label_of({"messages": [dict(request.messages[-1])]})
+        # the usage the signal carries is the one the engine would record, cached tokens included
+        assert done[key].usage == {"input_tokens": 120, "output_tokens": 2, "cached_input_tokens": 20}
+    one = teacher.price.cost(120, 2, 20) / 2
+    assert stats.cost_usd == pytest.approx(3 * one) and spent == pytest.approx(3 * one) and one > 0
+    assert db(tmp_path, "SELECT status, reserved_usd > 0 FROM batches") == [("collected", 1)]
+
+
+def test_a_generation_batch_resumed_after_the_run_died_is_collected_as_generation(tmp_path):
+    """The run dies while waiting (the batch id is recorded); the rerun rebuilds the requests from the store,
+    so they must come back as generation requests: answered as text, stored under the key they were sent with."""
+    r = build_recipe(
+        {
+            "task": {"kind": "generation", "instruction": "Reply to the customer in one sentence."},
+            "teacher": {"model": f"anthropic:{MODEL}", "max_tokens": 32, "batch_api": True, "timeout_s": 5},
+            "student": {"model": "unused-here"},
+        }
+    )
+    cfg = r.teacher
+    reply = "Sorry about that; we are looking into it now."
+    fake = FakeMessageBatches(lambda params: reply, fail_polls=1)
+    requests = [render_generation(r.task, t, cfg.max_tokens, cfg.top_logprobs) for t in list(TEXTS)[:3]]
+    first = AnthropicTeacher(MODEL, cfg, http_client=fake.client())
+    items = items_for(first, requests)
+    with Store(tmp_path / "db") as store:
+        with pytest.raises(anthropic.InternalServerError):
+            run_batch(first, cfg, store, items, cfg.model, quiet=True)
+        (pending,) = store.pending_batches(cfg.model)
+    assert pending.status == "submitted" and pending.batch_id == "msgbatch_013Zva2CMHLNnXjNJJKqJ2EF"
+
+    again = AnthropicTeacher(MODEL, cfg, http_client=fake.client())  # a new process builds a new teacher
+    with Store(tmp_path / "db") as store:
+        done, stats = run_batch(again, cfg, store, items, cfg.model, quiet=True)
+    assert len(fake.created) == 1  # collected, not bought again
+    assert stats.ok == 3 and stats.failed == 0 and stats.stopped is None
+    for key, request in items:
+        signal = done[key]
+        assert signal.distribution is None and signal.text == reply and signal.answer == reply
+    stored = dict(db(tmp_path, "SELECT key, request FROM calls WHERE status = 'ok'"))
+    assert set(stored) == {k for k, _ in items}
+    for key, request in items:
+        assert json.loads(stored[key]) == request.to_json() and call_key(again.identity, json.loads(stored[key])) == key
+    assert db(tmp_path, "SELECT status FROM batches") == [("collected",)]

@@ -1,10 +1,12 @@
 """The OpenAI Batch API path: half price, the batch id persisted before waiting, and a crash mid-wait picks
-the same batch up again instead of paying for a new one. The Batch API is a fake in the test proxy that
-follows OpenAI's documented formats and sends each line to the real llama.cpp server."""
+the same batch up again (for classification and generation requests alike) instead of paying for a new one.
+The Batch API is a fake in the test proxy that follows OpenAI's documented formats and sends each line to the
+real llama.cpp server."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sqlite3
 import subprocess
@@ -12,6 +14,7 @@ import sys
 import time
 
 import pytest
+import yaml
 from servers import FaultProxy, llama_server  # noqa: F401  (fixture)
 from test_api_teacher import rows, write_recipe
 
@@ -20,7 +23,6 @@ from protege.labeling.labeler import label, requests_for
 from protege.recipe import load_recipe
 from protege.store import Store, call_key
 from protege.teachers import make_teacher
-from protege.teachers.openai_api import OpenAIBatches
 
 PRICES = {"price_input": 10.0, "price_output": 30.0}
 
@@ -98,7 +100,7 @@ def test_a_batch_created_but_never_recorded_is_found_by_its_input_file(tmp_path,
     items = [(call_key(teacher.identity, q.to_json()), q) for q in requests_for(r, train)]
 
     async def create_unrecorded():
-        api = OpenAIBatches(teacher)
+        api = teacher.batches()
         orphan_file = await api.prepare(items)  # uploaded, never batched
         file_id = await api.prepare(items)
         await api.create(file_id, items)
@@ -115,3 +117,53 @@ def test_a_batch_created_but_never_recorded_is_found_by_its_input_file(tmp_path,
     assert proxy.batches_created == 2  # the adopted one, plus the eval split's
     assert [s for s, _ in _batches(r.store_path)] == ["abandoned", "collected", "collected"]
     assert proxy.batch_lines_forwarded == 4
+
+
+def test_a_generation_batch_killed_while_waiting_is_collected_as_generation(tmp_path, proxy):
+    """kill -9 after the batch id is recorded, on a generation task: the rerun rebuilds the batch's requests
+    from the store with their generation settings, so the answers are read as generated text (not as labels)
+    and stored under the keys they were sent with."""
+    proxy.batch_delay = 4.0  # keep the batch in progress long enough to kill the client
+    texts = ["What is 2 + 2?", "Name a colour.", "Say hello.", "Name a fruit."]
+    data = [{"id": f"q{i}", "text": t} for i, t in enumerate(texts)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(x) + "\n" for x in data))
+    recipe = {
+        "task": {"kind": "generation", "instruction": "Answer briefly."},
+        "data": {"path": "data.jsonl", "eval_fraction": 0.25},
+        "teacher": {"model": "openai:smol", "provider": "llamacpp", "base_url": proxy.base_url, "max_tokens": 8,
+                    "top_logprobs": 3, "timeout_s": 120, "batch_api": True, "batch_poll_s": 0.2, **PRICES},
+        "student": {"model": "unused-here"},
+        "output_dir": "out",
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "protege", "label", str(path), "-q"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not any(s == "submitted" for s, _ in _batches(out / "protege.db")):
+        assert time.monotonic() < deadline, "the batch was never recorded as submitted"
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    (status, batch_id), = _batches(out / "protege.db")
+    assert status == "submitted" and proxy.batches_created == 1
+
+    proxy.batch_delay = 0.0
+    r = load_recipe(path)
+    stats = label(r, quiet=True)  # the rerun, in this process
+    assert stats.called == 4 and stats.failed == 0
+    assert proxy.batches_created == 2 and proxy.batch_lines_forwarded == 4  # collected, not bought again
+    first, second = _batches(out / "protege.db")
+    assert first == ("collected", batch_id) and second[0] == "collected"
+
+    teacher = make_teacher(r.teacher)
+    train, held = load_splits(r.data, None, r.training.seed)
+    sent = {call_key(teacher.identity, q.to_json()): q.to_json() for q in requests_for(r, train + held)}
+    with sqlite3.connect(out / "protege.db") as c:
+        stored = {k: json.loads(q) for k, q in c.execute("SELECT key, request FROM calls WHERE status = 'ok'")}
+    assert stored == sent and all("generate" in q for q in stored.values())
+    for row in rows(out / "signals/train.jsonl") + rows(out / "signals/eval.jsonl"):
+        assert row["teacher_text"] and "".join(row["token_logprobs"]["tokens"]) == row["teacher_text"]
+        assert row["call_key"] in sent and len(row["token_logprobs"]["top"][0]) == 3

@@ -22,7 +22,7 @@ def _brute_force(teacher: HFCausalLMTeacher, req) -> torch.Tensor:
     out = []
     for ids in teacher._label_token_ids(req.labels):
         x = torch.tensor([prompt + ids])
-        logp = torch.log_softmax(teacher._model(x).logits.float()[0], -1)
+        logp = torch.log_softmax(teacher.model_and_tokenizer()[0](x).logits.float()[0], -1)
         out.append(sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(ids)))
     return torch.stack(out)
 
@@ -88,6 +88,20 @@ def test_classifier_teacher_refuses_other_labels(tiny_classifier_dir):
     teacher = make_teacher(TeacherConfig(model=f"hf:{tiny_classifier_dir}"))
     with pytest.raises(ProtegeError, match="name task.labels as the classifier does"):
         teacher.signals([render_request(TaskConfig(labels=["spam", "ham"]), "hello")])
+
+
+def test_local_teachers_declare_their_kind_and_hand_out_the_loaded_model(tiny_lm_dir, tiny_classifier_dir):
+    lm = make_teacher(TeacherConfig(model=f"hf:{tiny_lm_dir}"))
+    assert (lm.kind, lm.method) == ("local", "label_logprobs")
+    model, tok = lm.model_and_tokenizer()  # loads the weights
+    assert model.can_generate() and not model.training  # a causal LM, ready to time
+    assert lm.num_parameters == sum(p.numel() for p in model.parameters()) > 0
+    ids = tok("my parcel is late", return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape[-1] == len(tok)
+    clf = make_teacher(TeacherConfig(model=f"hf:{tiny_classifier_dir}"))
+    assert (clf.kind, clf.method) == ("local", "logits")
+    clf.load()
+    assert clf.num_parameters == sum(p.numel() for p in clf.model_and_tokenizer()[0].parameters())
 
 
 def test_identity_is_computed_without_loading_weights(tiny_lm_dir):

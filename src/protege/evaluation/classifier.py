@@ -24,7 +24,6 @@ from ..recipe import Recipe
 from ..store import Store
 from ..students.classifier import count_parameters, load_student
 from ..teachers import make_teacher
-from ..teachers.base import ApiTeacher
 from .measure import Speed, _api_teacher_figures, compute_cost, expected_calibration_error, summarize_latency, time_calls
 
 __all__ = ["evaluate", "expected_calibration_error"]
@@ -86,7 +85,7 @@ def evaluate_classifier(recipe: Recipe, quiet: bool = False, force: bool = True)
     methods = sorted({r["method"] for r in rows})
 
     teacher = make_teacher(recipe.teacher)
-    if isinstance(teacher, ApiTeacher):
+    if teacher.kind == "api":
         # Never pay an API again just to time it: its latency and price are what labeling recorded.
         t_speed, t_money = _api_teacher_figures(recipe, [r["call_key"] for r in rows])
     else:
@@ -99,7 +98,7 @@ def evaluate_classifier(recipe: Recipe, quiet: bool = False, force: bool = True)
     models: dict[str, Any] = {
         "teacher": {
             "name": recipe.teacher.model,
-            "parameters": getattr(teacher, "num_parameters", None),
+            "parameters": teacher.num_parameters if teacher.kind == "local" else None,
             "signal_method": methods,
             **_quality(t_probs, gold, has_gold, bins),
             **t_speed.report_fields(),

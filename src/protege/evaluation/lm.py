@@ -205,9 +205,8 @@ def _teacher_figures(recipe: Recipe, rows: list[dict[str, Any]], student_tok: An
     if recipe.task.metric:
         scored = [score_answer(recipe.task.metric, r["answer"], r["gold"]) for r in rows if r.get("gold") is not None]
         figures["task_metric"] = statistics.mean(scored) if scored else None
-    if hasattr(teacher, "signals"):  # a local model: time it here, like the student
-        teacher.load()
-        model, tok = teacher._model, teacher._tokenizer
+    if teacher.kind == "local":  # a local model: time it here, like the student
+        model, tok = teacher.model_and_tokenizer()
         figures["parameters"] = sum(p.numel() for p in model.parameters())
         n = min(len(rows), recipe.eval.latency_samples)
         timed = lm_figures(model, tok, rows[:n], recipe)

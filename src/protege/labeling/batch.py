@@ -20,7 +20,6 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -28,24 +27,18 @@ from ..errors import BudgetReached, ProtegeError
 from ..recipe import TeacherConfig
 from ..signals import TeacherSignal
 from ..store import CallRecord, Store
-from ..teachers.anthropic_api import AnthropicAdapter
-from ..teachers.base import BATCH_DISCOUNT, ApiTeacher, Progress, Request
-from ..teachers.openai_api import OpenAIBatches
+from ..teachers.base import ApiTeacher, BatchAdapter, Progress, Request
 from .engine import EngineStats
 
-__all__ = ["run_batch", "BATCH_DISCOUNT"]
+__all__ = ["run_batch", "batch_adapter"]
 
 
-
-
-
-def _adapter(teacher: Any) -> OpenAIBatches | AnthropicAdapter:
-    backend = getattr(teacher, "backend", None)
-    if backend == "openai":
-        return OpenAIBatches(teacher)
-    if backend == "anthropic":
-        return AnthropicAdapter(teacher)
-    raise ProtegeError(f"teacher.batch_api is not available for {backend!r} teachers; turn it off")
+def batch_adapter(teacher: ApiTeacher) -> BatchAdapter:
+    """The teacher's batch API, or an error saying to turn ``teacher.batch_api`` off."""
+    api = teacher.batches()
+    if api is None:
+        raise ProtegeError(f"teacher {teacher.identity.get('model')!r} has no batch API; turn teacher.batch_api off")
+    return api
 
 
 class _BatchRun:
@@ -57,12 +50,12 @@ class _BatchRun:
         self.quiet = quiet
         self.stats = EngineStats()
         self.done: dict[str, TeacherSignal] = {}
-        self.api = _adapter(teacher)
+        self.api = batch_adapter(teacher)
 
     def _pending(self) -> list[tuple[int, str, str | None, dict[str, Request], str]]:
         """Unfinished batches of this teacher, with the requests they hold (whatever split they came from)."""
         return [
-            (b.id, b.input_file_id, b.batch_id, {k: _request(r) for k, r in b.requests}, b.status)
+            (b.id, b.input_file_id, b.batch_id, {k: Request.from_json(r) for k, r in b.requests}, b.status)
             for b in self.store.pending_batches(self.name)
         ]
 
@@ -85,11 +78,10 @@ class _BatchRun:
         records = []
         for o in await self.api.outcomes(batch_id, requests):
             u = o.usage
-            cost = self.teacher.price.cost(u.input_tokens, u.output_tokens, u.cached_input_tokens, factor=BATCH_DISCOUNT)
-            signal = o.signal
-            if signal is not None:
-                usage = {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens}
-                signal = dataclasses.replace(signal, usage=usage)
+            cost = self.teacher.price.cost(
+                u.input_tokens, u.output_tokens, u.cached_input_tokens, factor=self.api.discount
+            )
+            signal = None if o.signal is None else dataclasses.replace(o.signal, usage=u.to_json())
             records.append(
                 CallRecord(
                     key=o.key,
@@ -141,19 +133,12 @@ class _BatchRun:
         return self.stats
 
     async def _submit(self, todo: list[tuple[str, Request]]) -> None:
-        teacher: Any = self.teacher
-        if getattr(teacher, "method", None) == "samples" and getattr(teacher, "preset", None) is not None:
-            if not teacher.preset.n:
-                raise ProtegeError(
-                    f"provider {teacher.provider!r} does not honour n, so label_method 'samples' cannot go through "
-                    "its batch API; use label_method 'logprobs' or 'hard_label', or turn teacher.batch_api off"
-                )
         price = self.teacher.price
         left = None if self.cfg.budget_usd is None else self.cfg.budget_usd - self.store.spent()
         chosen, reserved = [], 0.0
         for key, request in todo:
             worst_in, worst_out, calls = self.teacher.worst_case(request)
-            worst = calls * price.cost(worst_in, worst_out, factor=BATCH_DISCOUNT)
+            worst = calls * price.cost(worst_in, worst_out, factor=self.api.discount)
             if left is not None and reserved + worst > left + 1e-12:
                 break
             chosen.append((key, request))
@@ -174,10 +159,6 @@ class _BatchRun:
                 f"budget reached: submitted {len(chosen)} of {len(todo)} rows within the "
                 f"${self.cfg.budget_usd:.4f} cap; rerun with a higher --teacher.budget_usd to continue"
             )
-
-
-def _request(d: dict[str, Any]) -> Request:
-    return Request(messages=tuple(d["messages"]), labels=tuple(d["labels"]), text="")
 
 
 def run_batch(

@@ -38,17 +38,7 @@ from ..store import CallRecord, Store
 from ..teachers.base import ApiTeacher, Reply, Request, TransientError, Usage
 from ..teachers.parse import ParseError
 
-__all__ = [
-    "Usage",
-    "Reply",
-    "TransientError",
-    "ApiTeacher",
-    "Call",
-    "EngineStats",
-    "run_api",
-    "worst_case_tokens",
-    "expected_tokens",
-]
+__all__ = ["Call", "EngineStats", "run_api"]  # the contract's types live in protege.teachers.base
 
 
 class Budget:
@@ -199,11 +189,7 @@ class Call:
                 e.budget.settle(worst, cost)
                 e.rate.observe(reply.headers)
                 self.cost += cost
-                self.usage = Usage(
-                    self.usage.input_tokens + u.input_tokens,
-                    self.usage.output_tokens + u.output_tokens,
-                    self.usage.cached_input_tokens + u.cached_input_tokens,
-                )
+                self.usage += u
                 return reply
         raise AssertionError("unreachable")  # pragma: no cover  (tenacity re-raises the last error)
 
@@ -254,11 +240,7 @@ class _Engine:
     ) -> None:
         """Commit one finished row (one transaction) before anything else happens."""
         if signal is not None:
-            u = call.usage
-            usage = {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens}
-            if u.cached_input_tokens:
-                usage["cached_input_tokens"] = u.cached_input_tokens
-            signal = dataclasses.replace(signal, usage=usage)
+            signal = dataclasses.replace(signal, usage=call.usage.to_json())
         record = CallRecord(
             key=key,
             teacher=self.teacher_name,
@@ -332,8 +314,8 @@ class _Engine:
 
     async def run(self, items: Sequence[tuple[str, Request]], desc: str) -> EngineStats:
         self.stats.rows = len(items)
-        if items and (check_key := getattr(self.teacher, "check_key", None)) is not None:
-            check_key()  # a missing key is an error before the first call, not a failure per row
+        if items:
+            self.teacher.check_key()  # a missing key is an error before the first call, not a failure per row
         queue = deque(items)
         t0 = time.perf_counter()
         with tqdm(total=len(items), desc=desc, unit="row", disable=self.quiet or not items) as bar:

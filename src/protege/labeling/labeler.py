@@ -16,7 +16,7 @@ from ..recipe import Recipe
 from ..signals import TeacherSignal
 from ..store import CallRecord, Store, call_key
 from ..teachers import make_teacher
-from ..teachers.base import ApiTeacher, LocalTeacher, Request, Teacher
+from ..teachers.base import LocalTeacher, Request, Teacher
 from .data import Example, load_splits
 from .engine import run_api
 from .prompts import render_generation, render_request
@@ -78,7 +78,7 @@ def label_requests(
             todo.setdefault(k, r)  # identical texts share one call
     stats = LabelStats(examples=len(requests), cached=sum(k in done for k in keys))
     items = list(todo.items())
-    if isinstance(teacher, ApiTeacher):
+    if teacher.kind == "api":
         if recipe.teacher.batch_api:
             from .batch import run_batch
 
@@ -202,7 +202,7 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
                 }
             if total.called:
                 # Labeling time in the one ledger: an API's money is in the calls; a local model's is compute.
-                local = not isinstance(teacher, ApiTeacher)
+                local = teacher.kind == "local"
                 usd = total.seconds / 3600 * recipe.eval.compute_usd_per_hour if local else 0.0
                 store.log_compute("label", total.seconds, usd, rows=total.called, attempts=total.attempts)
     except ProtegeError:
@@ -289,7 +289,7 @@ def estimate(recipe: Recipe) -> Estimate:
     todo = {k: r for k, r in zip(keys, requests) if k not in done}
     est = Estimate(
         teacher=recipe.teacher.model,
-        method=getattr(teacher, "method", "local"),
+        method=teacher.method,
         rows=len(examples),
         cached=sum(k in done for k in keys),
         to_call=len(todo),
@@ -302,11 +302,16 @@ def estimate(recipe: Recipe) -> Estimate:
         budget_usd=recipe.teacher.budget_usd,
         basis="local model: no per-token cost",
     )
-    if not isinstance(teacher, ApiTeacher):
+    if teacher.kind == "local":
         est.calls = len(todo)
         return est
     cfg = recipe.teacher
-    factor = 0.5 if cfg.batch_api else 1.0
+    factor = 1.0
+    if cfg.batch_api:
+        from .batch import batch_adapter
+
+        factor = batch_adapter(teacher).discount
+        est.notes.append(f"batch API: {factor:.0%} of the price, results within 24 hours")
     price = teacher.price
     n_seen, in_seen, out_seen = seen.calls, seen.input_tokens, seen.output_tokens
     for r in todo.values():
@@ -328,9 +333,6 @@ def estimate(recipe: Recipe) -> Estimate:
         if n_seen
         else "about 4 characters per token and a short answer (no earlier calls to go by)"
     )
-    key_env = getattr(teacher, "key_env", None)
-    est.key_env = key_env
-    est.key_set = key_env is None or bool(os.environ.get(key_env, "").strip())
-    if cfg.batch_api:
-        est.notes.append("batch API: half price, results within 24 hours")
+    est.key_env = teacher.key_env
+    est.key_set = teacher.key_env is None or bool(os.environ.get(teacher.key_env, "").strip())
     return est

@@ -139,7 +139,6 @@ class TeacherFallback:
 
     def __init__(self, recipe: Recipe, store_path: Path, compute_usd_per_hour: float):
         from ..teachers import make_teacher
-        from ..teachers.base import ApiTeacher
 
         if recipe.teacher.batch_api:
             recipe = recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update={"batch_api": False})})
@@ -147,11 +146,11 @@ class TeacherFallback:
         self.store_path = Path(store_path)
         self.compute_usd_per_hour = compute_usd_per_hour
         self.teacher = make_teacher(recipe.teacher)
-        self.api = isinstance(self.teacher, ApiTeacher)
-        if (check_key := getattr(self.teacher, "check_key", None)) is not None:
-            check_key()  # a missing key fails before the server listens, not on the first unsure text
-        if not self.api and (load := getattr(self.teacher, "load", None)) is not None:
-            load()  # a local model loads now: missing weights fail at start, and no request pays the load time
+        self.api = self.teacher.kind == "api"
+        if self.teacher.kind == "api":
+            self.teacher.check_key()  # a missing key fails before the server listens, not on the first unsure text
+        else:
+            self.teacher.load()  # now: missing weights fail at start, and no request pays the load time
         self.name = recipe.teacher.model
 
     def requests(self, texts: Sequence[str]) -> list[Request]:

@@ -1,8 +1,9 @@
 """Teachers turn rendered requests into teacher signals.
 
 Backends live in a plain dict keyed by the prefix of the teacher spec (``hf:``, ``openai:``, ``anthropic:``).
-Local teachers answer a batch at once (``signals``); API teachers answer one request at a time through the
-engine (``answer``, see :class:`protege.teachers.base.ApiTeacher`). A backend is a
+A teacher's ``kind`` says which protocol it follows (:mod:`protege.teachers.base`): ``"local"`` teachers answer
+a batch at once (``signals``); ``"api"`` teachers answer one request at a time through the engine
+(``answer``) or in a provider batch (``batches``). A backend is a
 factory ``(spec_without_prefix, TeacherConfig) -> Teacher``; constructing one must be cheap (no weights
 loaded) so a fully cached run never loads the model.
 """

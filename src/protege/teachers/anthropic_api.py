@@ -21,17 +21,17 @@ temperature 1, which is the API's default, so nothing else changes; ``max_tokens
 budget plus the thinking budget. The thinking text is kept in :attr:`TeacherSignal.thinking`, apart from the
 answer and any rationale.
 
-:class:`AnthropicBatches` builds Message Batches requests and turns result lines into signals, for the batch
-runner.
+:class:`AnthropicBatches` is the Message Batches API for the batch runner (:mod:`protege.labeling.batch`):
+it builds the batch requests and turns result lines into signals.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from .._io import content_hash
 from ..errors import MissingExtra, PermanentError, RecipeError
 from ..recipe import TeacherConfig
 from ..signals import LabelDistribution, TeacherSignal
@@ -45,12 +45,22 @@ from ._api import (
     sampled_distribution,
     scrub,
 )
-from .base import Caller, Outcome, Price, Progress, Reply, Request, TransientError, Usage, worst_case_tokens
-from .base import Outcome as BatchOutcome
+from .base import (
+    BATCH_DISCOUNT,
+    Caller,
+    Outcome,
+    Price,
+    Progress,
+    Reply,
+    Request,
+    TransientError,
+    Usage,
+    worst_case_tokens,
+)
 from .parse import ParseError, parse_label
 from .presets import ANTHROPIC, resolve_price
 
-__all__ = ["AnthropicBatches", "AnthropicTeacher", "BatchOutcome", "BatchStatus", "message_parts", "usage_of"]
+__all__ = ["AnthropicBatches", "AnthropicTeacher", "BatchStatus", "message_parts", "usage_of"]
 
 PROVIDER = "anthropic"
 API_VERSION = "2026-10-21"  # the anthropic-version header: what the request and response formats mean
@@ -59,6 +69,7 @@ _TRANSIENT_STATUS = {408, 409, 425, 429}
 
 
 class AnthropicTeacher:
+    kind: Literal["api"] = "api"
     backend = "anthropic"
     provider = PROVIDER
 
@@ -153,6 +164,9 @@ class AnthropicTeacher:
 
     def worst_case(self, request: Request) -> tuple[int, int, int]:
         return worst_case_tokens(request), self._max_tokens(request), self.calls_for(request)
+
+    def batches(self) -> AnthropicBatches:
+        return AnthropicBatches(self)
 
     def calls_for(self, request: Request) -> int:
         """Calls one request takes: n for a sampled label distribution, else one (a generation request too)."""
@@ -374,14 +388,15 @@ class AnthropicBatches:
 
     Every call a request needs is one batch request: one for a hard label, ``n_samples`` for samples. A
     request's custom_id is its call key (64 hex characters); a sample's is the key's first 56 characters
-    and the sample's number. :meth:`outcomes` maps results back to keys, so the runner never parses ids.
+    and the sample's number. :meth:`outcomes_of` maps results back to keys, so the runner never parses ids.
 
     Unlike OpenAI's, a batch is created directly from its requests (no input file) and carries no metadata,
-    so a crash between :meth:`create` and recording the returned id leaves a batch that cannot be found by
-    its content; the runner should record the id as soon as :meth:`create` returns.
+    so a batch whose id was not recorded before a crash cannot be found again (:meth:`find` finds nothing);
+    the runner records the id the moment :meth:`create` returns, which leaves only that instant exposed.
     """
 
     provider = PROVIDER
+    discount = BATCH_DISCOUNT
 
     def __init__(self, teacher: AnthropicTeacher):
         self.teacher = teacher
@@ -406,9 +421,16 @@ class AnthropicBatches:
             out += [{"custom_id": cid, "params": params} for cid in self.custom_ids(key, request)]
         return out
 
-    async def create(self, items: Sequence[tuple[str, Request]]) -> str:
+    async def prepare(self, items: Sequence[tuple[str, Request]]) -> str:
+        """No upload: the reference recorded before creation is a hash of the batch's keys."""
+        return "anthropic:" + content_hash([k for k, _ in items])[:32]
+
+    async def create(self, ref: str, items: Sequence[tuple[str, Request]]) -> str:
         batch = await self.client.messages.batches.create(requests=self.requests(items))
         return str(batch.id)
+
+    async def find(self, ref: str) -> str | None:
+        return None  # a Message Batch carries nothing that ties it to ``ref``
 
     async def status(self, batch_id: str) -> BatchStatus:
         b = await self.client.messages.batches.retrieve(batch_id)
@@ -424,6 +446,10 @@ class AnthropicBatches:
             processing=c.processing,
         )
 
+    async def progress(self, batch_id: str) -> Progress:
+        st = await self.status(batch_id)
+        return Progress(st.state, st.done, st.succeeded + st.errored + st.canceled + st.expired)
+
     async def results(self, batch_id: str) -> list[dict[str, Any]]:
         """The result lines of an ended batch, as dicts (``{"custom_id", "result": {"type", ...}}``)."""
         lines = []
@@ -432,7 +458,10 @@ class AnthropicBatches:
             lines.append(line.model_dump(mode="json") if hasattr(line, "model_dump") else dict(line))
         return lines
 
-    def outcomes(self, lines: Iterable[Mapping[str, Any]], requests: Mapping[str, Request]) -> list[BatchOutcome]:
+    async def outcomes(self, batch_id: str, requests: Mapping[str, Request]) -> list[Outcome]:
+        return self.outcomes_of(await self.results(batch_id), requests)
+
+    def outcomes_of(self, lines: Iterable[Mapping[str, Any]], requests: Mapping[str, Request]) -> list[Outcome]:
         """One outcome per request of ``requests`` (key -> Request) that has at least one line in ``lines``;
         lines for other custom_ids are ignored. A request whose samples did not all come back fails (a rerun
         resubmits it) but its answered samples' usage is still counted."""
@@ -447,11 +476,7 @@ class AnthropicBatches:
                 got.setdefault(hit[0], {})[hit[1]] = line
         return [self._outcome(key, got[key], requests[key]) for key in requests if key in got]
 
-    def outcome(self, key: str, line: Mapping[str, Any], request: Request) -> BatchOutcome:
-        """The outcome of a request answered by one result line (a hard-label teacher)."""
-        return self._outcome(key, {0: line}, request)
-
-    def _outcome(self, key: str, lines: Mapping[int, Mapping[str, Any]], request: Request) -> BatchOutcome:
+    def _outcome(self, key: str, lines: Mapping[int, Mapping[str, Any]], request: Request) -> Outcome:
         bodies, errors = [], []
         usage = Usage()
         for i in sorted(lines):
@@ -459,12 +484,7 @@ class AnthropicBatches:
             kind = result.get("type")
             if kind == "succeeded" and isinstance(result.get("message"), Mapping):
                 message = result["message"]
-                u = usage_of(message)
-                usage = Usage(
-                    usage.input_tokens + u.input_tokens,
-                    usage.output_tokens + u.output_tokens,
-                    usage.cached_input_tokens + u.cached_input_tokens,
-                )
+                usage += usage_of(message)
                 bodies.append(message)
             else:
                 errors.append(_line_error(result))
@@ -472,16 +492,13 @@ class AnthropicBatches:
         if errors or len(bodies) < want:
             missing = want - len(bodies) - len(errors)
             reason = errors[0] if errors else f"{missing} of {want} answers missing from the batch results"
-            return BatchOutcome(key, None, usage, reason)
+            return Outcome(key, None, usage, reason)
         try:
             signal = self.teacher.signal(bodies, request)
         except (ParseError, TransientError) as e:
             raw = getattr(e, "raw", None) or None
-            return BatchOutcome(key, None, usage, f"unparseable batch answer: {e}", raw)
-        usage_dict = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
-        if usage.cached_input_tokens:
-            usage_dict["cached_input_tokens"] = usage.cached_input_tokens
-        return BatchOutcome(key, dataclasses.replace(signal, usage=usage_dict), usage)
+            return Outcome(key, None, usage, f"unparseable batch answer: {e}", raw)
+        return Outcome(key, signal, usage)
 
 
 def _line_error(result: Mapping[str, Any]) -> str:
@@ -499,34 +516,3 @@ def _line_error(result: Mapping[str, Any]) -> str:
     if kind == "succeeded":
         return "batch request succeeded without a message"
     return f"batch result of unknown type {kind!r}"
-
-
-class AnthropicAdapter:
-    """Anthropic's Message Batches: created directly from the requests (no file, no metadata), so a batch
-    whose id was not recorded before a crash cannot be found again; the id is recorded the moment
-    ``create`` returns, which leaves only that instant exposed."""
-
-    provider = "anthropic"
-
-    def __init__(self, teacher: Any):
-        from ..teachers.teachers.anthropic_api import AnthropicBatches
-
-        self.api = AnthropicBatches(teacher)
-
-    async def prepare(self, items: Sequence[tuple[str, Request]]) -> str:
-        from ._io import content_hash
-
-        return "anthropic:" + content_hash([k for k, _ in items])[:32]
-
-    async def create(self, ref: str, items: Sequence[tuple[str, Request]]) -> str:
-        return await self.api.create(items)
-
-    async def find(self, ref: str) -> str | None:
-        return None
-
-    async def progress(self, batch_id: str) -> Progress:
-        st = await self.api.status(batch_id)
-        return Progress(st.state, st.done, st.succeeded + st.errored + st.canceled + st.expired)
-
-    async def outcomes(self, batch_id: str, requests: dict[str, Request]) -> list[Outcome]:
-        return self.api.outcomes(await self.api.results(batch_id), requests)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol
 
 from ..signals import TeacherSignal
 
@@ -28,11 +28,35 @@ class Request:
     generate: Generate | None = None  # set for generation tasks: the teacher writes an answer
 
     def to_json(self) -> dict[str, Any]:
+        """What the cache key hashes and the store keeps; ``text`` is left out (it is inside the messages)."""
         d: dict[str, Any] = {"messages": list(self.messages), "labels": list(self.labels)}
         if self.generate is not None:
             d["generate"] = {"max_tokens": self.generate.max_tokens, "top_logprobs": self.generate.top_logprobs,
                              "rationale": self.generate.rationale}
         return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], text: str = "") -> Request:
+        """The request :meth:`to_json` wrote, so ``Request.from_json(r.to_json()).to_json() == r.to_json()``
+        (and the call key is the same). ``text`` is not in the JSON: pass it where a teacher needs it (a
+        local model cuts an over-long text from it); API teachers send only the messages."""
+        try:
+            gen = d.get("generate")
+            return cls(
+                messages=tuple(dict(m) for m in d["messages"]),
+                labels=tuple(str(x) for x in d["labels"]),
+                text=text,
+                generate=None if gen is None else Generate(
+                    max_tokens=int(gen["max_tokens"]), top_logprobs=int(gen["top_logprobs"]),
+                    rationale=bool(gen["rationale"]),
+                ),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(
+                f"not a stored request ({type(e).__name__}: {e}); expected what Request.to_json writes: "
+                "{'messages': [{'role', 'content'}, ...], 'labels': [...], optionally 'generate': "
+                "{'max_tokens', 'top_logprobs', 'rationale'}}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -48,9 +72,26 @@ class Generate:
 
 @dataclass(frozen=True)
 class Usage:
+    """Tokens one or more calls were billed for; ``input_tokens`` includes the cached ones, as the APIs
+    report it."""
+
     input_tokens: int = 0
     output_tokens: int = 0
     cached_input_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cached_input_tokens + other.cached_input_tokens,
+        )
+
+    def to_json(self) -> dict[str, int]:
+        """The usage a signal carries (:attr:`TeacherSignal.usage`); cached tokens only where there were any."""
+        d = {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+        if self.cached_input_tokens:
+            d["cached_input_tokens"] = self.cached_input_tokens
+        return d
 
 
 @dataclass
@@ -84,24 +125,6 @@ class Caller(Protocol):
     async def __call__(self, send: Callable[[], Awaitable[Reply]], input_tokens: int, output_tokens: int) -> Reply: ...
 
 
-@runtime_checkable
-class ApiTeacher(Protocol):
-    """A teacher behind an API. ``answer`` makes one or more calls through ``call`` and returns the signal,
-    or raises :class:`ParseError` when the reply names no label."""
-
-    identity: dict[str, Any]
-    price: Price
-    price_factor: float
-
-    def worst_case(self, request: Request) -> tuple[int, int, int]:
-        """(input tokens, output tokens, calls) a request can cost at most."""
-        ...
-
-    async def answer(self, request: Request, call: Caller) -> TeacherSignal: ...
-
-    async def aclose(self) -> None: ...
-
-
 def worst_case_tokens(request: Request) -> int:
     """An upper bound on a request's input tokens without its tokenizer: byte-level BPE and byte-fallback
     tokenizers spend at least one UTF-8 byte per token, plus chat-template tokens per message."""
@@ -111,20 +134,6 @@ def worst_case_tokens(request: Request) -> int:
 def expected_tokens(request: Request) -> int:
     """A typical estimate of input tokens (about 4 characters per token in English), for dry runs."""
     return sum(math.ceil(len(m["content"]) / 4) + 4 for m in request.messages) + 3
-
-
-class Teacher(Protocol):
-    """``identity`` is everything about the teacher that determines its answers; it enters every cache key
-    (never a key or a URL). A local teacher also has ``signals`` (below); an API teacher has ``answer``
-    (:class:`protege.teachers.base.ApiTeacher`)."""
-
-    identity: dict[str, Any]
-
-
-class LocalTeacher(Teacher, Protocol):
-    """A model in this process: answers a batch of requests at once."""
-
-    def signals(self, requests: Sequence[Request]) -> list[TeacherSignal]: ...
 
 
 @dataclass(frozen=True)
@@ -146,7 +155,7 @@ class Price:
         return self.input == self.cached_input == self.output == 0
 
 
-BATCH_DISCOUNT = 0.5
+BATCH_DISCOUNT = 0.5  # OpenAI's Batch API and Anthropic's Message Batches both bill half the usual price
 
 
 @dataclass(frozen=True)
@@ -165,3 +174,89 @@ class Progress:
     state: str
     done: bool
     finished: int
+
+
+class BatchAdapter(Protocol):
+    """A provider's batch API as the runner (:mod:`protege.labeling.batch`) drives it.
+
+    ``prepare`` gives a reference to a batch's input before the batch exists (OpenAI: the uploaded file's id),
+    which the runner records before ``create``; after a crash between the two, ``find`` looks the batch up by
+    it (None: never created, or the provider cannot tell).
+    """
+
+    provider: str
+    discount: float  # the batch price as a fraction of the usual one
+
+    async def prepare(self, items: Sequence[tuple[str, Request]]) -> str: ...
+
+    async def create(self, ref: str, items: Sequence[tuple[str, Request]]) -> str: ...
+
+    async def find(self, ref: str) -> str | None: ...
+
+    async def progress(self, batch_id: str) -> Progress: ...
+
+    async def outcomes(self, batch_id: str, requests: Mapping[str, Request]) -> list[Outcome]:
+        """One outcome per request of ``requests`` (key -> request) the ended batch answered or failed."""
+        ...
+
+
+# -- the teacher protocols -----------------------------------------------------------------------------------
+# Callers tell the two kinds apart by ``kind`` and by nothing else (no isinstance on a protocol, no probing
+# for methods): a teacher declares what it is, and each kind declares everything callers may use.
+
+
+class LocalTeacher(Protocol):
+    """A model in this process: answers a batch of requests at once (``signals``). Constructing one is cheap;
+    the weights load on ``load`` or the first ``signals``, so a fully cached run never loads them."""
+
+    kind: Literal["local"]
+    identity: dict[str, Any]  # everything that determines the answers; enters every cache key
+    method: str  # how a signal is made: 'label_logprobs' (a causal LM scoring each label) or 'logits'
+
+    def load(self) -> None:
+        """Load the weights now (idempotent): missing weights fail here, not on the first request."""
+        ...
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of the model (loads it)."""
+        ...
+
+    def model_and_tokenizer(self) -> tuple[Any, Any]:
+        """The loaded ``transformers`` model and tokenizer, for evaluation to time as it times a student."""
+        ...
+
+    def signals(self, requests: Sequence[Request]) -> list[TeacherSignal]: ...
+
+
+class ApiTeacher(Protocol):
+    """A teacher behind an API. ``answer`` makes one or more calls through ``call`` and returns the signal,
+    or raises :class:`ParseError` when the reply names no label."""
+
+    kind: Literal["api"]
+    identity: dict[str, Any]  # everything that determines the answers (never a key or a URL)
+    method: str  # 'logprobs', 'samples' or 'hard_label'
+    price: Price
+    price_factor: float
+    key_env: str | None  # the environment variable that holds the key; None: the server needs none
+
+    def check_key(self) -> None:
+        """Raise :class:`RecipeError` naming the variable when the key is not set (before any work)."""
+        ...
+
+    def worst_case(self, request: Request) -> tuple[int, int, int]:
+        """(input tokens, output tokens, calls) a request can cost at most."""
+        ...
+
+    async def answer(self, request: Request, call: Caller) -> TeacherSignal: ...
+
+    def batches(self) -> BatchAdapter | None:
+        """The provider's batch API for this teacher's requests; None where it has none. Raises
+        :class:`ProtegeError` with the fix where this teacher's settings cannot go through it."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+Teacher = LocalTeacher | ApiTeacher
+"""Either kind; ``teacher.kind`` says which (and narrows the type)."""

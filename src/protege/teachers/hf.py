@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -73,6 +73,7 @@ def make_hf_teacher(spec: str, cfg: TeacherConfig) -> HFCausalLMTeacher | HFClas
 class _HFTeacher:
     """Shared loading; the model is loaded on the first call, so a cached run never loads it."""
 
+    kind: Literal["local"] = "local"
     method: str
 
     def __init__(self, spec: str, source: ModelSource, config: Any, cfg: TeacherConfig):
@@ -104,6 +105,11 @@ class _HFTeacher:
     def num_parameters(self) -> int:
         self.load()
         return sum(p.numel() for p in self._model.parameters())
+
+    def model_and_tokenizer(self) -> tuple[Any, Any]:
+        """The loaded model and tokenizer (evaluation times a local teacher as it times a student)."""
+        self.load()
+        return self._model, self._tokenizer
 
     def load(self) -> None:
         raise NotImplementedError

@@ -18,10 +18,10 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
-from ..errors import MissingExtra, PermanentError, RecipeError
+from ..errors import MissingExtra, PermanentError, ProtegeError, RecipeError
 from ..recipe import TeacherConfig
 from ..signals import LabelDistribution, TeacherSignal, TokenLogprobs
 from ._api import (
@@ -35,7 +35,18 @@ from ._api import (
     sampled_distribution,
     scrub,
 )
-from .base import Caller, Outcome, Price, Progress, Reply, Request, TransientError, Usage, worst_case_tokens
+from .base import (
+    BATCH_DISCOUNT,
+    Caller,
+    Outcome,
+    Price,
+    Progress,
+    Reply,
+    Request,
+    TransientError,
+    Usage,
+    worst_case_tokens,
+)
 from .parse import ParseError, TokenStep, distribution_from_logprobs, parse_label
 from .presets import PRESETS, resolve_price
 
@@ -45,6 +56,7 @@ _TRANSIENT_STATUS = {408, 409, 425, 429}
 
 
 class OpenAITeacher:
+    kind: Literal["api"] = "api"
     backend = "openai"
 
     def __init__(self, model: str, cfg: TeacherConfig, *, http_client: Any = None):
@@ -115,6 +127,16 @@ class OpenAITeacher:
         calls = self.cfg.n_samples if self.method == "samples" and not self.preset.n else 1
         per_call_out = self.max_tokens * (self.cfg.n_samples if self.method == "samples" and self.preset.n else 1)
         return worst_case_tokens(request), per_call_out, calls
+
+    def batches(self) -> OpenAIBatches:
+        """OpenAI's Batch API (any OpenAI-compatible server that has its Files and Batches routes)."""
+        if self.method == "samples" and not self.preset.n:
+            # A batch line is one call; without n a request's samples would need several lines per key.
+            raise ProtegeError(
+                f"provider {self.provider!r} does not honour n, so label_method 'samples' cannot go through "
+                "its batch API; use label_method 'logprobs' or 'hard_label', or turn teacher.batch_api off"
+            )
+        return OpenAIBatches(self)
 
     def batch_body(self, request: Request) -> dict[str, Any]:
         """The chat completion request body for ``request`` (also one line of a Batch API file)."""
@@ -193,11 +215,7 @@ class OpenAITeacher:
         return self.signal_from_completion(reply.body, request)
 
     def signal_from_completion(self, body: Any, request: Request) -> TeacherSignal:
-        """A signal from one chat completion (an SDK object, or the dict a Batch API output line holds)."""
-        if isinstance(body, dict):
-            import openai.types.chat as t
-
-            body = t.ChatCompletion.model_validate(body)
+        """A signal from one chat completion (the SDK's object; a Batch API line's body is validated into one)."""
         if request.generate is not None:
             return self._generation_signal(body, request)
         if self.method == "samples":
@@ -298,8 +316,9 @@ class OpenAIBatches:
     can be found again by its file."""
 
     provider = "openai"
+    discount = BATCH_DISCOUNT
 
-    def __init__(self, teacher: Any):
+    def __init__(self, teacher: OpenAITeacher):
         self.teacher = teacher
 
     @property
@@ -332,7 +351,7 @@ class OpenAIBatches:
         counts = b.request_counts
         return Progress(b.status, b.status in _DONE, (counts.completed + counts.failed) if counts else 0)
 
-    async def outcomes(self, batch_id: str, requests: dict[str, Request]) -> list[Outcome]:
+    async def outcomes(self, batch_id: str, requests: Mapping[str, Request]) -> list[Outcome]:
         b = await self.client.batches.retrieve(batch_id)
         out = []
         for file_id in (b.output_file_id, b.error_file_id):
@@ -354,11 +373,17 @@ class OpenAIBatches:
         body = response.get("body")
         if response.get("status_code") != 200 or not isinstance(body, dict):
             return Outcome(key, None, Usage(), f"HTTP {response.get('status_code')}: {str(body)[:500]}")
-        u = body.get("usage") or {}
-        cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        usage = Usage(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0, cached)
+        import openai.types.chat as t
+        import pydantic
+
         try:
-            signal = self.teacher.signal_from_completion(body, request)
+            completion = t.ChatCompletion.model_validate(body)
+        except pydantic.ValidationError as e:
+            reason = f"malformed batch answer: {e.error_count()} fields are not a chat completion's"
+            return Outcome(key, None, Usage(), reason, json.dumps(body)[:4000])
+        usage = usage_of(completion)
+        try:
+            signal = self.teacher.signal_from_completion(completion, request)
         except (ParseError, TransientError, PermanentError) as e:
             return Outcome(key, None, usage, f"unparseable batch answer: {e}", getattr(e, "raw", None) or None)
         return Outcome(key, signal, usage)
