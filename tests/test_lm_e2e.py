@@ -130,6 +130,9 @@ def test_logits_mode_refuses_a_student_with_another_tokenizer(tmp_path, tiny_lm_
     tok = make_tokenizer(380)
     other = save_model(tmp_path / "other", make_llama(tok), tok)
     recipe = write_recipe(tmp_path, tiny_lm_dir, "logits")
-    res = CliRunner().invoke(cli, ["run", str(recipe), "-q", "--student.init", "pretrained", "--student.model", str(other)])
+    spec = yaml.safe_load(recipe.read_text())
+    spec["student"] = {"init": "pretrained", "model": str(other), "max_length": 96}  # keep_layers would be refused
+    recipe.write_text(yaml.safe_dump(spec, sort_keys=False))
+    res = CliRunner().invoke(cli, ["run", str(recipe), "-q"])
     assert res.exit_code == 2 and "tokenizer" in res.output.lower() and "sequence" in res.output
     assert not (tmp_path / "out/student").exists()
