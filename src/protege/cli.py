@@ -16,10 +16,6 @@ import yaml
 from .errors import ProtegeError
 from .recipe import Recipe, leaf_fields, load_recipe
 
-# Tests and the demo never reach the hub; real users may. Respect an explicit setting either way.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def recipe_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Add RECIPE and one --section.field flag per recipe setting (values are read as YAML)."""
     for dotted, info in reversed(leaf_fields()):
@@ -375,6 +371,10 @@ def _print_report(report: dict[str, Any], r: Recipe) -> None:
 
 
 def main() -> None:
+    """The ``protege`` executable. Its process is ours alone, so the tokenizers' thread pool is turned off here
+    (it would warn and deadlock-guard after every fork of a DataLoader or server worker), not at import, where it
+    would change the environment of whoever imported the module; an explicit setting is respected."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cli()
 
 
