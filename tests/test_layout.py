@@ -111,5 +111,13 @@ def test_every_module_imports(name):
     assert importlib.import_module(name).__name__ == name
 
 
-def test_recipe_and_teachers_know_the_same_backends():
+def test_recipe_and_teachers_know_the_same_backends(tiny_lm_dir):
+    """The recipe's table of prefixes and kinds is what the teachers themselves declare."""
+    from protege.recipe import TeacherConfig
+    from protege.teachers import make_teacher
+
     assert set(TEACHER_BACKENDS) == set(BACKENDS)
+    specs = {"hf": f"hf:{tiny_lm_dir}", "openai": "openai:gpt-4o-mini", "anthropic": "anthropic:claude-haiku-4-5"}
+    for prefix, spec in specs.items():
+        cfg = TeacherConfig(model=spec, label_method="hard_label" if prefix == "anthropic" else "auto")
+        assert make_teacher(cfg).kind == cfg.kind == TEACHER_BACKENDS[prefix]

@@ -62,10 +62,10 @@ def untrained(recipe_path: Path) -> dict:
 
     r = load_recipe(recipe_path)
     teacher = make_teacher(r.teacher)
-    teacher.load()
+    teacher_model, teacher_tok = teacher.model_and_tokenizer()
     model, tok = build_lm_student(r)
     rows = read_signals(r, "eval")
-    return lm_figures(model.eval(), tok, rows, r, teacher_model=teacher._model, teacher_tok=teacher._tokenizer,
+    return lm_figures(model.eval(), tok, rows, r, teacher_model=teacher_model, teacher_tok=teacher_tok,
                       generate=False)
 
 

@@ -69,7 +69,7 @@ def _teacher_per_request(store: Store, recipe: Recipe, usd_per_hour: float) -> t
     n, usd, tin, tout, secs = store.answered_means(name)
     if not n:
         return None, f"no answered calls of {name} in the store"
-    if name.startswith("hf:"):
+    if recipe.teacher.kind == "local":
         return secs / 3600 * usd_per_hour, f"local teacher: mean {secs:.3f}s of compute per call at ${usd_per_hour:g}/hour"
     if usd > 0:
         return usd, f"mean recorded spend of {n} answered calls of {name}"

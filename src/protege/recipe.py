@@ -30,8 +30,10 @@ __all__ = [
     "load_recipe",
 ]
 
-# The prefixes of a teacher spec; protege.teachers.BACKENDS has one factory for each (a test holds them equal).
-TEACHER_BACKENDS = ("hf", "openai", "anthropic")
+# The prefixes of a teacher spec and the kind of teacher each makes ('local': a model in this process; 'api': calls
+# to a provider). protege.teachers.BACKENDS has one factory for each, whose teachers declare the same kind (a test
+# holds them equal), so a stage can tell the two apart from the recipe without building the teacher.
+TEACHER_BACKENDS = {"hf": "local", "openai": "api", "anthropic": "api"}
 
 
 CLASSIFY_INSTRUCTION = "Classify the text into exactly one of the labels."
@@ -225,6 +227,16 @@ class TeacherConfig(_Section):
         "auto", description="Weights dtype; 'auto' is bfloat16 on GPU and float32 on CPU."
     )
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust it.")
+
+    @property
+    def backend(self) -> str:
+        """The spec's prefix: 'hf', 'openai' or 'anthropic'."""
+        return self.model.split(":", 1)[0]
+
+    @property
+    def kind(self) -> str:
+        """'local' or 'api': what :attr:`protege.teachers.base.Teacher.kind` of this teacher will be."""
+        return TEACHER_BACKENDS[self.backend]
 
     @model_validator(mode="after")
     def _api_settings_fit_backend(self) -> TeacherConfig:

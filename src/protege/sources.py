@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ._io import file_fingerprint
 from .errors import ProtegeError
@@ -70,3 +72,8 @@ def resolve_source(name: str) -> ModelSource:
     if name.startswith((".", "/", "~")) or path.exists():
         raise ProtegeError(f"model path {name!r} is not a directory or .gguf file; check the path")
     return ModelSource(name)
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name of a causal LM's KV-cache argument: transformers 5.x renamed ``past_key_values`` to ``cache``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

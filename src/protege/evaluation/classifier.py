@@ -26,7 +26,7 @@ from ..students.classifier import count_parameters, load_student
 from ..teachers import make_teacher
 from .measure import Speed, _api_teacher_figures, compute_cost, expected_calibration_error, summarize_latency, time_calls
 
-__all__ = ["evaluate", "expected_calibration_error"]
+__all__ = ["evaluate_classifier"]
 
 STUDENTS = (("student", "distilled student"), ("student-hard", "hard-label student"))
 

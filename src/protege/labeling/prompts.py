@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..recipe import TaskConfig
 from ..teachers.base import Generate, Request
 
-__all__ = ["Request", "Generate", "render_request", "render_generation", "CONTENT_FREE_INPUTS"]
+__all__ = ["render_request", "render_generation", "instruction_block"]
 
 GENERATION_MAX_TOKENS = 256  # default answer length of a generation task (512 with a rationale)
 

@@ -1,8 +1,9 @@
-"""The cascade: the student answers when it is sure enough, the teacher otherwise; and what that costs.
+"""The cascade's teacher side: what a served student was unsure of goes to the teacher, and what that costs.
 
 * :class:`TeacherFallback` answers what a served student was unsure of (a text, or a conversation) with the
-  teacher, through :func:`protege.labeling.labeler.label_requests`: the same backends, the same store as cache (a text labeled before, or
-  asked before, costs nothing), the same budget cap and the same cost records as labeling.
+  teacher, through :func:`protege.labeling.labeler.label_requests`: the same backends, the same store as cache
+  (a text labeled before, or asked before, costs nothing), the same budget cap and the same cost records as
+  labeling.
 * the ledger (:mod:`protege.serve.ledger`) records every served answer; the threshold is chosen by
   :mod:`protege.evaluation.sweep` on held-out answers.
 
@@ -20,7 +21,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import BudgetReached, PermanentError, ProtegeError
-from ..evaluation.sweep import ALWAYS_TEACHER, cascade_sweep, sweep
 from ..labeling.data import Example
 from ..recipe import Recipe, load_recipe
 from ..signals import TeacherSignal
@@ -29,13 +29,9 @@ from ..students.card import CARD, StudentCard
 from ..teachers.base import Request
 
 __all__ = [
-    "ALWAYS_TEACHER",
-    "ServedLedger",
     "TeacherAnswer",
     "TeacherFailure",
     "TeacherFallback",
-    "cascade_sweep",
-    "sweep",
     "default_store",
     "saved_compute_price",
     "teacher_recipe",
@@ -82,10 +78,6 @@ def teacher_recipe(student_dir: Path, path: Path | str | None, labels: tuple[str
 
 # --------------------------------------------------------------------------------------------------------------
 # the teacher behind a served student
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the served-traffic ledger
 
 
 @dataclass(frozen=True)
@@ -229,11 +221,7 @@ class TeacherFallback:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the served-traffic ledger
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the threshold sweep (evaluation)
+# answers in OpenAI's format
 
 
 def log_probs(probs: Sequence[float]) -> list[float]:

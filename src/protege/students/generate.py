@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..teachers.hf import _cache_kwarg  # transformers 5 renamed past_key_values to cache
+from ..sources import cache_kwarg
 
 __all__ = ["Decoded", "Step", "confidence", "decode", "greedy"]
 
@@ -48,7 +48,7 @@ def decode(
     logits; None is greedy (argmax). The caller may stop early (a stop string); nothing is left running."""
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     budget = min(max_new_tokens, max(0, context - len(prompt)))
-    stops, cache_kw = set(stop_ids), _cache_kwarg(model)
+    stops, cache_kw = set(stop_ids), cache_kwarg(model)
     past, ids = None, torch.tensor([list(prompt)])  # (1, T): the prompt, then one new token per step
     for _ in range(budget):
         with torch.inference_mode():  # per step, not across the yield: the caller's code runs in its own mode

@@ -9,7 +9,6 @@ prompt pass plus K short continuations, not K prompt passes.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -18,7 +17,7 @@ import torch
 from ..errors import ProtegeError, TeacherError
 from ..recipe import TeacherConfig
 from ..signals import LabelDistribution, TeacherSignal, TokenLogprobs
-from ..sources import ModelSource, resolve_source
+from ..sources import ModelSource, cache_kwarg, resolve_source
 from .base import Request
 from .parse import ParseError, split_rationale
 
@@ -222,7 +221,7 @@ class HFCausalLMTeacher(_HFTeacher):
             attention_mask=full_mask.to(dev),
             position_ids=cpos.to(dev),
             use_cache=False,
-            **{_cache_kwarg(model): cache},
+            **{cache_kwarg(model): cache},
         )
         logp = torch.log_softmax(out2.logits.float(), -1).view(B, K, L, -1)  # (B, K, L, V)
         for k, ids_k in enumerate(label_ids):
@@ -365,11 +364,6 @@ class HFCausalLMTeacher(_HFTeacher):
 
 def _as_list(x: Any) -> list[int]:
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def _cache_kwarg(model: Any) -> str:
-    """transformers 5.x renamed ``past_key_values`` to ``cache``; speak whichever this version expects."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _as_probs(p: torch.Tensor) -> tuple[float, ...]:
