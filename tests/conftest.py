@@ -131,3 +131,17 @@ def tiny_recipe(tmp_path, tiny_lm_dir, tiny_classifier_dir):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+@pytest.fixture
+def openai_fake(monkeypatch):
+    """An in-process OpenAI API (tests/openai_fake.py) that every ``openai:`` teacher protege builds in the test
+    sends through, with the engine's exponential backoff off (Retry-After still counts), so retries cost no
+    wall time. Configure it through its attributes (``plan``, ``choose``, ``key``, ``latency``, ...)."""
+    import protege.labeling.engine as engine
+    from openai_fake import FakeOpenAI
+
+    monkeypatch.setattr(engine, "wait_exponential_jitter", lambda **kw: lambda state: 0.0)
+    fake = FakeOpenAI().install(monkeypatch)
+    yield fake
+    fake.close()

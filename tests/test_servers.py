@@ -1,16 +1,21 @@
-"""Pins down the test servers in servers.py with the official openai SDK: the llama.cpp server's OpenAI-compatible
-answers (logprobs, determinism, what it ignores), every fault kind's client-side exception, the counters, the
-requests-per-minute emulation and the fake Batch API."""
+"""Pins down the test servers with the official openai SDK: the llama.cpp server's OpenAI-compatible answers
+(logprobs, determinism, what it ignores), every fault kind's client-side exception, the counters, the
+requests-per-minute emulation and the fake Batch API of servers.py's proxy; and that the in-process fake in
+openai_fake.py answers in the same format and fails with the same exceptions, so the engine tests that run
+against it see what they would see on real sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import math
 import re
 import time
 
 import openai
 import pytest
+from openai_fake import FakeOpenAI, expected_probs, prompt_tokens
 from servers import FaultProxy, fault_proxy, format_duration, free_port, llama_server  # noqa: F401, F811  (fixtures)
 
 MSGS = [{"role": "user", "content": "Name a color."}]
@@ -275,3 +280,132 @@ def test_batch_cancel_and_validation_failure(client, fault_proxy, llama_server):
     with pytest.raises(openai.NotFoundError):
         client.batches.retrieve("batch_nope")
     assert fault_proxy.batches_created == 2 and fault_proxy.errors == []
+
+
+# ---- the in-process fake (openai_fake.py)
+
+
+def _fake_call(fake: FakeOpenAI, **kw):
+    """One chat completion through the SDK's async client and the fake's transport: the raw response, or the
+    exception the SDK raised."""
+
+    async def go():
+        client = openai.AsyncOpenAI(base_url="https://fake.test/v1", api_key="sk-test", max_retries=0,
+                                    http_client=fake.client())  # fmt: skip
+        args = dict(model="m", messages=MSGS, temperature=0, max_tokens=3)
+        args.update(kw)
+        try:
+            return await client.chat.completions.with_raw_response.create(**args)
+        except Exception as e:  # noqa: BLE001  (the test inspects it)
+            return e
+
+    try:
+        return asyncio.run(go())
+    finally:
+        fake.close()
+
+
+LABEL_PROMPT = [{"role": "user", "content": (
+    'Is the review positive or negative?\n\nLabels:\n- positive\n- negative\n\nText:\n"""\nA lovely meal.\n"""'
+    "\n\nWhich label fits the text? Answer with one of: positive, negative."
+)}]  # fmt: skip
+
+
+def test_fake_answers_in_openai_format_with_top_logprobs_usage_and_n_choices():
+    fake = FakeOpenAI(lambda text, labels: "positive" if "lovely" in text else "negative", cache_prefix=True)
+    _fake_call(fake, messages=LABEL_PROMPT)  # the first call fills the prompt cache
+    raw = _fake_call(fake, messages=LABEL_PROMPT, logprobs=True, top_logprobs=5, seed=0)
+    r = raw.parse()
+    assert raw.headers["x-request-id"] and r.object == "chat.completion" and r.model == "m"
+    (choice,) = r.choices
+    assert choice.message.content == "positive" and choice.finish_reason == "stop"
+    (step,) = choice.logprobs.content
+    assert step.token == "positive" and step.bytes == list(b"positive") and len(step.top_logprobs) == 5
+    probs = {t.token: math.exp(t.logprob) for t in step.top_logprobs}
+    shown = probs["positive"] / (probs["positive"] + probs["negative"])
+    assert shown == pytest.approx(expected_probs("positive", ["positive", "negative"])[0])
+    assert [t.logprob for t in step.top_logprobs] == sorted((t.logprob for t in step.top_logprobs), reverse=True)
+    u = r.usage
+    assert u.prompt_tokens == prompt_tokens({"messages": LABEL_PROMPT}) and u.completion_tokens == 1
+    assert u.total_tokens == u.prompt_tokens + 1 and 0 < u.prompt_tokens_details.cached_tokens < u.prompt_tokens
+    # sampled: n choices following the cycle (chosen, chosen, next, none)
+    r = _fake_call(fake, messages=LABEL_PROMPT, temperature=1.0, n=4, max_tokens=8).parse()
+    assert [c.message.content for c in r.choices] == ["positive", "positive", "negative", "I am not sure."]
+    assert r.choices[0].logprobs is None and r.usage.completion_tokens == 1 + 1 + 1 + 4
+    # a provider that ignores n answers one choice
+    fake.honour_n = False
+    assert len(_fake_call(fake, messages=LABEL_PROMPT, temperature=1.0, n=4).parse().choices) == 1
+    assert fake.received == fake.answered == 4
+
+
+@pytest.mark.parametrize(
+    "kind, exc, status",
+    [
+        ("429", openai.RateLimitError, 429),
+        ("500", openai.InternalServerError, 500),
+        ("503", openai.InternalServerError, 503),
+        ("400", openai.BadRequestError, 400),
+        ("401", openai.AuthenticationError, 401),
+        ("403", openai.PermissionDeniedError, 403),
+        ("404", openai.NotFoundError, 404),
+    ],
+)
+def test_fake_status_faults_are_what_the_proxy_and_openai_send(kind, exc, status):
+    fake = FakeOpenAI(faults=[kind], retry_after="7")
+    e = _fake_call(fake)
+    assert isinstance(e, exc) and e.status_code == status
+    assert set(e.body) == {"message", "type", "param", "code"} and e.body["message"]
+    assert e.body["type"] in ("requests", "server_error", "invalid_request_error")
+    if kind == "429":
+        assert e.response.headers["retry-after"] == "7" and e.body["code"] == "rate_limit_exceeded"
+        assert e.response.headers["x-ratelimit-remaining-requests"] == "0"
+        assert e.response.headers["x-ratelimit-reset-requests"] == "120ms"
+    if kind == "401":
+        assert e.body["code"] == "invalid_api_key" and "sk-test" not in e.response.text
+    assert fake.answered == 0 and fake.by_kind == {kind: 1}
+
+
+@pytest.mark.parametrize(
+    "kind, check",
+    [
+        ("timeout", lambda e: isinstance(e, openai.APITimeoutError)),
+        ("connect", lambda e: isinstance(e, openai.APIConnectionError) and not isinstance(e, openai.APITimeoutError)),
+        ("cut", lambda e: isinstance(e, openai.APIConnectionError) and not isinstance(e, openai.APITimeoutError)),
+        ("malformed", lambda e: isinstance(e, json.JSONDecodeError)),  # as the proxy's malformed fault above
+    ],
+)
+def test_fake_transport_faults_raise_what_real_sockets_raise(kind, check):
+    fake = FakeOpenAI(faults=[kind])
+    if kind == "malformed":  # the SDK parses the body lazily
+        raw = _fake_call(fake)
+        with pytest.raises(json.JSONDecodeError):
+            raw.parse()
+    else:
+        assert check(_fake_call(fake))
+    assert fake.answered == (0 if kind == "connect" else 1)  # only a refused connection did no work
+
+
+def test_fake_refuses_a_wrong_key_an_unknown_model_and_too_many_top_logprobs():
+    fake = FakeOpenAI(key="sk-right", model="gpt-4o-mini")
+    e = _fake_call(fake)  # OpenAI echoes a wrong key masked, as here
+    assert isinstance(e, openai.AuthenticationError) and "sk-***test" in e.message and "sk-test" not in e.message
+    fake.key = None
+    e = _fake_call(fake)
+    assert isinstance(e, openai.NotFoundError) and e.body["code"] == "model_not_found"
+    e = _fake_call(fake, model="gpt-4o-mini", logprobs=True, top_logprobs=21)
+    assert isinstance(e, openai.BadRequestError) and e.body["param"] == "top_logprobs"
+    assert _fake_call(fake, model="gpt-4o-mini").parse().choices[0].message.content
+    assert fake.received == 4 and fake.answered == 1
+
+
+def test_fake_limit_rpm_sends_openais_headers_and_refuses_past_the_window():
+    fake = FakeOpenAI().limit_rpm(2, window=0.3)
+    first, second = _fake_call(fake), _fake_call(fake)
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert second.headers["x-ratelimit-remaining-requests"] == "0"
+    assert re.fullmatch(r"\d+ms", second.headers["x-ratelimit-reset-requests"])
+    e = _fake_call(fake)
+    assert isinstance(e, openai.RateLimitError) and e.response.headers["retry-after"] == "1"
+    assert 0 < int(e.response.headers["retry-after-ms"]) <= 300
+    time.sleep(0.35)
+    assert _fake_call(fake).parse().choices and fake.rate_limited == 1 and fake.log[2] == "rpm_429"
