@@ -8,6 +8,9 @@
   ``x-ratelimit-*`` headers, counts what it saw, and fakes OpenAI's Files + Batch API on top of the upstream's
   ``/v1/chat/completions``.
 
+Tests of the engine and the ``openai:`` teacher run in-process against ``openai_fake.FakeOpenAI`` instead
+(fixture ``openai_fake``); these servers are for the tests where a real server or real sockets are the point.
+
 Usage in a test module::
 
     from servers import fault_proxy, llama_server  # noqa: F401  (pytest fixtures)
@@ -332,7 +335,12 @@ class FaultProxy:
         self._server = _ProxyHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.proxy = self
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"FaultProxy:{self.port}", daemon=True)
+        # A short poll interval: close() waits for the serving loop to notice the shutdown, 0.5 s by default,
+        # which every test using a proxy paid in teardown.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name=f"FaultProxy:{self.port}",
+            daemon=True,
+        )
         self._thread.start()
 
     # ---- configuration

@@ -128,6 +128,61 @@ def test_api_teacher_generates_with_token_logprobs(tmp_path, llama_server):  # n
     assert totals["calls"] == 3 and 0 < totals["output_tokens"] <= 3 * 8
 
 
+def test_api_teacher_generation_in_process_keeps_every_token_its_alternatives_and_the_cut(
+    tmp_path, openai_fake, monkeypatch
+):
+    """The same path against the in-process OpenAI fake, where the answers are known: the reply spelled token
+    by token, the top-5 of each at its exact probabilities, a reply cut at the limit marked truncated, OpenAI's
+    own output-cap parameter, and the cost of every call from its usage."""
+    import json
+
+    from openai_fake import prompt_tokens, split_tokens
+
+    from protege.labeling.labeler import label
+    from protege.recipe import Recipe
+    from protege.store import Store
+    from protege.teachers.presets import PRESETS
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-generation")
+    texts = ["What is 2 + 2?", "Name a colour.", "Tell me everything you know about the sea and its tides."]
+    rows = [{"id": f"q{i}", "text": t} for i, t in enumerate(texts)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = Recipe(
+        task={"kind": "generation", "instruction": "Answer briefly."},
+        data={"path": tmp_path / "data.jsonl", "eval_fraction": 0.34},
+        teacher={"model": "openai:gpt-4o-mini", "max_tokens": 8, "top_logprobs": 5, "concurrency": 1},
+        student={"model": "unused-here"},
+        output_dir=tmp_path / "out",
+    )
+    stats = label(recipe, quiet=True)
+    assert stats.called == 3 and stats.failed == 0 and openai_fake.received == 3
+    out = {r["text"]: r for split in ("train", "eval")
+           for r in map(json.loads, (tmp_path / f"out/signals/{split}.jsonl").read_text().splitlines())}  # fmt: skip
+    for text in texts:
+        r, reply = out[text], split_tokens(f"You wrote: {text}")
+        tl = r["token_logprobs"]
+        assert tl["tokens"] == reply[:8] and r["teacher_text"] == "".join(reply[:8])
+        assert r["truncated"] == (len(reply) > 8) and r["answer"] == r["teacher_text"].strip()
+        assert tl["ids"] is None and tl["temperature"] == 1.0 and tl["tokenizer"] == "openai:gpt-4o-mini"
+        for token, top, tail in zip(tl["tokens"], tl["top"], tl["tail_mass"]):
+            probs = sorted((math.exp(v) for v in top.values()), reverse=True)
+            assert top[token] == pytest.approx(math.log(0.6)) and len(top) == 5
+            assert probs == pytest.approx([0.6, 0.2, 0.1, 0.05, 0.025])
+            assert tail == pytest.approx(0.025)
+    assert [out[t]["truncated"] for t in texts] == [False, False, True]
+    price = PRESETS["openai"].prices["gpt-4o-mini"]
+    for b in openai_fake.bodies:
+        assert b["max_completion_tokens"] == 8 and "max_tokens" not in b
+        assert (b["temperature"], b["seed"], b["logprobs"], b["top_logprobs"]) == (0.0, 0, True, 5)
+    with Store(tmp_path / "out/protege.db") as store:
+        totals = store.teacher_totals("openai:gpt-4o-mini")
+    completion = sum(min(8, len(split_tokens(f"You wrote: {t}"))) for t in texts)
+    assert totals["output_tokens"] == completion == openai_fake.completion_tokens
+    assert totals["cost_usd"] == pytest.approx(
+        sum(price.cost(prompt_tokens(b), 0) for b in openai_fake.bodies) + price.cost(0, completion), rel=1e-12
+    )
+
+
 def _generation_recipe(tmp_path, teacher_dir, **task):
     import json
 

@@ -36,13 +36,15 @@ def _label(recipe, out, *flags):
 
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_recipe):
-    write_jsonl(tiny_recipe.parent / "data.jsonl", make_examples(3000, seed=7))
+    # 300 rows: three kills take at most 3 * 60 of them, so each kill lands mid-run and the resume has work left
+    n = 300
+    write_jsonl(tiny_recipe.parent / "data.jsonl", make_examples(n, seed=7))
     rng = random.Random(0)
     killed = tiny_recipe.parent / "killed"
     db = killed / "protege.db"
     for _ in range(3):
         before = _count(db)
-        target = before + rng.randint(50, 500)
+        target = before + rng.randint(20, 60)
         proc = _label(tiny_recipe, killed, "--teacher.batch_size", "1")
         while proc.poll() is None and _count(db) < target:
             time.sleep(0.02)
@@ -61,7 +63,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_recipe):
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err.decode()[-2000:]
 
-    assert _count(db) == _count(clean / "protege.db") == 3000  # one row per unique request, none twice
+    assert _count(db) == _count(clean / "protege.db") == n  # one row per unique request, none twice
     for split in ("train", "eval"):
         a = [json.loads(x) for x in (killed / "signals" / f"{split}.jsonl").read_text().splitlines()]
         b = [json.loads(x) for x in (clean / "signals" / f"{split}.jsonl").read_text().splitlines()]
@@ -77,7 +79,9 @@ def test_kill_9_during_api_labeling_loses_no_answer_and_buys_none_twice(tmp_path
     from servers import FaultProxy
     from test_api_teacher import write_recipe
 
-    n, concurrency, kills = 40, 4, 3
+    # 20 rows: three kills take at most 3 * 5 of them (a real server answers about one a second), so each kill
+    # lands mid-run and the resume has work left
+    n, concurrency, kills = 20, 4, 3
     with FaultProxy(llama_server.base_url) as proxy:
         recipe = write_recipe(tmp_path, proxy.base_url, rows=n, concurrency=concurrency)
         killed = tmp_path / "killed"
@@ -85,7 +89,7 @@ def test_kill_9_during_api_labeling_loses_no_answer_and_buys_none_twice(tmp_path
         rng = random.Random(1)
         for _ in range(kills):
             before = _count(db)
-            target = before + rng.randint(2, 8)
+            target = before + rng.randint(2, 5)
             proc = _label(recipe, killed)
             while proc.poll() is None and _count(db) < target:
                 time.sleep(0.01)

@@ -151,3 +151,41 @@ def test_output_cap_is_sent_in_the_parameter_each_provider_honours():
     assert openai._params(req, n=1)["max_completion_tokens"] == 7 and "max_tokens" not in openai._params(req, n=1)
     assert local._params(req, n=1)["max_tokens"] == 7 and "max_completion_tokens" not in local._params(req, n=1)
     assert openai.worst_case(req)[1] == 7
+
+
+def test_cached_prompt_tokens_are_billed_at_the_cached_price_through_the_engine(tmp_path, openai_fake, monkeypatch):
+    """OpenAI reports cached prompt tokens in ``usage.prompt_tokens_details.cached_tokens``: every call after the
+    first shares the instruction block, so its cached part costs the cached price, row by row and in total,
+    and the signal's usage keeps the cached count."""
+    from openai_fake import prompt_tokens
+
+    from protege.labeling.engine import run_api
+    from protege.labeling.prompts import render_request
+    from protege.recipe import build_recipe
+    from protege.store import Store, call_key
+    from protege.teachers import make_teacher
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-money")
+    openai_fake.cache_prefix = True
+    r = build_recipe({
+        "task": {"instruction": "Classify the message by its intent.", "labels": ["billing", "shipping", "other"]},
+        "teacher": {"model": "openai:gpt-4o-mini", "concurrency": 1, "max_tokens": 4},
+    })  # fmt: skip
+    teacher = make_teacher(r.teacher)
+    texts = ["I was charged twice.", "Where is my parcel?", "Hello there.", "Refund my order please."]
+    items = [(call_key(teacher.identity, q.to_json()), q) for q in (render_request(r.task, t) for t in texts)]
+    with Store(tmp_path / "db") as store:
+        done, stats = run_api(teacher, r.teacher, store, items, r.teacher.model, quiet=True)
+        recorded = {k: store.get_signals([k])[k] for k, _ in items}
+        spent = store.spent()
+    price = Price(0.15, 0.075, 0.60)  # gpt-4o-mini, per million tokens
+    shared = len(items[0][1].messages[0]["content"].split("Text:")[0].split())  # the instruction block's words
+    cached = [0, shared, shared, shared]
+    costs = [price.cost(prompt_tokens(b), 1, cached_input_tokens=c) for b, c in zip(openai_fake.bodies, cached)]
+    assert openai_fake.received == 4 and openai_fake.cached_tokens == 3 * shared and shared > 10
+    assert stats.cost_usd == pytest.approx(sum(costs), rel=1e-12) and spent == pytest.approx(sum(costs), rel=1e-12)
+    assert costs[1] < costs[0] * 0.9  # the cache is worth something
+    for (key, _), c in zip(items, cached):
+        usage = recorded[key].usage
+        assert usage.get("cached_input_tokens", 0) == c and usage["output_tokens"] == 1
+    assert len(done) == 4
