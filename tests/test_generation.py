@@ -203,6 +203,10 @@ def _as_student(src, dst, recipe):
     """A saved causal LM made into a 'trained student' directory of ``recipe`` (weights, tokenizer, its card)."""
     import shutil
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from protege.students.card import StudentCard
+
     shutil.copytree(src, dst)
     model, tok = AutoModelForCausalLM.from_pretrained(dst), AutoTokenizer.from_pretrained(dst)
     StudentCard.for_lm(recipe, tok, model, {"distill": "sequence", "train_seconds": 0.0}).write(dst)
@@ -249,7 +253,3 @@ def test_a_different_student_disagrees_measurably(tmp_path, tiny_lm_dir):
     s = evaluate_lm(recipe, quiet=True)["models"]["student"]
     assert 0 <= s["top1_agreement"] < 1 and s["kl_to_teacher"] > 0.01
     assert s["task_metric"] is None  # no metric set in the recipe
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from protege.students.card import StudentCard
-

@@ -149,6 +149,7 @@ def test_classify_is_refused_for_a_language_model(server):
         urllib.request.urlopen(req, timeout=20)
     assert e.value.code == 400 and "classifier" in json.loads(e.value.read())["error"]["message"]
 
+
 def test_the_generation_thread_ends_with_the_server(lm_student):
     """The generator owns its worker thread; the server's shutdown stops it (no pool outlives the app)."""
     import threading
