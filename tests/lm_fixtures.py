@@ -172,13 +172,42 @@ def run_spec(spec: dict[str, Any], tmp: Path, name: str, launcher: list[str], ti
     """Run :func:`train_from_spec` in a subprocess started by ``launcher`` (python, or torchrun); one thread
     each, as on a busy 2-core machine two threads per process would wait on each other."""
     import json
-    import os
     import subprocess
 
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([*launcher, str(FIXTURES), str(path)], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*launcher, str(FIXTURES), str(path)], env=one_thread_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def one_thread_env() -> dict[str, str]:
+    """The environment of a training subprocess: one thread, offline."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def kill_at_checkpoint(cmd: list[str], ckpt: Path, timeout_s: float = 240) -> int:
+    """Start ``cmd`` (a slowed-down training run), kill -9 it once its first checkpoint is on disk, and return the
+    step that checkpoint saved."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not (ckpt / "progress.json").exists():
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline, f"no checkpoint within {timeout_s:.0f} s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    return json.loads((ckpt / "progress.json").read_text())["step"]
 
 
 if __name__ == "__main__":

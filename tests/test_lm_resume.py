@@ -4,14 +4,10 @@ with the same loss and weights as a run that was never interrupted."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import torch
-from lm_fixtures import FIXTURES, make_llama, make_tokenizer, run_spec, save_model
+from lm_fixtures import FIXTURES, kill_at_checkpoint, make_llama, make_tokenizer, run_spec, save_model
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
@@ -34,20 +30,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     ckpt = tmp_path / "run.checkpoint"
     path = tmp_path / "slow.json"
     path.write_text(json.dumps({**spec, "out": str(out), "slow_s": 0.5}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, str(FIXTURES), str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while not (ckpt / "progress.json").exists():
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(30)
-    saved_at = json.loads((ckpt / "progress.json").read_text())["step"]
+    saved_at = kill_at_checkpoint([sys.executable, str(FIXTURES), str(path)], ckpt)
     assert 2 <= saved_at < 8 and not out.exists()
 
     again = run_spec({**spec, "out": str(out)}, tmp_path, "again", [sys.executable])

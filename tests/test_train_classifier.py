@@ -6,8 +6,6 @@ loops: which parameters get weight decay."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from lm_fixtures import kill_at_checkpoint, one_thread_env
 
 from protege.demo_data import LABELS, make_examples
 from protege.recipe import build_recipe
@@ -122,14 +122,14 @@ def test_a_step_needs_a_row_for_every_micro_batch(tmp_path, tiny_tokenizer):
 
 
 def _run(spec: dict[str, Any], tmp: Path, name: str, wait: bool = True) -> Any:
-    """Train as ``spec`` says in a fresh process (this file run as a script), one thread like a busy machine."""
+    """Train as ``spec`` says in a fresh process (this file run as a script), one thread like a busy machine;
+    with ``wait=False`` only the command, for :func:`kill_at_checkpoint`."""
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, str(SCRIPT), str(path)]
     if wait:
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.run(cmd, env=one_thread_env(), capture_output=True, text=True, timeout=300)
+    return cmd
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_tokenizer):
@@ -144,18 +144,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_tokenizer
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     out, ckpt = tmp_path / "run", tmp_path / "run.checkpoint"
-    proc = _run({**spec, "out": str(out), "slow_s": 0.5}, tmp_path, "slow", wait=False)
-    try:
-        deadline = time.monotonic() + 240
-        while not (ckpt / "progress.json").exists():
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(30)
-    saved_at = json.loads((ckpt / "progress.json").read_text())["step"]
+    saved_at = kill_at_checkpoint(_run({**spec, "out": str(out), "slow_s": 0.5}, tmp_path, "slow", wait=False), ckpt)
     assert 2 <= saved_at < 8 and not out.exists()
 
     again = _run({**spec, "out": str(out)}, tmp_path, "again")
