@@ -65,20 +65,26 @@ def test_batch_api_labels_at_half_price(tmp_path, proxy):
         assert r["teacher_label"] == by_id[r["id"]]["teacher_label"]
 
 
-def test_kill_9_while_waiting_resumes_the_same_batch(tmp_path, proxy):
-    proxy.batch_delay = 4.0  # keep the batch in progress long enough to kill the client
-    recipe = write_recipe(tmp_path, proxy.base_url, rows=6, batch_api=True, batch_poll_s=0.2, **PRICES)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "protege", "label", str(recipe), "-q"]
+def _kill_once_submitted(cmd: list[str], db) -> list[tuple[str, str]]:
+    """Run ``protege label`` with a batch teacher, kill -9 it once a batch is recorded as submitted (the client
+    is waiting on the provider), and return the batches the store then holds."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while proc.poll() is None and not any(s == "submitted" for s, _ in _batches(out / "protege.db")):
+    while proc.poll() is None and not any(s == "submitted" for s, _ in _batches(db)):
         assert time.monotonic() < deadline, "the batch was never recorded as submitted"
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    (status, batch_id), = _batches(out / "protege.db")
+    return _batches(db)
+
+
+def test_kill_9_while_waiting_resumes_the_same_batch(tmp_path, proxy):
+    proxy.batch_delay = 4.0  # keep the batch in progress long enough to kill the client
+    recipe = write_recipe(tmp_path, proxy.base_url, rows=6, batch_api=True, batch_poll_s=0.2, **PRICES)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "protege", "label", str(recipe), "-q"]
+    (status, batch_id), = _kill_once_submitted(cmd, out / "protege.db")
     assert status == "submitted" and proxy.batches_created == 1
 
     proxy.batch_delay = 0.0
@@ -138,16 +144,8 @@ def test_a_generation_batch_killed_while_waiting_is_collected_as_generation(tmp_
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "protege", "label", str(path), "-q"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and not any(s == "submitted" for s, _ in _batches(out / "protege.db")):
-        assert time.monotonic() < deadline, "the batch was never recorded as submitted"
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    (status, batch_id), = _batches(out / "protege.db")
+    (status, batch_id), = _kill_once_submitted([sys.executable, "-m", "protege", "label", str(path), "-q"],
+                                                out / "protege.db")
     assert status == "submitted" and proxy.batches_created == 1
 
     proxy.batch_delay = 0.0

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..store import ServedRecord, Store
-from .fallback import TeacherAnswer, TeacherFailure, log
+from .fallback import TeacherAnswer, TeacherFailure
+
+log = logging.getLogger(__name__)
 
 
 class ServedLedger:
