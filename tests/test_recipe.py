@@ -214,15 +214,16 @@ UNUSED = [
     ({"training": {"jsd_beta": 0.3}}, "training.jsd_beta", "set task.kind: generation"),
     ({"training": {"distill": "logits"}}, "training.distill", "set task.kind: generation"),
     ({"training": {"rationale_weight": 0.5}}, "training.rationale_weight", "set task.kind: generation"),
-    ({"student": {"init": "teacher_layers"}}, "student.init: teacher_layers", "set task.kind: generation"),
     ({"student": {"lora_r": 8}}, "student.lora_r", "set task.kind: generation"),
     ({"student": {"lora_dropout": 0.2}}, "student.lora_dropout", "set task.kind: generation"),
-    ({"student": {"keep_layers": [0, 2]}}, "student.keep_layers", "set task.kind: generation"),
-    ({"student": {"layer_stride": 2}}, "student.layer_stride", "set task.kind: generation"),
+    ({"student": {"keep_layers": [0, 2]}}, "student.keep_layers", "set student.init: teacher_layers"),
+    ({"student": {"layer_stride": 2}}, "student.layer_stride", "set student.init: teacher_layers"),
     ({"student": {"num_layers": 4}}, "student.num_layers", "set student.init: scratch"),
     # generation: the classification settings
     (_with(GEN, task={"labels": ["yes", "no", "maybe"]}), "task.labels", "task.metric"),
     (_with(GEN, training={"use_gold": False}), "training.use_gold", "remove it"),
+    (_with(GEN, training={"select_fraction": 0.1}), "training.select_fraction", "remove it"),
+    (_with(GEN, teacher={"score_temperature": 0.1}), "teacher.score_temperature", "remove it"),
     (_with(GEN, training={"hard_label_baseline": False}), "training.hard_label_baseline", "remove it"),
     (_with(GEN, teacher={"calibrate": False}), "teacher.calibrate", "remove it"),
     (_with(GEN_API, teacher={"rationale": True}), "teacher.rationale", "set task.answer_format: rationale"),
@@ -292,3 +293,38 @@ def test_defaults_written_out_are_never_refused(tmp_path, monkeypatch):
         assert load_recipe(path).section_hash(*sections_of) == r.section_hash(*sections_of)
         assert build_recipe(r.model_dump()).model_dump() == r.model_dump()
     assert build_recipe({"training": {"loss_chunk_size": 1024, "divergence": "forward_kl"}}).training.jsd_beta == 0.5
+
+
+# -- the teacher-side levers of issue 12: settings that are refused with the reason ------------------------------
+
+@pytest.mark.parametrize(
+    ("sections", "needle"),
+    [
+        ({"teacher": {"model": "ensemble:mean"}}, "at least two teacher.members"),
+        ({"teacher": {"model": "ensemble:median", "members": [{"model": "hf:a"}, {"model": "hf:b"}]}},
+         "'ensemble:mean' or 'ensemble:accuracy'"),
+        ({"teacher": {"model": "ensemble:mean", "members": [{"model": "hf:a"}, {"model": "ensemble:mean"}]}},
+         "cannot themselves be ensembles"),
+        ({"teacher": {"model": "hf:a", "members": [{"model": "hf:a"}, {"model": "hf:b"}]}}, "is not one"),
+        ({"task": {"labels": ["a", "b"], "examples": [{"text": "x", "label": "c"}]}}, "is not one of task.labels"),
+        ({"training": {"sweep_alpha": [0.5, 1.0]}}, "set training.select_fraction"),
+        ({"training": {"patience": 2}}, "set training.select_fraction"),
+        ({"training": {"select_fraction": 0.1, "sweep_alpha": [1.5]}}, "every alpha is in [0, 1]"),
+        (_with(GEN, data={"augment": {"per_text": 2}}), "data.augment makes new texts"),
+        (_with(GEN, teacher={"model": "embed:all-minilm-l6-v2"}), "cannot write answers"),
+        ({"student": {"init": "teacher_layers"}, "teacher": {"model": "embed:all-minilm-l6-v2"}}, "no layers to copy"),
+    ],
+)
+def test_a_lever_set_where_it_cannot_work_is_refused_with_the_fix(sections, needle):
+    with pytest.raises(RecipeError) as e:
+        build_recipe(sections)
+    assert needle in str(e.value)
+
+
+def test_an_ensemble_recipe_keeps_each_member_as_a_teacher_section_of_its_own():
+    r = build_recipe({"teacher": {"model": "ensemble:accuracy", "members": [
+        {"model": "embed:all-minilm-l6-v2", "score_temperature": 0.1}, {"model": "hf:smollm2-135m-instruct"}]}})
+    assert r.teacher.kind == "ensemble"
+    assert [m.kind for m in r.teacher.members] == ["local", "local"]
+    assert r.teacher.members[0].score_temperature == 0.1
+    assert build_recipe(r.model_dump(mode="json")) == r  # the saved recipe reads back the same

@@ -33,7 +33,11 @@ __all__ = [
 # The prefixes of a teacher spec and the kind of teacher each makes ('local': a model in this process; 'api': calls
 # to a provider). protege.teachers.BACKENDS has one factory for each, whose teachers declare the same kind (a test
 # holds them equal), so a stage can tell the two apart from the recipe without building the teacher.
-TEACHER_BACKENDS = {"hf": "local", "openai": "api", "anthropic": "api"}
+TEACHER_BACKENDS = {"hf": "local", "embed": "local", "openai": "api", "anthropic": "api"}
+# 'ensemble:mean' / 'ensemble:accuracy' is not a backend: it has no teacher of its own; its members (teacher
+# sections) label, and protege.labeling.ensemble combines their distributions.
+ENSEMBLE = "ensemble"
+ENSEMBLE_WEIGHTINGS = ("mean", "accuracy")
 
 
 CLASSIFY_INSTRUCTION = "Classify the text into exactly one of the labels."
@@ -47,6 +51,11 @@ class _Section(BaseModel):
 class Label(_Section):
     name: str = Field(min_length=1, description="The label as the teacher should answer it, e.g. 'billing'.")
     description: str = Field("", description="One line that tells the teacher what belongs under this label.")
+
+
+class FewShotExample(_Section):
+    text: str = Field(min_length=1, description="An example input, as the data's texts read.")
+    label: str = Field(min_length=1, description="Its label (classification) or its answer (generation).")
 
 
 class TaskConfig(_Section):
@@ -79,6 +88,13 @@ class TaskConfig(_Section):
         "ratio, 0..1). Unset: no task metric, only agreement with the teacher.",
     )
 
+    examples: list[FewShotExample] = Field(
+        default_factory=list,
+        description="Worked examples shown to the teacher with every text ({text, label} items): few-shot turns "
+        "for LM and API teachers, extra label prototypes for an 'embed:' teacher. Part of the cache key. See also "
+        "teacher.few_shot.",
+    )
+
     @field_validator("labels", mode="before")
     @classmethod
     def _labels_from_shorthand(cls, v: Any) -> Any:
@@ -108,6 +124,14 @@ class TaskConfig(_Section):
     def _fields_fit_kind(self) -> TaskConfig:
         if self.kind == "generation" and self.instruction == CLASSIFY_INSTRUCTION:
             self.instruction = GENERATE_INSTRUCTION  # the classification default would mislead a writer
+        if self.kind == "classification":
+            names = {x.name.strip().casefold() for x in self.labels}
+            bad = [e.label for e in self.examples if e.label.strip().casefold() not in names]
+            if bad:
+                raise ValueError(
+                    f"task.examples label {bad[0]!r} is not one of task.labels {list(self.label_names)}; "
+                    "fix the example or add the label"
+                )
         if self.kind == "classification" and (self.answer_format != "text" or self.metric is not None):
             raise ValueError(
                 "task.answer_format and task.metric apply to generation tasks; a classification task is scored "
@@ -118,6 +142,26 @@ class TaskConfig(_Section):
     @property
     def label_names(self) -> tuple[str, ...]:
         return tuple(label.name for label in self.labels)
+
+
+class AugmentConfig(_Section):
+    """Transfer-set augmentation (Tang et al. 2019): new unlabeled texts made from the training texts, labelled
+    by the teacher like any text (same store, cache, budget cap and dry-run estimate), used only for training."""
+
+    per_text: int = Field(
+        0, ge=0, le=100, description="New texts made from each training text (0: off). They are never evaluated on."
+    )
+    mask_p: float = Field(0.1, ge=0, le=1, description="Chance each word is replaced by the student tokenizer's "
+                          "mask token (or '[MASK]').")
+    replace_p: float = Field(0.1, ge=0, le=1, description="Chance each word is replaced by another word of the "
+                             "corpus with the same shape (case, digits), drawn by corpus frequency.")
+    ngram_p: float = Field(0.25, ge=0, le=1, description="Chance a new text is cut to a random n-gram of the "
+                           "original (n from 1 to 5 words, only for texts longer than n).")
+    paraphrase: bool = Field(
+        False,
+        description="API teachers: also ask the teacher for one paraphrase per text (a generation call, cached and "
+        "costed like a label call), which is then labelled like any text.",
+    )
 
 
 class DataConfig(_Section):
@@ -139,6 +183,7 @@ class DataConfig(_Section):
         0.2, gt=0.0, lt=1.0, description="Share of rows held out for evaluation before any training."
     )
     limit: int | None = Field(None, gt=0, description="Use only the first N rows of each file (quick runs).")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
 class TeacherConfig(_Section):
@@ -152,7 +197,29 @@ class TeacherConfig(_Section):
             "'anthropic:MODEL'."
         ),
     )
-    batch_size: int = Field(8, gt=0, description="Texts per forward pass (hf teachers).")
+    batch_size: int = Field(8, gt=0, description="Texts per forward pass (hf and embed teachers).")
+    few_shot: int = Field(
+        0,
+        ge=0,
+        le=32,
+        description="Examples per label drawn (by training.seed) from the gold-labelled training rows and added to "
+        "task.examples; those rows are then left out of training, and evaluation rows are never drawn.",
+    )
+    # embedding teachers -------------------------------------------------------------------------------------
+    score_temperature: float = Field(
+        0.05,
+        gt=0,
+        le=10,
+        description="'embed:' teachers: softmax temperature over the cosine similarities of a text to each label's "
+        "prototype (its 'name: description' and its examples). Lower is more confident.",
+    )
+    # ensembles ---------------------------------------------------------------------------------------------
+    members: list[TeacherConfig] = Field(
+        default_factory=list,
+        description="'ensemble:mean' or 'ensemble:accuracy': the teachers whose label distributions are combined "
+        "(each a teacher section of its own, cached under its own identity); 'accuracy' weighs each by its "
+        "accuracy on the gold-labelled training rows.",
+    )
 
     # API teachers --------------------------------------------------------------------------------------
     provider: str | None = Field(
@@ -230,13 +297,14 @@ class TeacherConfig(_Section):
 
     @property
     def backend(self) -> str:
-        """The spec's prefix: 'hf', 'openai' or 'anthropic'."""
+        """The spec's prefix: 'hf', 'embed', 'openai', 'anthropic' or 'ensemble'."""
         return self.model.split(":", 1)[0]
 
     @property
     def kind(self) -> str:
-        """'local' or 'api': what :attr:`protege.teachers.base.Teacher.kind` of this teacher will be."""
-        return TEACHER_BACKENDS[self.backend]
+        """'local' or 'api' (what :attr:`protege.teachers.base.Teacher.kind` of this teacher will be), or
+        'ensemble' (no teacher of its own: its members label, and their distributions are combined)."""
+        return ENSEMBLE if self.backend == ENSEMBLE else TEACHER_BACKENDS[self.backend]
 
     @model_validator(mode="after")
     def _api_settings_fit_backend(self) -> TeacherConfig:
@@ -254,9 +322,33 @@ class TeacherConfig(_Section):
             raise ValueError(
                 "Anthropic's Messages API (version 2026-10-21) accepts no temperature; remove teacher.sample_temperature"
             )
-        if self.batch_api and backend == "hf":
+        if self.batch_api and backend in ("hf", "embed", "ensemble"):
             raise ValueError("teacher.batch_api applies to API teachers ('openai:' or 'anthropic:')")
+        if backend == "embed" and self.rationale:
+            raise ValueError("teacher.rationale needs a teacher that writes its answer ('openai:' or 'anthropic:')")
+        if backend == "ensemble":
+            weighting = self.model.split(":", 1)[1]
+            if weighting not in ENSEMBLE_WEIGHTINGS:
+                raise ValueError(
+                    f"teacher {self.model!r}: an ensemble is 'ensemble:mean' or 'ensemble:accuracy', not {weighting!r}"
+                )
+            if len(self.members) < 2:
+                raise ValueError("an ensemble teacher needs at least two teacher.members (each a teacher section)")
+        elif self.members:
+            raise ValueError(
+                f"teacher.members lists the teachers of an ensemble; teacher {self.model!r} is not one (set "
+                "teacher.model: ensemble:mean, or remove teacher.members)"
+            )
         return self
+
+    @field_validator("members", mode="before")
+    @classmethod
+    def _members_flat(cls, v: Any) -> Any:
+        for m in v if isinstance(v, list) else []:
+            model = m.get("model", "") if isinstance(m, dict) else getattr(m, "model", "")
+            if str(model).startswith("ensemble:"):
+                raise ValueError("teacher.members cannot themselves be ensembles; list their members directly")
+        return v
 
     @field_validator("api_key_env")
     @classmethod
@@ -273,8 +365,8 @@ class TeacherConfig(_Section):
     @classmethod
     def _known_prefix(cls, v: str) -> str:
         prefix = v.split(":", 1)[0]
-        if ":" not in v or prefix not in TEACHER_BACKENDS:
-            known = ", ".join(f"'{p}:'" for p in TEACHER_BACKENDS)
+        if ":" not in v or (prefix not in TEACHER_BACKENDS and prefix != ENSEMBLE):
+            known = ", ".join(f"'{p}:'" for p in (*TEACHER_BACKENDS, ENSEMBLE))
             raise ValueError(f"teacher {v!r} has no known prefix; start it with one of {known}")
         return v
 
@@ -290,8 +382,8 @@ class StudentConfig(_Section):
     init: Literal["pretrained", "scratch", "teacher_layers"] = Field(
         "pretrained",
         description="'pretrained': start from the model's weights; 'scratch': a new small model; "
-        "'teacher_layers' (generation, 'hf:' teacher): a copy of the teacher keeping some of its layers, "
-        "initialised from its weights (as DistilBERT was).",
+        "'teacher_layers' ('hf:' teacher: a causal LM for generation, an encoder classifier for classification): a "
+        "copy of the teacher keeping some of its layers, initialised from its weights (as DistilBERT was).",
     )
     keep_layers: list[int] | None = Field(
         None,
@@ -349,6 +441,33 @@ class TrainingConfig(_Section):
         "from the last one."
     )
     # classifier students ------------------------------------------------------------------------------------
+    select_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="Classification: share of the teacher-labelled training rows held out (never trained on) to "
+        "pick the checkpoint that agrees with the teacher best, with no gold label (0: keep the last step).",
+    )
+    select_metric: Literal["kl", "agreement"] = Field(
+        "kl",
+        description="How checkpoints are compared on that slice: mean KL(teacher || student) (lower is better), or "
+        "agreement with the teacher's top label (higher is better; ties go to the lower KL).",
+    )
+    eval_every: int | None = Field(
+        None, gt=0, description="Optimizer steps between checkpoint evaluations on the selection slice; default "
+        "once per epoch (about)."
+    )
+    patience: int | None = Field(
+        None, gt=0, description="Stop when this many evaluations in a row did not improve (unset: train to the end)."
+    )
+    sweep_alpha: list[float] | None = Field(
+        None,
+        description="Classification: alphas to try; each (alpha, temperature) pair trains a student, the one best on "
+        "the selection slice (training.select_fraction > 0) is kept, and the table goes into the report.",
+    )
+    sweep_temperature: list[float] | None = Field(
+        None, description="Temperatures to try with training.sweep_alpha (each list defaults to the single setting)."
+    )
     use_gold: bool = Field(
         True,
         description="Classification: hard target y is the gold label where a training row has one (else the "
@@ -383,6 +502,25 @@ class TrainingConfig(_Section):
     loss_chunk_size: int = Field(
         1024, gt=0, description="Generation: tokens per chunk of the LM-head loss; all logits are never held at once."
     )
+
+    @model_validator(mode="after")
+    def _selection_needs_slice(self) -> TrainingConfig:
+        if self.select_fraction == 0:
+            needs = [n for n in ("sweep_alpha", "sweep_temperature", "patience") if getattr(self, n) is not None]
+            if needs:
+                raise ValueError(
+                    f"training.{needs[0]} compares students on a held-out slice of the teacher-labelled training rows; "
+                    "set training.select_fraction (for example 0.1)"
+                )
+        for name in ("sweep_alpha", "sweep_temperature"):
+            grid = getattr(self, name)
+            if grid is not None and not grid:
+                raise ValueError(f"training.{name} is empty; list at least one value, or remove it")
+        if self.sweep_alpha and any(not 0 <= a <= 1 for a in self.sweep_alpha):
+            raise ValueError(f"training.sweep_alpha {self.sweep_alpha}: every alpha is in [0, 1]")
+        if self.sweep_temperature and any(t <= 0 for t in self.sweep_temperature):
+            raise ValueError(f"training.sweep_temperature {self.sweep_temperature}: every temperature is above 0")
+        return self
 
 
 class EvalConfig(_Section):
@@ -429,7 +567,23 @@ class Recipe(_Section):
             s.init = "teacher_layers"
         _refuse_unused(self)
         if self.task.kind == "classification":
+            if s.init == "teacher_layers" and backend != "hf":
+                raise ValueError(
+                    "student.init teacher_layers copies layers of a local encoder teacher ('hf:' and a sequence "
+                    f"classifier); teacher {self.teacher.model!r} has no layers to copy. Use student.init pretrained or "
+                    "scratch"
+                )
             return self
+        if backend in ("embed", "ensemble"):
+            raise ValueError(
+                f"teacher {self.teacher.model!r} scores labels and cannot write answers; a generation task needs an "
+                "'hf:' causal LM or an API teacher"
+            )
+        if self.data.augment.per_text:
+            raise ValueError(
+                "data.augment makes new texts for a classification task's teacher to label; remove it (generation "
+                "tasks learn from the teacher's answers to the prompts given)"
+            )
         if s.init == "teacher_layers" and backend != "hf":
             raise ValueError(
                 "student.init teacher_layers copies layers of a local teacher; with an API teacher set student.model "
@@ -483,11 +637,9 @@ class Recipe(_Section):
 _LM = "language-model students (task.kind: generation)"
 _TO_GENERATION = "remove it, or set task.kind: generation"
 _LORA = (f"configures LoRA, which protege applies to {_LM}", _TO_GENERATION)
-_KEEP = ("picks the teacher layers a student.init: teacher_layers student keeps", _TO_GENERATION)
+_KEEP = "picks the teacher layers a student.init: teacher_layers student keeps"
 # setting -> (what it is for, the fix), for the settings only one task kind uses
 _GENERATION_ONLY = {
-    "student.keep_layers": _KEEP,
-    "student.layer_stride": _KEEP,
     "student.lora_r": _LORA,
     "student.lora_alpha": _LORA,
     "student.lora_dropout": _LORA,
@@ -506,6 +658,8 @@ _GENERATION_ONLY = {
     "training.jsd_beta": ("mixes the two sides of training.divergence: jsd, a generation setting", _TO_GENERATION),
 }
 _ONE_ANSWER = "a generation teacher writes one answer per text"
+_PICK = ("picks a classifier student's checkpoint or (alpha, temperature) on held-out teacher-labelled rows; a "
+         "language-model student trains to its last step", "remove it")
 _CLASSIFICATION_ONLY = {
     "task.labels": (
         "is a classification task's label set; a generation task's answers are free text",
@@ -521,6 +675,14 @@ _CLASSIFICATION_ONLY = {
     "teacher.calibrate": (
         "calibrates a local teacher's label scores; a generation teacher writes text", "remove it"
     ),
+    "training.select_fraction": _PICK,
+    "training.select_metric": _PICK,
+    "training.eval_every": _PICK,
+    "training.patience": _PICK,
+    "training.sweep_alpha": _PICK,
+    "training.sweep_temperature": _PICK,
+    "teacher.score_temperature": ("sharpens an 'embed:' teacher's label scores; a generation teacher writes text",
+                                  "remove it"),
     "training.use_gold": (
         "picks the hard label a classifier learns; a language-model student learns the teacher's text", "remove it"
     ),
@@ -553,10 +715,6 @@ def _refuse_unused(recipe: Recipe) -> None:
     s, t = recipe.student, recipe.training
     unused: dict[str, tuple[str, str]] = {}
     if recipe.task.kind == "classification":
-        if s.init == "teacher_layers":
-            unused["student.init: teacher_layers"] = (
-                "copies a local teacher's layers into a language-model student (task.kind: generation)", _TO_GENERATION
-            )
         unused |= {k: _GENERATION_ONLY[k] for k in _set_off_default(recipe, _GENERATION_ONLY)}
     else:
         if s.init == "scratch":
@@ -565,9 +723,6 @@ def _refuse_unused(recipe: Recipe) -> None:
                 "set student.model to a causal LM, or student.init: teacher_layers with an 'hf:' teacher",
             )
         unused |= {k: _CLASSIFICATION_ONLY[k] for k in _set_off_default(recipe, _CLASSIFICATION_ONLY)}
-        if s.init != "teacher_layers":
-            for k in _set_off_default(recipe, ("student.keep_layers", "student.layer_stride")):
-                unused[k] = (_KEEP[0], "remove it, or set student.init: teacher_layers")
         if s.lora_r is None:
             for k in _set_off_default(recipe, ("student.lora_alpha", "student.lora_dropout", "student.lora_target_modules")):
                 unused[k] = ("configures LoRA, which is off until student.lora_r (the rank) is set",
@@ -581,6 +736,9 @@ def _refuse_unused(recipe: Recipe) -> None:
         elif t.divergence != "jsd" and _set_off_default(recipe, ("training.jsd_beta",)):
             unused["training.jsd_beta"] = ("mixes the two sides of training.divergence: jsd",
                                            "remove it, or set training.divergence: jsd")
+    if s.init != "teacher_layers":
+        for k in _set_off_default(recipe, ("student.keep_layers", "student.layer_stride")):
+            unused[k] = (_KEEP, "remove it, or set student.init: teacher_layers")
     if s.init != "scratch":
         for k in _set_off_default(recipe, _SCRATCH_SIZES):
             unused.setdefault(k, ("sizes a student.init: scratch encoder; any other student has its model's size",

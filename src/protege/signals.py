@@ -20,13 +20,15 @@ __all__ = [
     "TeacherSignal",
 ]
 
-DistributionMethod = Literal["logits", "label_logprobs", "samples", "hard_label"]
+DistributionMethod = Literal["logits", "label_logprobs", "samples", "hard_label", "embedding", "ensemble"]
 """How a label distribution was obtained.
 
 - ``logits``: softmax of a classifier's own logits over the labels (full information).
 - ``label_logprobs``: log-probabilities a language model gives each label string as its answer.
 - ``samples``: the empirical distribution of n sampled answers.
 - ``hard_label``: a single answer; the distribution is one-hot and carries no uncertainty.
+- ``embedding``: softmax of a sentence-embedding model's cosine similarities to each label's prototype.
+- ``ensemble``: a (weighted) mean of several teachers' distributions.
 """
 
 _SUM_TOLERANCE = 1e-4

@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import DataError
 from ..recipe import DataConfig
 
-__all__ = ["Example", "read_examples", "load_splits"]
+__all__ = ["Example", "read_examples", "load_splits", "draw_shots"]
 
 SUFFIXES = (".jsonl", ".csv", ".parquet")
 
@@ -147,3 +147,26 @@ def load_splits(cfg: DataConfig, labels: tuple[str, ...] | None, seed: int) -> t
         )
     held_ids = set(sorted((e.id for e in train), key=lambda i: _rank(seed, i))[:n_eval])
     return [e for e in train if e.id not in held_ids], [e for e in train if e.id in held_ids]
+
+
+def draw_shots(
+    train: list[Example], labels: tuple[str, ...], k: int, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """(shots, rest): ``k`` gold-labelled rows per label drawn from ``train`` (by the seed and row ids, so the same
+    rows every run), and the training rows without them. Only training rows are drawn, so no held-out row is ever
+    shown to the teacher. A label with fewer than ``k`` gold rows gives what it has."""
+    if k <= 0:
+        return [], list(train)
+    by_label: dict[str, list[Example]] = {x: [] for x in labels}
+    for ex in sorted((e for e in train if e.gold is not None), key=lambda e: _rank(seed + 7919, e.id)):
+        if len(by_label[ex.gold]) < k:
+            by_label[ex.gold].append(ex)
+    if not any(by_label.values()):
+        raise DataError(
+            "teacher.few_shot draws worked examples from gold-labelled training rows, and no training row has a "
+            "gold label; set data.label_column, give task.examples, or set teacher.few_shot: 0"
+        )
+    # interleave the labels, so the teacher does not see one label's examples in a run
+    shots = [group[i] for i in range(k) for group in by_label.values() if i < len(group)]
+    chosen = {e.id for e in shots}
+    return shots, [e for e in train if e.id not in chosen]

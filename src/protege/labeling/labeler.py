@@ -12,12 +12,12 @@ from tqdm.auto import tqdm
 
 from .._io import write_jsonl_atomic
 from ..errors import ProtegeError
-from ..recipe import Recipe
+from ..recipe import FewShotExample, Recipe
 from ..signals import TeacherSignal
 from ..store import CallRecord, Store, call_key
 from ..teachers import make_teacher
 from ..teachers.base import LocalTeacher, Request, Teacher
-from .data import Example, load_splits
+from .data import Example, draw_shots, load_splits
 from .engine import run_api
 from .prompts import render_generation, render_request
 
@@ -46,16 +46,47 @@ def task_labels(recipe: Recipe) -> tuple[str, ...] | None:
     return recipe.task.label_names if recipe.task.kind == "classification" else None
 
 
-def requests_for(recipe: Recipe, examples: list[Example]) -> list[Request]:
+SHOTS_FILE = "shots.jsonl"
+
+
+def split_shots(recipe: Recipe, train: list[Example]) -> tuple[list[FewShotExample], list[Example]]:
+    """(worked examples the teacher sees with every text, training rows left): ``task.examples`` and the
+    ``teacher.few_shot`` rows per label drawn from the gold-labelled training rows, which leave training."""
+    drawn, rest = draw_shots(train, recipe.task.label_names, recipe.teacher.few_shot, recipe.training.seed) \
+        if recipe.teacher.few_shot else ([], train)
+    shots = list(recipe.task.examples) + [FewShotExample(text=e.text, label=e.gold) for e in drawn]
+    return shots, rest
+
+
+def recipe_shots(recipe: Recipe) -> list[FewShotExample]:
+    """The worked examples labeling used: ``task.examples`` plus the drawn ones that :func:`label` saved (so the
+    cascade and evaluation ask the teacher exactly as labeling did, without the data file)."""
+    shots = list(recipe.task.examples)
+    if recipe.teacher.few_shot:
+        path = recipe.output_dir / "signals" / SHOTS_FILE
+        if not path.is_file():
+            raise ProtegeError(f"{str(path)!r} does not exist; run `protege label` first (teacher.few_shot is set)")
+        import json
+
+        shots += [FewShotExample(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return shots
+
+
+def requests_for(
+    recipe: Recipe, examples: list[Example], shots: list[FewShotExample] | None = None
+) -> list[Request]:
+    """The teacher's requests for ``examples``; ``shots`` default to :func:`recipe_shots`."""
+    shots = recipe_shots(recipe) if shots is None else shots
     if recipe.task.kind == "generation":
         t = recipe.teacher
-        return [render_generation(recipe.task, ex.text, t.max_tokens, t.top_logprobs) for ex in examples]
+        return [render_generation(recipe.task, ex.text, t.max_tokens, t.top_logprobs, shots) for ex in examples]
     rationale = recipe.teacher.rationale
-    return [render_request(recipe.task, ex.text, rationale) for ex in examples]
+    return [render_request(recipe.task, ex.text, rationale, shots) for ex in examples]
 
 
 def label_examples(
-    teacher: Teacher, recipe: Recipe, examples: list[Example], store: Store, quiet: bool = False, desc: str = "label"
+    teacher: Teacher, recipe: Recipe, examples: list[Example], store: Store, quiet: bool = False, desc: str = "label",
+    shots: list[FewShotExample] | None = None,
 ) -> tuple[list[TeacherSignal | None], list[str], LabelStats]:
     """Signals for ``examples`` in order (None where the teacher failed), calling the teacher only for keys
     the store does not hold as answered.
@@ -63,7 +94,7 @@ def label_examples(
     Local teachers: each batch is committed before the next is sent. API teachers: each row is committed as it
     finishes (see :mod:`protege.labeling.engine`). Either way a crash loses at most the calls in flight.
     """
-    return label_requests(teacher, recipe, requests_for(recipe, examples), store, quiet, desc)
+    return label_requests(teacher, recipe, requests_for(recipe, examples, shots), store, quiet, desc)
 
 
 def label_requests(
@@ -182,6 +213,7 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
     the provider refused), the signal files are removed, so no later stage trains on a stale or partial set.
     """
     train, held = load_splits(recipe.data, task_labels(recipe), recipe.training.seed)
+    shots, train = split_shots(recipe, train)
     teacher = teacher or make_teacher(recipe.teacher)
     out = recipe.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -190,7 +222,9 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
     try:
         with Store(recipe.store_path) as store:
             for split, examples in (("train", train), ("eval", held)):
-                signals, keys, stats = label_examples(teacher, recipe, examples, store, quiet, desc=f"label {split}")
+                signals, keys, stats = label_examples(
+                    teacher, recipe, examples, store, quiet, desc=f"label {split}", shots=shots
+                )
                 failures = store.failures([k for k, s in zip(keys, signals) if s is None])
                 results[split] = (examples, signals, keys, failures)
                 total.add(stats)
@@ -225,8 +259,10 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
             f"({recipe.teacher.max_failed_fraction:g}); first: {first['id']}: {first['reason']}. Every row and "
             f"reason is in {out / 'signals' / 'failed.jsonl'}; rerun `protege label` to retry only those rows"
         )
+    drawn = shots[len(recipe.task.examples):]
+    write_jsonl_atomic(out / "signals" / SHOTS_FILE, [e.model_dump() for e in drawn])
     for split, (examples, signals, keys, _) in results.items():
-        requests = requests_for(recipe, examples)
+        requests = requests_for(recipe, examples, shots)
         ok = [(ex, s, k, r) for ex, s, k, r in zip(examples, signals, keys, requests) if s is not None]
         write_jsonl_atomic(out / "signals" / f"{split}.jsonl", _signal_rows(*map(list, zip(*ok))) if ok else [])
     recipe.save(out / "signals" / "recipe.yaml")
@@ -278,9 +314,10 @@ def estimate(recipe: Recipe) -> Estimate:
     from ..teachers.base import expected_tokens
 
     train, held = load_splits(recipe.data, task_labels(recipe), recipe.training.seed)
+    shots, train = split_shots(recipe, train)
     examples = train + held
     teacher = make_teacher(recipe.teacher)
-    requests = requests_for(recipe, examples)
+    requests = requests_for(recipe, examples, shots)
     keys = [call_key(teacher.identity, r.to_json()) for r in requests]
     with Store(recipe.store_path) as store:
         done = store.get_signals(keys)

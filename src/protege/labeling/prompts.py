@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..recipe import TaskConfig
+from collections.abc import Sequence
+
+from ..recipe import FewShotExample, TaskConfig
 from ..teachers.base import Generate, Request
 
 __all__ = ["render_request", "render_generation", "instruction_block"]
@@ -18,11 +20,23 @@ def instruction_block(task: TaskConfig) -> str:
     return "\n".join(lines)
 
 
-def render_request(task: TaskConfig, text: str, rationale: bool = False) -> Request:
+def _canonical_label(task: TaskConfig, label: str) -> str:
+    by_key = {name.strip().casefold(): name for name in task.label_names}
+    return by_key.get(label.strip().casefold(), label)
+
+
+def render_request(
+    task: TaskConfig, text: str, rationale: bool = False, examples: Sequence[FewShotExample] = ()
+) -> Request:
     """One user turn: instruction and labels first (shared by every text), then the text, then the answer
     format. Small chat models answer the text itself when it stands alone in a turn; framed like this they
     classify it. With ``rationale`` the teacher is asked to explain first and answer on a last line
-    ``Answer: <label>`` (what :func:`protege.teachers.parse.split_rationale` reads)."""
+    ``Answer: <label>`` (what :func:`protege.teachers.parse.split_rationale` reads).
+
+    Worked examples (``task.examples`` and those drawn by ``teacher.few_shot``) come first, each as the same
+    user turn answered by an assistant turn with its label, so the teacher sees the task done before it does
+    it. Without examples the request is exactly what it was before examples existed (same cache key).
+    """
     names = ", ".join(task.label_names)
     if rationale:
         ask = (
@@ -31,23 +45,49 @@ def render_request(task: TaskConfig, text: str, rationale: bool = False) -> Requ
         )
     else:
         ask = f"Which label fits the text? Answer with one of: {names}."
-    content = f"{instruction_block(task)}\n\nText:\n\"\"\"\n{text}\n\"\"\"\n\n{ask}"
-    return Request(messages=({"role": "user", "content": content},), labels=task.label_names, text=text)
+
+    def turn(t: str) -> dict[str, str]:
+        return {"role": "user", "content": f"{instruction_block(task)}\n\nText:\n\"\"\"\n{t}\n\"\"\"\n\n{ask}"}
+
+    shots = [(e.text, _canonical_label(task, e.label)) for e in examples]
+    messages: list[dict[str, str]] = []
+    for t, label in shots:
+        answer = f"Answer: {label}" if rationale else label
+        messages += [turn(t), {"role": "assistant", "content": answer}]
+    messages.append(turn(text))
+    return Request(
+        messages=tuple(messages),
+        labels=task.label_names,
+        text=text,
+        label_descriptions=tuple(label.description for label in task.labels),
+        examples=tuple(shots),
+    )
 
 
-def render_generation(task: TaskConfig, text: str, max_tokens: int | None, top_logprobs: int) -> Request:
+def render_generation(
+    task: TaskConfig, text: str, max_tokens: int | None, top_logprobs: int, examples: Sequence[FewShotExample] = ()
+) -> Request:
     """One user turn for a generation task: the instruction, a blank line, the text; with
-    ``task.answer_format: rationale`` a request to explain first and answer on a last line 'Answer: ...'."""
+    ``task.answer_format: rationale`` a request to explain first and answer on a last line 'Answer: ...'.
+    Worked examples come first as the same turn answered by the example's answer."""
     rationale = task.answer_format == "rationale"
-    content = f"{task.instruction.strip()}\n\n{text}"
-    if rationale:
-        content += (
-            "\n\nFirst explain your reasoning briefly. Then give the final answer on its own last line, exactly "
-            "as 'Answer: <answer>'."
-        )
+
+    def turn(t: str) -> dict[str, str]:
+        content = f"{task.instruction.strip()}\n\n{t}"
+        if rationale:
+            content += (
+                "\n\nFirst explain your reasoning briefly. Then give the final answer on its own last line, "
+                "exactly as 'Answer: <answer>'."
+            )
+        return {"role": "user", "content": content}
+
+    messages: list[dict[str, str]] = []
+    for e in examples:
+        messages += [turn(e.text), {"role": "assistant", "content": f"Answer: {e.label}" if rationale else e.label}]
+    messages.append(turn(text))
     limit = max_tokens or (2 * GENERATION_MAX_TOKENS if rationale else GENERATION_MAX_TOKENS)
     return Request(
-        messages=({"role": "user", "content": content},),
+        messages=tuple(messages),
         labels=(),
         text=text,
         generate=Generate(max_tokens=limit, top_logprobs=top_logprobs, rationale=rationale),

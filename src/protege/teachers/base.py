@@ -26,6 +26,11 @@ class Request:
     labels: tuple[str, ...]
     text: str
     generate: Generate | None = None  # set for generation tasks: the teacher writes an answer
+    # The task as structured data for teachers that do not read prompts (an 'embed:' teacher): each label's
+    # description and the worked examples as (text, label). Both are rendered into ``messages`` too, so the
+    # cache key (a hash of to_json) already covers them; they are not repeated in to_json.
+    label_descriptions: tuple[str, ...] = ()
+    examples: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """What the cache key hashes and the store keeps; ``text`` is left out (it is inside the messages)."""
