@@ -33,9 +33,9 @@ def render_request(
     classify it. With ``rationale`` the teacher is asked to explain first and answer on a last line
     ``Answer: <label>`` (what :func:`protege.teachers.parse.split_rationale` reads).
 
-    Worked examples (``task.examples`` and those drawn by ``teacher.few_shot``) come first, each as the same
-    user turn answered by an assistant turn with its label, so the teacher sees the task done before it does
-    it. Without examples the request is exactly what it was before examples existed (same cache key).
+    Worked examples (``task.examples`` and those drawn by ``teacher.few_shot``) come first, each a user turn
+    (the instruction and labels only in the first) answered by an assistant turn with its label, so the
+    teacher sees the task done before it does it. Without examples the request is exactly what it was before examples existed (same cache key).
     """
     names = ", ".join(task.label_names)
     if rationale:
@@ -46,15 +46,16 @@ def render_request(
     else:
         ask = f"Which label fits the text? Answer with one of: {names}."
 
-    def turn(t: str) -> dict[str, str]:
-        return {"role": "user", "content": f"{instruction_block(task)}\n\nText:\n\"\"\"\n{t}\n\"\"\"\n\n{ask}"}
+    def turn(t: str, first: bool) -> dict[str, str]:
+        head = f"{instruction_block(task)}\n\n" if first else ""  # said once, in the first turn
+        return {"role": "user", "content": f"{head}Text:\n\"\"\"\n{t}\n\"\"\"\n\n{ask}"}
 
     shots = [(e.text, _canonical_label(task, e.label)) for e in examples]
     messages: list[dict[str, str]] = []
     for t, label in shots:
         answer = f"Answer: {label}" if rationale else label
-        messages += [turn(t), {"role": "assistant", "content": answer}]
-    messages.append(turn(text))
+        messages += [turn(t, not messages), {"role": "assistant", "content": answer}]
+    messages.append(turn(text, not messages))
     return Request(
         messages=tuple(messages),
         labels=task.label_names,

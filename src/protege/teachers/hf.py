@@ -149,8 +149,9 @@ class HFCausalLMTeacher(_HFTeacher):
             text_ids = tok(req.text, add_special_tokens=False)["input_ids"]
             if over >= len(text_ids):
                 raise ProtegeError(
-                    f"the task's instruction alone is longer than teacher.max_length={self.cfg.max_length} "
-                    "tokens; raise teacher.max_length or shorten the instruction"
+                    f"the task's instruction (with its worked examples, if any) alone is longer than "
+                    f"teacher.max_length={self.cfg.max_length} tokens; raise teacher.max_length, shorten the "
+                    "instruction, or show fewer examples (task.examples, teacher.few_shot)"
                 )
             cut = tok.decode(text_ids[: len(text_ids) - over - 4], skip_special_tokens=True)
             messages = [{**m, "content": m["content"].replace(req.text, cut)} for m in req.messages]
