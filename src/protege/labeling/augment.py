@@ -26,9 +26,9 @@ from ..teachers.base import Generate, Request
 from .data import Example
 
 __all__ = [
-    "AugmentedExample",
     "DEFAULT_MASK",
     "PARAPHRASE_PROMPT",
+    "AugmentedExample",
     "augment_texts",
     "check_paraphrase",
     "paraphrase_request",

@@ -17,6 +17,7 @@ from ..signals import TeacherSignal
 from ..store import CallRecord, Store, call_key
 from ..teachers import make_teacher
 from ..teachers.base import LocalTeacher, Request, Teacher
+from .augment import AugmentedExample, augment_texts, check_paraphrase, paraphrase_request, student_mask_token
 from .data import Example, draw_shots, load_splits
 from .engine import run_api
 from .prompts import render_generation, render_request
@@ -85,15 +86,21 @@ def requests_for(
 
 
 def label_examples(
-    teacher: Teacher, recipe: Recipe, examples: list[Example], store: Store, quiet: bool = False, desc: str = "label",
-    shots: list[FewShotExample] | None = None,
+    teacher: Teacher | None, recipe: Recipe, examples: list[Example], store: Store, quiet: bool = False,
+    desc: str = "label", shots: list[FewShotExample] | None = None,
 ) -> tuple[list[TeacherSignal | None], list[str], LabelStats]:
     """Signals for ``examples`` in order (None where the teacher failed), calling the teacher only for keys
     the store does not hold as answered.
 
     Local teachers: each batch is committed before the next is sent. API teachers: each row is committed as it
     finishes (see :mod:`protege.labeling.engine`). Either way a crash loses at most the calls in flight.
+    An ensemble (``teacher`` None) labels through each member and combines them (:mod:`.ensemble`).
     """
+    if recipe.teacher.kind == "ensemble":
+        from .ensemble import label_ensemble
+
+        return label_ensemble(recipe, examples, store, quiet, desc, shots)
+    assert teacher is not None, "a teacher that is not an ensemble labels through its own Teacher"
     return label_requests(teacher, recipe, requests_for(recipe, examples, shots), store, quiet, desc)
 
 
@@ -204,8 +211,36 @@ def _signal_rows(
     ]
 
 
+def _augmented(recipe: Recipe, train: list[Example], held: list[Example]) -> list[AugmentedExample]:
+    """The ``data.augment.per_text`` new texts made from the training rows (none equal to a held-out text)."""
+    cfg = recipe.data.augment
+    if not cfg.per_text:
+        return []
+    mask = student_mask_token(recipe) if cfg.mask_p else ""  # no tokenizer to load when nothing is masked
+    return augment_texts(train, cfg, recipe.training.seed, mask, avoid=(e.text for e in held))
+
+
+def _paraphrased(
+    train: list[Example], signals: list[TeacherSignal | None], taken: set[str]
+) -> list[AugmentedExample]:
+    """The teacher's paraphrases as new examples (``f"{src.id}~para"``), leaving out failed calls and any reply
+    that repeats a text already in ``taken`` (which grows with the new ones)."""
+    out = []
+    for src, s in zip(train, signals):
+        text = (s.text or "").strip() if s is not None else ""
+        if text and text not in taken:
+            taken.add(text)
+            out.append(AugmentedExample(f"{src.id}~para", text, None, src.where, src.id))
+    return out
+
+
 def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -> LabelStats:
     """Stage 1: label the training and evaluation splits; write ``signals/{train,eval}.jsonl``.
+
+    With ``data.augment`` the new texts made from the training rows (and, with ``paraphrase``, the teacher's
+    rewrites of them, asked for after the originals are labelled) are labelled by the same teacher and written
+    after the originals in ``signals/train.jsonl``, each with ``augmented_from`` (its source row's id). They
+    are bought last, so a budget cap spends on the originals first; evaluation is never augmented.
 
     Rows the teacher failed on go to ``signals/failed.jsonl`` with the reason and the raw reply, and are left
     out of the signal files. More than ``teacher.max_failed_fraction`` of them stops the pipeline (the
@@ -214,29 +249,46 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
     """
     train, held = load_splits(recipe.data, task_labels(recipe), recipe.training.seed)
     shots, train = split_shots(recipe, train)
-    teacher = teacher or make_teacher(recipe.teacher)
+    check_paraphrase(recipe)
+    augmented = _augmented(recipe, train, held)
+    ensemble = recipe.teacher.kind == "ensemble"
+    teacher = None if ensemble else teacher or make_teacher(recipe.teacher)
     out = recipe.output_dir
     out.mkdir(parents=True, exist_ok=True)
     total = LabelStats()
     results = {}
+
+    def record(split: str, examples: list[Example], signals: list, keys: list[str], stats: LabelStats) -> None:
+        results[split] = (examples, signals, keys, store.failures([k for k, s in zip(keys, signals) if s is None]))
+        total.add(stats)
+        total.by_split[split] = {
+            "examples": stats.examples,
+            "cached": stats.cached,
+            "called": stats.called,
+            "failed": sum(s is None for s in signals),
+        }
+
     try:
         with Store(recipe.store_path) as store:
             for split, examples in (("train", train), ("eval", held)):
                 signals, keys, stats = label_examples(
                     teacher, recipe, examples, store, quiet, desc=f"label {split}", shots=shots
                 )
-                failures = store.failures([k for k, s in zip(keys, signals) if s is None])
-                results[split] = (examples, signals, keys, failures)
-                total.add(stats)
-                total.by_split[split] = {
-                    "examples": stats.examples,
-                    "cached": stats.cached,
-                    "called": stats.called,
-                    "failed": sum(s is None for s in signals),
-                }
+                record(split, examples, signals, keys, stats)
+            if recipe.data.augment.paraphrase:
+                requests = [paraphrase_request(e.text) for e in train]
+                signals, keys, stats = label_requests(teacher, recipe, requests, store, quiet, desc="paraphrase")
+                record("paraphrase", train, signals, keys, stats)
+                augmented += _paraphrased(train, signals, {e.text.strip() for e in train + held + augmented})
+            if recipe.data.augment.per_text or recipe.data.augment.paraphrase:
+                signals, keys, stats = label_examples(
+                    teacher, recipe, augmented, store, quiet, desc="label augment", shots=shots
+                )
+                record("augment", augmented, signals, keys, stats)
             if total.called:
                 # Labeling time in the one ledger: an API's money is in the calls; a local model's is compute.
-                local = teacher.kind == "local"
+                members = recipe.teacher.members if ensemble else [recipe.teacher]
+                local = all(m.kind == "local" for m in members)
                 usd = total.seconds / 3600 * recipe.eval.compute_usd_per_hour if local else 0.0
                 store.log_compute("label", total.seconds, usd, rows=total.called, attempts=total.attempts)
     except ProtegeError:
@@ -261,12 +313,24 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
         )
     drawn = shots[len(recipe.task.examples):]
     write_jsonl_atomic(out / "signals" / SHOTS_FILE, [e.model_dump() for e in drawn])
-    for split, (examples, signals, keys, _) in results.items():
-        requests = requests_for(recipe, examples, shots)
-        ok = [(ex, s, k, r) for ex, s, k, r in zip(examples, signals, keys, requests) if s is not None]
-        write_jsonl_atomic(out / "signals" / f"{split}.jsonl", _signal_rows(*map(list, zip(*ok))) if ok else [])
+    rows = {split: _ok_rows(recipe, shots, *results[split][:3]) for split in ("train", "eval")}
+    if "augment" in results:
+        ok = _ok_rows(recipe, shots, *results["augment"][:3])
+        sources = {ex.id: ex.source for ex in augmented}
+        rows["train"] += [{**row, "augmented_from": sources[row["id"]]} for row in ok]
+    for split, split_rows in rows.items():
+        write_jsonl_atomic(out / "signals" / f"{split}.jsonl", split_rows)
     recipe.save(out / "signals" / "recipe.yaml")
     return total
+
+
+def _ok_rows(
+    recipe: Recipe, shots: list[FewShotExample], examples: list[Example], signals: list, keys: list[str]
+) -> list[dict[str, Any]]:
+    """The signal rows of the examples the teacher answered, in order."""
+    requests = requests_for(recipe, examples, shots)
+    ok = [(ex, s, k, r) for ex, s, k, r in zip(examples, signals, keys, requests) if s is not None]
+    return _signal_rows(*map(list, zip(*ok))) if ok else []
 
 
 def _remove_signals(out: Path) -> None:
@@ -310,24 +374,47 @@ def estimate(recipe: Recipe) -> Estimate:
 
     Expected tokens come from earlier calls of the same teacher in the store when there are any, else from
     about four characters per token and a short answer. The worst case is what the engine reserves.
+    Augmented texts (``data.augment``) are counted like any row; a paraphrase not yet in the store is counted
+    as its generation call plus a label call the size of its source text's.
     """
     from ..teachers.base import expected_tokens
 
+    check_paraphrase(recipe)
+    if recipe.teacher.kind == "ensemble":
+        return _estimate_ensemble(recipe)
     train, held = load_splits(recipe.data, task_labels(recipe), recipe.training.seed)
     shots, train = split_shots(recipe, train)
-    examples = train + held
+    augmented = _augmented(recipe, train, held)
     teacher = make_teacher(recipe.teacher)
+    examples = train + held + augmented
     requests = requests_for(recipe, examples, shots)
-    keys = [call_key(teacher.identity, r.to_json()) for r in requests]
+    pending: list[Request] = []  # label calls of paraphrases not written yet: their text is unknown
+    notes = []
     with Store(recipe.store_path) as store:
+        if recipe.data.augment.paraphrase:
+            asks = [paraphrase_request(e.text) for e in train]
+            ask_keys = [call_key(teacher.identity, r.to_json()) for r in asks]
+            written = store.get_signals(ask_keys)
+            signals = [written.get(k) for k in ask_keys]
+            paras = _paraphrased(train, signals, {e.text.strip() for e in examples})
+            pending = requests_for(recipe, [e for e, s in zip(train, signals) if s is None], shots)
+            requests += asks + requests_for(recipe, paras, shots)
+            notes.append(
+                f"{len(asks)} paraphrase requests (data.augment.paraphrase), then a label call for each new paraphrase; "
+                f"{len(pending)} not yet written are counted at their source text's length"
+            )
+        keys = [call_key(teacher.identity, r.to_json()) for r in requests]
         done = store.get_signals(keys)
         spent = store.spent()
         seen = store.answered_means(recipe.teacher.model)
-    todo = {k: r for k, r in zip(keys, requests) if k not in done}
+    if augmented:
+        notes.insert(0, f"{len(augmented)} of the rows are augmented texts (data.augment.per_text: "
+                        f"{recipe.data.augment.per_text}, made from {len(train)} training texts)")
+    todo = list({k: r for k, r in zip(keys, requests) if k not in done}.values()) + pending
     est = Estimate(
         teacher=recipe.teacher.model,
         method=teacher.method,
-        rows=len(examples),
+        rows=len(requests) + len(pending),
         cached=sum(k in done for k in keys),
         to_call=len(todo),
         calls=0,
@@ -338,6 +425,7 @@ def estimate(recipe: Recipe) -> Estimate:
         spent_usd=spent,
         budget_usd=recipe.teacher.budget_usd,
         basis="local model: no per-token cost",
+        notes=notes,
     )
     if teacher.kind == "local":
         est.calls = len(todo)
@@ -351,7 +439,7 @@ def estimate(recipe: Recipe) -> Estimate:
         est.notes.append(f"batch API: {factor:.0%} of the price, results within 24 hours")
     price = teacher.price
     n_seen, in_seen, out_seen = seen.calls, seen.input_tokens, seen.output_tokens
-    for r in todo.values():
+    for r in todo:
         worst_in, worst_out, calls = teacher.worst_case(r)
         est.calls += calls
         est.worst_usd += calls * price.cost(worst_in, worst_out, factor=factor)
@@ -373,3 +461,32 @@ def estimate(recipe: Recipe) -> Estimate:
     est.key_env = teacher.key_env
     est.key_set = teacher.key_env is None or bool(os.environ.get(teacher.key_env, "").strip())
     return est
+
+
+def _estimate_ensemble(recipe: Recipe) -> Estimate:
+    """The sum of each member's estimate (every member labels every row under its own cache identity)."""
+    from .ensemble import member_recipe
+
+    members = recipe.teacher.members
+    parts = [estimate(member_recipe(recipe, m)) for m in members]
+    unset = [p for p in parts if not p.key_set]
+    keyed = unset or [p for p in parts if p.key_env]
+    return Estimate(
+        teacher=recipe.teacher.model,
+        method="ensemble",
+        rows=sum(p.rows for p in parts),
+        cached=sum(p.cached for p in parts),
+        to_call=sum(p.to_call for p in parts),
+        calls=sum(p.calls for p in parts),
+        input_tokens=sum(p.input_tokens for p in parts),
+        output_tokens=sum(p.output_tokens for p in parts),
+        usd=sum(p.usd for p in parts),
+        worst_usd=sum(p.worst_usd for p in parts),
+        spent_usd=parts[0].spent_usd,  # one store for every member
+        budget_usd=recipe.teacher.budget_usd,
+        basis="; ".join(f"{m.model}: {p.basis}" for m, p in zip(members, parts)),
+        key_env=keyed[0].key_env if keyed else None,
+        key_set=not unset,
+        notes=[f"{len(members)} members: rows are counted once per member"]
+        + [f"{m.model}: {note}" for m, p in zip(members, parts) for note in p.notes],
+    )
