@@ -253,3 +253,26 @@ def test_paraphrase_with_a_local_teacher_is_refused_with_the_fix(tiny_recipe):
         with pytest.raises(ProtegeError, match="is not an API teacher.*paraphrase: false, or use an API teacher"):
             run(recipe, quiet=True) if run is label else run(recipe)
     assert not recipe.store_path.exists() or n_calls(recipe.store_path) == 0
+
+
+def test_the_whole_loop_trains_on_the_augmented_rows_and_a_rerun_buys_nothing(tiny_recipe):
+    from click.testing import CliRunner
+
+    from protege.cli import cli
+
+    runner = CliRunner()
+    flags = ["-q", "--data.augment.per_text", "1"]
+    res = runner.invoke(cli, ["label", str(tiny_recipe), "--dry-run", *flags])
+    assert res.exit_code == 0, res.output
+    assert "rows: 105, 0 already answered in the store, 105 to call" in res.output
+    assert "note: 45 of the rows are augmented texts" in res.output
+    res = runner.invoke(cli, ["run", str(tiny_recipe), *flags])
+    assert res.exit_code == 0, res.output
+    assert "label: 105 teacher calls, 0 answers from the store" in res.output
+    out = tiny_recipe.parent / "out"
+    card = json.loads((out / "student/protege.json").read_text())
+    assert card["examples"] == 90  # 45 originals and their 45 new texts
+    report = json.loads((out / "report.json").read_text())
+    assert report["eval_examples"] == 15
+    res = runner.invoke(cli, ["run", str(tiny_recipe), *flags])
+    assert res.exit_code == 0 and "label: 0 teacher calls, 105 answers from the store" in res.output, res.output
