@@ -54,7 +54,8 @@ def test_draw_shots_takes_k_gold_rows_per_label_from_training_rows_only_and_the_
 
 
 def _recipe(tmp_path, tiny_lm_dir, **teacher):
-    write_jsonl(tmp_path / "data.jsonl", make_examples(40, seed=3))
+    short = [r for r in make_examples(400, seed=3) if len(r["text"].split()) <= 12]  # five shots fit the tiny LM
+    write_jsonl(tmp_path / "data.jsonl", short[:40])
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({
         "task": {"labels": LABELS},

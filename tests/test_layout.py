@@ -117,7 +117,7 @@ def test_recipe_and_teachers_know_the_same_backends(tiny_lm_dir):
     from protege.teachers import make_teacher
 
     assert set(TEACHER_BACKENDS) == set(BACKENDS)
-    specs = {"hf": f"hf:{tiny_lm_dir}", "openai": "openai:gpt-4o-mini", "anthropic": "anthropic:claude-haiku-4-5"}
+    specs = {"hf": f"hf:{tiny_lm_dir}", "embed": "embed:all-minilm-l6-v2", "openai": "openai:gpt-4o-mini", "anthropic": "anthropic:claude-haiku-4-5"}
     for prefix, spec in specs.items():
         cfg = TeacherConfig(model=spec, label_method="hard_label" if prefix == "anthropic" else "auto")
         assert make_teacher(cfg).kind == cfg.kind == TEACHER_BACKENDS[prefix]

@@ -11,6 +11,7 @@ their gold accuracies go to ``signals/ensemble.json``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from .._io import content_hash, write_json_atomic
@@ -23,6 +24,7 @@ from .data import Example, load_splits
 __all__ = ["ENSEMBLE_FILE", "label_ensemble", "member_recipe", "combine"]
 
 ENSEMBLE_FILE = "ensemble.json"
+LabelFn = Callable[..., tuple[list[TeacherSignal | None], list[str], Any]]
 
 
 def member_recipe(recipe: Recipe, member: TeacherConfig) -> Recipe:
@@ -49,26 +51,28 @@ def combine(dists: list[LabelDistribution], weights: list[float]) -> LabelDistri
 
 
 def _label_members(
-    recipe: Recipe, examples: list[Example], store: Store, quiet: bool, desc: str, shots: list[FewShotExample] | None
+    recipe: Recipe, examples: list[Example], store: Store, label_one: LabelFn, quiet: bool, desc: str,
+    shots: list[FewShotExample] | None,
 ) -> tuple[list[list[TeacherSignal | None]], list[list[str]], Any]:
     from ..teachers import make_teacher
-    from .labeler import LabelStats, label_examples
 
-    signals, keys, stats = [], [], LabelStats(examples=len(examples))
+    signals, keys, stats = [], [], None
     for m in recipe.teacher.members:
-        sigs, ks, st = label_examples(
+        sigs, ks, st = label_one(
             make_teacher(m), member_recipe(recipe, m), examples, store, quiet, desc=f"{desc} [{m.model}]", shots=shots
         )
         signals.append(sigs)
         keys.append(ks)
-        for name in ("called", "failed", "attempts", "parse_retries", "cost_usd", "seconds"):
-            setattr(stats, name, getattr(stats, name) + getattr(st, name))
-        stats.cached += st.cached
+        if stats is None:
+            stats = st
+        else:
+            stats.add(st)
+    stats.examples = len(examples)  # each text once, whatever the member count
     return signals, keys, stats
 
 
 def _weights(
-    recipe: Recipe, store: Store, quiet: bool, shots: list[FewShotExample] | None
+    recipe: Recipe, store: Store, label_one: LabelFn, quiet: bool, shots: list[FewShotExample] | None
 ) -> tuple[list[float], list[float | None], int]:
     """(weights, each member's accuracy on the gold-labelled training rows, how many rows that is)."""
     n_members = len(recipe.teacher.members)
@@ -86,7 +90,7 @@ def _weights(
             )
         return [1.0] * n_members, [None] * n_members, 0
     # the training pass labels these rows anyway (they are training rows): here they come from the store
-    signals, _, _ = _label_members(recipe, gold, store, quiet, "ensemble weights", shots)
+    signals, _, _ = _label_members(recipe, gold, store, label_one, quiet, "ensemble weights", shots)
     accs: list[float | None] = []
     for sigs in signals:
         scored = [(s.distribution.top == e.gold) for s, e in zip(sigs, gold) if s is not None and s.distribution]
@@ -100,17 +104,20 @@ def label_ensemble(
     recipe: Recipe,
     examples: list[Example],
     store: Store,
+    label_one: LabelFn,
     quiet: bool = False,
     desc: str = "label",
     shots: list[FewShotExample] | None = None,
 ) -> tuple[list[TeacherSignal | None], list[str], Any]:
     """Signals of the ensemble for ``examples`` in order, as :func:`protege.labeling.labeler.label_examples`
     returns them. A row fails when any member failed on it (the key returned is then that member's call, so
-    the reason can be looked up); otherwise its key is a hash of the members' keys and the weights."""
+    the reason can be looked up); otherwise its key is a hash of the members' keys and the weights.
+    ``label_one`` is :func:`protege.labeling.labeler.label_examples`, passed in so this module does not import
+    the labeler that dispatches to it."""
     if recipe.task.kind != "classification":
         raise ProtegeError("an ensemble teacher combines label distributions; it labels classification tasks only")
-    signals, keys, stats = _label_members(recipe, examples, store, quiet, desc, shots)
-    weights, accs, n_gold = _weights(recipe, store, quiet, shots)
+    signals, keys, stats = _label_members(recipe, examples, store, label_one, quiet, desc, shots)
+    weights, accs, n_gold = _weights(recipe, store, label_one, quiet, shots)
     out: list[TeacherSignal | None] = []
     out_keys: list[str] = []
     for i in range(len(examples)):

@@ -99,7 +99,7 @@ def label_examples(
     if recipe.teacher.kind == "ensemble":
         from .ensemble import label_ensemble
 
-        return label_ensemble(recipe, examples, store, quiet, desc, shots)
+        return label_ensemble(recipe, examples, store, label_examples, quiet, desc, shots)
     assert teacher is not None, "a teacher that is not an ensemble labels through its own Teacher"
     return label_requests(teacher, recipe, requests_for(recipe, examples, shots), store, quiet, desc)
 

@@ -1,6 +1,7 @@
 """Teachers turn rendered requests into teacher signals.
 
-Backends live in a plain dict keyed by the prefix of the teacher spec (``hf:``, ``openai:``, ``anthropic:``).
+Backends live in a plain dict keyed by the prefix of the teacher spec (``hf:``, ``embed:``, ``openai:``,
+``anthropic:``).
 A teacher's ``kind`` says which protocol it follows (:mod:`protege.teachers.base`): ``"local"`` teachers answer
 a batch at once (``signals``); ``"api"`` teachers answer one request at a time through the engine
 (``answer``) or in a provider batch (``batches``). A backend is a
@@ -24,6 +25,12 @@ def _hf(spec: str, cfg: TeacherConfig) -> Teacher:
     return make_hf_teacher(spec, cfg)
 
 
+def _embed(spec: str, cfg: TeacherConfig) -> Teacher:
+    from .embed import EmbeddingTeacher
+
+    return EmbeddingTeacher(spec, cfg)
+
+
 def _openai(spec: str, cfg: TeacherConfig) -> Teacher:
     from .openai_api import OpenAITeacher
 
@@ -36,9 +43,18 @@ def _anthropic(spec: str, cfg: TeacherConfig) -> Teacher:
     return AnthropicTeacher(spec, cfg)
 
 
-BACKENDS: dict[str, Callable[[str, TeacherConfig], Teacher]] = {"hf": _hf, "openai": _openai, "anthropic": _anthropic}
+BACKENDS: dict[str, Callable[[str, TeacherConfig], Teacher]] = {
+    "hf": _hf, "embed": _embed, "openai": _openai, "anthropic": _anthropic,
+}
 
 
 def make_teacher(cfg: TeacherConfig) -> Teacher:
     prefix, spec = cfg.model.split(":", 1)
+    if cfg.kind == "ensemble":
+        from ..errors import ProtegeError
+
+        raise ProtegeError(
+            f"teacher {cfg.model!r} is an ensemble, not one model: its members answer "
+            "(protege.labeling.ensemble); where one teacher must answer (a served cascade), use one of teacher.members"
+        )
     return BACKENDS[prefix](spec, cfg)
