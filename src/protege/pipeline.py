@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ._io import replace_dir
 from .evaluation import evaluate
 from .labeling.labeler import LabelStats, label, read_signals
 from .recipe import Recipe
 from .store import Store
+from .students.card import CARD, StudentCard
 from .training.classifier import TrainRow, train_student
+from .training.select import improves
 
-__all__ = ["label", "train", "evaluate", "run"]
+__all__ = ["evaluate", "label", "run", "train"]
 
-STUDENT_DIR, BASELINE_DIR = "student", "student-hard"
+STUDENT_DIR, BASELINE_DIR, SWEEP_DIR = "student", "student-hard", "student.sweep"
 
 
 def _signals_hash(recipe: Recipe) -> str:
@@ -57,7 +62,10 @@ def _lm_rows(recipe: Recipe) -> list[Any]:
 
 def train(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, Any]:
     """Stage 2: train the distilled student (and, for classification, the hard-label baseline) on
-    ``signals/train.jsonl``."""
+    ``signals/train.jsonl``; with training.sweep_alpha / sweep_temperature, the best of a small sweep.
+
+    ``force=False`` skips a student whose protege.json records the current recipe and signals hashes (the
+    recipe hash covers the selection and sweep settings)."""
     expect = {
         "recipe_hash": recipe.section_hash("task", "data", "teacher", "student", "training"),
         "signals_hash": _signals_hash(recipe),
@@ -74,30 +82,86 @@ def train(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, 
             store.log_compute(f"train:{STUDENT_DIR}", summary["train_seconds"], examples=len(rows),
                               distill=recipe.training.distill)
         return {STUDENT_DIR: summary}
-    labels = recipe.task.label_names
-    use_gold = recipe.training.use_gold
-    rows = [
+    t = recipe.training
+    rows = _classifier_rows(recipe)
+    out: dict[str, Any] = {}
+    with Store(recipe.store_path) as store:
+        for name, alpha in [(STUDENT_DIR, t.alpha)] + [(BASELINE_DIR, 0.0)] * t.hard_label_baseline:
+            path = recipe.output_dir / name
+            if not force and _current(path / CARD, expect):
+                out[name] = {"skipped": True}
+            elif name == STUDENT_DIR and (t.sweep_alpha or t.sweep_temperature):
+                out[name] = _sweep(recipe, rows, store, quiet, expect)
+            else:
+                out[name] = _train_one(recipe, rows, store, path, alpha, t.temperature, quiet, expect)
+    return out
+
+
+def _classifier_rows(recipe: Recipe) -> list[TrainRow]:
+    """Training rows of a classification task; the hard target is the gold label where there is one (and
+    training.use_gold), else the teacher's top label."""
+    labels, use_gold = recipe.task.label_names, recipe.training.use_gold
+    return [
         TrainRow(
             text=r["text"],
             teacher_probs=tuple(r["teacher_probs"]),
             target=labels.index(r["gold"] if use_gold and r["gold"] is not None else r["teacher_label"]),
+            id=str(r["id"]),
+            augmented_from=None if r.get("augmented_from") is None else str(r["augmented_from"]),
         )
         for r in read_signals(recipe, "train")
     ]
-    runs = [(STUDENT_DIR, recipe.training.alpha)]
-    if recipe.training.hard_label_baseline:
-        runs.append((BASELINE_DIR, 0.0))
-    out: dict[str, Any] = {}
-    with Store(recipe.store_path) as store:
-        for name, alpha in runs:
-            path = recipe.output_dir / name
-            if not force and _current(path / "protege.json", expect):
-                out[name] = {"skipped": True}
-                continue
-            summary = train_student(recipe, rows, path, alpha, quiet, extra_meta=expect)
-            store.log_compute(f"train:{name}", summary["train_seconds"], examples=len(rows), alpha=alpha)
-            out[name] = summary
-    return out
+
+
+def _train_one(
+    recipe: Recipe, rows: list[TrainRow], store: Store, path: Path, alpha: float, temperature: float, quiet: bool,
+    expect: dict[str, Any], trial: int | None = None,
+) -> dict[str, Any]:
+    """Train one classifier student into ``path`` and log its compute (under the name of the directory it ends
+    in: a sweep's trials count as the student's)."""
+    summary = train_student(recipe, rows, path, alpha, quiet, extra_meta=expect, temperature=temperature)
+    stage = STUDENT_DIR if trial is not None else path.name
+    detail = {"examples": summary["examples"], "alpha": alpha, "temperature": temperature}
+    if trial is not None:
+        detail["trial"] = trial
+    store.log_compute(f"train:{stage}", summary["train_seconds"], **detail)
+    return summary
+
+
+def _sweep(recipe: Recipe, rows: list[TrainRow], store: Store, quiet: bool, expect: dict[str, Any]) -> dict[str, Any]:
+    """One student per (alpha, temperature) of training.sweep_alpha x sweep_temperature, each with model
+    selection on the same slice; the best by training.select_metric (at its best step) becomes ``student/``.
+
+    Trials train into ``student.sweep/``, removed at the end; one finished before an interruption is not
+    trained again (as a checkpoint is resumed).
+    """
+    t = recipe.training
+    grid = [(a, tau) for a in t.sweep_alpha or [t.alpha] for tau in t.sweep_temperature or [t.temperature]]
+    root = recipe.output_dir / SWEEP_DIR
+    trials, paths = [], []
+    for i, (alpha, tau) in enumerate(grid):
+        path = root / f"alpha={alpha:g},temperature={tau:g}"
+        if _current(path / CARD, expect | {"alpha": alpha, "temperature": tau}):
+            summary = json.loads((path / CARD).read_text())
+        else:
+            summary = _train_one(recipe, rows, store, path, alpha, tau, quiet, expect, trial=i)
+        sel = summary["selection"]
+        best = next(h for h in sel["history"] if h["step"] == sel["best_step"])
+        trials.append({"alpha": alpha, "temperature": tau, "kl": best["kl"], "agreement": best["agreement"],
+                       "best_step": sel["best_step"]})
+        paths.append(path)
+    win = 0
+    for i, trial in enumerate(trials):
+        if improves(t.select_metric, trial["kl"], trial["agreement"], trials[win]["kl"], trials[win]["agreement"]):
+            win = i
+    sweep = {"metric": t.select_metric, "trials": trials,
+             "chosen": {"alpha": trials[win]["alpha"], "temperature": trials[win]["temperature"]}}
+    card = StudentCard.read(paths[win])
+    card = replace(card, summary={**card.summary, "sweep": sweep})
+    card.write(paths[win])
+    replace_dir(paths[win], recipe.output_dir / STUDENT_DIR)
+    shutil.rmtree(root)
+    return card.summary
 
 
 def run(recipe: Recipe, quiet: bool = False) -> dict[str, Any]:

@@ -1,4 +1,11 @@
-"""Students: a Hugging Face encoder with a classification head, pretrained or configured from scratch."""
+"""Students: a Hugging Face encoder with a classification head: pretrained, configured from scratch, or cut
+from a local encoder teacher.
+
+A ``teacher_layers`` student is a copy of an 'hf:' sequence-classifier teacher (a fine-tuned BERT, MiniLM ...)
+that keeps some of its encoder layers with their weights, as DistilBERT was made from BERT: the embeddings,
+every ``layer_stride``-th layer from the first plus the last (or ``keep_layers``), the pooler and the head, whose
+rows are put in the task's label order. It uses the teacher's tokenizer.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +13,27 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ProtegeError
-from ..recipe import StudentConfig
+from ..recipe import StudentConfig, TeacherConfig
 from ..sources import resolve_source
 from .card import StudentCard
+from .lm import default_keep_layers
 
-__all__ = ["build_student", "save_student", "load_student", "count_parameters"]
+__all__ = [
+    "build_student",
+    "count_parameters",
+    "keep_encoder_layers",
+    "label_order",
+    "load_student",
+    "load_teacher_classifier",
+    "save_student",
+]
 
 
-def build_student(cfg: StudentConfig, labels: tuple[str, ...], seed: int) -> tuple[Any, Any]:
-    """(model, tokenizer) for a new student whose head predicts ``labels`` in order."""
+def build_student(
+    cfg: StudentConfig, labels: tuple[str, ...], seed: int, teacher: TeacherConfig | None = None
+) -> tuple[Any, Any, list[int] | None]:
+    """(model, tokenizer, the teacher layers it kept or None) of a new student whose head predicts ``labels`` in
+    order; ``teacher`` is the recipe's, which an ``init: teacher_layers`` student is cut from."""
     import torch
     from transformers import (
         AutoModelForSequenceClassification,
@@ -23,14 +42,31 @@ def build_student(cfg: StudentConfig, labels: tuple[str, ...], seed: int) -> tup
         BertForSequenceClassification,
     )
 
+    label_kw: dict[str, Any] = {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {x: i for i, x in enumerate(labels)},
+    }
+    if cfg.init == "teacher_layers":
+        if teacher is None or not teacher.model.startswith("hf:"):
+            raise ProtegeError(
+                "student.init teacher_layers copies layers of a local encoder teacher ('hf:' and a sequence "
+                "classifier); set teacher.model to one, or use student.init pretrained or scratch"
+            )
+        model, tokenizer = load_teacher_classifier(teacher)
+        order = label_order(model.config.id2label, labels, teacher.model)
+        _reorder_head(model, order)
+        for k, v in label_kw.items():
+            setattr(model.config, k, v)
+        n = model.config.num_hidden_layers
+        keep = cfg.keep_layers if cfg.keep_layers is not None else default_keep_layers(n, cfg.layer_stride)
+        return keep_encoder_layers(model, keep), tokenizer, list(keep)
+
     source = resolve_source(cfg.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, **source.kwargs())
     except OSError as e:
         raise ProtegeError(f"cannot load the student's tokenizer from {cfg.model!r}: {e}") from None
-    label_kw = dict(
-        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)}
-    )
     torch.manual_seed(seed)  # the new head (and a scratch model) start the same way every run
     if cfg.init == "scratch":
         config = BertConfig(
@@ -51,7 +87,110 @@ def build_student(cfg: StudentConfig, labels: tuple[str, ...], seed: int) -> tup
             )
         except OSError as e:
             raise ProtegeError(f"cannot load the student model {cfg.model!r}: {e}") from None
+    return model, tokenizer, None
+
+
+# -- students cut from the teacher ---------------------------------------------------------------------------
+
+
+def load_teacher_classifier(teacher: TeacherConfig) -> tuple[Any, Any]:
+    """(model in float32, tokenizer) of an 'hf:' sequence-classifier teacher; any other model is refused,
+    naming it and the fix, before its weights are loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    source = resolve_source(teacher.model.split(":", 1)[1])
+    kw: dict[str, Any] = dict(trust_remote_code=teacher.trust_remote_code, **source.kwargs())
+    try:
+        config = AutoConfig.from_pretrained(source.name_or_path, **kw)
+    except (OSError, ValueError) as e:
+        raise ProtegeError(f"cannot load the teacher {teacher.model!r} to copy its layers: {e}") from None
+    archs = list(getattr(config, "architectures", None) or [])
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ProtegeError(
+            f"student.init teacher_layers copies the layers of a sequence-classifier teacher; teacher "
+            f"{teacher.model!r} is {', '.join(archs) or 'a model of no named architecture'}, not a "
+            "*ForSequenceClassification. Use student.init pretrained (student.model an encoder) or scratch"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, **kw)
+        model = AutoModelForSequenceClassification.from_pretrained(source.name_or_path, dtype=torch.float32, **kw)
+    except OSError as e:
+        raise ProtegeError(f"cannot load the teacher {teacher.model!r} to copy its layers: {e}") from None
     return model, tokenizer
+
+
+def label_order(id2label: dict[Any, str], labels: tuple[str, ...], who: str) -> list[int]:
+    """The head row of each task label, in task order: ``id2label`` names (the model's config) matched to
+    ``labels`` case-insensitively; a classifier whose names differ is refused, naming ``who``."""
+    names = {int(i): str(n) for i, n in id2label.items()}
+    by_name = {n.casefold(): i for i, n in names.items()}
+    missing = [x for x in labels if x.casefold() not in by_name]
+    if missing or len(names) != len(labels):
+        raise ProtegeError(
+            f"teacher {who!r} predicts labels {list(names.values())} but the task has {list(labels)}; "
+            "name task.labels as the classifier does"
+        )
+    return [by_name[x.casefold()] for x in labels]
+
+
+def _reorder_head(model: Any, order: list[int]) -> None:
+    """Put the rows of the head's output layer (the last linear layer outside the encoder that writes one
+    logit per label) in ``order``, so logit j is the task's label j."""
+    import torch
+
+    encoder = {id(m) for m in model.base_model.modules()}
+    n = model.config.num_labels
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in encoder
+             and m.out_features == n]
+    if not heads:
+        raise ProtegeError(f"cannot find the output layer of {type(model).__name__}'s classification head (a linear "
+                           f"layer with {n} outputs); student.init teacher_layers cannot reorder its labels")
+    head = heads[-1]
+    with torch.no_grad():
+        head.weight.copy_(head.weight[order].clone())  # (C, H)
+        if head.bias is not None:
+            head.bias.copy_(head.bias[order].clone())  # (C,)
+
+
+def _encoder_layers(model: Any) -> tuple[Any, str, Any]:
+    """(the module holding the encoder's layer list, its attribute name, the list)."""
+    import torch
+
+    n = model.config.num_hidden_layers
+    for module in model.base_model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.ModuleList) and len(child) == n:
+                return module, name, child
+    raise ProtegeError(
+        f"cannot find the {n} encoder layers of {type(model).__name__}; student.init teacher_layers supports "
+        "encoders whose layers form one list (BERT, MiniLM, RoBERTa, DistilBERT, DeBERTa ...)"
+    )
+
+
+def keep_encoder_layers(model: Any, keep: list[int]) -> Any:
+    """Cut ``model`` (in place) down to the encoder layers ``keep``, in that order, and return it; the config's
+    layer count follows (and any per-layer list or ``layer_idx``)."""
+    import torch
+
+    parent, name, layers = _encoder_layers(model)
+    n = len(layers)
+    if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= n:
+        raise ProtegeError(
+            f"student.keep_layers {keep} must be distinct increasing layer indices in [0, {n - 1}] "
+            f"(the teacher has {n} layers)"
+        )
+    kept = torch.nn.ModuleList([layers[i] for i in keep])
+    for new_idx, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    setattr(parent, name, kept)
+    cfg = model.config
+    cfg.num_hidden_layers = len(keep)
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    return model
 
 
 def count_parameters(model: Any) -> int:

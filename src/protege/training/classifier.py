@@ -6,6 +6,10 @@ by the rows of the whole step (every micro-batch, every process) -> optimizer st
 steps (the schedule follows it); checkpoints every ``checkpoint_every`` steps resume to the same result. The
 same code runs on a CPU, a GPU, or under ``accelerate launch`` on many; ``training.batch_size`` counts the
 examples of one optimizer step over all processes, as for LM students.
+
+With ``training.select_fraction`` a slice of the teacher-labelled rows is held out (see :mod:`.select`): every
+``eval_every`` steps and at the end the student is scored on it against the teacher, the best evaluation's
+weights are the ones saved, and ``patience`` evaluations without improvement stop training early.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ..students.card import StudentCard
 from ..students.classifier import build_student, count_parameters, save_student
 from .losses import distillation_loss
 from .optim import make_optimizer
+from .select import Selection, selection_split, slice_scores
 from .steps import check_split, checkpoint_dir, fingerprint, micro_batches, resume, save_checkpoint
 
 __all__ = ["TrainRow", "train_student"]
@@ -36,24 +41,37 @@ __all__ = ["TrainRow", "train_student"]
 
 @dataclass(frozen=True)
 class TrainRow:
-    """A training example: the text, the teacher's distribution and the hard target (gold, else teacher top)."""
+    """A training example: the text, the teacher's distribution and the hard target (gold, else teacher top);
+    the signal row's id and, for an augmented text, the id of the row it was made from (the selection slice is
+    drawn by id from the original rows)."""
 
     text: str
     teacher_probs: tuple[float, ...]
     target: int
+    id: str = ""
+    augmented_from: str | None = None
 
 
 def train_student(
-    recipe: Recipe, rows: list[TrainRow], out: Path, alpha: float, quiet: bool = False, extra_meta: dict[str, Any] | None = None
+    recipe: Recipe,
+    rows: list[TrainRow],
+    out: Path,
+    alpha: float,
+    quiet: bool = False,
+    extra_meta: dict[str, Any] | None = None,
+    temperature: float | None = None,
 ) -> dict[str, Any]:
-    """Train one student with ``alpha`` (the recipe's, or 0 for the hard-label baseline) and save it to ``out``.
+    """Train one student with ``alpha`` (the recipe's, a sweep's, or 0 for the hard-label baseline) and
+    ``temperature`` (default: the recipe's) and save it to ``out``.
 
-    Returns the training summary also written to ``out/protege.json``.
+    Returns the training summary also written to ``out/protege.json``; with a selection slice its
+    ``selection`` entry has the metric, the slice's size, the evaluations and the step whose weights were saved.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     cfg, scfg = recipe.training, recipe.student
+    tau = cfg.temperature if temperature is None else temperature
     labels = recipe.task.label_names
     if not rows:
         raise ProtegeError("no training rows: label some data first (`protege label`)")
@@ -64,9 +82,16 @@ def train_student(
     set_seed(cfg.seed)
     P, G, B = accelerator.num_processes, cfg.gradient_accumulation_steps, cfg.batch_size
     check_split(B, G, P)
-    model, tokenizer = build_student(scfg, labels, cfg.seed)
+    model, tokenizer, kept = build_student(scfg, labels, cfg.seed, recipe.teacher)
     lr = cfg.learning_rate or (1e-3 if scfg.init == "scratch" else 5e-5)
 
+    # the rows to train on, and the selection slice (row indices; the slice and its augmented texts never train)
+    if cfg.select_fraction:
+        train_idx, slice_idx = selection_split(
+            [r.id for r in rows], [r.augmented_from for r in rows], cfg.select_fraction, cfg.seed
+        )
+    else:
+        train_idx, slice_idx = list(range(len(rows))), []
     ids = tokenizer([r.text for r in rows], truncation=True, max_length=scfg.max_length)["input_ids"]
     teacher_probs = torch.tensor([r.teacher_probs for r in rows])  # (N, C)
     targets = torch.tensor([r.target for r in rows])  # (N,)
@@ -76,23 +101,45 @@ def train_student(
         batch = {**padded, "teacher_probs": teacher_probs[idx], "targets": targets[idx]}  # (b, T), (b, C), (b,)
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
-    n = len(rows)
+    n = len(train_idx)
     total = cfg.max_steps or cfg.epochs * math.ceil(n / B)
     optimizer, scheduler = make_optimizer(model, cfg, lr, total)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    rank = accelerator.process_index
+    selection = Selection(cfg.select_metric, cfg.patience) if slice_idx else None
+    if selection is not None:
+        accelerator.register_for_checkpointing(selection)  # the best weights and history resume with the run
+    every = cfg.eval_every or math.ceil(n / B)  # default: about once per epoch
+    my_slice = slice_idx[rank::P]  # each process scores its share; the sums are reduced over all
+
+    @torch.no_grad()
+    def score_slice() -> tuple[float, float]:
+        """(mean KL(teacher || student) at temperature 1, agreement with the teacher's top label) on the slice."""
+        net = accelerator.unwrap_model(model)
+        net.eval()
+        sums = torch.zeros(2, device=accelerator.device)
+        for i in range(0, len(my_slice), B):
+            batch = collate(my_slice[i : i + B])
+            logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, C)
+            kl, agree = slice_scores(logits, batch["teacher_probs"])
+            sums += torch.stack([kl, agree.float()])
+        net.train()
+        sums = accelerator.reduce(sums, "sum") / len(slice_idx)
+        return sums[0].item(), sums[1].item()
 
     # -- resume -------------------------------------------------------------------------------------------
     # the student and the hard-label baseline train from the same rows and recipe: alpha tells them apart
-    ckpt, fp = checkpoint_dir(out), fingerprint(recipe, rows, alpha=alpha)
+    ckpt, fp = checkpoint_dir(out), fingerprint(recipe, rows, alpha=alpha, temperature=tau)
     start, log = resume(accelerator, ckpt, fp, quiet)
 
     # -- train --------------------------------------------------------------------------------------------
-    rank = accelerator.process_index
-    t0, seen = time.perf_counter(), 0
-    bar = tqdm(total=total, initial=start, desc=f"train alpha={alpha}", unit="step", disable=quiet or not accelerator.is_main_process)
+    t0, seen, stopped = time.perf_counter(), 0, False
+    bar = tqdm(total=total, initial=start, desc=f"train alpha={alpha:g} tau={tau:g}", unit="step",
+               disable=quiet or not accelerator.is_main_process)
     model.train()
     for step in range(start, total):
         epoch, step_rows, mine = micro_batches(step, n, cfg.seed, B, G, P, rank)
+        step_rows, mine = [train_idx[i] for i in step_rows], [[train_idx[i] for i in m] for m in mine]
         # Normalize once: every row counts (the loss has no mask), so the count of the whole step over all
         # processes is its rows; each micro-batch's loss sum is divided by it, times P because DDP averages the
         # processes' gradients.
@@ -106,7 +153,7 @@ def train_student(
             with contextlib.nullcontext() if j == G - 1 else accelerator.no_sync(model):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, C)
                 loss_sum, _, parts = distillation_loss(
-                    logits, batch["teacher_probs"], batch["targets"], alpha=alpha, temperature=cfg.temperature
+                    logits, batch["teacher_probs"], batch["targets"], alpha=alpha, temperature=tau
                 )
                 accelerator.backward(loss_sum * (scale if idx else 0.0))
             if idx:
@@ -125,29 +172,41 @@ def train_student(
             "lr": scheduler.get_last_lr()[0],
             "examples_per_s": seen / (time.perf_counter() - t0),
         }
+        if selection is not None and ((step + 1) % every == 0 or step + 1 == total):
+            rec["select_kl"], rec["select_agreement"] = score_slice()
+            selection.record(step + 1, rec["select_kl"], rec["select_agreement"], accelerator.unwrap_model(model))
         log.append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", kd=f"{rec['kd_loss']:.3f}", ce=f"{rec['ce_loss']:.3f}")
+        if selection is not None and selection.should_stop and step + 1 < total:
+            stopped = True  # patience evaluations in a row without improvement
+            break
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
             save_checkpoint(accelerator, ckpt, {"step": step + 1, "fingerprint": fp, "log": log})
     bar.close()
     seconds = time.perf_counter() - t0
+    steps_trained = log[-1]["step"] if log else start
+    if selection is not None:
+        accelerator.unwrap_model(model).load_state_dict(selection.best_weights)  # the best step is the one saved
 
     # -- save ---------------------------------------------------------------------------------------------
     summary = {
         "labels": list(labels),
         "alpha": alpha,
-        "temperature": cfg.temperature,
+        "temperature": tau,
+        "init": scfg.init,
+        "kept_layers": kept,
         "learning_rate": lr,
-        "steps": total,
+        "steps": steps_trained,
         "resumed_from_step": start,
         "batch_size": B,
         "gradient_accumulation_steps": G,
         "processes": P,
-        "examples": len(rows),
+        "examples": n,
         "train_seconds": seconds,
         "parameters": count_parameters(accelerator.unwrap_model(model)),
         "final_loss": log[-1]["loss"] if log else None,
+        **({"selection": selection.summary(len(slice_idx), steps_trained, stopped)} if selection is not None else {}),
         **(extra_meta or {}),
     }
     if accelerator.is_main_process:
