@@ -10,11 +10,89 @@ import numpy as np
 from .._io import write_json_atomic, write_text_atomic
 from ..recipe import Recipe
 
-__all__ = ["cascade_lines", "cascade_plot", "cost_definition", "write_report"]
+__all__ = ["cascade_lines", "cascade_plot", "cost_definition", "md_cell", "write_report"]
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f}"
+
+
+def _size(n: int | None) -> str:
+    """Bytes in the units a person reads: 96 KB, 1.2 MB, 90.9 MB."""
+    if not n:
+        return "n/a"
+    return f"{n / 1e3:.0f} KB" if n < 1e6 else f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
+def _params(n: int | None) -> str:
+    if not n:
+        return "n/a"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K" if n >= 1e3 else str(n)
+
+
+def _distilled(report: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(key, figures) of the distilled student, else of the hard-label one; None when neither was evaluated."""
+    for key in ("student", "student-hard"):
+        if key in report["models"]:
+            return key, report["models"][key]
+    return None
+
+
+def _headline(report: dict[str, Any]) -> str:
+    """The report's first line: how good the teacher is, what the distilled student keeps of it, at what share
+    of its latency and parameters."""
+    t = report["models"]["teacher"]
+    chance = report["task"]["chance_accuracy"]
+    parts = [f"teacher {_pct(t['accuracy'])} right vs {_pct(chance)} by chance" if t["accuracy"] is not None
+             else "no gold labels held out"]
+    kd = _distilled(report)
+    if kd:
+        key, s = kd
+        who = "distilled student" if key == "student" else "hard-label student"
+        if s["accuracy"] is not None:
+            parts.append(f"{who} {_pct(s['accuracy'])}, keeping {_pct(s['quality_kept'])} of it")
+        else:
+            parts.append(f"{who} agrees with the teacher on {_pct(s['agreement_with_teacher'])}")
+        tail = []
+        if t.get("latency_ms_p50") and s.get("latency_ms_p50"):
+            tail.append(f"at {_pct(s['latency_ms_p50'] / t['latency_ms_p50'])} of the teacher's p50 latency")
+        if t.get("parameters") and s.get("parameters"):
+            tail.append(f"with {t['parameters'] / s['parameters']:.1f}x fewer parameters")
+        if tail:
+            parts[-1] += ", " + " ".join(tail)
+    return "# protege report: " + "; ".join(parts)
+
+
+def _floor_verdict(report: dict[str, Any]) -> str:
+    """Whether the linear floor matches the distilled student: on gold accuracy when there are gold labels,
+    else on agreement with the teacher. "Matches" means within one standard error of the student's figure,
+    sqrt(a (1 - a) / n) on the n texts it is measured on; "beats", ahead by more than that."""
+    f, kd = report["models"].get("floor"), _distilled(report)
+    if not f or not kd:
+        return ""
+    s = kd[1]
+    if s["accuracy"] is not None and f["accuracy"] is not None:
+        what, a_s, a_f, n = "accuracy", s["accuracy"], f["accuracy"], report["eval_with_gold"]
+    else:
+        what, a_s, a_f, n = "agreement with the teacher", s["agreement_with_teacher"], f["agreement_with_teacher"], \
+            report["eval_examples"]
+    se = (a_s * (1 - a_s) / n) ** 0.5 if n else 0.0
+    who = s["name"]
+    linear = f"a {_size(f.get('size_bytes'))} linear model (TF-IDF + logistic regression on the same teacher labels)"
+    figures = f"{what} {_pct(a_f)} against the {who}'s {_pct(a_s)} (one standard error: {100 * se:.1f} points)"
+    if a_f > a_s + se:
+        return (f"**The floor beats the student:** {linear} does better, {figures}. The {who} does not earn its "
+                "size here: use the linear model, or a stronger student or teacher.")
+    if a_f >= a_s - se:
+        return (f"**The floor matches the student:** {linear} does as well, {figures}. A transformer student "
+                "adds little over it on this task.")
+    return f"The {who} beats the floor, {linear}: {figures}."
+
+
 
 
 def _verdict(report: dict[str, Any]) -> str:
@@ -55,20 +133,100 @@ def cost_definition(usd_per_hour: float) -> str:
 
 def _table(report: dict[str, Any]) -> str:
     rows = [
-        "| model | params | accuracy (gold) | agreement w/ teacher | quality kept | ECE | p50 ms | p95 ms | per s | $ / 1k |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ("| model | params | size | accuracy (gold) | agreement w/ teacher | quality kept | ECE | p50 ms | p95 ms "
+        "| per s | $ / 1k |"),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key, m in report["models"].items():
         label = m["name"] if key != "teacher" else f"teacher: {m['name']}"
-        params = f"{m['parameters'] / 1e6:.1f}M" if m.get("parameters") else "n/a"
         ece = "n/a" if m["ece"] is None else f"{m['ece']:.3f}"
         rows.append(
-            f"| {label} | {params} | {_pct(m['accuracy'])} | {_pct(m.get('agreement_with_teacher', 1.0))} | "
-            f"{_pct(m.get('quality_kept', 1.0))} | {ece} | "
-            f"{m['latency_ms_p50']:.1f} | {m['latency_ms_p95']:.1f} | {m['throughput_per_s']:.1f} | "
+            f"| {label} | {_params(m.get('parameters'))} | {_size(m.get('size_bytes'))} | {_pct(m['accuracy'])} | "
+            f"{_pct(m.get('agreement_with_teacher', 1.0))} | {_pct(m.get('quality_kept', 1.0))} | {ece} | "
+            f"{_ms(m['latency_ms_p50'])} | {_ms(m['latency_ms_p95'])} | {m['throughput_per_s']:.1f} | "
             f"{m['usd_per_1k']:.5f} |"
         )
     return "\n".join(rows)
+
+
+def _per_label_table(report: dict[str, Any]) -> list[str]:
+    """Recall / precision of every model on every gold label, one row per label."""
+    have = [(k, m) for k, m in report["models"].items() if m.get("per_label")]
+    if not have:
+        return []
+    names = ["teacher" if k == "teacher" else m["name"] for k, m in have]
+    lines = ["", "## Per label", "",
+             ("Recall (the share of a label's texts given that label: accuracy on it) / precision (the share of "
+             "texts given a label that truly have it), on the held-out texts with gold labels."), "",
+             f"| gold label | support | {' | '.join(names)} |", "| --- | ---: |" + " ---: |" * len(have)]
+    for label in report["task"]["labels"]:
+        cells = [f"{_pct(m['per_label'][label]['recall'])} / {_pct(m['per_label'][label]['precision'])}"
+                 for _, m in have]
+        lines.append(f"| {label} | {have[0][1]['per_label'][label]['support']} | {' | '.join(cells)} |")
+    return lines
+
+
+def md_cell(text: str, limit: int = 120) -> str:
+    """``text`` as one Markdown table cell: on one line, cut to ``limit`` characters, with the characters
+    Markdown would read as table syntax, emphasis, links or HTML escaped."""
+    text = " ".join(str(text).split())
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    for ch in "\\`*_[]<>|#":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def _disagreement_table(report: dict[str, Any]) -> list[str]:
+    d = report.get("disagreements")
+    if not d:
+        return []
+    name = report["models"][d["student"]]["name"]
+    rows = d["rows"]
+    lines = ["", "## Where the student and the teacher disagree", ""]
+    if not rows:
+        return lines + [f"The {name} gives the teacher's top label on every held-out text."]
+    lines += [(f"The {len(rows)} held-out texts where the {name}'s top label differs from the teacher's, the most "
+              "divergent first (KL(teacher || student) of their distributions). Confidence is the probability each "
+              "gave its answer."), "",
+              "| text | gold | teacher (confidence) | student (confidence) | KL |", "| --- | --- | --- | --- | ---: |"]
+    for r in rows:
+        lines.append(f"| {md_cell(r['text'])} | {md_cell(r['gold'] or 'n/a')} | {md_cell(r['teacher'])} "
+                     f"({r['teacher_confidence']:.2f}) | {md_cell(r['student'])} ({r['student_confidence']:.2f}) | "
+                     f"{r['kl']:.3g} |")
+    return lines
+
+
+def _selection_lines(report: dict[str, Any]) -> list[str]:
+    """What the students' training chose without gold labels: the checkpoint, and the swept alpha and tau."""
+    metric_name = {"kl": "KL to the teacher (lower is better)", "agreement": "agreement with the teacher"}
+    lines: list[str] = []
+    students = [m for k, m in report["models"].items() if k not in ("teacher", "floor")]
+    picked = [m for m in students if m.get("selection")]
+    if picked:
+        lines += ["", "## Model selection", ""]
+        for m in picked:
+            sel = m["selection"]
+            how = (f"stopped early after {sel['steps_trained']} steps" if sel["stopped_early"]
+                   else f"trained all {sel['steps_trained']} steps")
+            lines.append(f"- {m['name']}: kept the checkpoint of step **{sel['best_step']}** of "
+                         f"{sel['steps_trained']} by {metric_name.get(sel['metric'], sel['metric'])} on "
+                         f"{sel['rows']} teacher-labelled training texts held out of training (no gold label); "
+                         f"{how}.")
+    for m in students:
+        sw = m.get("sweep")
+        if not sw:
+            continue
+        ch = sw["chosen"]
+        lines += ["", f"## Sweep ({m['name']})", "",
+                  (f"alpha and temperature tried on the held-out teacher-labelled slice, chosen by "
+                  f"{metric_name.get(sw['metric'], sw['metric'])}."), "",
+                  "| alpha | temperature | KL | agreement | best step | chosen |", "| ---: | ---: | ---: | ---: | ---: | --- |"]
+        for tr in sw["trials"]:
+            mark = "yes" if (tr["alpha"], tr["temperature"]) == (ch["alpha"], ch["temperature"]) else ""
+            lines.append(f"| {tr['alpha']:g} | {tr['temperature']:g} | {tr['kl']:.4g} | {_pct(tr['agreement'])} | "
+                         f"{tr.get('best_step', 'n/a')} | {mark} |")
+    return lines
 
 
 def _plots(report: dict[str, Any], preds: dict[str, np.ndarray], gold: np.ndarray, has_gold: np.ndarray, out: Path) -> list[str]:
@@ -118,10 +276,49 @@ def _plots(report: dict[str, Any], preds: dict[str, np.ndarray], gold: np.ndarra
         fig.savefig(out / "plots" / "reliability.png", dpi=110)
         plt.close(fig)
         files.append("plots/reliability.png")
+        kd = _distilled(report)
+        if kd:
+            files.append(_confusion_plot(report, preds, gold, has_gold, kd[0], out, plt))
 
     if report.get("cascade"):
         files.append(_cascade_plot(report, out, plt))
     return files
+
+
+def _confusion_plot(
+    report: dict[str, Any], preds: dict[str, np.ndarray], gold: np.ndarray, has_gold: np.ndarray, student: str,
+    out: Path, plt: Any,
+) -> str:
+    """Confusion matrices against the gold labels, the student's beside the teacher's: rows are gold labels,
+    columns answers, each row normalised to 1 (the diagonal is each label's recall), counts written in."""
+    labels = report["task"]["labels"]
+    c = len(labels)
+    g = gold[has_gold]
+    side = min(4 + 0.45 * c, 14)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side), constrained_layout=True)
+    for ax, key in zip(axes, (student, "teacher")):
+        p = preds[key][has_gold].argmax(1)
+        counts = np.zeros((c, c), int)
+        np.add.at(counts, (g, p), 1)
+        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        im = ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
+        if c <= 20:  # beyond that the numbers would not fit in their cells
+            for i in range(c):
+                for j in range(c):
+                    if counts[i, j]:
+                        ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                                color="white" if share[i, j] > 0.6 else "black")
+        ticks = range(c) if c <= 40 else []
+        ax.set_xticks(list(ticks), [labels[i] for i in ticks], rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(list(ticks), [labels[i] for i in ticks], fontsize=8)
+        ax.set_xlabel("answer")
+        ax.set_ylabel("gold label")
+        name = "teacher" if key == "teacher" else report["models"][key]["name"]
+        ax.set_title(f"{name}: {_pct(float((p == g).mean()))} right")
+    fig.colorbar(im, ax=axes, shrink=0.7, label="share of the gold label's texts")
+    fig.savefig(out / "plots" / "confusion.png", dpi=110)
+    plt.close(fig)
+    return "plots/confusion.png"
 
 
 def cascade_plot(report: dict[str, Any], out: Path) -> str:
@@ -204,13 +401,15 @@ def write_report(
 ) -> None:
     report["plots"] = _plots(report, preds, gold, has_gold, out)
     t = report["models"]["teacher"]
+    floor = _floor_verdict(report)
     lines = [
-        "# protege report",
+        _headline(report),
         "",
         _verdict(report),
         "",
-        f"Held-out split: {report['eval_examples']} texts ({report['eval_with_gold']} with gold labels), "
-        f"labels: {', '.join(report['task']['labels'])}. Teacher signal: {', '.join(t['signal_method'])}.",
+        *([floor, ""] if floor else []),
+        (f"Held-out split: {report['eval_examples']} texts ({report['eval_with_gold']} with gold labels), "
+        f"labels: {', '.join(report['task']['labels'])}. Teacher signal: {', '.join(t['signal_method'])}."),
         "",
         _table(report),
         "",
@@ -233,27 +432,36 @@ def write_report(
             f"Soft labels vs hard labels, same student size: {_pct(kd['accuracy'])} against {_pct(hard['accuracy'])} "
             f"({100 * diff:+.1f} points)."
         )
+    if t.get("members"):
+        lines.append(
+            f"The teacher is an ensemble of {len(t['members'])} members ("
+            + ", ".join(f"{m['name']}: p50 {m['latency_ms_p50']:.1f} ms" for m in t["members"])
+            + "): its latency per text is the sum of theirs (they answer one after another), its throughput "
+            "1 / the sum of 1 / theirs, its cost the sum of theirs"
+            + ("." if t.get("parameters") else "; its parameters are not counted, as an API member's are unknown.")
+        )
     led = report.get("ledger")
     if led:
         t_led = led["teacher"]
         train_s = sum(v["seconds"] for k, v in led["compute"].items() if k.startswith("train"))
         lines += [
             "",
-            f"Ledger so far: {int(t_led['calls'])} teacher calls ({int(t_led['failed'])} failed), "
+            (f"Ledger so far: {int(t_led['calls'])} teacher calls ({int(t_led['failed'])} failed), "
             f"{t_led['seconds']:.0f}s of teacher compute, ${t_led['cost_usd']:.4f} paid to APIs; "
-            f"{train_s:.0f}s of training.",
+            f"{train_s:.0f}s of training."),
         ]
     lines += [
         "",
-        "Latency is one example at a time on this machine; throughput is batched. "
+        ("Latency is one example at a time on this machine; throughput is batched. "
         "An API teacher's latency, throughput and cost are what labeling recorded (wall time per call, retries "
         "included; rows per second achieved; dollars actually spent), never a new paid call. "
         "ECE is the expected calibration error over "
-        f"{recipe.eval.calibration_bins} confidence bins (lower is better).",
+        f"{recipe.eval.calibration_bins} confidence bins (lower is better)."),
         "",
         *[f"![{Path(f).stem}]({f})" for f in report["plots"] if f != "plots/cascade.png"],
         "",
     ]
+    lines += _per_label_table(report) + _disagreement_table(report) + _selection_lines(report)
     if report.get("cascade"):
         lines += cascade_lines(report["cascade"])
         if "plots/cascade.png" in report["plots"]:
