@@ -70,11 +70,20 @@ def test_rendered_requests_and_cache_keys_do_not_change(name):
     assert call_key(teacher.identity, request.to_json()) == key
 
 
-def test_the_demo_teachers_key_does_not_change(tmp_path):
-    """The packaged local teacher: its identity includes the weights' fingerprint and its calibration."""
-    from protege.demo import demo_recipe
-
-    recipe = demo_recipe(tmp_path)  # writes the demo data there
+def test_the_packaged_lm_teachers_key_does_not_change(tmp_path):
+    """The packaged local LM teacher (the demo's before it had an embedding teacher): its identity includes the
+    weights' fingerprint and its calibration."""
+    old_demo_labels = {  # the demo's task before its descriptions were rewritten: the pinned request is this one
+        "billing": "charges, invoices, refunds, payment methods, pricing",
+        "shipping": "delivery status, tracking, lost or late or damaged packages, addresses",
+        "technical": "the app or website crashes, errors, bugs, login or performance problems",
+        "account": "changing email, password, profile, username, two-factor, data export",
+        "cancellation": "cancel a subscription or an order, close the account, stop renewal",
+    }
+    recipe = _recipe(
+        task={"instruction": "Classify the customer support message by its intent.", "labels": old_demo_labels},
+        teacher={"model": "hf:smollm2-135m-instruct", "batch_size": 8, "calibrate": True},
+    )
     (request,) = requests_for(recipe, [Example(id="0", text=TEXT, gold=None, where="golden:1")])
     assert content_hash(request.to_json()) == "083a07b73cfceae7703d9784c67c57738596d05abe1b67c13ecb7a3532528c5d"
     key = call_key(make_teacher(recipe.teacher).identity, request.to_json())

@@ -200,7 +200,7 @@ def run(recipe: Path | None, quiet: bool, **kw: Any) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_command
 def demo(output_dir: Path, quiet: bool) -> None:
-    """The whole loop offline: SmolLM2-135M teaches all-MiniLM-L6-v2 to sort support tickets.
+    """The whole loop offline: an all-MiniLM-L6-v2 embedding teacher teaches a 1-layer student to sort tickets.
 
     \b
     Example:  protege demo --output-dir /tmp/demo
