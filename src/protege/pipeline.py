@@ -135,6 +135,8 @@ def _sweep(recipe: Recipe, rows: list[TrainRow], store: Store, quiet: bool, expe
     Trials train into ``student.sweep/``, removed at the end; one finished before an interruption is not
     trained again (as a checkpoint is resumed).
     """
+    from accelerate import PartialState
+
     t = recipe.training
     grid = [(a, tau) for a in t.sweep_alpha or [t.alpha] for tau in t.sweep_temperature or [t.temperature]]
     root = recipe.output_dir / SWEEP_DIR
@@ -158,9 +160,12 @@ def _sweep(recipe: Recipe, rows: list[TrainRow], store: Store, quiet: bool, expe
              "chosen": {"alpha": trials[win]["alpha"], "temperature": trials[win]["temperature"]}}
     card = StudentCard.read(paths[win])
     card = replace(card, summary={**card.summary, "sweep": sweep})
-    card.write(paths[win])
-    replace_dir(paths[win], recipe.output_dir / STUDENT_DIR)
-    shutil.rmtree(root)
+    state = PartialState()  # under `accelerate launch` every process got here; one moves the files
+    if state.is_main_process:
+        card.write(paths[win])
+        replace_dir(paths[win], recipe.output_dir / STUDENT_DIR)
+        shutil.rmtree(root)
+    state.wait_for_everyone()
     return card.summary
 
 

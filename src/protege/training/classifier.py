@@ -117,12 +117,12 @@ def train_student(
         """(mean KL(teacher || student) at temperature 1, agreement with the teacher's top label) on the slice."""
         net = accelerator.unwrap_model(model)
         net.eval()
-        sums = torch.zeros(2, device=accelerator.device)
+        sums = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # (KL sum, agreeing rows)
         for i in range(0, len(my_slice), B):
             batch = collate(my_slice[i : i + B])
             logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, C)
             kl, agree = slice_scores(logits, batch["teacher_probs"])
-            sums += torch.stack([kl, agree.float()])
+            sums += torch.stack([kl.double(), agree.double()])
         net.train()
         sums = accelerator.reduce(sums, "sum") / len(slice_idx)
         return sums[0].item(), sums[1].item()
