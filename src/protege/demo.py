@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .demo_data import LABELS, write_demo_data
+from ._io import write_jsonl_atomic
+from .demo_data import LABELS, make_examples
 from .recipe import Recipe, load_recipe
 
 __all__ = ["demo_recipe"]
@@ -21,7 +22,7 @@ def demo_recipe(output_dir: Path, overrides: dict | None = None) -> Recipe:
     output_dir = output_dir.resolve()
     data = output_dir / "data" / "tickets.jsonl"
     if not data.is_file():
-        write_demo_data(data, n=DEMO_ROWS, seed=0)
+        write_jsonl_atomic(data, make_examples(DEMO_ROWS, seed=0))
     recipe = Recipe.model_validate(
         {
             "task": {
