@@ -2,7 +2,8 @@
 
 A zero-shot classifier that runs anywhere with no API key. A label's prototype is the embedding of
 "name: description" (the name alone without one); with worked examples (``task.examples``, ``teacher.few_shot``)
-it is the L2-normalised sum of that and the mean embedding of the label's examples. With cosine similarities
+it is the L2-normalised sum of that and the direction of the label's examples' mean embedding, weighted
+n / (n + 1) for n examples (the description counts as one). With cosine similarities
 s_k = cos(text, prototype_k), the distribution is p = softmax(s / teacher.score_temperature).
 
 Pooling follows the model's sentence-transformers layout where it has one (``modules.json``, the pooling
@@ -28,10 +29,13 @@ from ..sources import ModelSource, resolve_source
 from .base import Request
 from .hf import pick_device, pick_dtype
 
-__all__ = ["EmbeddingTeacher", "Layout", "read_layout"]
+__all__ = ["EmbeddingTeacher", "Layout", "pool_tokens", "read_layout"]
 
 # How prototypes are made, in the identity: a change here must re-label, so bump the version with it.
-PROTOTYPES = "v1: embed('name: description') + mean(embed(examples)), L2-normalised"
+# With n examples e_i of a label whose description embeds as d: normalise(d + n/(n+1) normalise(mean(e_i))).
+# On the demo data (600 held-out texts, 10 draws of examples, T=0.05) it was within 0.01 NLL of the best form
+# tried at every n from 1 to 16; normalise(d + mean(e_i)) was worse with one example than with none.
+PROTOTYPES = "v2: normalise(embed('name: description') + n/(n+1) normalise(mean(embed(examples))))"
 
 _POOLING_KEYS = {  # sentence-transformers' pooling config -> ours
     "pooling_mode_cls_token": "cls",
@@ -62,7 +66,7 @@ def _layout_dir(source: ModelSource, spec: str) -> Path:
 
     try:
         return Path(snapshot_download(source.name_or_path, allow_patterns=["*.json"]))
-    except Exception as e:  # offline and not cached, no such repo, gated: all say the same to the user
+    except (OSError, ValueError) as e:  # offline and not cached, no such repo, gated, a malformed id
         raise TeacherError(
             f"cannot read the layout of embedding model {spec!r} from the Hugging Face hub ({type(e).__name__}: "
             f"{e}); check the id, or download the model to a directory and use embed:<directory>"
@@ -108,7 +112,7 @@ def read_layout(source: ModelSource, spec: str) -> Layout:
     return Layout(pooling, normalize, max_seq_length, subfolder, sentence_transformers=True)  # type: ignore[arg-type]
 
 
-def _pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """One vector per text from token states (B, T, H) and the attention mask (B, T)."""
     m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     if mode == "cls":
@@ -164,7 +168,7 @@ class EmbeddingTeacher:
             return
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        kw: dict[str, Any] = dict(trust_remote_code=self.cfg.trust_remote_code)
+        kw: dict[str, Any] = {"trust_remote_code": self.cfg.trust_remote_code}
         if self.layout.subfolder and not self.source.local:
             kw["subfolder"] = self.layout.subfolder
         try:
@@ -211,7 +215,7 @@ class EmbeddingTeacher:
                     f"embedding model {self.spec!r} returns no token states (last_hidden_state); an 'embed:' "
                     "teacher needs an encoder such as all-minilm-l6-v2"
                 )
-            pooled = _pool(hidden, enc["attention_mask"], self.layout.pooling).float()  # (B, H)
+            pooled = pool_tokens(hidden, enc["attention_mask"], self.layout.pooling).float()  # (B, H)
             if not torch.isfinite(pooled).all():
                 raise TeacherError(
                     f"embedding model {self.spec!r} produced NaN or infinite embeddings"
@@ -237,10 +241,14 @@ class EmbeddingTeacher:
             strange = sorted(set(of) - set(labels))
             if strange:
                 raise TeacherError(f"worked examples are labelled {strange}, which are not among the labels {labels}")
-            protos = torch.stack([
-                protos[k] + shots[[i for i, lab in enumerate(of) if lab == name]].mean(0) if name in of else protos[k]
-                for k, name in enumerate(labels)
-            ])
+            rows = []
+            for k, name in enumerate(labels):
+                mine = shots[[i for i, lab in enumerate(of) if lab == name]]  # (n, H), n may be 0
+                n = len(mine)
+                # the description counts as one example, so a single example cannot outvote it (PROTOTYPES)
+                centroid = torch.nn.functional.normalize(mine.mean(0), dim=-1) if n else torch.zeros_like(protos[k])
+                rows.append(protos[k] + n / (n + 1) * centroid)
+            protos = torch.stack(rows)
         self._prototypes[key] = torch.nn.functional.normalize(protos, dim=-1)
         return self._prototypes[key]
 
