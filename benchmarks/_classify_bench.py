@@ -555,7 +555,7 @@ The hard-label student (alpha 0, kd settings) and the TF-IDF + logistic-regressi
 labels) come from the kd runs' reports. Seeds (training.seed): kd and all {','.join(map(str, seeds))}; single-lever
 conditions and teacher_layers {','.join(map(str, single))} (the compute budget: 2 shared cores, about 25 minutes per
 dataset). Figures are mean ± standard error over seeds (no ± with one seed); the se is over seeds only, the
-{ds.eval_name} set's own sampling error (about {100 * math.sqrt(0.2 / len(ds.eval)):.1f} points at 80% accuracy) is
+{ds.eval_name} set's own sampling error (about {100 * math.sqrt(0.16 / len(ds.eval)):.1f} points at 80% accuracy) is
 not in it. p50 latency is one example at a time relative to the teacher timed in the same report; all runs one
 after another on the same shared machine.
 
