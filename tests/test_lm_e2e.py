@@ -87,10 +87,15 @@ def test_generation_recipe_runs_end_to_end_in_each_mode(tmp_path, sharp_teacher,
     assert s["parameters"] < t["parameters"]  # one layer of two
     assert s["task_metric"] == 0.0 and t["task_metric"] == 0.0  # random models never say "Paris"
     # training brought the student closer to the teacher than the kept layer was: it picks the teacher's next
-    # token more often, and (learning the distribution, or here at a low learning rate the text) is nearer in KL
+    # token more often and finds the teacher's text likelier (what every mode trains on); the modes that match
+    # the teacher's distributions (logits, top-k) are also nearer in KL. Sequence mode fits the teacher's greedy
+    # text only, which sharpens the student around it and need not lower the KL over the whole vocabulary
+    # (measured on this tiny model: perplexity 14.4 -> 2.7, KL 0.401 -> 0.413).
     before = untrained(recipe)
     assert s["top1_agreement"] > before["top1_agreement"] + 0.1
-    assert s["kl_to_teacher"] < before["kl_to_teacher"]
+    assert s["perplexity_on_teacher"] < before["perplexity_on_teacher"] / 2
+    if distill != "sequence":
+        assert s["kl_to_teacher"] < before["kl_to_teacher"]
     if distill == "topk":
         assert meta["topk"]["aligned_share"] == 1.0  # same tokenizer, the teacher's own ids
     # the ledger: labeling and training compute recorded

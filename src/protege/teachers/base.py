@@ -28,9 +28,11 @@ class Request:
     generate: Generate | None = None  # set for generation tasks: the teacher writes an answer
     # The task as structured data for teachers that do not read prompts (an 'embed:' teacher): each label's
     # description and the worked examples as (text, label). Both are rendered into ``messages`` too, so the
-    # cache key (a hash of to_json) already covers them; they are not repeated in to_json.
-    label_descriptions: tuple[str, ...] = ()
-    examples: tuple[tuple[str, str], ...] = ()
+    # cache key (a hash of to_json) already covers them; they are not repeated in to_json, and two requests
+    # with the same messages are the same request whether or not these copies are attached (compare=False):
+    # a request rebuilt from the store (a batch resumed) has none, and only local teachers read them.
+    label_descriptions: tuple[str, ...] = field(default=(), compare=False)
+    examples: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def to_json(self) -> dict[str, Any]:
         """What the cache key hashes and the store keeps; ``text`` is left out (it is inside the messages)."""
