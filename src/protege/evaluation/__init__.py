@@ -14,11 +14,20 @@ __all__ = ["evaluate"]
 
 
 def evaluate(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, Any]:
-    """Stage 3: compare teacher and students on the eval split; write report.json, report.md and plots."""
+    """Stage 3: compare teacher and students on the eval split; write report.json, report.md and plots, and
+    rewrite each evaluated student's model card (README.md) with its figures."""
+    from ..students.card import CARD
+    from ..students.model_card import write_model_card
+
     if recipe.task.kind == "generation":
         from .lm import evaluate_lm
 
-        return evaluate_lm(recipe, quiet, force)
-    from .classifier import evaluate_classifier
+        report = evaluate_lm(recipe, quiet, force)
+    else:
+        from .classifier import evaluate_classifier
 
-    return evaluate_classifier(recipe, quiet, force)
+        report = evaluate_classifier(recipe, quiet, force)
+    for key in report["models"]:  # the students' rows (teacher and floor have no directory)
+        if (recipe.output_dir / key / CARD).is_file():
+            write_model_card(recipe.output_dir / key, report)
+    return report

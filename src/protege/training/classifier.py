@@ -31,6 +31,7 @@ from ..errors import ProtegeError
 from ..recipe import Recipe
 from ..students.card import StudentCard
 from ..students.classifier import build_student, count_parameters, save_student
+from ..students.model_card import write_model_card
 from .losses import distillation_loss
 from .optim import make_optimizer
 from .select import Selection, selection_split, slice_scores
@@ -215,6 +216,7 @@ def train_student(
             save_student(accelerator.unwrap_model(model), tokenizer, tmp, card)
             write_text_atomic(tmp / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
             recipe.save(tmp / "recipe.yaml")
+            write_model_card(tmp)  # README.md, a Hub model card from the two files above (no figures yet)
         shutil.rmtree(ckpt, ignore_errors=True)
     accelerator.wait_for_everyone()
     return summary

@@ -45,6 +45,7 @@ from ..students.card import StudentCard
 from ..students.chat import ANSWER_PREFIX, EXPLAIN_PREFIX, prompt_ids
 from ..students.classifier import count_parameters
 from ..students.lm import build_lm_student, lm_head, load_causal_lm, save_lm_student
+from ..students.model_card import write_model_card
 from .losses import check_vocab, chunked_lm_distillation_loss, topk_distillation_loss
 from .optim import make_optimizer
 from .steps import check_split, checkpoint_dir, fingerprint, micro_batches, resume, save_checkpoint
@@ -482,6 +483,7 @@ def train_lm(
             save_lm_student(trained, tokenizer, tmp, StudentCard.for_lm(recipe, tokenizer, trained, summary))
             write_text_atomic(tmp / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
             recipe.save(tmp / "recipe.yaml")
+            write_model_card(tmp)  # README.md, a Hub model card from the two files above (no figures yet)
         shutil.rmtree(ckpt, ignore_errors=True)
     accelerator.wait_for_everyone()
     return summary
