@@ -40,6 +40,9 @@ ENSEMBLE = "ensemble"
 ENSEMBLE_WEIGHTINGS = ("mean", "accuracy")
 
 
+DATA_FILE_SUFFIXES = (".jsonl", ".csv", ".parquet")
+HUB_DATA_PREFIX = "hf:"  # data.path 'hf:owner/name': a Hugging Face Hub dataset
+
 CLASSIFY_INSTRUCTION = "Classify the text into exactly one of the labels."
 GENERATE_INSTRUCTION = "Answer the following."
 
@@ -167,7 +170,19 @@ class AugmentConfig(_Section):
 class DataConfig(_Section):
     """Where the texts come from and how the held-out split is taken."""
 
-    path: Path = Field(Path("data.jsonl"), description="Training data: a .jsonl, .csv or .parquet file.")
+    path: Path = Field(
+        Path("data.jsonl"),
+        description="Training data: a .jsonl, .csv or .parquet file, a directory written by Hugging Face datasets' "
+        "save_to_disk, or a Hub dataset as 'hf:owner/name' (the last two need pip install 'protege[datasets]').",
+    )
+    split: str | None = Field(
+        None, min_length=1, description="Hugging Face datasets: the split to train on, of a DatasetDict directory or "
+        "a Hub dataset, e.g. 'train'."
+    )
+    subset: str | None = Field(
+        None, min_length=1, description="Hub datasets: the subset (datasets' configuration name), e.g. 'sst2' of "
+        "'hf:nyu-mll/glue'."
+    )
     text_column: str = Field("text", description="Column that holds the text to classify.")
     label_column: str | None = Field(
         None,
@@ -177,13 +192,45 @@ class DataConfig(_Section):
         None, description="Column with a stable row id. Default: 'id' if the file has one, else the line number."
     )
     eval_path: Path | None = Field(
-        None, description="A second file to evaluate on. When set, eval_fraction is not used."
+        None, description="A second file (or dataset, as data.path) to evaluate on. When set, eval_fraction is not "
+        "used."
+    )
+    eval_split: str | None = Field(
+        None, min_length=1, description="Hugging Face datasets: the split to evaluate on, of data.eval_path's dataset "
+        "if set, else of data.path's (e.g. 'test'; then eval_fraction is not used)."
     )
     eval_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="Share of rows held out for evaluation before any training."
     )
     limit: int | None = Field(None, gt=0, description="Use only the first N rows of each file (quick runs).")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _splits_fit_sources(self) -> DataConfig:
+        for name in ("path", "eval_path"):
+            if hub_dataset_id(getattr(self, name)) == "":
+                raise ValueError(f"data.{name} 'hf:' needs a Hub dataset id after it, e.g. 'hf:stanfordnlp/sst2'")
+        held = "eval_path" if self.eval_path is not None else "path"  # where data.eval_split is read from
+        for setting, name in (("split", "path"), ("eval_split", held)):
+            source = getattr(self, name)
+            if getattr(self, setting) is not None and source.suffix.lower() in DATA_FILE_SUFFIXES:
+                raise ValueError(
+                    f"data.{setting} picks a split of a Hugging Face dataset, and data.{name} {str(source)!r} is a "
+                    f"file; remove data.{setting} (a held-out file goes in data.eval_path)"
+                )
+        if self.subset is not None and not (hub_dataset_id(self.path) or hub_dataset_id(self.eval_path)):
+            raise ValueError("data.subset picks a subset of a Hub dataset ('hf:owner/name'); remove it")
+        if self.eval_path is None and self.eval_split is not None and self.eval_split == self.split:
+            raise ValueError(
+                f"data.eval_split {self.eval_split!r} is the training split data.split; hold out another split"
+            )
+        return self
+
+
+def hub_dataset_id(path: Path | None) -> str | None:
+    """The Hub id of a data path written 'hf:owner/name' (empty if nothing follows 'hf:'); None for a local path."""
+    text = str(path) if path is not None else ""
+    return text[len(HUB_DATA_PREFIX):] if text.startswith(HUB_DATA_PREFIX) else None
 
 
 class TeacherConfig(_Section):
@@ -608,9 +655,10 @@ class Recipe(_Section):
     def resolve_paths(self, base: Path) -> Recipe:
         """Make relative paths absolute against ``base`` (the recipe file's directory)."""
         d = self.model_dump()
-        d["data"]["path"] = base / self.data.path
-        if self.data.eval_path is not None:
-            d["data"]["eval_path"] = base / self.data.eval_path
+        for name in ("path", "eval_path"):
+            path = getattr(self.data, name)
+            if path is not None and hub_dataset_id(path) is None:  # a Hub id is no path under base
+                d["data"][name] = base / path
         d["output_dir"] = base / self.output_dir
         if d["output_dir"].exists() and not d["output_dir"].is_dir():
             raise RecipeError(f"output_dir {str(d['output_dir'])!r} is a file; point it at a directory")

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from .._io import write_text_atomic
-from ..recipe import Recipe, build_recipe
+from ..recipe import Recipe, build_recipe, hub_dataset_id
 from .card import StudentCard
 
 __all__ = ["README", "model_card", "write_model_card"]
@@ -247,13 +247,19 @@ def _run_figures(s: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
             for k in keys if isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool)]
 
 
+def _data_name(path: Path, split: str | None) -> str:
+    """A data file's name, or a Hub dataset's id, and the split of a Hugging Face dataset."""
+    name = str(path) if hub_dataset_id(path) is not None else Path(path).name
+    return f"`{name}`" + (f" (split `{split}`)" if split else "")
+
+
 def _provenance(card: StudentCard, recipe: Recipe, lm: bool) -> list[str]:
-    s = card.summary
+    s, d = card.summary, recipe.data
+    held = (_data_name(d.eval_path, d.eval_split) if d.eval_path else
+            f"its split `{d.eval_split}`" if d.eval_split else f"{d.eval_fraction:.0%} of it")
     lines = ["", "## Data provenance", "",
-             f"- training data: `{Path(recipe.data.path).name}`, {'answered' if lm else 'labelled'} by the teacher; "
-             "held out for evaluation: "
-             + (f"`{Path(recipe.data.eval_path).name}`" if recipe.data.eval_path else
-                f"{recipe.data.eval_fraction:.0%} of it")]
+             f"- training data: {_data_name(d.path, d.split)}, {'answered' if lm else 'labelled'} by the teacher; "
+             f"held out for evaluation: {held}"]
     if s.get("recipe_hash"):
         lines.append(f"- recipe hash (task, data, teacher, student, training sections): `{s['recipe_hash']}`")
     if s.get("signals_hash"):
