@@ -450,6 +450,12 @@ class StudentConfig(_Section):
     num_layers: int = Field(2, gt=0, description="Scratch only: transformer layers.")
     num_heads: int = Field(2, gt=0, description="Scratch only: attention heads (must divide hidden_size).")
     intermediate_size: int | None = Field(None, gt=0, description="Scratch only: MLP width; default 4 × hidden.")
+    embeddings: Literal["random", "projected"] = Field(
+        "random",
+        description="Scratch only: 'random' embeddings, or 'projected': student.model's pretrained word and "
+        "position embeddings projected to hidden_size by PCA (its principal directions), so a small student starts "
+        "knowing which words are alike. Its vocabulary is the tokenizer's, so no word is lost.",
+    )
     max_length: int = Field(
         128, gt=8, description="Longest input in tokens (prompt plus answer for generation); longer is truncated."
     )
@@ -738,7 +744,9 @@ _CLASSIFICATION_ONLY = {
         "trains a second classifier on hard labels for the report; a generation task trains one student", "remove it"
     ),
 }
-_SCRATCH_SIZES = ("student.hidden_size", "student.num_layers", "student.num_heads", "student.intermediate_size")
+_SCRATCH_SIZES = (
+    "student.hidden_size", "student.num_layers", "student.num_heads", "student.intermediate_size", "student.embeddings"
+)
 
 
 def _set_off_default(recipe: Recipe, dotted: Iterable[str]) -> list[str]:
@@ -789,7 +797,7 @@ def _refuse_unused(recipe: Recipe) -> None:
             unused[k] = (_KEEP, "remove it, or set student.init: teacher_layers")
     if s.init != "scratch":
         for k in _set_off_default(recipe, _SCRATCH_SIZES):
-            unused.setdefault(k, ("sizes a student.init: scratch encoder; any other student has its model's size",
+            unused.setdefault(k, ("shapes a student.init: scratch encoder; any other student has its model's own",
                                   "remove it, or set student.init: scratch"))
     if unused:
         lines = "".join(f"\n    {k} {why}. Fix: {fix}." for k, (why, fix) in unused.items())

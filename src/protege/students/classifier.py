@@ -80,6 +80,8 @@ def build_student(
             **label_kw,
         )
         model = BertForSequenceClassification(config)
+        if cfg.embeddings == "projected":
+            project_embeddings(model, source, cfg.model)
     else:
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -88,6 +90,52 @@ def build_student(
         except OSError as e:
             raise ProtegeError(f"cannot load the student model {cfg.model!r}: {e}") from None
     return model, tokenizer, None
+
+
+def project_embeddings(model: Any, source: Any, name: str) -> dict[str, float]:
+    """Set a scratch BERT's word, position and token-type embeddings to the pretrained ones of ``source`` (the
+    model its tokenizer came from), projected onto their top ``hidden_size`` principal directions.
+
+    With W the pretrained word embeddings (V x D) and mu their mean row, the top principal directions P (D x h)
+    of W - mu give the student's words (W - mu) P, and positions and token types E P (their sum is what the
+    encoder's first LayerNorm sees, so one linear map keeps their geometry together). Each is scaled by the same
+    factor, so the words' standard deviation is the student config's ``initializer_range`` (the scale its other
+    weights start at). Returns the share of the words' variance the projection keeps."""
+    import torch
+    from transformers import AutoModel
+
+    try:
+        base = AutoModel.from_pretrained(source.name_or_path, dtype=torch.float32, **source.kwargs())
+    except (OSError, ValueError) as e:
+        raise ProtegeError(
+            f"student.embeddings projected reads the pretrained embeddings of student.model {name!r}, which cannot "
+            f"be loaded: {e}. Use student.embeddings random, or a student.model with weights"
+        ) from None
+    emb, new = base.get_input_embeddings().weight.detach(), model.get_input_embeddings().weight
+    h = new.shape[1]
+    if emb.shape[0] != new.shape[0] or emb.shape[1] < h:
+        raise ProtegeError(
+            f"student.embeddings projected: student.model {name!r} has {emb.shape[0]} word embeddings of width "
+            f"{emb.shape[1]}; the student needs {new.shape[0]} of width at most that (student.hidden_size {h})"
+        )
+    mu = emb.mean(0, keepdim=True)
+    centred = emb - mu
+    with torch.random.fork_rng():  # pca_lowrank's random start: the same directions every run, and the
+        torch.manual_seed(0)  # caller's random state left as it was
+        _, s, v = torch.pca_lowrank(centred, q=min(h + 8, emb.shape[1]), center=False, niter=4)
+    proj = v[:, :h]
+    words = centred @ proj
+    scale = model.config.initializer_range / float(words.std())
+    with torch.no_grad():
+        new.copy_(words * scale)
+        for attr in ("position_embeddings", "token_type_embeddings"):
+            theirs = getattr(getattr(base, "embeddings", None), attr, None)
+            ours = getattr(model.bert.embeddings, attr)
+            if theirs is not None:
+                n = min(theirs.weight.shape[0], ours.weight.shape[0])
+                ours.weight[:n] = theirs.weight[:n].detach() @ proj * scale
+    kept = float((s[:h] ** 2).sum() / (centred**2).sum())
+    return {"variance_kept": kept}
 
 
 # -- students cut from the teacher ---------------------------------------------------------------------------

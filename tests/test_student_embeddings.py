@@ -1,0 +1,105 @@
+"""student.embeddings projected: a scratch student starts from its tokenizer's model's embeddings, projected by PCA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from protege.demo_data import LABELS
+from protege.errors import ProtegeError, RecipeError
+from protege.recipe import build_recipe
+from protege.students.classifier import build_student, project_embeddings
+from protege.sources import resolve_source
+
+NAMES = tuple(LABELS)
+
+
+def _pretrained(path: Path, tokenizer, width: int = 32, rank: int = 6) -> Path:
+    """A BERT whose word embeddings have ``rank`` strong directions (plus a little noise) and whose
+    position embeddings are random: a stand-in for a pretrained encoder, with a known principal subspace."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(3)
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, pad_token_id=tokenizer.pad_token_id)
+    model = BertModel(cfg)
+    with torch.no_grad():
+        v = len(tokenizer)
+        strong = torch.randn(v, rank) @ torch.randn(rank, width) + 0.01 * torch.randn(v, width) + 0.3
+        model.embeddings.word_embeddings.weight.copy_(strong)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _recipe(model: Path, **student):
+    return build_recipe({"task": {"labels": list(NAMES)},
+                         "student": {"model": str(model), "init": "scratch", "num_heads": 2, "max_length": 32,
+                                     **student}})
+
+
+def test_projected_embeddings_are_the_pretrained_ones_on_their_principal_directions(tmp_path, tiny_tokenizer):
+    from transformers import BertModel
+
+    source_dir = _pretrained(tmp_path / "base", tiny_tokenizer)
+    recipe = _recipe(source_dir, hidden_size=6, embeddings="projected")
+    student, tok, _ = build_student(recipe.student, NAMES, seed=0)
+    base = BertModel.from_pretrained(source_dir)
+    w = base.embeddings.word_embeddings.weight.detach()
+    centred = w - w.mean(0, keepdim=True)
+    ours = student.bert.embeddings.word_embeddings.weight.detach()
+
+    # the words keep their geometry: the student's Gram matrix is the pretrained one on the top-6 principal
+    # subspace (exact SVD here), up to one scale, and that scale puts the words at the config's init std
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    top = centred @ vh[:6].T
+    scale = student.config.initializer_range / float(top.std())
+    assert float(ours.std()) == pytest.approx(student.config.initializer_range, rel=1e-4)
+    torch.testing.assert_close(ours @ ours.T / scale**2, top @ top.T, rtol=1e-3, atol=1e-3)
+
+    # positions and token types went through the same linear map as the words
+    proj = torch.linalg.lstsq(centred, ours).solution  # the map (D x 6) that made the words
+    for attr in ("position_embeddings", "token_type_embeddings"):
+        theirs = getattr(base.embeddings, attr).weight.detach()
+        mine = getattr(student.bert.embeddings, attr).weight.detach()
+        n = min(len(theirs), len(mine))
+        torch.testing.assert_close(mine[:n], theirs[:n] @ proj, rtol=1e-3, atol=1e-5)
+
+    # the same student every time, and a different one than random embeddings
+    again, _, _ = build_student(recipe.student, NAMES, seed=0)
+    torch.testing.assert_close(again.bert.embeddings.word_embeddings.weight, ours, rtol=0, atol=0)
+    plain, _, _ = build_student(_recipe(source_dir, hidden_size=6).student, NAMES, seed=0)
+    assert not torch.allclose(plain.bert.embeddings.word_embeddings.weight, ours)
+    assert tok.get_vocab() == tiny_tokenizer.get_vocab()
+
+
+def test_the_projection_reports_the_variance_it_keeps(tmp_path, tiny_tokenizer):
+    source_dir = _pretrained(tmp_path / "base", tiny_tokenizer, rank=6)
+    recipe = _recipe(source_dir, hidden_size=6, embeddings="projected")
+    student, _, _ = build_student(recipe.student, NAMES, seed=0)
+    kept = project_embeddings(student, resolve_source(str(source_dir)), str(source_dir))["variance_kept"]
+    assert 0.99 < kept <= 1.0 + 1e-6  # six strong directions, six kept
+    narrow, _, _ = build_student(_recipe(source_dir, hidden_size=2, num_heads=1).student, NAMES, seed=0)
+    assert project_embeddings(narrow, resolve_source(str(source_dir)), str(source_dir))["variance_kept"] < 0.8
+
+
+def test_a_student_wider_than_its_pretrained_embeddings_or_a_model_without_weights_is_refused(
+    tmp_path, tiny_tokenizer
+):
+    source_dir = _pretrained(tmp_path / "base", tiny_tokenizer, width=8, rank=4)
+    with pytest.raises(ProtegeError, match=r"width 8; the student needs .* of width at most that \(student.hidden_size 16\)"):
+        build_student(_recipe(source_dir, hidden_size=16, embeddings="projected").student, NAMES, seed=0)
+    tok_only = tmp_path / "tokenizer-only"
+    tiny_tokenizer.save_pretrained(tok_only)
+    with pytest.raises(ProtegeError, match=r"cannot be loaded: .*Use student.embeddings random"):
+        build_student(_recipe(tok_only, hidden_size=8, embeddings="projected").student, NAMES, seed=0)
+
+
+def test_projected_embeddings_are_refused_for_a_student_that_is_not_built_from_scratch(tmp_path, tiny_tokenizer):
+    source_dir = _pretrained(tmp_path / "base", tiny_tokenizer)
+    with pytest.raises(RecipeError, match=r"student.embeddings shapes a student.init: scratch encoder.*Fix: remove "
+                                          r"it, or set student.init: scratch"):
+        build_recipe({"task": {"labels": list(NAMES)},
+                      "student": {"model": str(source_dir), "init": "pretrained", "embeddings": "projected"}})
