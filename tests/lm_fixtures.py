@@ -145,8 +145,8 @@ def teacher_token_logprobs(model: Any, tokenizer: Any, rows: list[Any], k: int =
 
 
 def train_from_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train as ``spec`` says: {teacher, out, student, training, rows, slow_s}. The subprocess tests run this
-    through ``python lm_fixtures.py SPEC.json`` (and under torchrun)."""
+    """Train as ``spec`` says: {teacher, out, student, training, rows, slow_s, output_dir}. The subprocess tests
+    run this through ``python lm_fixtures.py SPEC.json`` (and under torchrun)."""
     from protege.training.lm import train_lm
 
     if spec.get("slow_s"):  # stretch every optimizer step, so a test can kill the run between checkpoints
@@ -162,6 +162,8 @@ def train_from_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
         torch.optim.AdamW.step = slow_step
     recipe = make_recipe(Path(spec["teacher"]), spec.get("student"), **spec.get("training", {}))
+    if spec.get("output_dir"):
+        recipe.output_dir = Path(spec["output_dir"])
     return train_lm(recipe, make_rows(spec.get("rows", 8)), Path(spec["out"]), quiet=True)
 
 

@@ -5,8 +5,10 @@ best evaluation; patience stops early; a killed run resumes to the same choice),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,28 @@ def _recipe(student: Path, **training: Any) -> Any:
     return build_recipe(
         {"task": {"labels": NAMES}, "student": {"model": str(student), "max_length": 32}, "training": train | training}
     )
+
+
+@contextlib.contextmanager
+def crash_in_step(n: int) -> Iterator[None]:
+    """The block must fail with RuntimeError('killed'), raised as AdamW's n-th step starts (a crash mid-run)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    steps = 0
+
+    def crash(opt, args, kwargs):
+        nonlocal steps
+        if type(opt) is torch.optim.AdamW:
+            steps += 1
+            if steps == n:
+                raise RuntimeError("killed")
+
+    handle = register_optimizer_step_pre_hook(crash)
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            yield
+    finally:
+        handle.remove()
 
 
 def _slice_kl_agreement(student_dir: Path, rows: list[TrainRow]) -> tuple[float, float]:
@@ -228,29 +252,14 @@ def test_patience_stops_when_evaluations_stop_improving(tmp_path, tiny_tokenizer
 
 def test_a_run_stopped_after_a_checkpoint_resumes_to_the_same_selection(tmp_path, tiny_tokenizer):
     from safetensors.torch import load_file
-    from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     # dropout draws random numbers every step: the evaluations must not disturb them, and the resume restores them
     student = _student_dir(tmp_path / "bert", tiny_tokenizer, dropout=0.1)
     recipe = _recipe(student, max_steps=8, checkpoint_every=4, eval_every=2)
     rows = _rows(40)
     ref = train_student(recipe, rows, tmp_path / "ref", alpha=0.9, quiet=True)
-
-    steps = 0
-
-    def crash(opt, args, kwargs):  # a failure in step 6, after the checkpoint of step 4
-        nonlocal steps
-        if type(opt) is torch.optim.AdamW:
-            steps += 1
-            if steps == 6:
-                raise RuntimeError("killed")
-
-    handle = register_optimizer_step_pre_hook(crash)
-    try:
-        with pytest.raises(RuntimeError, match="killed"):
-            train_student(recipe, rows, tmp_path / "run", alpha=0.9, quiet=True)
-    finally:
-        handle.remove()
+    with crash_in_step(6):  # after the checkpoint of step 4
+        train_student(recipe, rows, tmp_path / "run", alpha=0.9, quiet=True)
     assert (tmp_path / "run.checkpoint").is_dir() and not (tmp_path / "run").exists()
     again = train_student(recipe, rows, tmp_path / "run", alpha=0.9, quiet=True)
     assert again["resumed_from_step"] == 4 and ref["resumed_from_step"] == 0

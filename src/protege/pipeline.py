@@ -19,6 +19,7 @@ from .store import Store
 from .students.card import CARD, StudentCard
 from .training.classifier import TrainRow, train_student
 from .training.select import improves
+from .training.tracking import check_trackers
 
 __all__ = ["evaluate", "label", "run", "train"]
 
@@ -171,6 +172,7 @@ def _sweep(recipe: Recipe, rows: list[TrainRow], store: Store, quiet: bool, expe
 
 def run(recipe: Recipe, quiet: bool = False) -> dict[str, Any]:
     """Every stage in order; each skips the work whose inputs have not changed."""
+    check_trackers(recipe.training.report_to)  # before labeling, not after an hour of it
     stats: LabelStats = label(recipe, quiet)
     trained = train(recipe, quiet, force=False)
     report = evaluate(recipe, quiet, force=False)

@@ -493,6 +493,12 @@ class TrainingConfig(_Section):
         None, gt=0, description="Save a resumable checkpoint every K optimizer steps; a rerun after a kill continues "
         "from the last one."
     )
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(
+        default_factory=list,
+        description="Experiment trackers (one or a list; 'none': none) that get every optimizer step's loss, "
+        "kd_loss, ce_loss, lr and throughput, and the selection slice's scores: tensorboard (under "
+        "<output_dir>/runs/<student dir>), wandb, trackio. Each needs its package installed.",
+    )
     # classifier students ------------------------------------------------------------------------------------
     select_fraction: float = Field(
         0.0,
@@ -555,6 +561,17 @@ class TrainingConfig(_Section):
     loss_chunk_size: int = Field(
         1024, gt=0, description="Generation: tokens per chunk of the LM-head loss; all logits are never held at once."
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers_as_list(cls, v: Any) -> Any:
+        v = [v] if isinstance(v, str) or v is None else v
+        if not isinstance(v, list):
+            return v
+        names = list(dict.fromkeys(n for n in v if n not in ("none", None)))  # in order, once each
+        if names and any(n in ("none", None) for n in v):
+            raise ValueError("'none' turns tracking off; list trackers, or 'none' alone")
+        return names
 
     @model_validator(mode="after")
     def _selection_needs_slice(self) -> TrainingConfig:

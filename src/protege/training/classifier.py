@@ -36,6 +36,7 @@ from .losses import distillation_loss
 from .optim import make_optimizer
 from .select import Selection, selection_split, slice_scores
 from .steps import check_split, checkpoint_dir, fingerprint, micro_batches, resume, save_checkpoint
+from .tracking import end_tracking, flush_trackers, log_step, start_tracking, tracker_settings
 
 __all__ = ["TrainRow", "train_student"]
 
@@ -79,6 +80,7 @@ def train_student(
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
+        **tracker_settings(recipe),  # refuses a tracker that is not installed, before any work
     )
     set_seed(cfg.seed)
     P, G, B = accelerator.num_processes, cfg.gradient_accumulation_steps, cfg.batch_size
@@ -132,6 +134,8 @@ def train_student(
     # the student and the hard-label baseline train from the same rows and recipe: alpha tells them apart
     ckpt, fp = checkpoint_dir(out), fingerprint(recipe, rows, alpha=alpha, temperature=tau)
     start, log = resume(accelerator, ckpt, fp, quiet)
+    used = {"training.alpha": alpha, "training.temperature": tau, "training.learning_rate": lr}  # this run's values
+    start_tracking(accelerator, recipe, out, start, **used)
 
     # -- train --------------------------------------------------------------------------------------------
     t0, seen, stopped = time.perf_counter(), 0, False
@@ -177,12 +181,14 @@ def train_student(
             rec["select_kl"], rec["select_agreement"] = score_slice()
             selection.record(step + 1, rec["select_kl"], rec["select_agreement"], accelerator.unwrap_model(model))
         log.append(rec)
+        log_step(accelerator, rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", kd=f"{rec['kd_loss']:.3f}", ce=f"{rec['ce_loss']:.3f}")
         if selection is not None and selection.should_stop and step + 1 < total:
             stopped = True  # patience evaluations in a row without improvement
             break
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            flush_trackers(accelerator)  # first: once the checkpoint exists, the points it resumes after are on disk
             save_checkpoint(accelerator, ckpt, {"step": step + 1, "fingerprint": fp, "log": log})
     bar.close()
     seconds = time.perf_counter() - t0
@@ -218,5 +224,6 @@ def train_student(
             recipe.save(tmp / "recipe.yaml")
             write_model_card(tmp)  # README.md, a Hub model card from the two files above (no figures yet)
         shutil.rmtree(ckpt, ignore_errors=True)
+    end_tracking(accelerator)
     accelerator.wait_for_everyone()
     return summary

@@ -49,6 +49,7 @@ from ..students.model_card import write_model_card
 from .losses import check_vocab, chunked_lm_distillation_loss, topk_distillation_loss
 from .optim import make_optimizer
 from .steps import check_split, checkpoint_dir, fingerprint, micro_batches, resume, save_checkpoint
+from .tracking import end_tracking, flush_trackers, log_step, start_tracking, tracker_settings
 
 __all__ = ["LMRow", "train_lm", "prompt_ids", "ANSWER_PREFIX", "EXPLAIN_PREFIX", "MIN_ALIGNED_SHARE"]
 
@@ -364,6 +365,7 @@ def train_lm(
         cpu=not cuda,
         mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
+        **tracker_settings(recipe),  # refuses a tracker that is not installed, before any work
     )
     set_seed(cfg.seed)
     P, G, B = accelerator.num_processes, cfg.gradient_accumulation_steps, cfg.batch_size
@@ -398,6 +400,7 @@ def train_lm(
     # -- resume -------------------------------------------------------------------------------------------
     ckpt, fp = checkpoint_dir(out), fingerprint(recipe, rows)
     start, log = resume(accelerator, ckpt, fp, quiet)
+    start_tracking(accelerator, recipe, out, start, **{"training.learning_rate": lr})
 
     # -- train --------------------------------------------------------------------------------------------
     rank, pad = accelerator.process_index, tokenizer.pad_token_id
@@ -446,9 +449,11 @@ def train_lm(
             "tokens_per_s": tokens * P / (time.perf_counter() - t0),  # approximate: this process's tokens x P
         }
         log.append(rec)
+        log_step(accelerator, rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", kd=f"{rec['kd_loss']:.3f}", ce=f"{rec['ce_loss']:.3f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            flush_trackers(accelerator)  # first: once the checkpoint exists, the points it resumes after are on disk
             save_checkpoint(accelerator, ckpt, {"step": step + 1, "fingerprint": fp, "log": log})
     bar.close()
     seconds = time.perf_counter() - t0
@@ -485,5 +490,6 @@ def train_lm(
             recipe.save(tmp / "recipe.yaml")
             write_model_card(tmp)  # README.md, a Hub model card from the two files above (no figures yet)
         shutil.rmtree(ckpt, ignore_errors=True)
+    end_tracking(accelerator)
     accelerator.wait_for_everyone()
     return summary

@@ -69,6 +69,7 @@ def fingerprint(recipe: Recipe, rows: list[Any], **extra: Any) -> str:
     """What a checkpoint must match to be resumed: the settings that shape training, the data (dataclass rows)
     and anything else the loop was given (``extra``, e.g. a classifier's alpha)."""
     sections = recipe.model_dump(mode="json")
+    sections["training"].pop("report_to")  # where figures are logged does not shape training: a resume may add one
     what = {k: sections[k] for k in ("task", "teacher", "student", "training")} | {"rows": [asdict(r) for r in rows]}
     return content_hash(what | extra)
 
