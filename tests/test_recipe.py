@@ -145,7 +145,7 @@ def test_scratch_student_heads_must_divide_hidden():
     ok = build_recipe({"student": {"init": "scratch", "hidden_size": 32, "num_heads": 4}})
     assert ok.student.hidden_size == 32
     # a pretrained student has its model's sizes: the scratch-only ones would be ignored, so they are refused
-    with pytest.raises(RecipeError, match=r"student\.hidden_size sizes a student\.init: scratch encoder"):
+    with pytest.raises(RecipeError, match=r"student\.hidden_size shapes a student\.init: scratch encoder"):
         build_recipe({"student": {"init": "pretrained", "hidden_size": 30, "num_heads": 4}})
 
 
