@@ -125,3 +125,15 @@ def test_base_model_is_a_hub_id_or_nothing(student, init, base):
     r = build_recipe({"task": {"labels": LABELS}, "student": {"model": student, "init": init}})
     card = StudentCard.for_classifier(r, tuple(r.task.label_names), {"alpha": 0.9, "temperature": 2.0, "init": init})
     assert _base_model(r, card) == base
+
+
+def test_a_local_teacher_is_named_by_its_folder_alone(tmp_path):
+    """A teacher or student in a local folder is named by the folder's name: no path of the user's machine."""
+    from protege.students.model_card import _teacher_name, _where_from
+
+    (tmp_path / "my-encoder").mkdir()
+    assert _teacher_name(f"embed:{tmp_path / 'my-encoder'}") == "embed:my-encoder"
+    assert _teacher_name(f"hf:{tmp_path / 'my-encoder'}") == "hf:my-encoder"
+    assert _teacher_name("openai:gpt-4o-mini") == "openai:gpt-4o-mini"
+    assert _where_from(str(tmp_path / "my-encoder")) == "a local model (`my-encoder`)"
+    assert _where_from("all-minilm-l6-v2") == "`sentence-transformers/all-MiniLM-L6-v2` (packaged as `all-minilm-l6-v2`)"

@@ -46,7 +46,7 @@ _DISTILL = {  # training.distill of a language-model student
 }
 _DIVERGENCE = {"forward_kl": "KL(p_teacher^τ ‖ q_student^τ)", "reverse_kl": "KL(q_student^τ ‖ p_teacher^τ)",
                "jsd": "the generalized Jensen-Shannon divergence (training.jsd_beta)"}
-# report figures -> (metric name on the card, how the body's table shows it); None values are left out
+# a report figure -> its metric name on the card (figures the report leaves None are left out)
 _CLASSIFIER_METRICS = {"accuracy": "accuracy", "quality_kept": "quality_kept",
                        "agreement_with_teacher": "agreement_with_teacher", "ece": "expected_calibration_error",
                        "latency_ms_p50": "latency_ms_p50", "latency_ms_p95": "latency_ms_p95",
@@ -91,7 +91,7 @@ def model_card(student_dir: Path, report: dict[str, Any] | None = None) -> Any:
         eval_results=results or None,
     )
     body = "\n".join([
-        *_intro(card, recipe, base),
+        *_intro(card, recipe),
         *_teacher(card, recipe, report),
         *(_lm_training(card) if lm else _classifier_training(card, recipe)),
         *_provenance(card, recipe, lm),
@@ -125,28 +125,28 @@ def _base_model(recipe: Recipe, card: StudentCard) -> str | None:
         return None
     if name in _HUB_IDS:
         return _HUB_IDS[name]
-    path = Path(name).expanduser()
-    return None if name.startswith((".", "/", "~")) or path.suffix == ".gguf" or path.exists() else name
+    return None if _local(name) or name.endswith(".gguf") else name
+
+
+def _local(name: str) -> bool:
+    """Whether a model name is a path on this machine (as :func:`protege.sources.resolve_source` tells)."""
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
 def _where_from(name: str) -> str:
     """A model named for the card: a hub id as it is, a local path by its last component only."""
     if name in _HUB_IDS:
         return f"`{_HUB_IDS[name]}` (packaged as `{name}`)"
-    path = Path(name).expanduser()
-    if name.startswith((".", "/", "~")) or path.exists():
-        return f"a local model (`{path.name}`)"
-    return f"`{name}`"
+    return f"a local model (`{Path(name).expanduser().name}`)" if _local(name) else f"`{name}`"
 
 
 def _teacher_name(model: str) -> str:
     """A teacher as the recipe names it, a local path by its last component only."""
     backend, _, rest = model.partition(":")
-    local = backend == "hf" and (rest.startswith((".", "/", "~")) or Path(rest).expanduser().exists())
-    return f"hf:{Path(rest).expanduser().name}" if local else model
+    return f"{backend}:{Path(rest).expanduser().name}" if _local(rest) else model  # hf:, embed: paths
 
 
-def _intro(card: StudentCard, recipe: Recipe, base: str | None) -> list[str]:
+def _intro(card: StudentCard, recipe: Recipe) -> list[str]:
     what = "text classifier" if card.labels else "causal language model"
     init = card.summary.get("init", recipe.student.init)
     start = {
