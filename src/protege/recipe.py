@@ -537,16 +537,35 @@ class TrainingConfig(_Section):
         "report."
     )
     # language-model students -------------------------------------------------------------------------------
-    distill: Literal["sequence", "logits", "topk"] = Field(
+    distill: Literal["sequence", "logits", "topk", "on_policy"] = Field(
         "sequence",
         description="Generation: 'sequence' (train on the teacher's text), 'logits' (token-level KD from the local "
         "'hf:' teacher's full distribution, same tokenizer), 'topk' (token-level KD from the stored top-k "
-        "logprobs of any teacher that returned them, the rest as a tail bucket).",
+        "logprobs of any teacher that returned them, the rest as a tail bucket), 'on_policy' (GKD: the student "
+        "samples replies to the prompts and learns the local 'hf:' teacher's full distribution on its own tokens, "
+        "same tokenizer; see on_policy_fraction).",
     )
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
         "forward_kl",
-        description="distill 'logits': forward KL(teacher || student), reverse KL(student || teacher), or the "
-        "generalized Jensen-Shannon divergence with jsd_beta. 'topk' uses forward KL.",
+        description="distill 'logits' and 'on_policy': forward KL(teacher || student), reverse KL(student || "
+        "teacher), or the generalized Jensen-Shannon divergence with jsd_beta. Default forward KL for 'logits', "
+        "reverse KL for 'on_policy' (GKD). 'topk' uses forward KL.",
+    )
+    on_policy_fraction: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="distill 'on_policy': GKD's lambda, the share of optimizer steps whose replies the student "
+        "samples itself (pure divergence on its tokens); the other steps learn as 'logits' does, (1 - alpha) CE + "
+        "alpha tau^2 D on the teacher's own replies. Which steps are which is fixed by training.seed.",
+    )
+    on_policy_temperature: float = Field(
+        1.0, gt=0.0, description="distill 'on_policy': temperature the student samples its replies at (1: its own "
+        "distribution)."
+    )
+    on_policy_max_tokens: int = Field(
+        64, gt=0, description="distill 'on_policy': most tokens the student writes per sampled reply (it stops "
+        "earlier at its end token); below student.max_length, prompts are cut from their start to leave room."
     )
     jsd_beta: float = Field(
         0.5, ge=0.0, le=1.0, description="divergence 'jsd': interpolation of the generalized JSD (see losses)."
@@ -635,6 +654,9 @@ class Recipe(_Section):
         if self.task.kind == "generation" and "model" not in s.model_fields_set and "init" not in s.model_fields_set \
                 and backend == "hf":
             s.init = "teacher_layers"
+        # on-policy distillation defaults to reverse KL (GKD): the student is judged on its own samples
+        if self.task.kind == "generation" and t.distill == "on_policy" and "divergence" not in t.model_fields_set:
+            t.divergence = "reverse_kl"
         _refuse_unused(self)
         if self.task.kind == "classification":
             if s.init == "teacher_layers" and backend != "hf":
@@ -668,6 +690,18 @@ class Recipe(_Section):
             raise ValueError(
                 "training.distill 'logits' needs the teacher's full distribution at training time, i.e. an 'hf:' "
                 "teacher; for an API teacher use 'topk' (stored top-k logprobs) or 'sequence'"
+            )
+        if t.distill == "on_policy" and backend != "hf":
+            raise ValueError(
+                "training.distill 'on_policy' needs the teacher's log-probabilities on the tokens the student "
+                f"sampled, at training time; teacher {self.teacher.model!r} returns only the top-k of its own "
+                "tokens. Not yet: needs a served teacher that scores given tokens (issue 14 point 2). Use an 'hf:' "
+                "teacher with the student's tokenizer, or training.distill 'topk' or 'sequence'"
+            )
+        if t.distill == "on_policy" and t.on_policy_max_tokens >= s.max_length:
+            raise ValueError(
+                f"training.on_policy_max_tokens {t.on_policy_max_tokens} leaves no room for the prompt in "
+                f"student.max_length {s.max_length}; lower it or raise student.max_length"
             )
         if t.distill == "topk" and backend == "anthropic":
             raise ValueError("Anthropic's API returns no logprobs; use training.distill 'sequence'")
@@ -715,7 +749,10 @@ _GENERATION_ONLY = {
     "student.lora_alpha": _LORA,
     "student.lora_dropout": _LORA,
     "student.lora_target_modules": _LORA,
-    "training.distill": (f"picks what {_LM} learn from: the teacher's text, logits or top-k", _TO_GENERATION),
+    "training.distill": (
+        f"picks what {_LM} learn from: the teacher's text, logits or top-k, or their own samples the teacher "
+        "scores (on_policy)", _TO_GENERATION,
+    ),
     "training.rationale_weight": (f"weighs the teacher's explanation as a second target of {_LM}", _TO_GENERATION),
     "training.loss_chunk_size": (
         "chunks a language model's LM-head loss over tokens; a classifier makes one prediction per text",
@@ -727,6 +764,9 @@ _GENERATION_ONLY = {
         _TO_GENERATION,
     ),
     "training.jsd_beta": ("mixes the two sides of training.divergence: jsd, a generation setting", _TO_GENERATION),
+    **{f"training.on_policy_{k}": (f"is the {what} of training.distill: on_policy, a generation mode", _TO_GENERATION)
+       for k, what in (("fraction", "share of sampled steps"), ("temperature", "sampling temperature"),
+                       ("max_tokens", "sample length"))},
 }
 _ONE_ANSWER = "a generation teacher writes one answer per text"
 _PICK = ("picks a classifier student's checkpoint or (alpha, temperature) on held-out teacher-labelled rows; a "
@@ -800,15 +840,26 @@ def _refuse_unused(recipe: Recipe) -> None:
             for k in _set_off_default(recipe, ("student.lora_alpha", "student.lora_dropout", "student.lora_target_modules")):
                 unused[k] = ("configures LoRA, which is off until student.lora_r (the rank) is set",
                              "remove it, or set student.lora_r")
-        if t.distill != "logits" and _set_off_default(recipe, ("training.divergence",)):
+        if t.distill not in ("logits", "on_policy") and _set_off_default(recipe, ("training.divergence",)):
             unused["training.divergence"] = (
-                "picks the divergence of training.distill: logits ('topk' uses forward KL over the stored top-k, "
-                "'sequence' cross-entropy on the teacher's text)",
+                "picks the divergence of training.distill: logits or on_policy ('topk' uses forward KL over the "
+                "stored top-k, 'sequence' cross-entropy on the teacher's text)",
                 "remove it, or set training.distill: logits",
             )
         elif t.divergence != "jsd" and _set_off_default(recipe, ("training.jsd_beta",)):
             unused["training.jsd_beta"] = ("mixes the two sides of training.divergence: jsd",
                                            "remove it, or set training.divergence: jsd")
+        if t.distill != "on_policy":
+            for k in _set_off_default(recipe, ("training.on_policy_fraction", "training.on_policy_temperature",
+                                               "training.on_policy_max_tokens")):
+                unused[k] = ("configures the student's own samples of training.distill: on_policy",
+                             "remove it, or set training.distill: on_policy")
+        elif t.on_policy_fraction == 1.0 and _set_off_default(recipe, ("training.alpha",)):
+            unused["training.alpha"] = (
+                "weighs CE against the divergence on the teacher's replies; with training.on_policy_fraction 1 "
+                "every step learns the divergence alone on the student's own samples",
+                "remove it, or set training.on_policy_fraction below 1 to mix in the teacher's replies",
+            )
     if s.init != "teacher_layers":
         for k in _set_off_default(recipe, ("student.keep_layers", "student.layer_stride")):
             unused[k] = (_KEEP, "remove it, or set student.init: teacher_layers")

@@ -49,7 +49,8 @@ def decode(
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     budget = min(max_new_tokens, max(0, context - len(prompt)))
     stops, cache_kw = set(stop_ids), cache_kwarg(model)
-    past, ids = None, torch.tensor([list(prompt)])  # (1, T): the prompt, then one new token per step
+    device = next(model.parameters()).device  # a model on a GPU (on-policy training samples on one)
+    past, ids = None, torch.tensor([list(prompt)], device=device)  # (1, T): the prompt, then one new token per step
     for _ in range(budget):
         with torch.inference_mode():  # per step, not across the yield: the caller's code runs in its own mode
             res = model(input_ids=ids, use_cache=True, **({} if past is None else {cache_kw: past}))
@@ -61,7 +62,7 @@ def decode(
         yield Step(token, float(logp[token]), logp, stop)
         if stop:
             return
-        ids = torch.tensor([[token]])  # (1, 1)
+        ids = torch.tensor([[token]], device=device)  # (1, 1)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,9 @@ Modes (training.distill):
   student's tokenizer is used by id; otherwise its token strings are mapped onto the student's vocabulary
   and positions align only where the student's tokenization of the text reproduces the teacher's tokens.
   Positions without teacher information (and the end token) have no KD term: (1 - alpha) CE alone.
+- ``on_policy``: GKD (training/on_policy.py). On a share ``on_policy_fraction`` of the steps the student samples
+  a reply to each prompt and learns tau^2 D(teacher || student) on its own tokens against the local 'hf:'
+  teacher (same tokenizer), reverse KL by default; the other steps are ``logits`` steps on the teacher's replies.
 
 ``training.batch_size`` counts examples per optimizer step over all processes, so a recipe gives the same
 objective on one process or on many.
@@ -42,11 +45,12 @@ from ..errors import ProtegeError
 from ..recipe import Recipe
 from ..signals import TokenLogprobs
 from ..students.card import StudentCard
-from ..students.chat import ANSWER_PREFIX, EXPLAIN_PREFIX, prompt_ids
+from ..students.chat import ANSWER_PREFIX, EXPLAIN_PREFIX, ChatFormat, prompt_ids
 from ..students.classifier import count_parameters
 from ..students.lm import build_lm_student, lm_head, load_causal_lm, save_lm_student
 from ..students.model_card import write_model_card
 from .losses import check_vocab, chunked_lm_distillation_loss, topk_distillation_loss
+from .on_policy import sample_replies, sample_seed, sampled_step
 from .optim import make_optimizer
 from .steps import check_split, checkpoint_dir, fingerprint, micro_batches, resume, save_checkpoint
 from .tracking import end_tracking, flush_trackers, log_step, start_tracking, tracker_settings
@@ -301,7 +305,10 @@ class _StudentLoss(torch.nn.Module):
     def base(self) -> Any:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def forward(self, batch: dict[str, torch.Tensor], teacher: tuple | None = None) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, batch: dict[str, torch.Tensor], teacher: tuple | None = None, sampled: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """``sampled``: the targets are the student's own samples (on-policy): the divergence alone, no CE."""
         base = self.base()
         out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         h = out.last_hidden_state[batch["select"]]  # (M, H): the positions that predict a target token
@@ -310,24 +317,25 @@ class _StudentLoss(torch.nn.Module):
         total = ce = kd = h.new_zeros((), dtype=torch.float32)
         for wt in weights.unique().tolist():  # one group unless rationale examples carry their own weight
             rows = None if bool((weights == wt).all()) else weights == wt
-            s, c, k = self._loss(rows, h, w, b, batch, teacher)
+            s, c, k = self._loss(rows, h, w, b, batch, teacher, sampled)
             total, ce, kd = total + wt * s, ce + wt * c, kd + wt * k
         return total, ce.detach(), kd.detach()
 
-    def _loss(self, rows, h, w, b, batch, teacher) -> tuple[torch.Tensor, ...]:
+    def _loss(self, rows, h, w, b, batch, teacher, sampled=False) -> tuple[torch.Tensor, ...]:
         """(loss, CE, KD) sums over the target positions ``rows`` (a bool mask; None: all of them)."""
 
         def pick(x: torch.Tensor) -> torch.Tensor:
             return x if rows is None else x[rows]
 
         h, y = pick(h), pick(batch["targets"])
-        if self.mode == "logits":
+        if self.mode in ("logits", "on_policy"):
             th, tw, tb = teacher
+            # on the student's own samples, alpha = 1: cross-entropy with what it sampled would only sharpen it
             loss, _, parts = chunked_lm_distillation_loss(
-                h, w, pick(th), tw, y, alpha=self.alpha, temperature=self.tau, divergence=self.divergence,
-                beta=self.beta, chunk_size=self.chunk, student_bias=b, teacher_bias=tb,
+                h, w, pick(th), tw, y, alpha=1.0 if sampled else self.alpha, temperature=self.tau,
+                divergence=self.divergence, beta=self.beta, chunk_size=self.chunk, student_bias=b, teacher_bias=tb,
             )
-            return loss, parts["ce"], parts["kd"]
+            return loss, torch.zeros_like(parts["ce"]) if sampled else parts["ce"], parts["kd"]
         if self.mode == "topk":
             fn = functools.partial(_topk_chunk, alpha=self.alpha, tau=self.tau)
             cols = (y, pick(batch["kd_ids"]), pick(batch["kd_lps"]), pick(batch["kd_ok"]))
@@ -340,6 +348,25 @@ class _StudentLoss(torch.nn.Module):
             part = torch.utils.checkpoint.checkpoint(fn, h[chunk], w, b, *(c[chunk] for c in cols), use_reentrant=False)
             sums = [a + p for a, p in zip(sums, part)]
         return sums[0], sums[1], sums[2]
+
+
+# -- on-policy samples ---------------------------------------------------------------------------------------
+
+
+def _all_sampled(cfg: Any) -> bool:
+    return cfg.distill == "on_policy" and cfg.on_policy_fraction == 1.0
+
+
+def _on_policy_examples(
+    model: Any, examples: list[_Example], stop_ids: tuple[int, ...], max_len: int, cfg: Any, seed: int
+) -> list[_Example]:
+    """``examples`` with the teacher's reply replaced by one the student samples (training.on_policy_*); prompts
+    are cut from their start to leave room for on_policy_max_tokens within student.max_length."""
+    room = max_len - cfg.on_policy_max_tokens  # >= 1: the recipe refuses max_tokens >= max_length
+    prompts = [e.ids[: e.n_prompt][-room:] for e in examples]
+    replies = sample_replies(model, prompts, stop_ids=stop_ids, max_new_tokens=cfg.on_policy_max_tokens,
+                             temperature=cfg.on_policy_temperature, seed=seed)
+    return [_Example(p + r, len(p), e.weight, [], []) for p, r, e in zip(prompts, replies, examples)]
 
 
 # -- the loop -----------------------------------------------------------------------------------------------
@@ -372,11 +399,12 @@ def train_lm(
     check_split(B, G, P)
 
     # -- models -------------------------------------------------------------------------------------------
-    need_teacher = cfg.distill == "logits" or scfg.init == "teacher_layers"
+    token_level = cfg.distill in ("logits", "on_policy")  # the local teacher's full distribution, at training time
+    need_teacher = token_level or scfg.init == "teacher_layers"
     teacher = load_causal_lm(tcfg.model.removeprefix("hf:"), trust_remote_code=tcfg.trust_remote_code) if need_teacher else None
     model, tokenizer = build_lm_student(recipe, teacher)
     teacher_head = None
-    if cfg.distill == "logits":
+    if token_level:
         t_model, t_tok = teacher
         check_vocab(
             model.get_output_embeddings().weight.shape[0], t_model.get_output_embeddings().weight.shape[0],
@@ -404,21 +432,32 @@ def train_lm(
 
     # -- train --------------------------------------------------------------------------------------------
     rank, pad = accelerator.process_index, tokenizer.pad_token_id
+    stop_ids = ChatFormat.of(tokenizer, model).stop_ids  # where a sampled reply ends, as in evaluation and serving
+    sampler = accelerator.unwrap_model(student).base()  # the student itself, outside DDP's wrapper
     t0, tokens = time.perf_counter(), 0
     bar = tqdm(total=total, initial=start, desc=f"train {cfg.distill}", unit="step", disable=quiet or not accelerator.is_main_process)
     student.train()
     for step in range(start, total):
         epoch, step_rows, mine = micro_batches(step, n, cfg.seed, B, G, P, rank)
+        parts = [[examples[i] for i in idx] for idx in mine]
+        sampled = cfg.distill == "on_policy" and sampled_step(cfg.seed, step, cfg.on_policy_fraction)
+        if sampled:
+            # the student writes this step's replies, every micro-batch's before any gradient (the token count
+            # below needs them all); the draws are fixed by the seed and the step, so a resumed run redraws them
+            parts = [
+                _on_policy_examples(sampler, ex, stop_ids, scfg.max_length, cfg, sample_seed(cfg.seed, step, j, rank))
+                for j, ex in enumerate(parts)
+            ]
         # Normalize once: the loss of every micro-batch is divided by the target weight of the whole step over
         # all processes, times P because DDP averages the processes' gradients.
-        local = sum(examples[i].weight * (len(examples[i].ids) - examples[i].n_prompt) for idx in mine for i in idx)
+        local = sum(e.weight * (len(e.ids) - e.n_prompt) for ex in parts for e in ex)
         count = accelerator.reduce(torch.tensor(float(local), device=accelerator.device), "sum")
         scale = P / count.clamp_min(1e-12)
         sums = torch.zeros(3, device=accelerator.device)
         for j, idx in enumerate(mine):
             # an empty shard (fewer rows than micro-batches in the last step) still runs, with no weight, so every
             # process does the same forward and backward passes
-            batch = _collate([examples[i] for i in (idx or step_rows[:1])], pad, cfg.distill == "topk")
+            batch = _collate(parts[j] or [examples[step_rows[0]]], pad, cfg.distill == "topk")
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             t_out = None
             if teacher_head is not None:
@@ -429,7 +468,7 @@ def train_lm(
                 t_out = (th, *teacher_head)
             sync = j == G - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(student):
-                loss_sum, ce_sum, kd_sum = student(batch, t_out)
+                loss_sum, ce_sum, kd_sum = student(batch, t_out, sampled)
                 accelerator.backward(loss_sum * (scale if idx else 0.0))
             if idx:
                 sums += torch.stack([loss_sum.detach(), ce_sum, kd_sum])
@@ -441,6 +480,7 @@ def train_lm(
         rec = {
             "step": step + 1,
             "epoch": epoch,
+            **({"on_policy": sampled} if cfg.distill == "on_policy" else {}),
             "loss": sums[0].item(),
             "kd_loss": sums[2].item(),
             "ce_loss": sums[1].item(),
@@ -462,8 +502,17 @@ def train_lm(
     trained = accelerator.unwrap_model(student).model
     summary = {
         "distill": cfg.distill,
-        "divergence": cfg.divergence if cfg.distill == "logits" else "forward_kl" if cfg.distill == "topk" else None,
-        "alpha": cfg.alpha if cfg.distill != "sequence" else 0.0,
+        "divergence": cfg.divergence if token_level else "forward_kl" if cfg.distill == "topk" else None,
+        # on-policy steps alone (fraction 1) learn the divergence alone: alpha = 1
+        "alpha": 0.0 if cfg.distill == "sequence" else 1.0 if _all_sampled(cfg) else cfg.alpha,
+        **({"on_policy": {
+            "fraction": cfg.on_policy_fraction,
+            "temperature": cfg.on_policy_temperature,
+            "max_tokens": cfg.on_policy_max_tokens,
+            # from the log, which a resumed run has whole
+            "sampled_steps": sum(1 for r in log if r.get("on_policy")),
+            "sampled_tokens": int(sum(r["target_tokens"] for r in log if r.get("on_policy"))),
+        }} if cfg.distill == "on_policy" else {}),
         "temperature": cfg.temperature,
         "learning_rate": lr,
         "steps": total,

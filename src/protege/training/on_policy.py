@@ -1,0 +1,64 @@
+"""On-policy distillation (GKD, Agarwal et al. 2024): the student writes the replies, the teacher scores them.
+
+On a sampled step the student, in eval mode and without gradients, samples a reply to each prompt of the step;
+the loss is then the token-level divergence D(p_teacher, q_student) at every token it wrote, against the local
+teacher's full next-token distribution there (reverse KL by default), through the same chunked LM-head loss as
+``distill: logits`` with alpha = 1. Learning on its own samples removes the mismatch between the teacher-written
+prefixes a student trains on and the self-written ones it generates from.
+
+Which steps sample (GKD's lambda, ``training.on_policy_fraction``) and every draw of the sampling are fixed by the
+seed and the step's index, like the step's rows (``steps.micro_batches``): a resumed run samples exactly what
+the uninterrupted run did, with nothing to add to the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..students.generate import decode
+
+__all__ = ["sample_replies", "sample_seed", "sampled_step"]
+
+
+def sampled_step(seed: int, step: int, fraction: float) -> bool:
+    """Whether optimizer step ``step`` learns from the student's own samples: a draw u ~ U(0, 1) fixed by the
+    seed and the step, u < fraction (so every step at 1, none at 0); the same on every process."""
+    g = torch.Generator().manual_seed(seed * 100_003 + step + 7_919)  # apart from the data order's streams
+    return bool(torch.rand((), generator=g) < fraction)
+
+
+def sample_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The seed of the generator that samples micro-batch ``micro`` of process ``rank`` at ``step``."""
+    return (((seed * 1_000_003 + step) * 1_009 + micro) * 10_007 + rank) % (2**63)
+
+
+def sample_replies(
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    stop_ids: tuple[int, ...],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> list[list[int]]:
+    """The student's reply to each prompt, sampled at ``temperature`` from softmax(logits / temperature) with one
+    generator seeded by ``seed``, prompts in order. A reply ends with the stop token that ended it (the student
+    chose to stop: the teacher scores that choice too) or after ``max_new_tokens`` tokens.
+
+    Runs without gradients and with the model in eval mode (no dropout), then puts the mode back.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def pick(logits: torch.Tensor) -> int:
+        return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))  # logits (V,)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [[s.token for s in decode(model, p, stop_ids, max_new_tokens, pick)] for p in prompts]
+    finally:
+        model.train(was_training)
