@@ -41,6 +41,10 @@ Ledger: with a store, every answered text or conversation becomes a row of its `
 endpoint, tokens, cost, compute seconds, the student's confidence, the teacher's call key), written in batches
 off the event loop; ``protege cost`` reads it.
 
+Metrics: ``GET /metrics`` answers Prometheus' text format from the app's own registry: requests by endpoint,
+status and who answered, latency, requests in flight, answers as the ledger counts them, the student's confidence,
+the teacher's spend and the served model (see :mod:`protege.serve.metrics`).
+
 ``app.openapi()`` declares every answer an operation can give (the 200's shape, text/event-stream for a streamed
 chat, and each error status in OpenAI's format); the fuzz test holds the server to it. It is not served over HTTP.
 
@@ -66,6 +70,7 @@ from ..errors import MissingExtra, ProtegeError
 
 try:
     import fastapi  # noqa: F401
+    import prometheus_client  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise MissingExtra(e.name or "fastapi", "serve", "`protege serve`") from None
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ProtegeError
@@ -41,6 +41,7 @@ from .fallback import TeacherAnswer, TeacherFailure, TeacherFallback, default_st
 from .fallback import teacher_recipe as cascade_recipe
 from .ledger import ServedLedger, served_record
 from .lm import Generation, GenerationParams, LMGenerator, chat_completion, generate, respond, stop_at, token_entry
+from .metrics import METRICS_PATH, Metrics, MetricsMiddleware
 from .workers import Batcher, Classifier, TeacherQueue
 
 __all__ = ["create_app"]
@@ -70,7 +71,7 @@ class Answer:
 
 class Service:
     """What the routes do: the student's answers, the teacher's where the student is below the threshold, and a
-    ledger row for every answered text or conversation."""
+    ledger row (also counted in the metrics) for every answered text or conversation."""
 
     def __init__(
         self,
@@ -84,11 +85,12 @@ class Service:
         ledger: ServedLedger | None,
         usd_per_hour: float,
         max_new_tokens: int,
+        metrics: Metrics,
     ):
         self.name = student_dir.resolve().name
         self.model_id, self.clf, self.lm, self.batcher = model_id, clf, lm, batcher
         self.teacher_queue, self.threshold, self.ledger = teacher_queue, threshold, ledger
-        self.usd_per_hour, self.max_new_tokens = usd_per_hour, max_new_tokens
+        self.usd_per_hour, self.max_new_tokens, self.metrics = usd_per_hour, max_new_tokens, metrics
 
     @property
     def teacher_name(self) -> str:
@@ -96,6 +98,7 @@ class Service:
         return self.teacher_queue.fallback.name
 
     def record(self, *rows: Any) -> None:
+        self.metrics.record(rows)
         if self.ledger is not None:
             self.ledger.add(rows)
 
@@ -356,8 +359,9 @@ def create_app(
     if cascade_threshold is not None:
         teacher_queue = _cascade(student_dir, clf.labels if clf is not None else None, cascade_threshold,
                                  teacher_recipe, store_path, usd_per_hour, max_batch, wait_s, teacher_timeout_s)
+    metrics = Metrics(student_dir, model_id, cascade_threshold)
     service = Service(student_dir, model_id, clf, lm, batcher, teacher_queue, cascade_threshold, ledger, usd_per_hour,
-                      max_new_tokens)
+                      max_new_tokens, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -380,11 +384,18 @@ def create_app(
     _openapi_without_422(app)
     _error_handlers(app)
     app.add_middleware(Guard, api_key=api_key, max_concurrency=max_concurrency, max_body_bytes=max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last, so outermost: the guard's refusals count
     app.state.classifier, app.state.generator, app.state.batcher = clf, lm, batcher
     app.state.teacher_queue, app.state.ledger, app.state.model_id = teacher_queue, ledger, model_id
+    app.state.metrics = metrics
 
     def model_card() -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "protege"}
+
+    @app.get(METRICS_PATH, include_in_schema=False)  # Prometheus' text format, not part of the OpenAI-style API
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}})
     async def list_models() -> dict[str, Any]:
