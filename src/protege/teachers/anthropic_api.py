@@ -70,6 +70,7 @@ _TRANSIENT_STATUS = {408, 409, 425, 429}
 
 class AnthropicTeacher:
     kind: Literal["api"] = "api"
+    can_score = False  # no endpoint gives log-probabilities of given tokens
     backend = "anthropic"
     provider = PROVIDER
 

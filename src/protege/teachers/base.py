@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from ..signals import TeacherSignal
+from ..signals import TeacherSignal, TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,33 @@ class Generate:
     max_tokens: int
     top_logprobs: int
     rationale: bool = False
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Given tokens for a teacher to score: at every position i >= ``start``, log p(ids[i] | ids[:i]) with the
+    ``top_logprobs`` likeliest alternatives (on-policy distillation: the student wrote ``ids[start:]``).
+
+    ``tokenizer`` names the tokenizer the ids belong to (the student's); with the ids it is the whole request,
+    so the cache key is a hash of the teacher's identity and the exact ids. ``text`` (the ids decoded together)
+    and ``tokens`` (each id decoded alone) are derived from both, for servers that take text and tokenize it
+    themselves (llama.cpp); they are not part of the key (compare=False).
+    """
+
+    ids: tuple[int, ...]
+    start: int
+    top_logprobs: int
+    tokenizer: str
+    text: str = field(default="", compare=False)
+    tokens: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.start <= len(self.ids):
+            raise ValueError(f"start {self.start} must be in [1, {len(self.ids)}]: the first token has no context")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"score": {"ids": list(self.ids), "start": self.start, "top_logprobs": self.top_logprobs,
+                          "tokenizer": self.tokenizer}}
 
 
 @dataclass(frozen=True)
@@ -219,6 +246,7 @@ class LocalTeacher(Protocol):
     kind: Literal["local"]
     identity: dict[str, Any]  # everything that determines the answers; enters every cache key
     method: str  # how a signal is made: 'label_logprobs' (a causal LM scoring each label) or 'logits'
+    can_score: bool  # gives log-probabilities of given tokens (``score``): a causal LM does
 
     def load(self) -> None:
         """Load the weights now (idempotent): missing weights fail here, not on the first request."""
@@ -235,6 +263,11 @@ class LocalTeacher(Protocol):
 
     def signals(self, requests: Sequence[Request]) -> list[TeacherSignal]: ...
 
+    def score(self, requests: Sequence[ScoreRequest]) -> list[TokenLogprobs]:
+        """Where ``can_score``: the teacher's log-probabilities of each request's given tokens, one
+        :class:`TokenLogprobs` per request over positions ``start..`` (see :meth:`ApiTeacher.score`)."""
+        ...
+
 
 class ApiTeacher(Protocol):
     """A teacher behind an API. ``answer`` makes one or more calls through ``call`` and returns the signal,
@@ -243,6 +276,7 @@ class ApiTeacher(Protocol):
     kind: Literal["api"]
     identity: dict[str, Any]  # everything that determines the answers (never a key or a URL)
     method: str  # 'logprobs', 'samples' or 'hard_label'
+    can_score: bool  # gives log-probabilities of given tokens (``score``): where the server has an endpoint for it
     price: Price
     price_factor: float
     key_env: str | None  # the environment variable that holds the key; None: the server needs none
@@ -256,6 +290,14 @@ class ApiTeacher(Protocol):
         ...
 
     async def answer(self, request: Request, call: Caller) -> TeacherSignal: ...
+
+    async def score(self, request: ScoreRequest, call: Caller) -> TokenLogprobs:
+        """Where ``can_score``: the teacher's log-probabilities of the given tokens ``ids[start:]``, one entry per
+        position: ``tokens``/``ids`` the given token, ``top`` its top alternatives and the given token itself
+        (token string -> log-probability), ``tail_mass`` the rest, with ``top_ids``/``top_logprobs`` where the
+        teacher names ids. A position the teacher could not score (a server that tokenized the text otherwise
+        there) has an empty ``top``: a position is scored exactly when its token is in its ``top``."""
+        ...
 
     def batches(self) -> BatchAdapter | None:
         """The provider's batch API for this teacher's requests; None where it has none. Raises

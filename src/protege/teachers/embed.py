@@ -129,6 +129,7 @@ class EmbeddingTeacher:
     """``embed:<model>``: cosine similarity of a text to each label's prototype, softmaxed at a temperature."""
 
     kind: Literal["local"] = "local"
+    can_score = False  # not a language model
     method = "embedding"
 
     def __init__(self, spec: str, cfg: TeacherConfig):

@@ -18,10 +18,10 @@ from ..errors import ProtegeError, TeacherError
 from ..recipe import TeacherConfig
 from ..signals import LabelDistribution, TeacherSignal, TokenLogprobs
 from ..sources import ModelSource, cache_kwarg, resolve_source
-from .base import Request
+from .base import Request, ScoreRequest
 from .parse import ParseError, split_rationale
 
-__all__ = ["HFCausalLMTeacher", "HFClassifierTeacher", "make_hf_teacher", "pick_device", "pick_dtype"]
+__all__ = ["HFCausalLMTeacher", "HFClassifierTeacher", "make_hf_teacher", "pick_device", "pick_dtype", "token_scores"]
 
 # Inputs that carry no content, for contextual calibration (Zhao et al., 2021, "Calibrate Before Use").
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
@@ -74,6 +74,7 @@ class _HFTeacher:
 
     kind: Literal["local"] = "local"
     method: str
+    can_score = False
 
     def __init__(self, spec: str, source: ModelSource, config: Any, cfg: TeacherConfig):
         self.spec, self.source, self.config, self.cfg = spec, source, config, cfg
@@ -116,6 +117,7 @@ class _HFTeacher:
 
 class HFCausalLMTeacher(_HFTeacher):
     method = "label_logprobs"
+    can_score = True
 
     def __init__(self, spec: str, source: ModelSource, config: Any, cfg: TeacherConfig):
         super().__init__(spec, source, config, cfg)
@@ -323,6 +325,22 @@ class HFCausalLMTeacher(_HFTeacher):
             )
         return signals
 
+    @torch.inference_mode()
+    def score(self, requests: Sequence[ScoreRequest]) -> list[TokenLogprobs]:
+        """log p(ids[i] | ids[:i]) at every position i >= start of each request, with the top alternatives and
+        the tail (see :meth:`protege.teachers.base.ApiTeacher.score`); one sequence per forward pass (no
+        padding), logits of the scored positions only."""
+        self.load()
+        out = []
+        for r in requests:
+            ids = torch.tensor([r.ids], device=self.device)  # (1, T)
+            logits = self._model(input_ids=ids, use_cache=False, logits_to_keep=len(r.ids) - r.start + 1).logits
+            lp = torch.log_softmax(logits[0, :-1].float(), -1).cpu()  # (L, V): predicts ids[start:]
+            if not torch.isfinite(lp.max(-1).values).all():
+                raise TeacherError(f"teacher {self.spec!r} produced NaN log-probabilities; try teacher.dtype: float32")
+            out.append(token_scores(lp, r.ids[r.start :], r.top_logprobs, self._tokenizer, f"hf:{self.spec}"))
+        return out
+
     def signals(self, requests: Sequence[Request]) -> list[TeacherSignal]:
         self.load()
         out: list[TeacherSignal] = []
@@ -361,6 +379,28 @@ class HFCausalLMTeacher(_HFTeacher):
                     )
                 )
         return out
+
+
+def token_scores(lp: torch.Tensor, given: Sequence[int], k: int, tokenizer: Any, name: str) -> TokenLogprobs:
+    """TokenLogprobs of the ``given`` tokens from full log-probabilities ``lp`` (L, V): per position the k
+    likeliest ids and the given one (appended when it is not among them), the rest as the tail."""
+    given_t = torch.tensor(list(given))  # (L,)
+    top_v, top_i = lp.topk(min(k, lp.shape[-1]), -1)  # (L, k); k = 0 gives empty rows
+    ids_rows, lp_rows, dicts, tails = [], [], [], []
+    for row, (vals, idx, g) in enumerate(zip(top_v.tolist(), top_i.tolist(), given_t.tolist())):
+        if g not in idx:
+            vals, idx = vals + [float(lp[row, g])], idx + [g]
+        d: dict[str, float] = {tokenizer.decode([g]): float(lp[row, g])}  # the given token's string is its own
+        for v, i in zip(vals, idx):
+            d.setdefault(tokenizer.decode([i]), v)  # several ids may decode alike; the likelier is kept
+        ids_rows.append(tuple(idx))
+        lp_rows.append(tuple(vals))
+        dicts.append(d)
+        tails.append(max(0.0, 1.0 - float(torch.tensor(vals, dtype=torch.float64).exp().sum())))
+    return TokenLogprobs(
+        tokens=tuple(tokenizer.decode([g]) for g in given), top=tuple(dicts), tail_mass=tuple(tails),
+        tokenizer=name, temperature=1.0, ids=tuple(given), top_ids=tuple(ids_rows), top_logprobs=tuple(lp_rows),
+    )
 
 
 def _as_list(x: Any) -> list[int]:

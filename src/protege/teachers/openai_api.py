@@ -35,6 +35,7 @@ from ._api import (
     sampled_distribution,
     scrub,
 )
+from ._scoring import from_echo, from_prompt_logprobs
 from .base import (
     BATCH_DISCOUNT,
     Caller,
@@ -43,6 +44,7 @@ from .base import (
     Progress,
     Reply,
     Request,
+    ScoreRequest,
     TransientError,
     Usage,
     worst_case_tokens,
@@ -90,6 +92,7 @@ class OpenAITeacher:
             self.identity["top_logprobs"] = cfg.top_logprobs
         if self.method == "samples":
             self.identity |= {"n_samples": cfg.n_samples, "temperature": cfg.sample_temperature}
+        self.can_score = preset.scores is not None  # given-token scores on its completions endpoint
         self._http_client = http_client
         self._client: Any = None
         self._key: str | None = None
@@ -172,11 +175,13 @@ class OpenAITeacher:
             params |= {"logprobs": True, "top_logprobs": self.cfg.top_logprobs}
         return params
 
-    async def _send(self, params: dict[str, Any]) -> Reply:
+    async def _send(self, params: dict[str, Any], completions: bool = False) -> Reply:
+        """One call to chat completions (or, ``completions``, the legacy completions endpoint that scores)."""
         import openai
 
+        api = self.client.completions if completions else self.client.chat.completions
         try:
-            raw = await self.client.chat.completions.with_raw_response.create(**params)
+            raw = await api.with_raw_response.create(**params)
         except openai.APITimeoutError:
             raise TransientError(f"timed out after {self.cfg.timeout_s:g}s", maybe_billed=True) from None
         except openai.APIConnectionError as e:
@@ -213,6 +218,40 @@ class OpenAITeacher:
         params = self._params(request, n=1)
         reply = await call(lambda: self._send(params), worst_case_tokens(request), self.max_tokens)
         return self.signal_from_completion(reply.body, request)
+
+    async def score(self, request: ScoreRequest, call: Caller) -> TokenLogprobs:
+        """The server's log-probabilities of ``request.ids[start:]`` (see :mod:`._scoring`): one completion call
+        with ``max_tokens`` 1 whose prompt is the given tokens; its prompt tokens are priced as input tokens,
+        the one generated token as output."""
+        if self.preset.scores is None:
+            raise PermanentError(
+                f"provider {self.provider!r} has no endpoint that scores given tokens; serve the teacher with vLLM "
+                "(teacher.provider 'vllm') or llama.cpp ('llamacpp'), or use a local 'hf:' teacher"
+            )
+        params: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0.0}
+        if self.preset.scores == "prompt_logprobs":
+            params |= {"prompt": list(request.ids), "extra_body": {"prompt_logprobs": request.top_logprobs}}
+            worst_in = len(request.ids)
+        else:
+            params |= {"prompt": request.text, "echo": True, "logprobs": request.top_logprobs}
+            worst_in = len(request.text.encode("utf-8")) + 16  # re-tokenized: at most a token a byte, plus BOS/EOS
+        reply = await call(lambda: self._send(params, completions=True), worst_in, 1)
+        body, name = reply.body, f"{self.provider}:{self.model}"
+        if not body.choices:
+            raise TransientError("the response has no choices", maybe_billed=True)
+        choice = body.choices[0]
+        if self.preset.scores == "prompt_logprobs":
+            entries = getattr(choice, "prompt_logprobs", None) or (choice.model_extra or {}).get("prompt_logprobs")
+            if entries is None:
+                raise PermanentError(f"{self.provider} returned no prompt_logprobs for {self.model!r}")
+            return from_prompt_logprobs(entries, request, name)
+        if choice.logprobs is None or not choice.logprobs.tokens:
+            raise PermanentError(
+                f"{self.provider} returned no echoed logprobs for {self.model!r}; start llama.cpp's server with "
+                "--logits_all true"
+            )
+        usage = body.usage
+        return from_echo(choice.logprobs, usage.prompt_tokens, usage.completion_tokens, request, name)
 
     def signal_from_completion(self, body: Any, request: Request) -> TeacherSignal:
         """A signal from one chat completion (the SDK's object; a Batch API line's body is validated into one)."""
