@@ -109,6 +109,23 @@ def served(db: Path) -> list[dict]:
         return [dict(r) for r in conn.execute("SELECT * FROM served ORDER BY id")]
 
 
+def stored_calls(db: Path) -> dict[str, dict]:
+    """Every recorded call by key, oldest first: its request and (answered calls, else None) its signal as JSON,
+    read through the Store, which keeps them compact (protege._compact)."""
+    from protege.store import Store
+
+    keys = [k for (k,) in sql(db, "SELECT key FROM calls ORDER BY rowid")]
+    with Store(db) as store:
+        requests, signals = store.requests(keys), store.get_signals(keys)
+    return {k: {"request": requests[k], "signal": json.loads(json.dumps(signals[k].to_json())) if k in signals
+                else None} for k in keys}
+
+
+def asks(call: dict, text: str) -> bool:
+    """Whether a call of :func:`stored_calls` asked about ``text`` (it is in one of the request's messages)."""
+    return any(text in m["content"] for m in call["request"]["messages"])
+
+
 def n_calls(db: Path) -> int:
     return sql(db, "SELECT COUNT(*) FROM calls")[0][0]
 

@@ -25,6 +25,7 @@ import httpx2
 import pytest
 
 import protege.labeling.engine as engine_mod
+from conftest import stored_calls
 from protege.errors import PermanentError, RecipeError
 from protege.labeling.batch import run_batch
 from protege.labeling.engine import run_api
@@ -751,8 +752,8 @@ def test_a_generation_batch_resumed_after_the_run_died_is_collected_as_generatio
     for key, request in items:
         signal = done[key]
         assert signal.distribution is None and signal.text == reply and signal.answer == reply
-    stored = dict(db(tmp_path, "SELECT key, request FROM calls WHERE status = 'ok'"))
+    stored = {k: c["request"] for k, c in stored_calls(tmp_path / "db").items() if c["signal"] is not None}
     assert set(stored) == {k for k, _ in items}
     for key, request in items:
-        assert json.loads(stored[key]) == request.to_json() and call_key(again.identity, json.loads(stored[key])) == key
+        assert stored[key] == request.to_json() and call_key(again.identity, stored[key]) == key
     assert db(tmp_path, "SELECT status FROM batches") == [("collected",)]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import write_jsonl
+from conftest import stored_calls, write_jsonl
 from openai_fake import FakeOpenAI, expected_probs, prompt_tokens
 from servers import FaultProxy, llama_server  # noqa: F401  (fixture)
 
@@ -104,10 +104,11 @@ def gold(text: str) -> str:
 
 def call_of(db: Path, body: dict) -> dict:
     """The store's row for the request a recorded HTTP body carried."""
+    requests = {k: call["request"] for k, call in stored_calls(db).items()}
     with sqlite3.connect(db) as c:
         c.row_factory = sqlite3.Row
         found = [dict(r) for r in c.execute("SELECT * FROM calls")
-                 if json.loads(r["request"])["messages"] == body["messages"]]  # fmt: skip
+                 if requests[r["key"]]["messages"] == body["messages"]]  # fmt: skip
     (row,) = found
     return row
 

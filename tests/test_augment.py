@@ -9,7 +9,7 @@ import re
 
 import pytest
 import yaml
-from conftest import n_calls, sql, write_jsonl
+from conftest import asks, n_calls, sql, stored_calls, write_jsonl
 
 from protege.demo_data import LABELS, make_examples
 from protege.errors import BudgetReached, ProtegeError
@@ -230,9 +230,9 @@ def test_paraphrases_from_an_api_teacher_are_cached_costed_and_labelled(tmp_path
     total = PRICE.cost(openai_fake.prompt_tokens, openai_fake.completion_tokens)
     assert stats.cost_usd == pytest.approx(total, rel=1e-9)
     assert sql(recipe.store_path, "SELECT SUM(cost_usd) FROM calls")[0][0] == pytest.approx(total, rel=1e-9)
-    para_cost = sql(recipe.store_path, "SELECT COUNT(*), MIN(cost_usd) FROM calls WHERE request LIKE '%Rewrite the "
-                                       "following%'")[0]  # fmt: skip
-    assert para_cost[0] == 18 and para_cost[1] > 0
+    paras_asked = [k for k, c in stored_calls(recipe.store_path).items() if asks(c, "Rewrite the following")]
+    para_cost = [sql(recipe.store_path, "SELECT cost_usd FROM calls WHERE key = ?", k)[0][0] for k in paras_asked]
+    assert len(para_cost) == 18 and min(para_cost) > 0
 
     rows = _rows(recipe.output_dir / "signals/train.jsonl")
     paras = rows[18:]

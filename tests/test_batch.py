@@ -18,6 +18,7 @@ import yaml
 from servers import FaultProxy, llama_server  # noqa: F401  (fixture)
 from test_api_teacher import rows, write_recipe
 
+from conftest import stored_calls
 from protege.labeling.data import load_splits
 from protege.labeling.labeler import label, requests_for
 from protege.recipe import load_recipe
@@ -159,8 +160,7 @@ def test_a_generation_batch_killed_while_waiting_is_collected_as_generation(tmp_
     teacher = make_teacher(r.teacher)
     train, held = load_splits(r.data, None, r.training.seed)
     sent = {call_key(teacher.identity, q.to_json()): q.to_json() for q in requests_for(r, train + held)}
-    with sqlite3.connect(out / "protege.db") as c:
-        stored = {k: json.loads(q) for k, q in c.execute("SELECT key, request FROM calls WHERE status = 'ok'")}
+    stored = {k: c["request"] for k, c in stored_calls(out / "protege.db").items() if c["signal"] is not None}
     assert stored == sent and all("generate" in q for q in stored.values())
     for row in rows(out / "signals/train.jsonl") + rows(out / "signals/eval.jsonl"):
         assert row["teacher_text"] and "".join(row["token_logprobs"]["tokens"]) == row["teacher_text"]

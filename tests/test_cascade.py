@@ -22,7 +22,7 @@ import openai
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import n_calls, served, sql, write_jsonl
+from conftest import asks, n_calls, served, sql, stored_calls, write_jsonl
 from servers import FaultProxy, free_port, llama_server  # noqa: F401  (fixture)
 from test_serve import running as serving
 
@@ -285,7 +285,7 @@ def test_teacher_failures_are_openai_format_502_and_503(run, llama_server):  # n
             e = _error(srv, NEW[2])
             assert e.status_code == 503 and e.body["code"] == "teacher_timeout" and time.monotonic() - t0 < 4
             deadline = time.monotonic() + 60  # the call goes on and lands in the store ...
-            while not sql(db, "SELECT 1 FROM calls WHERE status = 'ok' AND request LIKE ?", f"%{NEW[2]}%"):
+            while not any(c["signal"] and asks(c, NEW[2]) for c in stored_calls(db).values()):
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
             with srv.client() as c:  # ... so the next asker gets it at once, without a call

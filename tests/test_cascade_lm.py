@@ -16,7 +16,7 @@ import openai
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import n_calls, served, sql, write_jsonl
+from conftest import asks, n_calls, served, sql, stored_calls, write_jsonl
 from lm_fixtures import make_llama, make_tokenizer, save_student
 from servers import FaultProxy, llama_server  # noqa: F401  (fixture)
 from test_serve import running as serving
@@ -84,9 +84,9 @@ def prompt(question: str) -> list[dict[str, str]]:
 
 def stored_reply(db: Path, question: str) -> dict:
     """The teacher's stored signal for a labeled question."""
-    rows = sql(db, "SELECT signal FROM calls WHERE status = 'ok' AND request LIKE ?", f"%{question}%")
+    rows = [c["signal"] for c in stored_calls(db).values() if c["signal"] and asks(c, question)]
     assert len(rows) == 1
-    return json.loads(rows[0][0])
+    return rows[0]
 
 
 def student_confidence(student: Path, question: str, max_tokens: int = 8) -> float:
@@ -172,8 +172,8 @@ def test_threshold_above_one_the_teacher_answers_from_the_store_or_with_one_pric
                                                                                    stored["token_logprobs"]["top"])])
     assert all(1 <= len(t.top_logprobs) <= 2 for t in content)
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == stored["text"]
-    (key, tin, tout), = sql(db, "SELECT key, input_tokens, output_tokens FROM calls WHERE request LIKE ?",
-                            f"%{LABELED[0]}%")
+    (key,) = [k for k, c in stored_calls(db).items() if asks(c, LABELED[0])]
+    (tin, tout), = sql(db, "SELECT input_tokens, output_tokens FROM calls WHERE key = ?", key)
     assert chat.usage.prompt_tokens == tin and chat.usage.completion_tokens == tout == chunks[-1].usage.completion_tokens
 
     assert n_calls(db) == calls + 1 and new.choices[0].message.content == again.choices[0].message.content

@@ -18,7 +18,7 @@ from protege.errors import ProtegeError, TeacherError
 from protege.signals import LabelDistribution, TeacherSignal, TokenLogprobs
 from protege.store import CallRecord, ServedRecord, Store, call_key
 
-ALL_MIGRATIONS = ["0001_calls", "0002_compute", "0003_api_calls", "0004_served"]
+ALL_MIGRATIONS = ["0001_calls", "0002_compute", "0003_api_calls", "0004_served", "0005_compact"]
 FIXTURES = Path(__file__).parent / "fixtures"
 _spec = importlib.util.spec_from_file_location("make_stores", FIXTURES / "make_stores.py")
 assert _spec is not None and _spec.loader is not None
@@ -93,10 +93,8 @@ def test_put_same_key_twice_records_one_row_and_round_trips(store):
     assert dist.method == "label_logprobs" and dist.covered_mass == 0.9 and dist.calibrated is True
     assert dist.raw_probs == (0.5, 0.3, 0.2)
     assert sig.usage == {"input_tokens": 12}
-    # the request is stored as JSON
-    assert store.db.execute("SELECT request FROM calls").fetchone()[0] == (
-        '{"messages": [{"role": "user", "content": "hello"}], "labels": ["billing", "shipping", "other"]}'
-    )
+    # the request is kept (what differs from its template; see test_store_compact.py) and read back as JSON
+    assert store.requests([rec.key]) == {rec.key: _request("hello")}
 
 
 def test_duplicates_within_one_batch_count_once(store):
@@ -114,7 +112,17 @@ def test_signal_with_token_logprobs_round_trips(store):
     )
     rec = _record("tl", sig)
     store.put([rec])
-    assert store.get_signals([rec.key])[rec.key].to_json() == sig.to_json()
+    got = store.get_signals([rec.key])[rec.key]
+    # top log-probabilities are kept as float16, tail masses as float32 (protege._compact); the rest exactly
+    lp = got.token_logprobs
+    assert [list(d) for d in lp.top] == [["bill", "ship"], ["ing"]]
+    assert [v for d in lp.top for v in d.values()] == pytest.approx([-0.1, -2.5, -0.01], abs=2**-11)
+    assert [v for d in lp.top for v in d.values()] != [-0.1, -2.5, -0.01]  # it is rounded: -0.1 is not a float16
+    assert got.to_json() | {"token_logprobs": None} == sig.to_json() | {"token_logprobs": None}
+    assert (lp.tokens, lp.tokenizer, lp.temperature) == (("bill", "ing"), "tok-v1", 1.0)
+    assert lp.tail_mass == pytest.approx((0.02, 0.0), rel=2**-24)  # float32
+    store.put([_record("tl2", got)])  # rounding twice changes nothing: what is read back is stored back as it is
+    assert store.get_signals([_record("tl2", None).key])[_record("tl2", None).key] == got
 
 
 def test_failed_call_is_not_cached_and_is_replaced(store):
@@ -400,7 +408,8 @@ def _tables(path: Path) -> dict[str, tuple[list[str], list[tuple]]]:
         names = [r[0] for r in db.execute(q)]
         out = {}
         for name in names:
-            cur = db.execute(f"SELECT * FROM {name} ORDER BY rowid")
+            order = "tokenizer, id" if name == "token_ids" else "rowid"  # token_ids is WITHOUT ROWID
+            cur = db.execute(f"SELECT * FROM {name} ORDER BY {order}")
             out[name] = ([d[0] for d in cur.description], cur.fetchall())
     return out
 
@@ -454,13 +463,20 @@ def test_a_store_an_earlier_version_wrote_opens_with_every_row_kept(tmp_path, ve
         assert store.compute_totals().get("label", {}).get("runs", 0) == (1 if version >= 2 else 0)
         assert sum(t["requests"] for t in store.served_totals().values()) == (4 if version >= 4 else 0)
 
+        # 0005_compact rewrote each request as the part that differs from a template: it reads back the same
+        assert store.requests([c["key"] for c in calls]) == {c["key"]: json.loads(c["request"]) for c in calls}
+
     after = _tables(path)
-    assert set(after) == {"migrations", "calls", "compute", "batches", "served"}
+    assert set(after) == {"migrations", "calls", "compute", "batches", "served", "strings", "templates",
+                          "token_ids"}
     for table, (columns, rows) in before.items():
         new_columns, new_rows = after[table]
         assert new_columns[: len(columns)] == columns  # migrations only append columns
         n = len(rows)
-        assert [row[: len(columns)] for row in new_rows[:n]] == rows, f"{table} rows changed"
+        kept = [i for i, c in enumerate(columns) if table != "calls" or c not in ("request", "signal")]
+        assert [[row[i] for i in kept] for row in new_rows[:n]] == [[row[i] for i in kept] for row in rows], (
+            f"{table} rows changed"
+        )
     assert [name for name, _ in after["migrations"][1]] == ALL_MIGRATIONS  # the old ones kept their applied_at
     if version < 3:  # the columns 0003_api_calls added have their defaults
         columns, rows = after["calls"]
@@ -493,13 +509,15 @@ def test_a_failing_migration_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_a_migration_is_a_function_that_can_transform_data(tmp_path, monkeypatch):
     path = _copy_fixture(4, tmp_path)
 
-    def m0005_label_count(db):
+    def m0006_label_count(db):
         db.execute("ALTER TABLE calls ADD COLUMN label_count INTEGER")
-        for key, request in db.execute("SELECT key, request FROM calls").fetchall():
-            db.execute("UPDATE calls SET label_count = ? WHERE key = ?", (len(json.loads(request)["labels"]), key))
+        parts = store_module._Parts(db)  # how a migration reads the requests 0005_compact wrote
+        for key, template, request in db.execute("SELECT key, request_template, request FROM calls").fetchall():
+            labels = parts.request(template, request)["labels"]
+            db.execute("UPDATE calls SET label_count = ? WHERE key = ?", (len(labels), key))
 
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, m0005_label_count])
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, m0006_label_count])
     with Store(path) as s:
-        assert s.migrations == [*ALL_MIGRATIONS, "0005_label_count"]
+        assert s.migrations == [*ALL_MIGRATIONS, "0006_label_count"]
     columns, rows = _tables(path)["calls"]
     assert [row[columns.index("label_count")] for row in rows] == [3, 3, 3, 3]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ._compact import decode_signal, deflate, encode_signal, inflate, join_request, split_request, template_from
 from ._io import content_hash
 from .errors import ProtegeError
 from .signals import TeacherSignal
@@ -137,6 +138,38 @@ def m0004_served(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX served_student ON served (student, answered_by)")
 
 
+@_migration
+def m0005_compact(db: sqlite3.Connection) -> None:
+    # Shared parts once (issue 15.1): a 77-label row had repeated its instruction and label list in the request
+    # and the label names again in the signal (~11 KB a row). ``strings`` holds each label list, token string
+    # and tokenizer name once; ``templates`` what many requests share (a rendered instruction, label list and
+    # answer format: a prefix and a suffix around the text). A row keeps the part of its request between its
+    # template's prefix and suffix (request_template; NULL: the whole request JSON), as TEXT or, when that is
+    # smaller, deflated (BLOB), and its signal in the compact form of protege._compact (BLOB). A TEXT signal is
+    # the JSON of earlier versions (still read). The cache key is unchanged: it hashes the request, not a row.
+    db.execute("CREATE TABLE strings (id INTEGER PRIMARY KEY, s TEXT NOT NULL UNIQUE)")
+    db.execute("CREATE TABLE templates (id INTEGER PRIMARY KEY, prefix TEXT NOT NULL, suffix TEXT NOT NULL)")
+    # a local teacher's vocabulary as its signals showed it (ids in strings): its top strings are its top ids'
+    db.execute(
+        "CREATE TABLE token_ids (tokenizer INTEGER NOT NULL, id INTEGER NOT NULL, string INTEGER NOT NULL,"
+        " PRIMARY KEY (tokenizer, id)) WITHOUT ROWID"
+    )
+    db.execute("ALTER TABLE calls ADD COLUMN request_template INTEGER REFERENCES templates (id)")
+    parts = _Parts(db)
+    rows = db.execute("SELECT rowid, request, signal FROM calls ORDER BY rowid").fetchall()
+    for rowid, request, signal in rows:
+        template, stored = parts.store_request(request)
+        if isinstance(signal, str):
+            try:
+                signal = parts.encode_signal(TeacherSignal.from_json(json.loads(signal)))
+            except (ValueError, KeyError, TypeError, ProtegeError):
+                pass  # a signal this version cannot read as one stays as it was written (read as JSON)
+        db.execute(
+            "UPDATE calls SET request = ?, request_template = ?, signal = ? WHERE rowid = ?",
+            (stored, template, signal, rowid),
+        )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # records
 
@@ -221,6 +254,121 @@ class PendingBatch(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# the shared parts of rows (migration 0005_compact)
+
+
+class _Parts:
+    """The ``strings`` and ``templates`` tables of one connection, cached. Ids are never reused once committed,
+    so the caches hold across other processes' writes (a miss catches up); :meth:`forget` drops them after a
+    rollback, which may have taken back ids this connection handed out."""
+
+    _SCAN = 64  # the most recent templates a request is tried against
+    _UNMATCHED = 8  # and the most recent requests none fitted, to make a template of
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        self.forget()
+
+    def forget(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.strings: dict[int, str] = {}
+        self.templates: dict[int, tuple[str, str]] = {}
+        self.vocab: dict[int, dict[int, int]] = {}  # tokenizer -> token id -> string id, loaded per tokenizer
+        self.last_string = 0
+        self.unmatched: list[str] = []  # the last requests no template fitted: a template is what two share
+
+    def _catch_up(self) -> None:
+        """Read the rows of ``strings`` and ``templates`` added since the last time (by anyone)."""
+        for i, s in self.db.execute("SELECT id, s FROM strings WHERE id > ?", (self.last_string,)):
+            self.strings[i], self.ids[s] = s, i
+            self.last_string = max(self.last_string, i)
+        q = "SELECT id, prefix, suffix FROM templates WHERE id > ? ORDER BY id"
+        for i, prefix, suffix in self.db.execute(q, (max(self.templates, default=0),)):
+            self.templates[i] = (prefix, suffix)
+
+    def intern(self, s: str) -> int:
+        if s not in self.ids:
+            self._catch_up()
+            if s not in self.ids:
+                i = self.db.execute("INSERT INTO strings (s) VALUES (?)", (s,)).lastrowid
+                assert i is not None
+                self.strings[i], self.ids[s] = s, i
+                self.last_string = max(self.last_string, i)
+        return self.ids[s]
+
+    def lookup(self, i: int) -> str:
+        if i not in self.strings:
+            self._catch_up()
+        return self.strings[i]
+
+    def _vocab(self, tokenizer: int) -> dict[int, int]:
+        if tokenizer not in self.vocab:
+            q = "SELECT id, string FROM token_ids WHERE tokenizer = ?"
+            self.vocab[tokenizer] = dict(self.db.execute(q, (tokenizer,)).fetchall())
+        return self.vocab[tokenizer]
+
+    def vocab_put(self, tokenizer: int, token_id: int, s: str) -> bool:
+        known = self._vocab(tokenizer)
+        ref = self.intern(s)
+        if token_id not in known:
+            self.db.execute("INSERT OR IGNORE INTO token_ids VALUES (?, ?, ?)", (tokenizer, token_id, ref))
+            known[token_id] = self.db.execute(
+                "SELECT string FROM token_ids WHERE tokenizer = ? AND id = ?", (tokenizer, token_id)
+            ).fetchone()[0]
+        return known[token_id] == ref
+
+    def vocab_get(self, tokenizer: int, token_id: int) -> str:
+        known = self._vocab(tokenizer)
+        if token_id not in known:  # recorded since this connection loaded it
+            del self.vocab[tokenizer]
+            known = self._vocab(tokenizer)
+        return self.lookup(known[token_id])
+
+    def encode_signal(self, signal: TeacherSignal) -> bytes:
+        return encode_signal(signal, self.intern, self.vocab_put)
+
+    def decode_signal(self, stored: str | bytes) -> TeacherSignal:
+        if isinstance(stored, str):  # written before 0005_compact (a row that migration could not read)
+            return TeacherSignal.from_json(json.loads(stored))
+        return decode_signal(stored, self.lookup, self.vocab_get)
+
+    def store_request(self, request_json: str) -> tuple[int | None, str | bytes]:
+        """(template id or None, what the row keeps): the part between a template's prefix and suffix, or the
+        whole JSON; deflated when that is smaller. A request no recent template fits makes a template of what it
+        shares with one of the last such requests (the most), when that is enough to be worth one."""
+        template, middle = self._template_for(request_json)
+        if template is None:
+            self._catch_up()  # another writer may have made the template this request fits
+            template, middle = self._template_for(request_json)
+        if template is None:
+            found = (template_from(other, request_json) for other in reversed(self.unmatched))
+            shared = max(filter(None, found), key=lambda t: len(t[0]) + len(t[1]), default=None)
+            if shared is not None:
+                template = self.db.execute("INSERT INTO templates (prefix, suffix) VALUES (?, ?)", shared).lastrowid
+                assert template is not None
+                self.templates[template] = shared
+                middle = split_request(request_json, *shared)
+                assert middle is not None
+            self.unmatched = [*self.unmatched[-(self._UNMATCHED - 1) :], request_json]
+        packed = deflate(middle)
+        return template, packed if len(packed) < len(middle.encode()) else middle
+
+    def _template_for(self, request_json: str) -> tuple[int | None, str]:
+        for i in sorted(self.templates, reverse=True)[: self._SCAN]:  # templates are few: sorting them is cheap
+            if (part := split_request(request_json, *self.templates[i])) is not None:
+                return i, part
+        return None, request_json
+
+    def request(self, template: int | None, stored: str | bytes) -> dict[str, Any]:
+        middle = inflate(stored) if isinstance(stored, bytes) else stored
+        if template is None:
+            return json.loads(middle)
+        if template not in self.templates:
+            self._catch_up()
+        return json.loads(join_request(self.templates[template][0], middle, self.templates[template][1]))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # the store
 
 
@@ -234,6 +382,7 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is all-or-nothing.
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        self._parts = _Parts(self.db)
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
@@ -265,6 +414,7 @@ class Store:
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
+            self._parts.forget()  # the rollback may have taken back ids the caches hold
             raise
 
     def _migrate(self) -> None:
@@ -297,9 +447,15 @@ class Store:
     def get_signals(self, keys: Sequence[str]) -> dict[str, TeacherSignal]:
         """The successful signals among ``keys``; failed calls are not cached answers."""
         return {
-            key: TeacherSignal.from_json(json.loads(sig))
+            key: self._parts.decode_signal(sig)
             for key, sig in self._rows_by_key("SELECT key, signal FROM calls WHERE status = 'ok' AND key IN", keys)
         }
+
+    def requests(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The request JSON recorded for each key among ``keys`` (answered or failed): what the teacher was
+        asked, for provenance."""
+        q = "SELECT key, request_template, request FROM calls WHERE key IN"
+        return {key: self._parts.request(template, stored) for key, template, stored in self._rows_by_key(q, keys)}
 
     def failures(self, keys: Sequence[str]) -> dict[str, tuple[str, str | None]]:
         """(reason, raw reply) of the failed calls among ``keys``."""
@@ -333,9 +489,9 @@ class Store:
             (
                 r.key,
                 r.teacher,
-                json.dumps(r.request, ensure_ascii=False),
+                *self._parts.store_request(json.dumps(r.request, ensure_ascii=False)),
                 "ok" if r.signal is not None else "failed",
-                None if r.signal is None else json.dumps(r.signal.to_json(), ensure_ascii=False),
+                None if r.signal is None else self._parts.encode_signal(r.signal),
                 r.error,
                 r.raw,
                 r.input_tokens,
@@ -350,9 +506,9 @@ class Store:
         ]
         before = self.db.total_changes
         self.db.executemany(
-            """INSERT INTO calls (key, teacher, request, status, signal, error, raw, input_tokens, output_tokens,
-                                  cost_usd, uncertain_usd, attempts, seconds, created_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """INSERT INTO calls (key, teacher, request_template, request, status, signal, error, raw, input_tokens,
+                                  output_tokens, cost_usd, uncertain_usd, attempts, seconds, created_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (key) DO UPDATE SET
                    status = excluded.status, signal = excluded.signal, error = excluded.error,
                    raw = excluded.raw,

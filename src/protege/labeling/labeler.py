@@ -129,6 +129,8 @@ def label_requests(
         stats.cost_usd, stats.seconds = es.cost_usd, es.seconds
     else:
         _label_local(teacher, recipe, items, store, quiet, desc, done, stats)
+    if todo:  # the new answers as the store keeps them (token log-probabilities rounded): a rerun reads the same
+        done.update(store.get_signals([k for k in todo if k in done]))
     return [done.get(k) for k in keys], keys, stats
 
 
