@@ -26,6 +26,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import platform
 import sqlite3
 import subprocess
@@ -260,7 +261,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer rows; print only")
     args = ap.parse_args()
     n_cls, n_gen = (200, 20) if args.quick else (2000, 200)
-    started = datetime.now(timezone.utc)
+    started, load = datetime.now(timezone.utc), os.getloadavg()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind, case, n in (("classification", "embedding", n_cls), ("classification", "calibrated", n_cls),
@@ -291,8 +292,7 @@ def main() -> None:
     .venv/bin/python benchmarks/store_size.py
 
 Machine: {platform.machine()} CPU, 2 cores, 24 GB, no GPU; Python {platform.python_version()}, SQLite
-{sqlite3.sqlite_version}; shared with other sessions. Run {started:%Y-%m-%d %H:%M} UTC on commit {commit.strip()}
-(with the then uncommitted store changes this section describes).
+{sqlite3.sqlite_version}; shared with other sessions. Run {started:%Y-%m-%d %H:%M} UTC on commit {commit.strip()}.
 
 Bytes per row (classification, 77 labels with descriptions) or per generated token (generation, top-20
 log-probabilities): the database file's used pages after a WAL checkpoint over the rows, so key, index,
@@ -304,6 +304,15 @@ log-probabilities, kept as float16 (the largest error seen: log-probability in n
 there are none) and tail masses, kept as float32 ("rest exact": all else equal, tail masses within 2^-24).
 
 {table}
+
+Load average (1 min) {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after: replay and put rates are noisy; compare
+within a row. What is left in a classification row: its float64 probabilities (616 bytes raw; an `embed:` or
+`hf:` teacher renormalises in float64, so they are not float32 values and are kept exactly), the request's text,
+the 64-character key (again in its index) and the ledger numbers; the file adds B-tree page slack. A calibrated
+LM teacher's row holds two such distributions (`probs`, `raw_probs`). The generation rows' token strings (and a
+local teacher's token ids) are kept once in `strings` / `token_ids`; their share falls as rows are added. The
+migration rewrites rows in its one transaction; SQLite reuses the freed pages for new rows (protege does not
+VACUUM on its own).
 """
     from _md import write_section
 
