@@ -67,7 +67,8 @@ def test_metrics_count_what_was_sent_and_add_up_to_the_served_ledger(student_dir
     high = [t for t in texts if t not in low]
     assert len(low) >= 2 and len(high) >= 2
     # a text the teacher has not seen, which the student is unsure of: the teacher will refuse it
-    refused = next(r["text"] for r in make_examples(60, seed=12) if r["text"] not in texts and confidence(r["text"]) < threshold)
+    refused = next(r["text"] for r in make_examples(60, seed=12)
+                   if r["text"] not in texts and confidence(r["text"]) < threshold)
     hold_by = "student" if confidence(HOLD) >= threshold else "teacher"
 
     release, held = threading.Event(), threading.Event()

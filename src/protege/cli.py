@@ -129,6 +129,59 @@ def label(recipe: Path | None, quiet: bool, dry_run: bool, **kw: Any) -> None:
         )
 
 
+@cli.command()
+@click.option("--teacher", "teachers", multiple=True, required=True, metavar="MODEL[,SETTING=VALUE...]",
+              help="A teacher to compare (repeat for each): the recipe's teacher with this model, and these settings.")
+@click.option("--sample", type=int, default=200, show_default=True, help="Gold-labelled texts sent to each teacher.")
+@click.option("--budget-usd", type=float, default=None, help="The most this comparison may spend, all teachers "
+              "together [default: teacher.budget_usd caps the store's spend, as for label].")
+@click.option("--max-distance", type=float, default=2.0, show_default=True,
+              help="Pick the cheapest teacher within this many accuracy points of the best.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where compare.md, compare.json and the plot go [default: <output_dir>/compare].")
+@click.option("--dry-run", is_flag=True, help="Estimate each teacher's calls and cost; call nothing, write nothing.")
+@recipe_options
+@_command
+def compare(recipe: Path | None, quiet: bool, teachers: tuple[str, ...], sample: int, budget_usd: float | None,
+            max_distance: float, out: Path | None, dry_run: bool, **kw: Any) -> None:
+    """Send the same gold-labelled sample to each teacher; report accuracy, cost, latency, failures, agreement.
+
+    \b
+    Examples:  protege compare recipe.yaml --teacher openai:gpt-4o-mini --teacher openai:gpt-4o --dry-run
+               protege compare recipe.yaml --teacher openai:gpt-4o-mini --teacher hf:org/model,calibrate=false \\
+                   --sample 300 --budget-usd 2
+    Answers are cached in the run's store: a rerun makes zero calls, and `protege label` with the chosen teacher
+    pays nothing for the sample again.
+    Exit codes: 0 done, 2 bad input, 3 budget reached (rerun with a higher cap to continue).
+    """
+    from .evaluation.compare import compare as run_compare
+    from .evaluation.compare import compare_estimates
+
+    r = _load(recipe, kw, quiet)
+    if dry_run:
+        n, estimates = compare_estimates(r, teachers, sample, budget_usd)
+        click.echo(f"{n} gold-labelled texts (seed {r.training.seed}) to each of {len(estimates)} teachers")
+        for name, e in estimates:
+            if name != e.teacher:  # two settings of one model: say which
+                click.echo(f"--teacher {name}:")
+            _print_estimate(e)
+        click.echo(f"all teachers: ${sum(e.usd for _, e in estimates):.4f} expected, "
+                   f"${sum(e.worst_usd for _, e in estimates):.4f} at worst")
+        return
+    report = run_compare(r, teachers, sample, budget_usd, max_distance, out, quiet)
+    click.echo(f"{report['sample']} gold-labelled texts to each teacher")
+    for t in report["teachers"]:
+        price = "—" if t["usd_per_1k"] is None else f"${t['usd_per_1k']:.5f}/1k"
+        click.echo(f"  {t['name']}: accuracy {100 * t['accuracy']:.1f}%, {price}, failed {t['failed']}, "
+                   f"{t['called']} calls now, {t['cached']} from the store" + (f"; refused: {t['error']}" if t["error"]
+                                                                              else ""))
+    p = report["pick"]
+    if p is not None:
+        click.echo(f"pick: {p['name']} (the cheapest within {max_distance:g} points of {p['best']}, "
+                   f"{100 * p['best_accuracy']:.1f}%)")
+    click.echo(f"wrote {(out or r.output_dir / 'compare') / 'compare.md'}")
+
+
 def _print_estimate(e: Any) -> None:
     click.echo(f"dry run for {e.teacher} (label method: {e.method}); nothing was called")
     click.echo(f"  rows: {e.rows}, {e.cached} already answered in the store, {e.to_call} to call ({e.calls} calls)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from .data import Example, draw_shots, load_splits
 from .engine import run_api
 from .prompts import render_generation, render_request
 
-__all__ = ["LabelStats", "Estimate", "label_examples", "label_requests", "label", "estimate", "read_signals"]
+__all__ = ["LabelStats", "Estimate", "label_examples", "label_requests", "label", "estimate", "estimate_requests",
+           "read_signals"]
 
 
 @dataclass
@@ -379,8 +381,6 @@ def estimate(recipe: Recipe) -> Estimate:
     Augmented texts (``data.augment``) are counted like any row; a paraphrase not yet in the store is counted
     as its generation call plus a label call the size of its source text's.
     """
-    from ..teachers.base import expected_tokens
-
     check_paraphrase(recipe)
     if recipe.teacher.kind == "ensemble":
         return _estimate_ensemble(recipe)
@@ -405,13 +405,27 @@ def estimate(recipe: Recipe) -> Estimate:
                 f"{len(asks)} paraphrase requests (data.augment.paraphrase), then a label call for each new paraphrase; "
                 f"{len(pending)} not yet written are counted at their source text's length"
             )
-        keys = [call_key(teacher.identity, r.to_json()) for r in requests]
-        done = store.get_signals(keys)
-        spent = store.spent()
-        seen = store.answered_means(recipe.teacher.model)
+        est = estimate_requests(recipe, teacher, requests, store, pending, notes)
     if augmented:
-        notes.insert(0, f"{len(augmented)} of the rows are augmented texts (data.augment.per_text: "
-                        f"{recipe.data.augment.per_text}, made from {len(train)} training texts)")
+        est.notes.insert(0, f"{len(augmented)} of the rows are augmented texts (data.augment.per_text: "
+                            f"{recipe.data.augment.per_text}, made from {len(train)} training texts)")
+    return est
+
+
+def estimate_requests(
+    recipe: Recipe, teacher: Teacher, requests: list[Request], store: Store | None, pending: Sequence[Request] = (),
+    notes: Sequence[str] = (),
+) -> Estimate:
+    """:func:`estimate` for requests already rendered (``pending``: label calls counted though their text is not
+    known yet). ``store`` None is a store that does not exist yet: nothing answered, nothing spent."""
+    from ..store import CallMeans
+    from ..teachers.base import expected_tokens
+
+    keys = [call_key(teacher.identity, r.to_json()) for r in requests]
+    done = store.get_signals(keys) if store is not None else {}
+    spent = store.spent() if store is not None else 0.0
+    seen = store.answered_means(recipe.teacher.model) if store is not None else CallMeans(0, None, None, None, None)
+    pending = list(pending)
     todo = list({k: r for k, r in zip(keys, requests) if k not in done}.values()) + pending
     est = Estimate(
         teacher=recipe.teacher.model,
@@ -427,7 +441,7 @@ def estimate(recipe: Recipe) -> Estimate:
         spent_usd=spent,
         budget_usd=recipe.teacher.budget_usd,
         basis="local model: no per-token cost",
-        notes=notes,
+        notes=list(notes),
     )
     if teacher.kind == "local":
         est.calls = len(todo)
