@@ -237,6 +237,39 @@ def test_topk_all_masked():
     assert torch.equal(s.grad, torch.zeros_like(s))
 
 
+@pytest.mark.parametrize("divergence,beta", DIVS)
+def test_topk_divergences_at_full_vocab_equal_the_full_ones(divergence, beta):
+    """On-policy from a served teacher: reverse KL / JSD on top-k + tail buckets; with every token known (no
+    tail) they are the full-vocabulary divergences, in values and gradients."""
+    s, t = _logits(n=5, v=8, seed=11)
+    s = s.requires_grad_(True)
+    y = torch.tensor([1, 2, 3, -100, 5])
+    ids = torch.randperm(8).repeat(5, 1)
+    lp = torch.log_softmax(t, -1).gather(1, ids)
+    loss_k, _, parts_k = topk_distillation_loss(s, ids, lp, y, alpha=1.0, temperature=1.0, divergence=divergence,
+                                                beta=beta)
+    (g_k,) = torch.autograd.grad(loss_k, s)
+    loss, _, parts = lm_distillation_loss(s, t, y, alpha=1.0, temperature=1.0, divergence=divergence, beta=beta)
+    (g,) = torch.autograd.grad(loss, s)
+    assert parts_k["kd"].item() == pytest.approx(parts["kd"].item(), rel=1e-5, abs=1e-7)
+    _close(g_k, g, 1e-5)
+
+
+@pytest.mark.parametrize("divergence,beta", DIVS)
+def test_topk_divergences_identical_give_zero_and_pinned_reverse_kl(divergence, beta):
+    s, _ = _logits(n=4, v=12, seed=7)
+    lp, ids = torch.log_softmax(s, -1).topk(3, dim=-1)
+    y = torch.tensor([0, 1, 2, 3])
+    _, _, parts = topk_distillation_loss(s, ids, lp, y, alpha=1.0, temperature=1.0, divergence=divergence, beta=beta)
+    assert parts["kd"].item() == pytest.approx(0.0, abs=1e-6)
+    # V = 4, teacher top-2 [.5, .3] (tail .2); student uniform, buckets [.25, .25, .5]: KL(q || p) by hand
+    _, _, p1 = topk_distillation_loss(torch.zeros(1, 4), torch.tensor([[2, 0]]), torch.tensor([[math.log(0.5),
+                                      math.log(0.3)]]), torch.tensor([1]), alpha=1.0, temperature=1.0,
+                                      divergence="reverse_kl")
+    rkl = 0.25 * math.log(0.25 / 0.5) + 0.25 * math.log(0.25 / 0.3) + 0.5 * math.log(0.5 / 0.2)
+    assert p1["kd"].item() == pytest.approx(rkl, abs=1e-6)
+
+
 # --- chunked ----------------------------------------------------------------------------------------------------
 
 

@@ -248,11 +248,14 @@ def test_refusals(tmp_path, tiny_lm_dir, tiny_recipe):
         return str(e.value)
 
     gen = {"task": {"kind": "generation"}, "teacher": {"model": f"hf:{tiny_lm_dir}"}}
-    # an API teacher gives only the top-k of its own tokens, not its log-probabilities on the student's tokens
+    # an API teacher gives only the top-k of its own tokens, not its log-probabilities on the student's tokens;
+    # a server that scores given tokens (vLLM, llama.cpp) can (tests/test_teacher_scoring.py)
     msg = refused({**gen, "teacher": {"model": "openai:gpt-4o-mini"}, "student": {"model": str(tiny_lm_dir)},
                    "training": {"distill": "on_policy"}})
-    assert "not yet: needs a served teacher that scores given tokens (issue 14 point 2)" in msg.lower()
+    assert "returns only the top-k of its own tokens" in msg and "teacher.provider 'vllm' or 'llamacpp'" in msg
     assert "'hf:' teacher with the student's tokenizer" in msg
+    build_recipe({**gen, "teacher": {"model": "openai:m", "provider": "vllm"}, "student": {"model": str(tiny_lm_dir)},
+                  "training": {"distill": "on_policy"}})
     # the on-policy settings without on-policy, alpha with every step sampled, samples as long as the context
     msg = refused({**gen, "training": {"on_policy_temperature": 0.7}})
     assert "training.on_policy_temperature configures the student's own samples" in msg and "distill: on_policy" in msg

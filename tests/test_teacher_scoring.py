@@ -8,10 +8,13 @@ llama.cpp's quantized arithmetic (activations rounded to 8 bits in the Q4_1 dot 
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
+import torch
 from servers import FaultProxy, LlamaServer
 
 from protege.errors import BudgetReached
@@ -195,3 +198,142 @@ def test_vllm_prompt_logprobs_are_read_by_id(tmp_path):
     assert tl.top_logprobs[0] == (-0.5, -1.5, -3.0)
     assert tl.top[0][" a"] == -1.5 and tl.top[1][" a"] == -0.5  # the given token's own value under its string
     assert math.isclose(tl.tail_mass[0], 1 - math.exp(-0.5) - math.exp(-1.5) - math.exp(-3.0), rel_tol=1e-6)
+
+
+# -- on-policy training with the served teacher ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tmp_path_factory, local) -> Path:
+    """A random 1-layer Llama (hidden 16, tied head) with SmolLM2's own tokenizer (vocab 49,152): 0.8M
+    parameters, so the served SmolLM2 reads its samples as its own tokens."""
+    from lm_fixtures import save_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = local
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    return save_model(tmp_path_factory.mktemp("op-student"), LlamaForCausalLM(cfg), tok)
+
+
+def on_policy_recipe(base_url: str, student: Path, **training):
+    from protege.recipe import build_recipe
+
+    return build_recipe({
+        "task": {"kind": "generation"},
+        "teacher": {"model": "openai:smollm2", "provider": "llamacpp", "base_url": base_url, "top_logprobs": 5},
+        "student": {"model": str(student), "max_length": 96},
+        "training": {"distill": "on_policy", "on_policy_max_tokens": 8, "max_steps": 2, "batch_size": 2,
+                     "learning_rate": 1e-2, "warmup_fraction": 0.0, "seed": 0, "temperature": 1.0, **training},
+    })
+
+
+def test_on_policy_from_the_served_teacher_trains_and_a_rerun_makes_no_call(server, tiny_student, tmp_path):
+    from lm_fixtures import make_rows
+
+    from protege.training.lm import train_lm
+
+    rows = make_rows(4)
+    with FaultProxy(server.base_url) as proxy, Store(tmp_path / "s.db") as store:
+        recipe = on_policy_recipe(proxy.base_url, tiny_student)
+        summary = train_lm(recipe, rows, tmp_path / "a", quiet=True, store=store)
+        op = summary["on_policy"]
+        served = op["served_teacher"]
+        print("served on-policy:", served, "loss", summary["final_loss"])
+        # the tokenizer probe (one prompt), then one call per sample: 2 steps x 2 samples
+        assert served["score_calls"] == proxy.forwarded == 5
+        assert op["sampled_steps"] == 2 and op["sampled_tokens"] > 0
+        assert summary["divergence"] == "reverse_kl" and summary["alpha"] == 1.0
+        assert 0.3 <= served["scored_share"] <= 1.0  # a random student's text is partly not SmolLM2's tokenization
+        log = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+        assert all(math.isfinite(r["loss"]) and r["kd_loss"] > 0 and r["ce_loss"] == 0 for r in log)
+        assert math.isclose(log[-1]["loss"], log[-1]["kd_loss"], rel_tol=1e-6)
+        card = (tmp_path / "a" / "README.md").read_text()
+        assert "served teacher's top-k log-probabilities" in card and "local teacher" not in card
+        assert log[0]["kd_loss"] == pytest.approx(hand_first_step(recipe, rows, store), rel=1e-4)
+        # the same run again draws the same samples (seed and step): every score comes from the store
+        again = train_lm(recipe, rows, tmp_path / "b", quiet=True, store=store)
+        assert proxy.forwarded == 5 and again["on_policy"]["served_teacher"]["score_calls"] == 0
+        assert again["final_loss"] == summary["final_loss"]
+
+
+def hand_first_step(recipe, rows, store) -> float:
+    """Step 1's KD loss (tau = 1) written out: the student's samples drawn again, the served scores read back from the store
+    (no call), the teacher's alternatives mapped onto the student's ids by their text, and the reverse KL on the
+    buckets [known ids, tail] per scored reply token, summed and divided by the step's reply tokens."""
+    from protege.students.chat import ChatFormat
+    from protege.students.lm import load_causal_lm
+    from protege.training.lm import _encode, _on_policy_examples, _Served
+    from protege.training.on_policy import sample_seed
+    from protege.training.steps import micro_batches
+
+    cfg = recipe.training
+    model, tok = load_causal_lm(recipe.student.model)
+    examples, _ = _encode(recipe, rows, tok)
+    _, _, mine = micro_batches(0, len(examples), cfg.seed, cfg.batch_size, 1, 1, 0)
+    parts = [[examples[i] for i in idx] for idx in mine]
+    stop = ChatFormat.of(tok, model).stop_ids
+    samples = _on_policy_examples(model, parts[0], stop, recipe.student.max_length, cfg, sample_seed(cfg.seed, 0, 0, 0))
+    served = _Served(recipe, tok, store)
+    reqs = [served.request(e.ids, e.n_prompt, recipe.teacher.top_logprobs) for e in samples]
+    scores, calls = score_tokens(served.teacher, recipe.teacher, store, reqs)
+    assert calls == 0
+    by_text: dict[str, int] = {}
+    for i, piece in enumerate(tok.batch_decode([[i] for i in range(len(tok))])):
+        if "\ufffd" not in piece:
+            by_text.setdefault(piece, i)
+    total, count = 0.0, 0
+    for e, tl in zip(samples, scores):
+        with torch.no_grad():
+            logq = torch.log_softmax(model(input_ids=torch.tensor([e.ids])).logits[0].double(), -1)  # (T, V)
+        for j, (token, top) in enumerate(zip(tl.tokens, tl.top)):
+            count += 1
+            if token not in top:
+                continue
+            known = {e.ids[e.n_prompt + j]: top[token]}
+            for s, lp in top.items():
+                if s != token and s in by_text:
+                    known.setdefault(by_text[s], lp)
+            q = logq[e.n_prompt - 1 + j].exp()
+            qk = [float(q[i]) for i in known]
+            pk = [math.exp(v) for v in known.values()]
+            q_tail, p_tail = 1.0 - sum(qk), max(0.0, 1.0 - sum(pk))
+            total += sum(a * math.log(a / b) for a, b in zip(qk + [q_tail], pk + [p_tail]) if a > 0)
+    return total / count
+
+
+def test_a_served_teacher_with_another_tokenizer_is_refused(server, tmp_path):
+    from lm_fixtures import make_llama, make_rows, make_tokenizer, save_model
+
+    from protege.errors import ProtegeError
+    from protege.training.lm import train_lm
+
+    tok = make_tokenizer()  # a 400-token BPE: SmolLM2 reads its text as other tokens
+    student = save_model(tmp_path / "student", make_llama(tok, layers=1, hidden=16), tok)
+    with Store(tmp_path / "s.db") as store, pytest.raises(ProtegeError, match="tokenizer to be the student's"):
+        train_lm(on_policy_recipe(server.base_url, student), make_rows(2), tmp_path / "out", quiet=True, store=store)
+
+
+def test_echo_scores_one_position_off_are_refused():
+    """llama-cpp-python lists a prompt's first token (and pairs every token with the next one's scores) when the
+    prompt does not start with the model's BOS token: refused, never read one position off."""
+    from types import SimpleNamespace
+
+    from protege.errors import PermanentError
+    from protege.teachers._scoring import from_echo
+
+    r = ScoreRequest(ids=(7, 8, 9), start=1, top_logprobs=1, tokenizer="t", text="You are", tokens=("You", " are", ""))
+    listed = SimpleNamespace(tokens=["You", " are", "", "x"], token_logprobs=[None, -1.0, -2.0, -0.5],
+                             top_logprobs=[None, {" are": -1.0}, {"": -2.0}, {"x": -0.5}])
+    with pytest.raises(PermanentError, match="one position off"):
+        from_echo(listed, 3, 1, r, "llamacpp:m")
+    # the same prompt after a BOS the server left out: read as it is
+    listed.tokens, listed.token_logprobs[0], listed.top_logprobs[0] = [" are", "", "x"], -1.0, {" are": -1.0}
+    listed.token_logprobs, listed.top_logprobs = listed.token_logprobs[1:], listed.top_logprobs[1:]
+    r = ScoreRequest(ids=(1, 8, 9), start=1, top_logprobs=1, tokenizer="t", text="<s> are", tokens=("", " are", ""))
+    tl = from_echo(listed, 3, 1, r, "llamacpp:m")
+    assert tl.top == ({" are": -1.0}, {"": -2.0}) and tl.ids == (8, 9)

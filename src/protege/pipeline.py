@@ -79,7 +79,7 @@ def train(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, 
             return {STUDENT_DIR: {"skipped": True}}
         rows = _lm_rows(recipe)
         with Store(recipe.store_path) as store:
-            summary = train_lm(recipe, rows, path, quiet, extra_meta=expect)
+            summary = train_lm(recipe, rows, path, quiet, extra_meta=expect, store=store)
             store.log_compute(f"train:{STUDENT_DIR}", summary["train_seconds"], examples=len(rows),
                               distill=recipe.training.distill)
         return {STUDENT_DIR: summary}

@@ -543,7 +543,8 @@ class TrainingConfig(_Section):
         "'hf:' teacher's full distribution, same tokenizer), 'topk' (token-level KD from the stored top-k "
         "logprobs of any teacher that returned them, the rest as a tail bucket), 'on_policy' (GKD: the student "
         "samples replies to the prompts and learns the local 'hf:' teacher's full distribution on its own tokens, "
-        "same tokenizer; see on_policy_fraction).",
+        "or a served teacher's top-k there (teacher.provider 'vllm' or 'llamacpp'), same tokenizer; see "
+        "on_policy_fraction).",
     )
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
         "forward_kl",
@@ -692,12 +693,17 @@ class Recipe(_Section):
                 "teacher; for an API teacher use 'topk' (stored top-k logprobs) or 'sequence'"
             )
         if t.distill == "on_policy" and backend != "hf":
-            raise ValueError(
-                "training.distill 'on_policy' needs the teacher's log-probabilities on the tokens the student "
-                f"sampled, at training time; teacher {self.teacher.model!r} returns only the top-k of its own "
-                "tokens. Not yet: needs a served teacher that scores given tokens (issue 14 point 2). Use an 'hf:' "
-                "teacher with the student's tokenizer, or training.distill 'topk' or 'sequence'"
-            )
+            from .teachers.presets import PRESETS  # here: the presets module imports this one
+
+            preset = PRESETS.get(self.teacher.provider or "openai") if backend == "openai" else None
+            if preset is None or preset.scores is None:
+                raise ValueError(
+                    "training.distill 'on_policy' needs the teacher's log-probabilities on the tokens the student "
+                    f"sampled, at training time; teacher {self.teacher.model!r} returns only the top-k of its own "
+                    "tokens. Serve the teacher with vLLM or llama.cpp (teacher.provider 'vllm' or 'llamacpp', "
+                    "whose completions endpoint scores given tokens), use an 'hf:' teacher with the student's "
+                    "tokenizer, or training.distill 'topk' or 'sequence'"
+                )
         if t.distill == "on_policy" and t.on_policy_max_tokens >= s.max_length:
             raise ValueError(
                 f"training.on_policy_max_tokens {t.on_policy_max_tokens} leaves no room for the prompt in "

@@ -48,6 +48,12 @@ _DISTILL = {  # training.distill of a language-model student
                  "and learns τ²·D(p_teacher^τ, q_student^τ) on every token it wrote, against the local teacher's "
                  "full next-token distribution (same tokenizer); the other steps L = (1 - α)·CE + α·τ²·D on the "
                  "teacher's replies; D = {divergence}",
+    "on_policy_served": "on-policy distillation (GKD, Agarwal et al. 2024): on a share λ = {fraction:g} of the steps "
+                        "the student samples a reply to each prompt (temperature {temperature:g}, at most {max_tokens} "
+                        "tokens) and learns τ²·D(p_teacher^τ, q_student^τ) on every token it wrote, against the served "
+                        "teacher's top-k log-probabilities there, the sampled token's and one tail bucket (same "
+                        "tokenizer); the other steps L = (1 - α)·CE + α·τ²·D on the teacher's stored top-k of its "
+                        "replies; D = {divergence}",
 }
 _DIVERGENCE = {"forward_kl": "KL(p_teacher^τ ‖ q_student^τ)", "reverse_kl": "KL(q_student^τ ‖ p_teacher^τ)",
                "jsd": "the generalized Jensen-Shannon divergence (training.jsd_beta)"}
@@ -199,8 +205,10 @@ def _teacher(card: StudentCard, recipe: Recipe, report: dict[str, Any] | None) -
                      + (", with its top-k token log-probabilities" if card.summary.get("distill") == "topk" else "")
                      + (", with its full next-token distribution at training time"
                         if card.summary.get("distill") == "logits" else "")
-                     + (", and its full next-token distribution on the student's own sampled replies at training "
-                        "time" if card.summary.get("distill") == "on_policy" else "") + ".")
+                     + ((", and its top-k log-probabilities on the student's own sampled replies, served, at "
+                         "training time" if "served_teacher" in card.summary.get("on_policy", {}) else
+                         ", and its full next-token distribution on the student's own sampled replies at training "
+                         "time") if card.summary.get("distill") == "on_policy" else "") + ".")
     return lines
 
 
@@ -238,7 +246,8 @@ def _classifier_training(card: StudentCard, recipe: Recipe) -> list[str]:
 def _lm_training(card: StudentCard) -> list[str]:
     s = card.summary
     mode = s.get("distill", "sequence")
-    loss = _DISTILL[mode].format(divergence=_DIVERGENCE.get(s.get("divergence") or "forward_kl"),
+    served = "served_teacher" in s.get("on_policy", {})  # scored by a served teacher, not a local one
+    loss = _DISTILL[mode + "_served" * served].format(divergence=_DIVERGENCE.get(s.get("divergence") or "forward_kl"),
                                  **s.get("on_policy", {}))
     lines = ["", "## Training", "", f"Distill mode `{mode}`: {loss}; **α = {s.get('alpha', 0):g}**, "
              f"**τ = {s.get('temperature', 1):g}**. The loss covers the answer tokens only."]

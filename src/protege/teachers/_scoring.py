@@ -89,9 +89,11 @@ def from_echo(
     by place in the text (see the module docstring); unaligned positions have an empty ``top``."""
     listed = list(logprobs.tokens or [])
     n = len(listed) - completion_tokens  # the prompt's entries, before the generated token
-    if n >= prompt_tokens:
+    first = server_piece(listed[0]) if listed else ""
+    if n >= prompt_tokens or (request.tokens and first == server_piece(request.tokens[0])):
         # llama-cpp-python pairs the i-th listed token with the scores after it unless the prompt starts with the
-        # model's BOS token (which it then leaves out): every value would be one position off.
+        # model's BOS token (which it then leaves out): every value would be one position off. Told apart by the
+        # count (nothing left out) or by the first listed token being the request's first (not left out).
         raise PermanentError(
             "the llama.cpp server's echoed log-probabilities are one position off for this model (its prompts do "
             "not start with its BOS token); score with vLLM (teacher.provider 'vllm') or a local 'hf:' teacher"

@@ -18,6 +18,9 @@ Modes (training.distill):
 - ``on_policy``: GKD (training/on_policy.py). On a share ``on_policy_fraction`` of the steps the student samples
   a reply to each prompt and learns tau^2 D(teacher || student) on its own tokens against the local 'hf:'
   teacher (same tokenizer), reverse KL by default; the other steps are ``logits`` steps on the teacher's replies.
+  A served teacher (an ``openai:`` one whose server scores given tokens, vLLM or llama.cpp) scores the samples
+  through the store and the engine (``labeling/scoring.py``): the same divergence on its top-k plus the sampled
+  token plus a tail bucket, and the other steps are ``topk`` steps on its stored top-k.
 
 ``training.batch_size`` counts examples per optimizer step over all processes, so a recipe gives the same
 objective on one process or on many.
@@ -191,7 +194,7 @@ def _encode(recipe: Recipe, rows: list[LMRow], tokenizer: Any) -> tuple[list[_Ex
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ProtegeError("the student's tokenizer has no end-of-sequence token; set one (tokenizer.eos_token)")
-    topk = _TopK(tokenizer) if cfg.distill == "topk" else None
+    topk = _TopK(tokenizer) if cfg.distill == "topk" or (_served(recipe) and not _all_sampled(cfg)) else None
     if topk is not None:
         for r in rows:
             if r.token_logprobs is not None and r.token_logprobs.temperature != 1.0:
@@ -268,7 +271,9 @@ def _collate(examples: list[_Example], pad: int, with_kd: bool) -> dict[str, tor
         "weights": torch.tensor([e.weight for e in examples for _ in e.ids[e.n_prompt :]]),  # (M,)
     }
     if with_kd:
-        rows = [pair for e in examples for pair in zip(e.kd_ids, e.kd_lps)]
+        # an example without teacher targets (a served on-policy run's filler for an empty shard) has none per token
+        rows = [pair for e in examples for pair in zip(e.kd_ids or [[]] * (len(e.ids) - e.n_prompt),
+                                                         e.kd_lps or [[]] * (len(e.ids) - e.n_prompt))]
         K = max(1, max(len(i) for i, _ in rows))
         batch["kd_ids"] = torch.tensor([i + [-1] * (K - len(i)) for i, _ in rows])  # (M, K), -1 pads
         batch["kd_lps"] = torch.tensor([l + [0.0] * (K - len(l)) for _, l in rows])  # (M, K)
@@ -284,9 +289,13 @@ def _ce_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch
     return ce, ce, torch.zeros_like(ce)
 
 
-def _topk_chunk(h, w, b, y, ids, lps, ok, *, alpha: float, tau: float) -> tuple[torch.Tensor, ...]:
+def _topk_chunk(
+    h, w, b, y, ids, lps, ok, *, alpha: float, tau: float, divergence: str = "forward_kl", beta: float = 0.5
+) -> tuple[torch.Tensor, ...]:
     z = F.linear(h, w, b)  # (c, V)
-    loss, _, parts = topk_distillation_loss(z, ids, lps, y, ok, alpha=alpha, temperature=tau)
+    loss, _, parts = topk_distillation_loss(
+        z, ids, lps, y, ok, alpha=alpha, temperature=tau, divergence=divergence, beta=beta
+    )
     # positions without the teacher's top-k have no KD term: (1 - alpha) CE alone, as the mix gives them
     ce_rest = F.cross_entropy(z[~ok].float(), y[~ok], reduction="sum")
     return loss + (1.0 - alpha) * ce_rest, parts["ce"] + ce_rest, parts["kd"]
@@ -328,7 +337,7 @@ class _StudentLoss(torch.nn.Module):
             return x if rows is None else x[rows]
 
         h, y = pick(h), pick(batch["targets"])
-        if self.mode in ("logits", "on_policy"):
+        if self.mode in ("logits", "on_policy") and teacher is not None:  # the local teacher's full distribution
             th, tw, tb = teacher
             # on the student's own samples, alpha = 1: cross-entropy with what it sampled would only sharpen it
             loss, _, parts = chunked_lm_distillation_loss(
@@ -336,8 +345,9 @@ class _StudentLoss(torch.nn.Module):
                 divergence=self.divergence, beta=self.beta, chunk_size=self.chunk, student_bias=b, teacher_bias=tb,
             )
             return loss, torch.zeros_like(parts["ce"]) if sampled else parts["ce"], parts["kd"]
-        if self.mode == "topk":
-            fn = functools.partial(_topk_chunk, alpha=self.alpha, tau=self.tau)
+        if self.mode == "topk" or self.mode == "on_policy" and teacher is None:  # stored or served top-k
+            on = dict(alpha=1.0, divergence=self.divergence, beta=self.beta) if sampled else dict(alpha=self.alpha)
+            fn = functools.partial(_topk_chunk, tau=self.tau, **on)
             cols = (y, pick(batch["kd_ids"]), pick(batch["kd_lps"]), pick(batch["kd_ok"]))
         else:
             fn, cols = _ce_chunk, (y,)
@@ -347,7 +357,7 @@ class _StudentLoss(torch.nn.Module):
             # recomputed in backward, so one chunk's (c, V) logits are the most ever held
             part = torch.utils.checkpoint.checkpoint(fn, h[chunk], w, b, *(c[chunk] for c in cols), use_reentrant=False)
             sums = [a + p for a, p in zip(sums, part)]
-        return sums[0], sums[1], sums[2]
+        return sums[0], torch.zeros_like(sums[1]) if sampled else sums[1], sums[2]
 
 
 # -- on-policy samples ---------------------------------------------------------------------------------------
@@ -355,6 +365,109 @@ class _StudentLoss(torch.nn.Module):
 
 def _all_sampled(cfg: Any) -> bool:
     return cfg.distill == "on_policy" and cfg.on_policy_fraction == 1.0
+
+
+def _served(recipe: Recipe) -> bool:
+    """On-policy from a served teacher (it scores the samples over HTTP), not from a local 'hf:' one."""
+    return recipe.training.distill == "on_policy" and not recipe.teacher.model.startswith("hf:")
+
+
+class _Served:
+    """A served teacher's scores of the student's samples, as per-token top-k targets in the student's ids.
+
+    The requests go through :func:`protege.labeling.scoring.score_tokens` (store, engine, budget). The server's
+    alternatives come as ids (vLLM) or as strings (llama.cpp), mapped onto the student's vocabulary as the topk
+    mode maps an API teacher's (``_TopK``); the sampled token is always the student's id. Positions the teacher
+    did not score (a llama.cpp server that tokenized the text otherwise there) have no KD term.
+    """
+
+    def __init__(self, recipe: Recipe, tokenizer: Any, store: Any):
+        from ..labeling.scoring import score_tokens
+        from .._io import content_hash
+        from ..teachers import make_teacher
+
+        self.recipe, self.tokenizer, self.store, self.score_tokens = recipe, tokenizer, store, score_tokens
+        self.teacher = make_teacher(recipe.teacher)
+        self.topk = _TopK(tokenizer)
+        self.special = set(tokenizer.all_special_ids)
+        # the tokenizer the ids belong to enters every cache key: its class, size and whole vocabulary
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        self.name = f"{type(tokenizer).__name__}:{len(tokenizer)}:{content_hash(vocab)[:16]}"
+        self.calls = self.positions = self.scored = 0
+
+    def request(self, ids: list[int], start: int, k: int) -> Any:
+        from ..teachers.base import ScoreRequest
+        from ..teachers._scoring import server_piece
+
+        return ScoreRequest(
+            ids=tuple(ids), start=start, top_logprobs=k, tokenizer=self.name,
+            text=self.tokenizer.decode(ids, clean_up_tokenization_spaces=False),
+            tokens=tuple("" if i in self.special else server_piece(self.topk.pieces[i]) for i in ids),
+        )
+
+    def check_tokenizer(self, example: _Example) -> None:
+        """Refuse a server whose tokenizer is not the student's: it must read a prompt the student's tokenizer
+        wrote (its canonical tokens) as the same tokens, at 90% of the positions at least."""
+        from ..store import call_key
+        from ..teachers._scoring import server_piece
+
+        r = self.request(example.ids[: example.n_prompt], 1, 1)
+        [tl], calls = self.score_tokens(self.teacher, self.recipe.teacher, self.store, [r])
+        self.calls += calls
+        if tl is None:
+            reason = self.store.failures([call_key(self.teacher.identity, r.to_json())])
+            raise ProtegeError(f"the served teacher {self.recipe.teacher.model!r} did not score a prompt "
+                               f"({next(iter(reason.values()), ('no reason recorded',))[0]}); check teacher.base_url "
+                               "and that the server is up")
+        same = sum(
+            t in top and t == server_piece(self.topk.pieces[i]) or i in self.special and t in top
+            for t, top, i in zip(tl.tokens, tl.top, r.ids[1:])
+        )
+        if same < 0.9 * (len(r.ids) - 1):
+            raise ProtegeError(
+                f"training.distill 'on_policy' needs the served teacher's tokenizer to be the student's: teacher "
+                f"{self.recipe.teacher.model!r} reads only {same} of the {len(r.ids) - 1} tokens of a prompt as the "
+                "student's tokenizer wrote them. Use a student with the teacher's tokenizer, or training.distill "
+                "'topk' (it maps another tokenizer's top-k) or 'sequence'"
+            )
+
+    def targets(self, examples: list[_Example], originals: list[_Example]) -> list[_Example]:
+        """``examples`` (the student's samples) with the teacher's top-k targets at every reply token. The teacher
+        reads each reply after the whole prompt of its ``originals`` row (the student's may have been cut)."""
+        k = self.recipe.teacher.top_logprobs
+        reqs = [
+            self.request(o.ids[: o.n_prompt] + e.ids[e.n_prompt :], o.n_prompt, k) for e, o in zip(examples, originals)
+        ]
+        scores, calls = self.score_tokens(self.teacher, self.recipe.teacher, self.store, reqs)
+        self.calls += calls
+        out = []
+        for e, tl in zip(examples, scores):
+            n = len(e.ids) - e.n_prompt
+            kd_ids, kd_lps = [[] for _ in range(n)], [[] for _ in range(n)]
+            for j in range(n if tl is not None else 0):
+                token, top, given = tl.tokens[j], tl.top[j], e.ids[e.n_prompt + j]
+                if token not in top:
+                    continue  # not scored here
+                if tl.top_ids is not None:
+                    pairs = dict(zip(tl.top_ids[j], tl.top_logprobs[j]))
+                else:
+                    pairs = {given: top[token]}
+                    for s, lp in top.items():
+                        sid = self.topk.by_piece.get(s) if s != token else None
+                        self.topk.mass += math.exp(lp)
+                        if sid is None:
+                            self.topk.unmapped += math.exp(lp) if s != token else 0.0  # goes to the tail bucket
+                        else:
+                            pairs.setdefault(sid, lp)
+                kd_ids[j], kd_lps[j] = list(pairs), list(pairs.values())
+                self.scored += 1
+            self.positions += n
+            out.append(_Example(e.ids, e.n_prompt, e.weight, kd_ids, kd_lps))
+        return out
+
+    def figures(self) -> dict[str, Any]:
+        return {"scored_share": self.scored / self.positions if self.positions else 0.0, "score_calls": self.calls,
+                "unmapped_mass": self.topk.unmapped / self.topk.mass if self.topk.mass else 0.0}
 
 
 def _on_policy_examples(
@@ -373,9 +486,16 @@ def _on_policy_examples(
 
 
 def train_lm(
-    recipe: Recipe, rows: list[LMRow], out: Path, quiet: bool = False, extra_meta: dict[str, Any] | None = None
+    recipe: Recipe,
+    rows: list[LMRow],
+    out: Path,
+    quiet: bool = False,
+    extra_meta: dict[str, Any] | None = None,
+    store: Any = None,
 ) -> dict[str, Any]:
     """Train a causal LM student on ``rows`` as the recipe says and save it to ``out``.
+
+    ``store``: the :class:`protege.store.Store` a served on-policy teacher's scores are cached and costed in.
 
     Returns the training summary also written to ``out/protege.json``.
     """
@@ -399,7 +519,11 @@ def train_lm(
     check_split(B, G, P)
 
     # -- models -------------------------------------------------------------------------------------------
-    token_level = cfg.distill in ("logits", "on_policy")  # the local teacher's full distribution, at training time
+    served = _served(recipe)  # on-policy from a served teacher's top-k, through the store
+    if served and store is None:
+        raise ProtegeError("on-policy training from a served teacher needs the store its scores are kept in")
+    # the local teacher's full distribution, at training time
+    token_level = cfg.distill == "logits" or cfg.distill == "on_policy" and not served
     need_teacher = token_level or scfg.init == "teacher_layers"
     teacher = load_causal_lm(tcfg.model.removeprefix("hf:"), trust_remote_code=tcfg.trust_remote_code) if need_teacher else None
     model, tokenizer = build_lm_student(recipe, teacher)
@@ -418,6 +542,10 @@ def train_lm(
 
     examples, data = _encode(recipe, rows, tokenizer)
     n = len(examples)
+    scorer = None
+    if served:
+        scorer = _Served(recipe, tokenizer, store)
+        scorer.check_tokenizer(examples[0])  # before any step: a server with another tokenizer is refused
     steps_per_epoch = math.ceil(n / B)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
 
@@ -448,6 +576,8 @@ def train_lm(
                 _on_policy_examples(sampler, ex, stop_ids, scfg.max_length, cfg, sample_seed(cfg.seed, step, j, rank))
                 for j, ex in enumerate(parts)
             ]
+            if scorer is not None:  # the served teacher scores them (cached: a resumed run redraws and reuses)
+                parts = [scorer.targets(ex, [examples[i] for i in idx]) if ex else ex for ex, idx in zip(parts, mine)]
         # Normalize once: the loss of every micro-batch is divided by the target weight of the whole step over
         # all processes, times P because DDP averages the processes' gradients.
         local = sum(e.weight * (len(e.ids) - e.n_prompt) for ex in parts for e in ex)
@@ -457,7 +587,7 @@ def train_lm(
         for j, idx in enumerate(mine):
             # an empty shard (fewer rows than micro-batches in the last step) still runs, with no weight, so every
             # process does the same forward and backward passes
-            batch = _collate(parts[j] or [examples[step_rows[0]]], pad, cfg.distill == "topk")
+            batch = _collate(parts[j] or [examples[step_rows[0]]], pad, cfg.distill == "topk" or served)
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             t_out = None
             if teacher_head is not None:
@@ -502,7 +632,7 @@ def train_lm(
     trained = accelerator.unwrap_model(student).model
     summary = {
         "distill": cfg.distill,
-        "divergence": cfg.divergence if token_level else "forward_kl" if cfg.distill == "topk" else None,
+        "divergence": cfg.divergence if token_level or served else "forward_kl" if cfg.distill == "topk" else None,
         # on-policy steps alone (fraction 1) learn the divergence alone: alpha = 1
         "alpha": 0.0 if cfg.distill == "sequence" else 1.0 if _all_sampled(cfg) else cfg.alpha,
         **({"on_policy": {
@@ -512,6 +642,7 @@ def train_lm(
             # from the log, which a resumed run has whole
             "sampled_steps": sum(1 for r in log if r.get("on_policy")),
             "sampled_tokens": int(sum(r["target_tokens"] for r in log if r.get("on_policy"))),
+            **({"served_teacher": scorer.figures()} if scorer is not None else {}),
         }} if cfg.distill == "on_policy" else {}),
         "temperature": cfg.temperature,
         "learning_rate": lr,

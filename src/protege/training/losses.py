@@ -241,10 +241,16 @@ def topk_distillation_loss(
     *,
     alpha: float,
     temperature: float,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation from a teacher's top-k log-probs (as APIs return them), summed over unmasked tokens:
 
         L = (1 - alpha) * CE(y, softmax(z)) + alpha * tau^2 * KL(P^tau || Q^tau)   on K+1 buckets
+
+    (``divergence``: forward KL as written; reverse KL(Q^tau || P^tau) or the generalized JSD with ``beta`` on
+    the same K+1 buckets, as :func:`token_divergence` over a full vocabulary: on-policy distillation from a
+    served teacher's top-k.)
 
     The teacher is known only at K token ids; the rest of its mass is one tail bucket, 1 - sum_i exp(logprob_i)
     (clamped at 0). The student's full distribution q = softmax(z) is collapsed onto the same K+1 buckets: q at
@@ -263,7 +269,7 @@ def topk_distillation_loss(
     (N, K) at temperature 1; targets (N,) with -100 = ignore; mask (N,) or None. Computed in float32.
     Returns (loss sum, token count, {"ce": CE sum, "kd": tau^2-scaled KL sum}).
     """
-    _check_args("forward_kl", 0.0, temperature, alpha)
+    _check_args(divergence, beta, temperature, alpha)
     z = student_logits.reshape(-1, student_logits.shape[-1])  # (N, V)
     n_rows, vocab = z.shape
     ids = topk_ids.reshape(n_rows, -1).to(z.device)  # (N, K)
@@ -289,7 +295,7 @@ def topk_distillation_loss(
     log_tail_q = torch.where(n_rest > 0, log_tail_q, float("-inf"))
     log_q = _tempered_buckets(log_q_k, log_tail_q, n_rest, temperature)  # (N, K+1)
 
-    kd_rows = _kl_rows(log_p, log_q)  # (N,)
+    kd_rows = _divergence_rows(log_q, log_p, divergence, beta)  # (N,)
     kd_sum = temperature**2 * kd_rows.masked_fill(~valid, 0.0).sum()
     ce_rows = -log_q_full.gather(1, y.masked_fill(~valid, 0)[:, None]).squeeze(1)  # (N,)
     ce_sum = ce_rows.masked_fill(~valid, 0.0).sum()
