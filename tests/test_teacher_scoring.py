@@ -306,6 +306,34 @@ def hand_first_step(recipe, rows, store) -> float:
     return total / count
 
 
+def test_the_other_steps_learn_the_teachers_stored_top_k(server, local, tiny_student, tmp_path):
+    """At lambda < 1 the steps that do not sample are 'topk' steps on the teacher's replies (here their top-5 from
+    the local model, as labeling stores them): (1 - alpha) CE + alpha KD there, divergence alone on the samples."""
+    from lm_fixtures import make_rows
+
+    from protege.students.chat import prompt_ids
+    from protege.training.lm import train_lm
+    from protege.training.on_policy import sampled_step
+
+    teacher, tok = local
+    rows = make_rows(4)
+    reqs = []
+    for r in rows:
+        p = prompt_ids(tok, r.messages)
+        reqs.append(ScoreRequest(ids=tuple(p + tok(r.target, add_special_tokens=False)["input_ids"]), start=len(p),
+                                 top_logprobs=5, tokenizer="smollm2"))
+    rows = make_rows(4, token_logprobs=teacher.score(reqs))
+    seed = next(s for s in range(50) if [sampled_step(s, k, 0.5) for k in range(2)] == [True, False])
+    with Store(tmp_path / "s.db") as store:
+        recipe = on_policy_recipe(server.base_url, tiny_student, on_policy_fraction=0.5, alpha=0.5, seed=seed)
+        summary = train_lm(recipe, rows, tmp_path / "out", quiet=True, store=store)
+    log = [json.loads(x) for x in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["on_policy"] for r in log] == [True, False]
+    assert log[0]["ce_loss"] == 0 and log[1]["ce_loss"] > 0 and log[1]["kd_loss"] > 0
+    assert math.isclose(log[1]["loss"], 0.5 * log[1]["ce_loss"] + 0.5 * log[1]["kd_loss"], rel_tol=1e-5)
+    assert summary["topk"]["aligned_share"] == 1.0 and summary["on_policy"]["served_teacher"]["score_calls"] == 3
+
+
 def test_a_served_teacher_with_another_tokenizer_is_refused(server, tmp_path):
     from lm_fixtures import make_llama, make_rows, make_tokenizer, save_model
 
