@@ -162,3 +162,15 @@ def openai_fake(monkeypatch):
     fake = FakeOpenAI().install(monkeypatch)
     yield fake
     fake.close()
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: with tiny matrices one thread is fastest, and on a busy 2-core machine
+    two threads wait on each other."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

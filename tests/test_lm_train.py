@@ -20,13 +20,7 @@ from protege.training.lm import LMRow, _collate, _encode, _StudentLoss, train_lm
 OTHER_CORPUS = CORPUS + ["Zebras and yaks graze quietly while xylophones play.", "Quick brown foxes jump over lazy dogs."]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matrices: one thread is fastest, and a busy 2-core machine makes two threads wait on each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
