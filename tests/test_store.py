@@ -18,7 +18,7 @@ from protege.errors import ProtegeError, TeacherError
 from protege.signals import LabelDistribution, TeacherSignal, TokenLogprobs
 from protege.store import CallRecord, ServedRecord, Store, call_key
 
-ALL_MIGRATIONS = ["0001_calls", "0002_compute", "0003_api_calls", "0004_served", "0005_compact"]
+ALL_MIGRATIONS = ["0001_calls", "0002_compute", "0003_api_calls", "0004_served", "0005_compact", "0006_captured"]
 FIXTURES = Path(__file__).parent / "fixtures"
 _spec = importlib.util.spec_from_file_location("make_stores", FIXTURES / "make_stores.py")
 assert _spec is not None and _spec.loader is not None
@@ -468,7 +468,7 @@ def test_a_store_an_earlier_version_wrote_opens_with_every_row_kept(tmp_path, ve
 
     after = _tables(path)
     assert set(after) == {"migrations", "calls", "compute", "batches", "served", "strings", "templates",
-                          "token_ids"}
+                          "token_ids", "captured"}
     for table, (columns, rows) in before.items():
         new_columns, new_rows = after[table]
         assert new_columns[: len(columns)] == columns  # migrations only append columns

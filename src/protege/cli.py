@@ -295,23 +295,34 @@ def demo(output_dir: Path, quiet: bool) -> None:
                    "eval.compute_usd_per_hour, in its protege.json].")
 @click.option("--teacher-timeout", "teacher_timeout_s", type=click.FloatRange(0, min_open=True), default=60.0,
               show_default=True, help="Seconds a request waits for the cascade's teacher before a 503.")
+@click.option("--capture", is_flag=True,
+              help="Keep each served input and answer, redacted (e-mails, phone and card numbers), in the store's "
+                   "captured table for `protege improve`. Headers (the API key) are never kept.")
+@click.option("--capture-max-rows", type=click.IntRange(1), default=None, metavar="N",
+              help="With --capture: keep the newest N captured rows, deleting the oldest as new ones are written.")
+@click.option("--capture-max-days", type=click.FloatRange(0, min_open=True), default=None, metavar="D",
+              help="With --capture: delete captured rows older than D days as new ones are written.")
+@click.option("--redact", multiple=True, metavar="REGEX",
+              help="With --capture: also replace what this Python regex matches with <REDACTED> (repeatable).")
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings only.")
 @_command
 def serve(student_dir: Path, host: str, port: int, api_key_env: str | None, model_name: str | None, max_batch: int,
           max_concurrency: int, max_body_bytes: int, max_new_tokens: int, cascade_threshold: float | None,
           teacher_recipe: Path | None, store: Path | None, compute_usd_per_hour: float | None,
-          teacher_timeout_s: float, quiet: bool) -> None:
+          teacher_timeout_s: float, capture: bool, capture_max_rows: int | None, capture_max_days: float | None,
+          redact: tuple[str, ...], quiet: bool) -> None:
     """Serve a trained student behind an OpenAI-style API (/v1/chat/completions, /v1/classify, /v1/models).
 
     A classifier answers with its label (and /v1/classify with every label's probability); a language-model
     student generates, with OpenAI's sampling settings, stop strings, streaming and logprobs. With
     --cascade-threshold an unsure student hands the request to its teacher; the x-protege-model header (and
     answered_by, and the chat completion's model) says who answered. Every answer is recorded in the store for
-    `protege cost`.
+    `protege cost`. With --capture each input and answer is kept too, redacted, for `protege improve`.
 
     \b
     Example:  protege serve protege-demo/student
               protege serve protege-demo/student --cascade-threshold 0.8
+              protege serve protege-demo/student --capture --capture-max-days 30 --redact 'ACCT-[0-9]+'
     Then:     OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(...)
     """
     with _hub_offline():  # a saved student is local; never reach for the hub while serving
@@ -322,7 +333,8 @@ def serve(student_dir: Path, host: str, port: int, api_key_env: str | None, mode
                    max_concurrency=max_concurrency, max_batch=max_batch, model_name=model_name,
                    log_level="warning" if quiet else "info", max_new_tokens=max_new_tokens, store=store,
                    compute_usd_per_hour=compute_usd_per_hour, cascade_threshold=cascade_threshold,
-                   teacher_recipe=teacher_recipe, teacher_timeout_s=teacher_timeout_s)
+                   teacher_recipe=teacher_recipe, teacher_timeout_s=teacher_timeout_s, capture=capture,
+                   capture_max_rows=capture_max_rows, capture_max_days=capture_max_days, redact=redact)
 
 
 @cli.command()

@@ -25,7 +25,7 @@ from ._io import content_hash
 from .errors import ProtegeError
 from .signals import TeacherSignal
 
-__all__ = ["Store", "CallRecord", "ServedRecord", "CallUsage", "CallMeans", "PendingBatch", "call_key"]
+__all__ = ["Store", "CallRecord", "ServedRecord", "CapturedRecord", "CallUsage", "CallMeans", "PendingBatch", "call_key"]
 
 # --------------------------------------------------------------------------------------------------------------
 # migrations
@@ -170,6 +170,34 @@ def m0005_compact(db: sqlite3.Connection) -> None:
         )
 
 
+@_migration
+def m0006_captured(db: sqlite3.Connection) -> None:
+    # Captured traffic (``protege serve --capture``): what a served student read and what was answered, redacted
+    # before it got here (protege.serve.capture); never a header. input is the text a classifier read, or a
+    # language model's conversation as JSON (input_kind 'messages'); answer is NULL when no one answered.
+    # version is the served student's card hash. Rows are deleted oldest first by the retention limits.
+    db.execute(
+        """
+        CREATE TABLE captured (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            student     TEXT NOT NULL,
+            version     TEXT NOT NULL,
+            endpoint    TEXT NOT NULL,
+            answered_by TEXT NOT NULL CHECK (answered_by IN ('student', 'teacher', 'none')),
+            input_kind  TEXT NOT NULL CHECK (input_kind IN ('text', 'messages')),
+            input       TEXT NOT NULL,
+            answer      TEXT,
+            confidence  REAL,
+            call_key    TEXT,
+            received_at REAL NOT NULL,
+            answered_at REAL NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX captured_version ON captured (version, id)")
+    db.execute("CREATE INDEX captured_answered_at ON captured (answered_at)")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # records
 
@@ -214,6 +242,26 @@ class ServedRecord:
     call_key: str | None = None
     cached: bool | None = None  # teacher answers: True when the store already held it (no new call)
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class CapturedRecord:
+    """One captured served answer (see migration ``0006_captured``), already redacted. ``input`` is the text a
+    classifier read, or a language model's conversation ([{role, content}]); ``answer`` the label or text sent
+    back (None: the teacher was asked and failed); ``confidence`` the student's; times are Unix seconds.
+    ``id`` is the row's, set when read back."""
+
+    student: str
+    version: str
+    endpoint: str
+    answered_by: str  # 'student', 'teacher' or 'none'
+    input: str | list[dict[str, str]]
+    answer: str | None
+    confidence: float | None
+    call_key: str | None
+    received_at: float
+    answered_at: float
+    id: int | None = None
 
 
 class CallUsage(NamedTuple):
@@ -680,3 +728,59 @@ class Store:
                 args,
             )
         }
+
+    # ----------------------------------------------------------------------------------------------------------
+    # captured traffic
+
+    def record_captured(self, records: Sequence[CapturedRecord], max_rows: int | None = None,
+                        max_days: float | None = None) -> int:
+        """Add captured rows and, in the same transaction, delete the oldest past the limits: all but the newest
+        ``max_rows`` rows, and rows answered more than ``max_days`` days ago (the limits hold over the whole
+        table, whichever student wrote it). Deleted rows are overwritten on disk (secure_delete). Returns how
+        many rows were deleted."""
+        if not records:
+            return 0
+        rows = [
+            (r.student, r.version, r.endpoint, r.answered_by, "text" if isinstance(r.input, str) else "messages",
+             r.input if isinstance(r.input, str) else json.dumps(r.input, ensure_ascii=False), r.answer,
+             r.confidence, r.call_key, r.received_at, r.answered_at)
+            for r in records
+        ]
+        self.db.execute("PRAGMA secure_delete = ON")  # a deleted row's bytes do not stay in free pages
+        before = self.db.total_changes
+        with self._transaction():
+            self.db.executemany(
+                """INSERT INTO captured (student, version, endpoint, answered_by, input_kind, input, answer,
+                                         confidence, call_key, received_at, answered_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                rows,
+            )
+            inserted = self.db.total_changes - before
+            if max_rows is not None:
+                self.db.execute("DELETE FROM captured WHERE id <= (SELECT id FROM captured ORDER BY id DESC "
+                                "LIMIT 1 OFFSET ?)", (max_rows,))
+            if max_days is not None:
+                self.db.execute("DELETE FROM captured WHERE answered_at < ?", (time.time() - max_days * 86400,))
+        return self.db.total_changes - before - inserted
+
+    def captured(self, since: float | None = None, since_version: str | None = None) -> list[CapturedRecord]:
+        """Captured rows, oldest first: answered after ``since`` (Unix seconds), and from the first row the
+        student version ``since_version`` answered on (none: that version has answered nothing kept)."""
+        conditions, args = [], []
+        if since is not None:
+            conditions.append("answered_at > ?")
+            args.append(since)
+        if since_version is not None:
+            conditions.append("id >= (SELECT MIN(id) FROM captured WHERE version = ?)")
+            args.append(since_version)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        return [
+            CapturedRecord(student, version, endpoint, by, text if kind == "text" else json.loads(text), answer,
+                           confidence, call_key, received_at, answered_at, row_id)
+            for row_id, student, version, endpoint, by, kind, text, answer, confidence, call_key, received_at,
+            answered_at in self.db.execute(
+                f"""SELECT id, student, version, endpoint, answered_by, input_kind, input, answer, confidence,
+                           call_key, received_at, answered_at FROM captured {where} ORDER BY id""",
+                args,
+            )
+        ]

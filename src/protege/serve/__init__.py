@@ -39,7 +39,8 @@ than ``teacher_timeout_s`` a 503, both in OpenAI's error format.
 
 Ledger: with a store, every answered text or conversation becomes a row of its ``served`` table (who answered,
 endpoint, tokens, cost, compute seconds, the student's confidence, the teacher's call key), written in batches
-off the event loop; ``protege cost`` reads it.
+off the event loop; ``protege cost`` reads it. With ``capture``, each row's input and answer are kept too, redacted,
+in its ``captured`` table, within a retention limit (see :mod:`protege.serve.capture`).
 
 Metrics: ``GET /metrics`` answers Prometheus' text format from the app's own registry: requests by endpoint,
 status and who answered, latency, requests in flight, answers as the ledger counts them, the student's confidence,

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ProtegeError
 from ..students import student_kind
+from ..students.card import card_version
 from .api import (
     SSE_EVENT,
     ApiError,
@@ -37,6 +38,7 @@ from .api import (
     lm_messages,
     validation_message,
 )
+from .capture import Capture, Redactor
 from .fallback import TeacherAnswer, TeacherFailure, TeacherFallback, default_store, log_probs, saved_compute_price
 from .fallback import teacher_recipe as cascade_recipe
 from .ledger import ServedLedger, served_record
@@ -86,21 +88,25 @@ class Service:
         usd_per_hour: float,
         max_new_tokens: int,
         metrics: Metrics,
+        capture: Capture | None = None,
     ):
         self.name = student_dir.resolve().name
         self.model_id, self.clf, self.lm, self.batcher = model_id, clf, lm, batcher
         self.teacher_queue, self.threshold, self.ledger = teacher_queue, threshold, ledger
         self.usd_per_hour, self.max_new_tokens, self.metrics = usd_per_hour, max_new_tokens, metrics
+        self.capture = capture
 
     @property
     def teacher_name(self) -> str:
         assert self.teacher_queue is not None
         return self.teacher_queue.fallback.name
 
-    def record(self, *rows: Any) -> None:
-        self.metrics.record(rows)
+    def record(self, row: Any, read: str | list[dict[str, str]], answer: str | None, received_at: float) -> None:
+        """The ledger row of one answer (and with capture, what was read and answered, redacted)."""
+        self.metrics.record([row])
         if self.ledger is not None:
-            self.ledger.add(rows)
+            captured = [] if self.capture is None else [self.capture.record(row, read, answer, received_at)]
+            self.ledger.add([row], captured)
 
     async def ask_teacher(self, requests: list[Any]) -> list[TeacherAnswer | TeacherFailure]:
         """The teacher's answer or failure per request; a queue timeout or crash is a failure of each."""
@@ -117,6 +123,7 @@ class Service:
         """The student's label for each text, or the teacher's where the student's top probability is below the
         cascade's threshold; every text goes to the ledger. A teacher's failure fails the request."""
         assert self.batcher is not None and self.clf is not None
+        received_at = time.time()
         logps, tokens, seconds = await self.batcher.submit(texts)
         conf = [math.exp(max(lp)) for lp in logps]
         teacher: list[TeacherAnswer | TeacherFailure | None] = [None] * len(texts)
@@ -137,7 +144,8 @@ class Service:
                 a = Answer(self.clf.labels[best], logp, [math.exp(x) for x in logp], STUDENT, tokens[i], completion)
             answers.append(a)
             self.record(served_record(self.name, endpoint, conf[i], seconds[i], self.usd_per_hour,
-                                      (a.prompt_tokens, a.completion_tokens), t))
+                                      (a.prompt_tokens, a.completion_tokens), t),
+                        texts[i], None if isinstance(t, TeacherFailure) else a.label, received_at)
         _raise_first_failure(teacher)
         return answers
 
@@ -191,6 +199,7 @@ class Service:
         if its confidence clears the threshold, else the teacher's answer to the same conversation."""
         assert self.lm is not None
         messages, p = lm_messages(req), generation_params(req, self.max_new_tokens)
+        received_at = time.time()
         out = {"stream": bool(req.stream), "include_usage": bool(req.stream_options and req.stream_options.include_usage)}
 
         def student_row(g: Generation, teacher: Any = None) -> Any:
@@ -200,20 +209,21 @@ class Service:
 
         if self.teacher_queue is None:
             return await chat_completion(self.lm, messages, p, model_id=self.model_id, headers={MODEL_HEADER: STUDENT},
-                                         on_done=lambda g: self.record(student_row(g)), **out)
+                                         on_done=lambda g: self.record(student_row(g), messages, g.text, received_at),
+                                         **out)
         g = await generate(self.lm, messages, p)
         assert self.threshold is not None
         if g.confidence >= self.threshold:
-            self.record(student_row(g))
+            self.record(student_row(g), messages, g.text, received_at)
             return respond(g, p, model_id=self.model_id, headers={MODEL_HEADER: STUDENT}, **out)
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         request = self.teacher_queue.fallback.generation_request(messages, asked)
         (reply,) = await self.ask_teacher([request])
-        self.record(student_row(g, reply))
+        answer = teacher_generation(reply, p) if isinstance(reply, TeacherAnswer) else None
+        self.record(student_row(g, reply), messages, None if answer is None else answer.text, received_at)
         _raise_first_failure([reply])
-        assert isinstance(reply, TeacherAnswer)
-        return respond(teacher_generation(reply, p), p, model_id=self.teacher_name, headers={MODEL_HEADER: TEACHER},
-                       **out)
+        assert answer is not None
+        return respond(answer, p, model_id=self.teacher_name, headers={MODEL_HEADER: TEACHER}, **out)
 
 
 def teacher_generation(reply: TeacherAnswer, p: GenerationParams) -> Generation:
@@ -326,6 +336,10 @@ def create_app(
     cascade_threshold: float | None = None,
     teacher_recipe: Path | str | None = None,
     teacher_timeout_s: float = DEFAULT_TEACHER_TIMEOUT_S,
+    capture: bool = False,
+    capture_max_rows: int | None = None,
+    capture_max_days: float | None = None,
+    redact: Sequence[str] = (),
 ) -> FastAPI:
     """The HTTP app serving the student in ``student_dir`` (loaded now, so a bad directory fails before anything
     listens). ``forward_hook(texts)``, if given, runs in a classifier's worker thread before each batch (tests use
@@ -335,7 +349,11 @@ def create_app(
     the student, when there is one; without a store nothing is recorded), the student's answers priced at their
     measured compute time times ``compute_usd_per_hour`` (default: the ``eval.compute_usd_per_hour`` in the
     student's card). With ``cascade_threshold`` the teacher of ``teacher_recipe`` (default: the teacher and task
-    in the student's card) answers where the student's confidence is below it (see :mod:`protege.serve`)."""
+    in the student's card) answers where the student's confidence is below it (see :mod:`protege.serve`).
+
+    With ``capture`` every answer's input and answer are also kept, redacted (the defaults plus the regexes in
+    ``redact``), in the store's ``captured`` table, the oldest deleted past ``capture_max_rows`` rows or
+    ``capture_max_days`` days (see :mod:`protege.serve.capture`)."""
     for name, value in (("max_body_bytes", max_body_bytes), ("max_concurrency", max_concurrency),
                         ("max_batch", max_batch), ("max_new_tokens", max_new_tokens)):
         if value < 1:
@@ -353,7 +371,18 @@ def create_app(
     created = int(time.time())
 
     store_path = Path(store) if store is not None else default_store(student_dir)
-    ledger = ServedLedger(store_path) if store_path is not None else None
+    kept = None
+    if capture:
+        if store_path is None:
+            raise ProtegeError(f"--capture keeps the traffic in the run's store, and there is none at "
+                               f"{str(student_dir.resolve().parent / 'protege.db')!r}; pass --store PATH")
+        kept = Capture(student_dir.resolve().name, card_version(student_dir), Redactor(redact), capture_max_rows,
+                       capture_max_days)
+    elif capture_max_rows is not None or capture_max_days is not None or redact:
+        raise ProtegeError("--capture-max-rows, --capture-max-days and --redact apply to captured traffic; "
+                           "add --capture (or drop them)")
+    ledger = (ServedLedger(store_path, max_rows=capture_max_rows, max_days=capture_max_days)
+              if store_path is not None else None)
     usd_per_hour = compute_usd_per_hour if compute_usd_per_hour is not None else saved_compute_price(student_dir)
     teacher_queue = None
     if cascade_threshold is not None:
@@ -361,7 +390,7 @@ def create_app(
                                  teacher_recipe, store_path, usd_per_hour, max_batch, wait_s, teacher_timeout_s)
     metrics = Metrics(student_dir, model_id, cascade_threshold)
     service = Service(student_dir, model_id, clf, lm, batcher, teacher_queue, cascade_threshold, ledger, usd_per_hour,
-                      max_new_tokens, metrics)
+                      max_new_tokens, metrics, kept)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

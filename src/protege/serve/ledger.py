@@ -1,4 +1,5 @@
-"""The served-traffic ledger: one :class:`protege.store.ServedRecord` per served answer, written in batches."""
+"""The served-traffic ledger: one :class:`protege.store.ServedRecord` per served answer (and with ``--capture`` one
+:class:`protege.store.CapturedRecord`), written in batches."""
 
 from __future__ import annotations
 
@@ -8,46 +9,63 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..store import ServedRecord, Store
+from ..store import CapturedRecord, ServedRecord, Store
 from .fallback import TeacherAnswer, TeacherFailure
 
 log = logging.getLogger(__name__)
+
+
+class _CaptureFailed(Exception):
+    """The served rows were written, the captured ones were not (a retry must not write the served ones twice)."""
 
 
 class ServedLedger:
     """Collects served answers and writes them to the store in one transaction every ``interval_s`` (and at
     :meth:`close`), off the event loop, so recording costs a request nothing it would wait for."""
 
-    def __init__(self, store_path: Path, interval_s: float = 0.25):
+    def __init__(self, store_path: Path, interval_s: float = 0.25, max_rows: int | None = None,
+                 max_days: float | None = None):
         self.store_path = Path(store_path)
         self.interval_s = interval_s
+        self.max_rows, self.max_days = max_rows, max_days  # the captured rows' retention limits
         self.pending: list[ServedRecord] = []
+        self.captured: list[CapturedRecord] = []
         self.written = 0
         self._task: asyncio.Task[None] | None = None
         with Store(self.store_path):  # create or migrate it now: a bad path fails before the server listens
             pass
 
-    def add(self, records: Sequence[ServedRecord]) -> None:
+    def add(self, records: Sequence[ServedRecord], captured: Sequence[CapturedRecord] = ()) -> None:
         self.pending.extend(records)
+        self.captured.extend(captured)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
     async def flush(self) -> None:
         rows, self.pending = self.pending, []
-        if not rows:
+        captured, self.captured = self.captured, []
+        if not rows and not captured:
             return
         try:
-            await asyncio.to_thread(self._write, rows)
+            await asyncio.to_thread(self._write, rows, captured)
+        except _CaptureFailed:  # the served rows are in; keep the captured ones for the next flush
+            log.exception("could not write %d captured rows to %s", len(captured), self.store_path)
+            self.captured[:0] = captured
         except Exception:  # keep them for the next flush; serving goes on
             log.exception("could not write %d served rows to %s", len(rows), self.store_path)
             self.pending[:0] = rows
+            self.captured[:0] = captured
             return
         self.written += len(rows)
 
-    def _write(self, rows: list[ServedRecord]) -> None:
+    def _write(self, rows: list[ServedRecord], captured: list[CapturedRecord]) -> None:
         with Store(self.store_path) as store:
             store.record_served(rows)
+            try:
+                store.record_captured(captured, self.max_rows, self.max_days)
+            except Exception as e:
+                raise _CaptureFailed from e
 
     async def _run(self) -> None:
         while True:

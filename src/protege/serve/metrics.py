@@ -34,7 +34,6 @@ failed).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from ..store import ServedRecord
-from ..students.card import CARD, StudentCard
+from ..students.card import StudentCard, card_version
 
 __all__ = ["METRICS_PATH", "Metrics", "MetricsMiddleware", "endpoint_of"]
 
@@ -92,8 +91,7 @@ class Metrics:
             "model": model_id,
             "student": Path(student_dir).resolve().name,
             "kind": card.kind,
-            # the hash of protege.json, written once by training: two trainings never share it
-            "version": hashlib.sha256((Path(student_dir) / CARD).read_bytes()).hexdigest()[:12],
+            "version": card_version(student_dir),
             "cascade_threshold": "" if cascade_threshold is None else f"{cascade_threshold:g}",
         })
 

@@ -9,6 +9,7 @@ seconds, input hashes ...) beside them at the top level, as ``protege train`` ha
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,18 @@ from ..errors import ProtegeError
 from ..recipe import Recipe, TaskConfig, TeacherConfig, build_recipe
 from .chat import ANSWER_PREFIX, ChatFormat
 
-__all__ = ["CARD", "CARD_VERSION", "StudentCard"]
+__all__ = ["CARD", "CARD_VERSION", "StudentCard", "card_version"]
 
 CARD = "protege.json"
 CARD_VERSION = 1
 KINDS = ("classifier", "causal_lm")
 RETRAIN = "retrain it with `protege train` (which writes a complete protege.json)"
+
+
+def card_version(student_dir: Path | str) -> str:
+    """A student's version: the hash of its ``protege.json``, written once by training, so two trainings never
+    share one (the served model's ``version`` in its metrics and captured traffic)."""
+    return hashlib.sha256((Path(student_dir) / CARD).read_bytes()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
