@@ -167,6 +167,20 @@ def train_from_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return train_lm(recipe, make_rows(spec.get("rows", 8)), Path(spec["out"]), quiet=True)
 
 
+def split_spec(tmp: Path, max_steps: int) -> dict[str, Any]:
+    """A spec for comparing processes: a 4-layer teacher, its layers 0 and 3 as student, 'logits' KD, global batch 4
+    in 2 micro-batches (2 rows each on one process, 1 row each on each of two)."""
+    tok = make_tokenizer()
+    teacher = save_model(tmp / "teacher", make_llama(tok, layers=4, seed=0), tok)
+    return {
+        "teacher": str(teacher),
+        "student": {"init": "teacher_layers", "keep_layers": [0, 3]},
+        "training": {"distill": "logits", "alpha": 0.5, "batch_size": 4, "gradient_accumulation_steps": 2,
+                     "max_steps": max_steps, "learning_rate": 1e-2},
+        "rows": 8,
+    }
+
+
 FIXTURES = Path(__file__)
 
 

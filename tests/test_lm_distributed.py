@@ -9,22 +9,13 @@ import sys
 
 import pytest
 import torch
-from lm_fixtures import make_llama, make_tokenizer, run_spec, save_model
+from lm_fixtures import run_spec, split_spec
 
 
 def test_two_processes_match_one(tmp_path):
     from safetensors.torch import load_file
 
-    tok = make_tokenizer()
-    teacher = save_model(tmp_path / "teacher", make_llama(tok, layers=4, seed=0), tok)
-    spec = {
-        "teacher": str(teacher),
-        "student": {"init": "teacher_layers", "keep_layers": [0, 3]},
-        # global batch 4 in 2 micro-batches: 2 rows each on one process, 1 row each on each of two
-        "training": {"distill": "logits", "alpha": 0.5, "batch_size": 4, "gradient_accumulation_steps": 2,
-                     "max_steps": 4, "learning_rate": 1e-2},
-        "rows": 8,
-    }
+    spec = split_spec(tmp_path, max_steps=4)
     one = run_spec({**spec, "out": str(tmp_path / "one")}, tmp_path, "one", [sys.executable])
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_spec(

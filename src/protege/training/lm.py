@@ -23,7 +23,8 @@ Modes (training.distill):
   token plus a tail bucket, and the other steps are ``topk`` steps on its stored top-k.
 
 ``training.batch_size`` counts examples per optimizer step over all processes, so a recipe gives the same
-objective on one process or on many.
+objective on one process or on many. Under FSDP (``accelerate launch --config_file examples/accelerate/fsdp_lm.yaml``)
+the frozen teacher is sharded over the processes too (``_shard_teacher``), not copied onto each.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import functools
 import itertools
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -310,6 +312,8 @@ class _StudentLoss(torch.nn.Module):
         t = recipe.training
         self.mode, self.alpha, self.tau = t.distill, t.alpha, t.temperature
         self.divergence, self.beta, self.chunk = t.divergence, t.jsd_beta, t.loss_chunk_size
+        # the blocks Accelerate's FSDP wraps one by one (it reads them off the module it prepares, which is this one)
+        self._no_split_modules = getattr(self.base(), "_no_split_modules", None)
 
     def base(self) -> Any:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -358,6 +362,71 @@ class _StudentLoss(torch.nn.Module):
             part = torch.utils.checkpoint.checkpoint(fn, h[chunk], w, b, *(c[chunk] for c in cols), use_reentrant=False)
             sums = [a + p for a, p in zip(sums, part)]
         return sums[0], torch.zeros_like(sums[1]) if sampled else sums[1], sums[2]
+
+
+# -- a teacher sharded like the student (FSDP) ---------------------------------------------------------------
+
+
+class _TeacherHidden(torch.nn.Module):
+    """The local teacher's last hidden states at the positions that predict a target token. One module, so that
+    FSDP, which gathers a module's parameters around its forward, sees the whole teacher forward."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state[select]  # (M, Ht)
+
+
+def _shard_teacher(model: Any, mesh: Any = None) -> _TeacherHidden:
+    """The frozen teacher sharded over the processes with FSDP2 (``fully_shard``): each decoder block one unit,
+    gathered for its forward and freed after it; the embeddings, final norm and LM head the root unit, which the
+    loop gathers for a whole micro-batch (the chunked loss reads the head in forward and again in backward) and
+    frees after it (``unshard`` / ``reshard``). Each process holds about 1/P of the teacher between uses."""
+    from torch.distributed.fsdp import fully_shard
+
+    hidden = _TeacherHidden(model)
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(hidden, mesh=mesh)
+    return hidden
+
+
+def _check_fsdp(accelerator: Any, recipe: Recipe) -> bool:
+    """Whether this run is FSDP; refuse an FSDP launch that Accelerate did not make one, and what FSDP here
+    does not do."""
+    from accelerate import __version__
+    from accelerate.utils import DistributedType
+
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if not fsdp and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ProtegeError(
+            f"the launch asks for FSDP, but Accelerate {__version__} runs this job as "
+            f"{accelerator.distributed_type.value}: it turns FSDP on for GPUs and other accelerators, not for CPU "
+            "processes, so every process would hold the whole teacher. Launch the FSDP config on GPUs, or launch "
+            "without it (DDP)"
+        )
+    if not fsdp:
+        return False
+    if not accelerator.is_fsdp2:
+        raise ProtegeError("protege shards the teacher with FSDP2: set fsdp_version: 2 in the Accelerate config")
+    if recipe.training.distill == "on_policy":
+        raise ProtegeError("training.distill 'on_policy' under FSDP is not supported: the student samples its replies "
+                           "outside FSDP's forward; launch it with DDP (no FSDP config)")
+    if recipe.student.lora_r:
+        raise ProtegeError("student.lora_r under FSDP is not supported; a LoRA student is small enough for DDP "
+                           "(launch without the FSDP config)")
+    return True
+
+
+def _fsdp_mesh(accelerator: Any) -> Any:
+    """The mesh Accelerate shards the student over (None: every process, FSDP's default)."""
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    return mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)] if mesh is not None else None
 
 
 # -- on-policy samples ---------------------------------------------------------------------------------------
@@ -517,6 +586,7 @@ def train_lm(
     set_seed(cfg.seed)
     P, G, B = accelerator.num_processes, cfg.gradient_accumulation_steps, cfg.batch_size
     check_split(B, G, P)
+    fsdp = _check_fsdp(accelerator, recipe)
 
     # -- models -------------------------------------------------------------------------------------------
     served = _served(recipe)  # on-policy from a served teacher's top-k, through the store
@@ -527,15 +597,26 @@ def train_lm(
     need_teacher = token_level or scfg.init == "teacher_layers"
     teacher = load_causal_lm(tcfg.model.removeprefix("hf:"), trust_remote_code=tcfg.trust_remote_code) if need_teacher else None
     model, tokenizer = build_lm_student(recipe, teacher)
-    teacher_head = None
+    t_hidden = teacher_head = None
+    sharding: dict[str, Any] = {}
     if token_level:
         t_model, t_tok = teacher
         check_vocab(
             model.get_output_embeddings().weight.shape[0], t_model.get_output_embeddings().weight.shape[0],
             tokenizer, t_tok,
         )
-        t_model = t_model.to(accelerator.device, pick_dtype(tcfg.dtype, accelerator.device)).eval().requires_grad_(False)
-        teacher_head = lm_head(t_model)
+        t_model = t_model.to(dtype=pick_dtype(tcfg.dtype, accelerator.device)).eval().requires_grad_(False)
+        if fsdp:  # each unit is moved to the device as it is sharded, so no device ever holds the whole teacher
+            t_hidden = _shard_teacher(t_model, _fsdp_mesh(accelerator))
+            local = sum(p.to_local().numel() for p in t_model.parameters())  # this process's shard
+            per_process = accelerator.gather(torch.tensor([float(local)], device=accelerator.device))
+            sharding["teacher_sharded"] = {
+                "parameters": sum(p.numel() for p in t_model.parameters()),
+                "per_process": [int(x) for x in per_process.tolist()],
+            }
+        else:
+            t_model = t_model.to(accelerator.device)
+            t_hidden, teacher_head = _TeacherHidden(t_model), lm_head(t_model)
     elif teacher is not None:
         teacher = None  # the student has its copy; free the teacher
     lr = cfg.learning_rate or (2e-4 if scfg.lora_r else 5e-5)
@@ -590,16 +671,19 @@ def train_lm(
             batch = _collate(parts[j] or [examples[step_rows[0]]], pad, cfg.distill == "topk" or served)
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             t_out = None
-            if teacher_head is not None:
+            if t_hidden is not None:
+                if fsdp:
+                    t_hidden.unshard()  # the root unit (embeddings, norm, head) whole until this micro-batch's backward
                 with torch.no_grad():
-                    th = t_model.get_decoder()(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                    ).last_hidden_state[batch["select"]]  # (M, Ht)
-                t_out = (th, *teacher_head)
+                    th = t_hidden(batch["input_ids"], batch["attention_mask"], batch["select"])  # (M, Ht)
+                t_out = (th, *(teacher_head or lm_head(t_model)))
             sync = j == G - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(student):
                 loss_sum, ce_sum, kd_sum = student(batch, t_out, sampled)
                 accelerator.backward(loss_sum * (scale if idx else 0.0))
+            if fsdp and t_hidden is not None:
+                del t_out  # the gathered head is freed by reshard; nothing may hold it
+                t_hidden.reshard()
             if idx:
                 sums += torch.stack([loss_sum.detach(), ce_sum, kd_sum])
                 tokens += int(batch["attention_mask"].sum())
@@ -630,6 +714,14 @@ def train_lm(
 
     # -- save ---------------------------------------------------------------------------------------------
     trained = accelerator.unwrap_model(student).model
+    if fsdp:  # the student's shards gathered (every process takes part) into a whole copy the main process saves
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if accelerator.is_main_process:
+            whole = type(trained)(trained.config).to(next(iter(state.values())).dtype)
+            whole.load_state_dict({key.removeprefix("model."): v for key, v in state.items()})
+            trained = whole
     summary = {
         "distill": cfg.distill,
         "divergence": cfg.divergence if token_level or served else "forward_kl" if cfg.distill == "topk" else None,
@@ -651,6 +743,7 @@ def train_lm(
         "batch_size": B,
         "gradient_accumulation_steps": G,
         "processes": P,
+        **({"fsdp": sharding} if fsdp else {}),
         "train_seconds": seconds,
         "parameters": count_parameters(trained),
         "trainable_parameters": sum(p.numel() for p in trained.parameters() if p.requires_grad),
