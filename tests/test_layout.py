@@ -121,3 +121,16 @@ def test_recipe_and_teachers_know_the_same_backends(tiny_lm_dir):
     for prefix, spec in specs.items():
         cfg = TeacherConfig(model=spec, label_method="hard_label" if prefix == "anthropic" else "auto")
         assert make_teacher(cfg).kind == cfg.kind == TEACHER_BACKENDS[prefix]
+
+
+def test_the_recipe_knows_which_providers_score_given_tokens_as_their_teachers_declare():
+    """The recipe refuses training.distill on_policy with a served teacher that cannot score the student's tokens;
+    its table is what the openai: teacher of each preset declares (can_score)."""
+    from protege.recipe import SCORING_PROVIDERS, TeacherConfig
+    from protege.teachers import make_teacher
+    from protege.teachers.presets import PRESETS
+
+    assert {name for name, p in PRESETS.items() if p.scores} == set(SCORING_PROVIDERS)
+    for name in ("openai", "vllm", "llamacpp"):
+        teacher = make_teacher(TeacherConfig(model="openai:some-model", provider=name, price_input=1, price_output=1))
+        assert teacher.can_score == (name in SCORING_PROVIDERS)

@@ -34,6 +34,11 @@ __all__ = [
 # to a provider). protege.teachers.BACKENDS has one factory for each, whose teachers declare the same kind (a test
 # holds them equal), so a stage can tell the two apart from the recipe without building the teacher.
 TEACHER_BACKENDS = {"hf": "local", "embed": "local", "openai": "api", "anthropic": "api"}
+# The OpenAI-compatible providers whose completions endpoint scores given tokens, and how: 'prompt_logprobs' (vLLM:
+# token ids in, the prompt's top-k by id out) or 'echo' (llama.cpp: text in, echo + logprobs give the prompt's
+# tokens and top-k as strings). Declared here, below the teachers, so a recipe can refuse on_policy with a teacher
+# that cannot score; protege.teachers.presets reads it (a test holds them equal).
+SCORING_PROVIDERS = {"vllm": "prompt_logprobs", "llamacpp": "echo"}
 # 'ensemble:mean' / 'ensemble:accuracy' is not a backend: it has no teacher of its own; its members (teacher
 # sections) label, and protege.labeling.ensemble combines their distributions.
 ENSEMBLE = "ensemble"
@@ -693,10 +698,7 @@ class Recipe(_Section):
                 "teacher; for an API teacher use 'topk' (stored top-k logprobs) or 'sequence'"
             )
         if t.distill == "on_policy" and backend != "hf":
-            from .teachers.presets import PRESETS  # here: the presets module imports this one
-
-            preset = PRESETS.get(self.teacher.provider or "openai") if backend == "openai" else None
-            if preset is None or preset.scores is None:
+            if backend != "openai" or (self.teacher.provider or "openai") not in SCORING_PROVIDERS:
                 raise ValueError(
                     "training.distill 'on_policy' needs the teacher's log-probabilities on the tokens the student "
                     f"sampled, at training time; teacher {self.teacher.model!r} returns only the top-k of its own "

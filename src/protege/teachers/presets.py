@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import RecipeError
-from ..recipe import TeacherConfig
+from ..recipe import SCORING_PROVIDERS, TeacherConfig
 from .base import Price
 
 __all__ = ["Price", "Preset", "PRESETS", "ANTHROPIC", "PRICES_CHECKED", "resolve_price"]
@@ -32,8 +32,7 @@ class Preset:
     batch: bool = False  # has OpenAI's Batch API
     prices: dict[str, Price] = field(default_factory=dict)
     local: bool = False  # runs on the user's hardware; calls cost nothing per token
-    # scores given tokens on its completions endpoint: 'prompt_logprobs' (vLLM: token ids in, the prompt's top-k by
-    # id out) or 'echo' (llama.cpp: text in, echo + logprobs give the prompt's tokens and top-k as strings)
+    # scores given tokens on its completions endpoint, and how (protege.recipe.SCORING_PROVIDERS says which do)
     scores: str | None = None
 
 
@@ -78,8 +77,10 @@ PRESETS: dict[str, Preset] = {
     ),
     "openrouter": Preset("https://openrouter.ai/api/v1", "OPENROUTER_API_KEY", logprobs=True, n=False),
     "together": Preset("https://api.together.xyz/v1", "TOGETHER_API_KEY", logprobs=True, n=True),
-    "vllm": Preset("http://127.0.0.1:8000/v1", None, logprobs=True, n=True, local=True, scores="prompt_logprobs"),
-    "llamacpp": Preset("http://127.0.0.1:8080/v1", None, logprobs=True, n=False, local=True, scores="echo"),
+    "vllm": Preset("http://127.0.0.1:8000/v1", None, logprobs=True, n=True, local=True,
+                   scores=SCORING_PROVIDERS["vllm"]),
+    "llamacpp": Preset("http://127.0.0.1:8080/v1", None, logprobs=True, n=False, local=True,
+                       scores=SCORING_PROVIDERS["llamacpp"]),
     "ollama": Preset("http://127.0.0.1:11434/v1", None, logprobs=False, n=False, local=True),
 }
 
