@@ -530,3 +530,18 @@ def test_faults_on_real_sockets_are_retried_and_every_call_is_counted(tmp_path, 
     assert dict(proxy.by_kind) == {k: 1 for k in faults}
     (attempts,) = db_rows(r.store_path, "SELECT SUM(attempts) FROM calls")[0]
     assert attempts == stats.attempts
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("https://user:s3cret@api.example.com:8443/v1", "https://api.example.com:8443/v1"),
+        ("https://api.example.com/v1?api_key=s3cret", "https://api.example.com/v1"),
+        ("http://127.0.0.1:8080/v1", "http://127.0.0.1:8080/v1"),
+    ],
+)
+def test_a_refusal_names_the_base_url_without_credentials(url, shown):
+    from protege.teachers._api import permanent_message, public_url
+
+    msg = permanent_message("openai", "gpt-x", url, 404, "no such model", None)
+    assert public_url(url) == shown and shown in msg and "s3cret" not in msg and "user" not in msg

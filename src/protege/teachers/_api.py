@@ -8,6 +8,7 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import PermanentError, RecipeError
 from ..signals import LabelDistribution, TeacherSignal, TokenLogprobs
@@ -69,8 +70,22 @@ def retry_after(headers: Mapping[str, str] | None) -> float | None:
         return None if parsed is None else max(0.0, email.utils.mktime_tz(parsed) - time.time())
 
 
+def public_url(url: str | None) -> str | None:
+    """``url`` as it may be shown or written: without a user:password part or a query string (where some servers
+    take a key)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None and not parts.query:
+        return url
+    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc, query=""))
+
+
 def permanent_message(provider: str, model: str, base_url: str, status: int, message: str, key_env: str | None) -> str:
-    """What went wrong and what to change, for errors a retry cannot fix."""
+    """What went wrong and what to change, for errors a retry cannot fix (the base URL without credentials: the
+    message is printed, and `protege compare` writes it into its report)."""
+    base_url = public_url(base_url) or ""
     fix = {
         400: "the provider rejected the request; check teacher.max_tokens, teacher.top_logprobs and "
         "teacher.label_method against what this model supports",

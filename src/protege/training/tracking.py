@@ -14,10 +14,10 @@ import importlib.util
 import json
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import ProtegeError
 from ..recipe import Recipe
+from ..teachers._api import public_url
 
 __all__ = [
     "INSTALL", "check_trackers", "end_tracking", "flush_trackers", "log_step", "run_config", "start_tracking",
@@ -67,23 +67,13 @@ def _plain(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _no_userinfo(url: str | None) -> str | None:
-    """A URL without the user:password part some servers take in it."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
-
-
 def run_config(recipe: Recipe, **used: Any) -> dict[str, Any]:
     """The resolved recipe as a flat dict of plain values, with ``used`` (dotted setting -> the value this run
     trained with, e.g. a baseline's ``training.alpha`` of 0) over the recipe's. Keys never reach a recipe; a
     base URL loses any credentials written into it."""
     dump = recipe.model_dump(mode="json")
     for teacher in [dump["teacher"], *(dump["teacher"].get("members") or [])]:
-        teacher["base_url"] = _no_userinfo(teacher.get("base_url"))
+        teacher["base_url"] = public_url(teacher.get("base_url"))
     return _plain(dump) | used
 
 
