@@ -291,28 +291,8 @@ class HFCausalLMTeacher(_HFTeacher):
                     rationale = rationale or None
                 except ParseError:
                     answer = None  # kept as text; the report counts answers without an 'Answer:' line
-            token_lp = None
-            if k and seq:
-                lp = logprobs[b, :n]  # (n, V)
-                top_v, top_i = lp.topk(min(k, lp.shape[-1]), -1)  # (n, k)
-                pieces = [tok.decode([t]) for t in seq]
-                top_dicts = []
-                for row_v, row_i in zip(top_v.tolist(), top_i.tolist()):
-                    d: dict[str, float] = {}
-                    for v, i in zip(row_v, row_i):
-                        d.setdefault(tok.decode([i]), v)  # several ids may decode alike; the likelier is kept
-                    top_dicts.append(d)
-                tail = (1.0 - top_v.double().exp().sum(-1)).clamp_min(0.0)
-                token_lp = TokenLogprobs(
-                    tokens=tuple(pieces),
-                    top=tuple(top_dicts),
-                    tail_mass=tuple(tail.tolist()),
-                    tokenizer=f"hf:{self.spec}",
-                    temperature=1.0,
-                    ids=tuple(seq),
-                    top_ids=tuple(tuple(r) for r in top_i.tolist()),
-                    top_logprobs=tuple(tuple(r) for r in top_v.tolist()),
-                )
+            # greedy: each chosen token is its position's likeliest, so scoring the reply is its top-k
+            token_lp = token_scores(logprobs[b, :n], seq, k, tok, f"hf:{self.spec}") if k and seq else None
             signals.append(
                 TeacherSignal(
                     text=text,
