@@ -381,7 +381,8 @@ def create_app(
     elif capture_max_rows is not None or capture_max_days is not None or redact:
         raise ProtegeError("--capture-max-rows, --capture-max-days and --redact apply to captured traffic; "
                            "add --capture (or drop them)")
-    ledger = (ServedLedger(store_path, max_rows=capture_max_rows, max_days=capture_max_days)
+    # the captured rows' retention limits, as Capture checked them (without --capture none are set)
+    ledger = (ServedLedger(store_path, max_rows=kept and kept.max_rows, max_days=kept and kept.max_days)
               if store_path is not None else None)
     usd_per_hour = compute_usd_per_hour if compute_usd_per_hour is not None else saved_compute_price(student_dir)
     teacher_queue = None
