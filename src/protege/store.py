@@ -156,18 +156,22 @@ def m0005_compact(db: sqlite3.Connection) -> None:
     )
     db.execute("ALTER TABLE calls ADD COLUMN request_template INTEGER REFERENCES templates (id)")
     parts = _Parts(db)
-    rows = db.execute("SELECT rowid, request, signal FROM calls ORDER BY rowid").fetchall()
-    for rowid, request, signal in rows:
-        template, stored = parts.store_request(request)
-        if isinstance(signal, str):
-            try:
-                signal = parts.encode_signal(TeacherSignal.from_json(json.loads(signal)))
-            except (ValueError, KeyError, TypeError, ProtegeError):
-                pass  # a signal this version cannot read as one stays as it was written (read as JSON)
-        db.execute(
-            "UPDATE calls SET request = ?, request_template = ?, signal = ? WHERE rowid = ?",
-            (stored, template, signal, rowid),
-        )
+    last = 0
+    while rows := db.execute(  # a thousand rows at a time: a large store is never held in memory at once
+        "SELECT rowid, request, signal FROM calls WHERE rowid > ? ORDER BY rowid LIMIT 1000", (last,)
+    ).fetchall():
+        for rowid, request, signal in rows:
+            template, stored = parts.store_request(request)
+            if isinstance(signal, str):
+                try:
+                    signal = parts.encode_signal(TeacherSignal.from_json(json.loads(signal)))
+                except (ValueError, KeyError, TypeError, ProtegeError):
+                    pass  # a signal this version cannot read as one stays as it was written (read as JSON)
+            db.execute(
+                "UPDATE calls SET request = ?, request_template = ?, signal = ? WHERE rowid = ?",
+                (stored, template, signal, rowid),
+            )
+        last = rows[-1][0]
 
 
 @_migration
