@@ -107,7 +107,7 @@ def label(recipe: Path | None, quiet: bool, dry_run: bool, **kw: Any) -> None:
     Exit codes: 0 done, 2 bad input or a refused request, 3 budget reached (rerun with a higher cap).
     """
     from .labeling.labeler import estimate
-    from .labeling.labeler import label as run_label
+    from .active import label as run_label  # every text, or those teacher.select picks
 
     r = _load(recipe, kw, quiet)
     if dry_run:

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ._io import replace_dir
+from .active import label
 from .evaluation import evaluate
-from .labeling.labeler import LabelStats, label, read_signals
+from .labeling.labeler import LabelStats, read_signals
 from .recipe import Recipe
 from .store import Store
 from .students.card import CARD, StudentCard
