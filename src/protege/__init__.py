@@ -1,8 +1,9 @@
 """protege: turn any teacher model into a small student model you own, and prove what it kept and saves."""
 
+from .active import label
 from .errors import BudgetReached, DataError, PermanentError, ProtegeError, RecipeError, TeacherError
 from .evaluation import evaluate
-from .labeling.labeler import estimate, label
+from .labeling.labeler import estimate
 from .pipeline import run, train
 from .recipe import Recipe, load_recipe
 from .signals import LabelDistribution, TeacherSignal, TokenLogprobs

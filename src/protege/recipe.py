@@ -321,6 +321,40 @@ class TeacherConfig(_Section):
         description="Hard cap on teacher spend recorded in this run's store, all runs together. Each call's "
         "worst-case cost is reserved before it is sent. A later run with a higher cap continues.",
     )
+    # selective labeling ----------------------------------------------------------------------------------
+    select: Literal["all", "random", "uncertainty"] = Field(
+        "all",
+        description="Classification: which training texts the teacher labels. 'all': every one. 'uncertainty': a "
+        "random seed slice, then rounds of the texts a student trained on what is labelled so far is least sure "
+        "of (spread over its predicted labels and its hidden states), until select_max_rows, budget_usd or "
+        "select_target. 'random': the same rounds drawn at random (the baseline). The evaluation split is always "
+        "labelled in full; the rounds go to signals/selection.json and the report's learning curve.",
+    )
+    select_metric: Literal["margin", "entropy"] = Field(
+        "margin",
+        description="select 'uncertainty': how unsure the student is of a text: 'margin' (1 - (p1 - p2), the gap "
+        "between its two likeliest labels) or 'entropy' (of its label distribution).",
+    )
+    select_seed_rows: int = Field(
+        200, gt=0, description="select: training texts in the first, random, slice the teacher labels."
+    )
+    select_round_rows: int = Field(200, gt=0, description="select: texts the teacher labels in each later round.")
+    select_max_rows: int | None = Field(
+        None,
+        gt=0,
+        description="select: stop once this many training texts are labelled (with budget_usd, whichever comes "
+        "first).",
+    )
+    select_target: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="select: stop once the student agrees with the teacher on this share of a held-out slice "
+        "of teacher-labelled training texts (select_check_rows of them, drawn first, never picked by a round).",
+    )
+    select_check_rows: int = Field(
+        200, gt=0, description="select_target: teacher-labelled training texts held out to check the target on."
+    )
     price_input: float | None = Field(None, ge=0, description="USD per million input tokens; overrides the table.")
     price_cached_input: float | None = Field(None, ge=0, description="USD per million cached input tokens.")
     price_output: float | None = Field(None, ge=0, description="USD per million output tokens.")
@@ -378,6 +412,7 @@ class TeacherConfig(_Section):
             raise ValueError("teacher.batch_api applies to API teachers ('openai:' or 'anthropic:')")
         if backend == "embed" and self.rationale:
             raise ValueError("teacher.rationale needs a teacher that writes its answer ('openai:' or 'anthropic:')")
+        self._check_select()
         if backend == "ensemble":
             weighting = self.model.split(":", 1)[1]
             if weighting not in ENSEMBLE_WEIGHTINGS:
@@ -392,6 +427,40 @@ class TeacherConfig(_Section):
                 "teacher.model: ensemble:mean, or remove teacher.members)"
             )
         return self
+
+    def _check_select(self) -> None:
+        if self.select == "all":
+            wrong = [n for n in _SELECT_SETTINGS if n in self.model_fields_set and getattr(self, n) !=
+                     type(self).model_fields[n].default]
+            if wrong:
+                raise ValueError(
+                    f"teacher.{wrong[0]} configures selective labeling, which is off (teacher.select: all labels every "
+                    "text); set teacher.select: uncertainty (or random), or remove it"
+                )
+            return
+        if self.select_max_rows is None and self.budget_usd is None and self.select_target is None:
+            raise ValueError(
+                f"teacher.select: {self.select} labels in rounds until a limit, and none is set, so it would label "
+                "every text; set teacher.select_max_rows, teacher.budget_usd or teacher.select_target (or "
+                "teacher.select: all)"
+            )
+        if self.select_max_rows is not None and self.select_seed_rows > self.select_max_rows and \
+                self.select_seed_rows != type(self).model_fields["select_seed_rows"].default:  # the default is cut
+            raise ValueError(
+                f"teacher.select_seed_rows {self.select_seed_rows} is more than teacher.select_max_rows "
+                f"{self.select_max_rows}; lower the seed slice or raise the cap"
+            )
+        if self.select == "random" and "select_metric" in self.model_fields_set and self.select_metric != "margin":
+            raise ValueError("teacher.select_metric applies to teacher.select: uncertainty; remove it")
+        if self.select_target is None and "select_check_rows" in self.model_fields_set and \
+                self.select_check_rows != type(self).model_fields["select_check_rows"].default:
+            raise ValueError("teacher.select_check_rows is the slice teacher.select_target is checked on; set "
+                             "teacher.select_target, or remove it")
+        if self.batch_api:
+            raise ValueError(
+                "teacher.select labels in rounds, each waiting for a student trained on the last, and a provider "
+                "batch can take 24 hours; set teacher.batch_api: false, or teacher.select: all"
+            )
 
     @field_validator("members", mode="before")
     @classmethod
@@ -421,6 +490,11 @@ class TeacherConfig(_Section):
             known = ", ".join(f"'{p}:'" for p in (*TEACHER_BACKENDS, ENSEMBLE))
             raise ValueError(f"teacher {v!r} has no known prefix; start it with one of {known}")
         return v
+
+
+# the settings of selective labeling besides teacher.select itself
+_SELECT_SETTINGS = ("select_metric", "select_seed_rows", "select_round_rows", "select_max_rows", "select_target",
+                    "select_check_rows")
 
 
 class StudentConfig(_Section):
@@ -664,6 +738,12 @@ class Recipe(_Section):
         if self.task.kind == "generation" and t.distill == "on_policy" and "divergence" not in t.model_fields_set:
             t.divergence = "reverse_kl"
         _refuse_unused(self)
+        if self.teacher.select != "all" and (self.data.augment.per_text or self.data.augment.paraphrase):
+            raise ValueError(
+                f"teacher.select: {self.teacher.select} labels a chosen part of the training texts, and "
+                "data.augment makes new texts from all of them; turn one off (data.augment.per_text: 0 and "
+                "paraphrase: false, or teacher.select: all)"
+            )
         if self.task.kind == "classification":
             if s.init == "teacher_layers" and backend != "hf":
                 raise ValueError(
@@ -793,6 +873,11 @@ _CLASSIFICATION_ONLY = {
     "teacher.sample_temperature": (f"is the temperature of label_method 'samples'; {_ONE_ANSWER}", "remove it"),
     "teacher.calibrate": (
         "calibrates a local teacher's label scores; a generation teacher writes text", "remove it"
+    ),
+    "teacher.select": (
+        "picks the training texts a classifier's teacher labels by how unsure a student trained so far is of them; "
+        "a generation student has no label distribution to be unsure with",
+        "remove it (teacher.select: all)",
     ),
     "training.select_fraction": _PICK,
     "training.select_metric": _PICK,

@@ -23,8 +23,8 @@ from .data import Example, draw_shots, load_splits
 from .engine import run_api
 from .prompts import render_generation, render_request
 
-__all__ = ["LabelStats", "Estimate", "label_examples", "label_requests", "label", "estimate", "estimate_requests",
-           "read_signals"]
+__all__ = ["LabelStats", "Estimate", "check_failures", "label_examples", "label_requests", "label", "estimate",
+           "estimate_requests", "read_signals"]
 
 
 @dataclass
@@ -298,23 +298,7 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
     except ProtegeError:
         _remove_signals(out)
         raise
-    failed_rows = [
-        {"id": ex.id, "split": split, "text": ex.text, "reason": fails.get(k, ("not answered", None))[0],
-         "raw": fails.get(k, ("", None))[1], "call_key": k}
-        for split, (examples, signals, keys, fails) in results.items()
-        for ex, s, k in zip(examples, signals, keys)
-        if s is None
-    ]
-    write_jsonl_atomic(out / "signals" / "failed.jsonl", failed_rows)
-    n = total.examples
-    if failed_rows and len(failed_rows) > recipe.teacher.max_failed_fraction * n:
-        _remove_signals(out)
-        first = failed_rows[0]
-        raise ProtegeError(
-            f"the teacher failed on {len(failed_rows)} of {n} rows, more than teacher.max_failed_fraction "
-            f"({recipe.teacher.max_failed_fraction:g}); first: {first['id']}: {first['reason']}. Every row and "
-            f"reason is in {out / 'signals' / 'failed.jsonl'}; rerun `protege label` to retry only those rows"
-        )
+    check_failures(recipe, results, total.examples)
     drawn = shots[len(recipe.task.examples):]
     write_jsonl_atomic(out / "signals" / SHOTS_FILE, [e.model_dump() for e in drawn])
     rows = {split: _ok_rows(recipe, shots, *results[split][:3]) for split in ("train", "eval")}
@@ -326,6 +310,28 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
         write_jsonl_atomic(out / "signals" / f"{split}.jsonl", split_rows)
     recipe.save(out / "signals" / "recipe.yaml")
     return total
+
+
+def check_failures(recipe: Recipe, results: dict[str, tuple[list, list, list[str], dict]], n: int) -> None:
+    """Write ``signals/failed.jsonl`` (the rows of ``results``, split -> (examples, signals, keys, store
+    failures), the teacher failed on); more than ``teacher.max_failed_fraction`` of ``n`` rows stops the pipeline."""
+    out = recipe.output_dir
+    failed_rows = [
+        {"id": ex.id, "split": split, "text": ex.text, "reason": fails.get(k, ("not answered", None))[0],
+         "raw": fails.get(k, ("", None))[1], "call_key": k}
+        for split, (examples, signals, keys, fails) in results.items()
+        for ex, s, k in zip(examples, signals, keys)
+        if s is None
+    ]
+    write_jsonl_atomic(out / "signals" / "failed.jsonl", failed_rows)
+    if failed_rows and len(failed_rows) > recipe.teacher.max_failed_fraction * n:
+        _remove_signals(out)
+        first = failed_rows[0]
+        raise ProtegeError(
+            f"the teacher failed on {len(failed_rows)} of {n} rows, more than teacher.max_failed_fraction "
+            f"({recipe.teacher.max_failed_fraction:g}); first: {first['id']}: {first['reason']}. Every row and "
+            f"reason is in {out / 'signals' / 'failed.jsonl'}; rerun `protege label` to retry only those rows"
+        )
 
 
 def _ok_rows(

@@ -38,7 +38,7 @@ from .select import Selection, selection_split, slice_scores
 from .steps import check_split, checkpoint_dir, fingerprint, micro_batches, resume, save_checkpoint
 from .tracking import end_tracking, flush_trackers, log_step, start_tracking, tracker_settings
 
-__all__ = ["TrainRow", "train_student"]
+__all__ = ["TrainRow", "rows_from_signals", "train_student"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,22 @@ class TrainRow:
     target: int
     id: str = ""
     augmented_from: str | None = None
+
+
+def rows_from_signals(recipe: Recipe, signal_rows: list[dict[str, Any]]) -> list[TrainRow]:
+    """Training rows of a classification task from signal rows (``signals/train.jsonl``'s format); the hard target
+    is the gold label where there is one (and training.use_gold), else the teacher's top label."""
+    labels, use_gold = recipe.task.label_names, recipe.training.use_gold
+    return [
+        TrainRow(
+            text=r["text"],
+            teacher_probs=tuple(r["teacher_probs"]),
+            target=labels.index(r["gold"] if use_gold and r["gold"] is not None else r["teacher_label"]),
+            id=str(r["id"]),
+            augmented_from=None if r.get("augmented_from") is None else str(r["augmented_from"]),
+        )
+        for r in signal_rows
+    ]
 
 
 def train_student(
