@@ -316,6 +316,10 @@ def evaluate_classifier(recipe: Recipe, quiet: bool = False, force: bool = True)
         }
     with Store(recipe.store_path) as store:
         store.log_compute("eval", time.perf_counter() - started, examples=len(rows))
+    selection = out / "signals" / "selection.json"  # teacher.select's rounds: the report's learning curve
+    if selection.is_file():
+        sel = json.loads(selection.read_text(encoding="utf-8"))
+        report["active"] = {**sel, "rounds": [{k: v for k, v in r.items() if k != "ids"} for r in sel["rounds"]]}
         # What making this student has cost so far: teacher calls (money and compute) and compute per stage.
         report["ledger"] = {"teacher": store.teacher_totals(recipe.teacher.model), "compute": store.compute_totals()}
     from .report import write_report

@@ -282,6 +282,8 @@ def _plots(report: dict[str, Any], preds: dict[str, np.ndarray], gold: np.ndarra
 
     if report.get("cascade"):
         files.append(_cascade_plot(report, out, plt))
+    if report.get("active"):
+        files.append(_active_plot(report, out, plt))
     return files
 
 
@@ -362,6 +364,60 @@ def _cascade_plot(report: dict[str, Any], out: Path, plt: Any) -> str:
     fig.savefig(out / "plots" / "cascade.png", dpi=110)
     plt.close(fig)
     return "plots/cascade.png"
+
+
+_STOPPED = {"max_rows": "teacher.select_max_rows reached", "budget": "teacher.budget_usd reached",
+            "target": "teacher.select_target reached", "pool": "every training text labelled"}
+
+
+def _curve(a: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rounds that trained a student, with quality kept (accuracy on gold / the teacher's, else agreement)."""
+    t_acc = a.get("teacher_eval_accuracy")
+    return [{**r, "kept": r["eval_accuracy"] / t_acc if t_acc and r.get("eval_accuracy") is not None else None}
+            for r in a["rounds"] if r.get("eval_agreement") is not None]
+
+
+def _active_plot(report: dict[str, Any], out: Path, plt: Any) -> str:
+    """The learning curve of teacher.select: quality kept (or agreement) against teacher calls and dollars."""
+    a = report["active"]
+    pts = _curve(a)
+    kept = all(p["kept"] is not None for p in pts)
+    ys = [p["kept"] if kept else p["eval_agreement"] for p in pts]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+    for ax, key, xlabel in ((axes[0], "teacher_calls", "teacher calls (training texts labelled)"),
+                            (axes[1], "usd", "teacher cost (USD, from the store)")):
+        ax.plot([p[key] for p in pts], ys, marker="o", label=f"select: {a['select']}")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("quality kept (student / teacher accuracy)" if kept else "agreement with the teacher")
+    axes[0].legend(loc="lower right")
+    fig.suptitle("Learning curve: what each round of teacher labels bought")
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "learning_curve.png", dpi=110)
+    plt.close(fig)
+    return "plots/learning_curve.png"
+
+
+def active_lines(a: dict[str, Any]) -> list[str]:
+    """The report's selective-labeling section: a row per round."""
+    how = (f"those the last round's student was least sure of ({a['metric']}, spread over its hidden states)"
+           if a["select"] == "uncertainty" else "drawn at random")
+    lines = ["", f"## Selective labeling (teacher.select: {a['select']})", "",
+             (f"A random seed slice of {a['seed_rows']} training texts, then rounds of {a['round_rows']} texts {how}; a "
+              f"student trained after each; stopped: {_STOPPED.get(a['stopped'], a['stopped'])}. "
+              f"{a['rounds'][-1]['rows'] if a['rounds'] else 0} of {a['pool_rows']} training texts labelled"
+              + (f", plus {a['check_rows']} held out to check select_target on" if a["check_rows"] else "")
+              + f"; the {a['eval_rows']} evaluation texts are labelled in full. Each round's student is scored on the "
+              "evaluation split (the final student above is trained again on all the labelled texts)."), "",
+             "| round | texts labelled | teacher calls | cost (USD) | agreement with teacher | accuracy | quality kept "
+             "| check agreement |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for p in _curve(a):
+        lines.append(f"| {p['round']} | {p['rows']} | {p['teacher_calls']} | {p['usd']:.6f} | "
+                     f"{_pct(p['eval_agreement'])} | {_pct(p['eval_accuracy'])} | {_pct(p['kept'])} | "
+                     f"{_pct(p['check_agreement'])} |")
+    if "plots/learning_curve.png" in a.get("plots", ()):
+        lines += ["", "![learning curve](plots/learning_curve.png)"]
+    return lines
 
 
 def cascade_lines(c: dict[str, Any]) -> list[str]:
@@ -458,10 +514,12 @@ def write_report(
         "ECE is the expected calibration error over "
         f"{recipe.eval.calibration_bins} confidence bins (lower is better)."),
         "",
-        *[f"![{Path(f).stem}]({f})" for f in report["plots"] if f != "plots/cascade.png"],
+        *[f"![{Path(f).stem}]({f})" for f in report["plots"] if f not in ("plots/cascade.png", "plots/learning_curve.png")],
         "",
     ]
     lines += _per_label_table(report) + _disagreement_table(report) + _selection_lines(report)
+    if report.get("active"):
+        lines += active_lines({**report["active"], "plots": report["plots"]})
     if report.get("cascade"):
         lines += cascade_lines(report["cascade"])
         if "plots/cascade.png" in report["plots"]:
