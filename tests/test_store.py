@@ -18,7 +18,8 @@ from protege.errors import ProtegeError, TeacherError
 from protege.signals import LabelDistribution, TeacherSignal, TokenLogprobs
 from protege.store import CallRecord, ServedRecord, Store, call_key
 
-ALL_MIGRATIONS = ["0001_calls", "0002_compute", "0003_api_calls", "0004_served", "0005_compact", "0006_captured"]
+ALL_MIGRATIONS = ["0001_calls", "0002_compute", "0003_api_calls", "0004_served", "0005_compact", "0006_captured",
+                  "0007_served_version"]
 FIXTURES = Path(__file__).parent / "fixtures"
 _spec = importlib.util.spec_from_file_location("make_stores", FIXTURES / "make_stores.py")
 assert _spec is not None and _spec.loader is not None
@@ -509,15 +510,15 @@ def test_a_failing_migration_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_a_migration_is_a_function_that_can_transform_data(tmp_path, monkeypatch):
     path = _copy_fixture(4, tmp_path)
 
-    def m0006_label_count(db):
+    def m0008_label_count(db):
         db.execute("ALTER TABLE calls ADD COLUMN label_count INTEGER")
         parts = store_module._Parts(db)  # how a migration reads the requests 0005_compact wrote
         for key, template, request in db.execute("SELECT key, request_template, request FROM calls").fetchall():
             labels = parts.request(template, request)["labels"]
             db.execute("UPDATE calls SET label_count = ? WHERE key = ?", (len(labels), key))
 
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, m0006_label_count])
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, m0008_label_count])
     with Store(path) as s:
-        assert s.migrations == [*ALL_MIGRATIONS, "0006_label_count"]
+        assert s.migrations == [*ALL_MIGRATIONS, "0008_label_count"]
     columns, rows = _tables(path)["calls"]
     assert [row[columns.index("label_count")] for row in rows] == [3, 3, 3, 3]

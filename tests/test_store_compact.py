@@ -84,7 +84,7 @@ def test_a_store_the_previous_schema_wrote_is_migrated_and_a_rerun_makes_zero_ca
         old_bytes = db.execute("SELECT SUM(length(request) + length(signal)) FROM calls").fetchone()[0]
 
     with Store(recipe.store_path) as store:  # migrated on open
-        assert store.migrations[4:] == ["0005_compact", "0006_captured"]
+        assert store.migrations[4:] == ["0005_compact", "0006_captured", "0007_served_version"]
         got = store.get_signals(keys)
         # every signal reads back equal to the JSON 0004 held (classification: nothing is rounded)
         assert {k: json.loads(json.dumps(s.to_json())) for k, s in got.items()} == {

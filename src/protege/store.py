@@ -202,6 +202,15 @@ def m0006_captured(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX captured_answered_at ON captured (answered_at)")
 
 
+@_migration
+def m0007_served_version(db: sqlite3.Connection) -> None:
+    # Which student version answered a served row (its card hash, protege.students.card.card_version): a server
+    # reloads a promoted student and a canary splits traffic between two, so the student's name alone no longer
+    # says which weights answered. NULL for rows served before this column existed.
+    db.execute("ALTER TABLE served ADD COLUMN version TEXT")
+    db.execute("CREATE INDEX served_version ON served (student, version)")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # records
 
@@ -246,6 +255,7 @@ class ServedRecord:
     call_key: str | None = None
     cached: bool | None = None  # teacher answers: True when the store already held it (no new call)
     error: str | None = None
+    version: str | None = None  # the card hash of the student version that read the text
 
 
 @dataclass(frozen=True)
@@ -705,7 +715,8 @@ class Store:
         now = time.time()
         rows = [
             (r.student, r.endpoint, r.answered_by, r.input_tokens, r.output_tokens, r.cost_usd, r.teacher_usd,
-             r.seconds, r.confidence, r.call_key, None if r.cached is None else int(r.cached), r.error, now)
+             r.seconds, r.confidence, r.call_key, None if r.cached is None else int(r.cached), r.error, now,
+             r.version)
             for r in records
         ]
         if not rows:
@@ -713,8 +724,9 @@ class Store:
         with self._transaction():
             self.db.executemany(
                 """INSERT INTO served (student, endpoint, answered_by, input_tokens, output_tokens, cost_usd,
-                                       teacher_usd, seconds, confidence, call_key, cached, error, created_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                                       teacher_usd, seconds, confidence, call_key, cached, error, created_at,
+                                       version)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 rows,
             )
 
@@ -730,6 +742,18 @@ class Store:
                            SUM(teacher_usd), SUM(seconds), COALESCE(SUM(cached), 0)
                     FROM served {where} GROUP BY answered_by ORDER BY answered_by""",
                 args,
+            )
+        }
+
+    def served_by_version(self, student: str) -> dict[str | None, dict[str, float]]:
+        """Served answers of ``student`` by version (card hash; None for rows from before versions were
+        recorded), oldest version first: requests, answers by the student, and money (all, the teacher's part)."""
+        return {
+            version: {"requests": n, "student_answers": by_student, "cost_usd": cost, "teacher_usd": teacher}
+            for version, n, by_student, cost, teacher in self.db.execute(
+                """SELECT version, COUNT(*), SUM(answered_by = 'student'), SUM(cost_usd), SUM(teacher_usd)
+                   FROM served WHERE student = ? GROUP BY version ORDER BY MIN(id)""",
+                (student,),
             )
         }
 
@@ -767,10 +791,16 @@ class Store:
                 self.db.execute("DELETE FROM captured WHERE answered_at < ?", (time.time() - max_days * 86400,))
         return self.db.total_changes - before - inserted
 
-    def captured(self, since: float | None = None, since_version: str | None = None) -> list[CapturedRecord]:
-        """Captured rows, oldest first: answered after ``since`` (Unix seconds), and from the first row the
-        student version ``since_version`` answered on (none: that version has answered nothing kept)."""
-        conditions, args = [], []
+    def captured(self, since: float | None = None, since_version: str | None = None,
+                 after_id: int | None = None) -> list[CapturedRecord]:
+        """Captured rows, oldest first: answered after ``since`` (Unix seconds), from the first row the student
+        version ``since_version`` answered on (none: that version has answered nothing kept), and with an id
+        above ``after_id``."""
+        conditions: list[str] = []
+        args: list[Any] = []
+        if after_id is not None:
+            conditions.append("id > ?")
+            args.append(after_id)
         if since is not None:
             conditions.append("answered_at > ?")
             args.append(since)

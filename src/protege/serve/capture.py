@@ -82,7 +82,8 @@ class Redactor:
 
 @dataclass(frozen=True)
 class Capture:
-    """What ``--capture`` writes: the served student's name and version, the redactor, and the retention limits
+    """What ``--capture`` writes: the served student's name and version (a row's own version, when the ledger row
+    names one: a reloaded student or a canary), the redactor, and the retention limits
     (``max_rows``: the newest rows kept; ``max_days``: rows older than this are deleted; None: no limit)."""
 
     student: str
@@ -104,7 +105,7 @@ class Capture:
         redacted: Any = (self.redactor(read) if isinstance(read, str)
                          else [{**m, "content": self.redactor(m["content"])} for m in read])
         return CapturedRecord(
-            student=self.student, version=self.version, endpoint=row.endpoint, answered_by=row.answered_by,
+            student=self.student, version=row.version or self.version, endpoint=row.endpoint, answered_by=row.answered_by,
             input=redacted, answer=None if answer is None else self.redactor(answer), confidence=row.confidence,
             call_key=row.call_key, received_at=received_at, answered_at=time.time(),
         )

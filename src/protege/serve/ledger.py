@@ -89,16 +89,18 @@ def served_record(
     usd_per_hour: float,
     tokens: tuple[int, int],
     teacher: TeacherAnswer | TeacherFailure | None = None,
+    version: str | None = None,
 ) -> ServedRecord:
     """The ledger row of one served text: the student's compute share always (it read the text), plus what the
-    teacher cost when it was asked. ``tokens``: (input, output) of the model that answered."""
+    teacher cost when it was asked. ``tokens``: (input, output) of the model that answered; ``version``: the card
+    hash of the student version that read it."""
     student_usd = student_seconds / 3600 * usd_per_hour
     if teacher is None:
         return ServedRecord(student, endpoint, "student", tokens[0], tokens[1], student_usd, 0.0, student_seconds,
-                            confidence)
+                            confidence, version=version)
     if isinstance(teacher, TeacherFailure):
         return ServedRecord(student, endpoint, "none", 0, 0, student_usd + teacher.cost_usd, teacher.cost_usd,
-                            student_seconds, confidence, teacher.call_key, False, teacher.message)
+                            student_seconds, confidence, teacher.call_key, False, teacher.message, version)
     return ServedRecord(student, endpoint, "teacher", teacher.input_tokens, teacher.output_tokens,
                         student_usd + teacher.cost_usd, teacher.cost_usd, student_seconds + teacher.seconds,
-                        confidence, teacher.call_key, teacher.cached)
+                        confidence, teacher.call_key, teacher.cached, version=version)
