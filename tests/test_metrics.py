@@ -156,7 +156,7 @@ def test_metrics_count_what_was_sent_and_add_up_to_the_served_ledger(student_dir
     (info,) = [dict(k) for k in m["protege_model_info"]]
     version = hashlib.sha256((student_dir / "protege.json").read_bytes()).hexdigest()[:12]
     assert info == {"model": NAME, "student": NAME, "kind": "classifier", "version": version,
-                    "cascade_threshold": f"{threshold:g}"}
+                    "cascade_threshold": f"{threshold:g}", "canary_version": "", "canary_fraction": ""}
 
 
 def test_each_app_counts_alone_and_the_key_guards_metrics(student_dir, tmp_path):  # noqa: F811

@@ -16,11 +16,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ProtegeError
-from ..students import student_kind
-from ..students.card import card_version
 from .api import (
     SSE_EVENT,
     ApiError,
@@ -42,9 +41,10 @@ from .capture import Capture, Redactor
 from .fallback import TeacherAnswer, TeacherFailure, TeacherFallback, default_store, log_probs, saved_compute_price
 from .fallback import teacher_recipe as cascade_recipe
 from .ledger import ServedLedger, served_record
-from .lm import Generation, GenerationParams, LMGenerator, chat_completion, generate, respond, stop_at, token_entry
+from .lm import Generation, GenerationParams, chat_completion, generate, respond, stop_at, token_entry
 from .metrics import METRICS_PATH, Metrics, MetricsMiddleware
-from .workers import Batcher, Classifier, TeacherQueue
+from .slots import Reloader, Router, Slot, check_same_job, load_slot
+from .workers import TeacherQueue
 
 __all__ = ["create_app"]
 
@@ -54,8 +54,10 @@ DEFAULT_MAX_BATCH = 32
 DEFAULT_BATCH_WAIT_MS = 5.0
 DEFAULT_MAX_NEW_TOKENS = 1024  # the most tokens one LM answer may ask for (max_tokens above it gets 400)
 DEFAULT_TEACHER_TIMEOUT_S = 60.0  # the longest a request waits for the cascade's teacher before a 503
+DEFAULT_RELOAD_INTERVAL_S = 2.0  # how often the served directory is checked for a promoted student
 STUDENT, TEACHER = "student", "teacher"
 MODEL_HEADER = "x-protege-model"
+VERSION_HEADER = "x-protege-version"  # the card hash of the student version that read the request
 log = logging.getLogger(__name__)
 
 
@@ -72,16 +74,15 @@ class Answer:
 
 
 class Service:
-    """What the routes do: the student's answers, the teacher's where the student is below the threshold, and a
-    ledger row (also counted in the metrics) for every answered text or conversation."""
+    """What the routes do: the student's answers (the current version's, or a canary's), the teacher's where the
+    student is below the threshold, and a ledger row (also counted in the metrics) for every answered text or
+    conversation."""
 
     def __init__(
         self,
         student_dir: Path,
         model_id: str,
-        clf: Classifier | None,
-        lm: LMGenerator | None,
-        batcher: Batcher | None,
+        router: Router,
         teacher_queue: TeacherQueue | None,
         threshold: float | None,
         ledger: ServedLedger | None,
@@ -91,10 +92,35 @@ class Service:
         capture: Capture | None = None,
     ):
         self.name = student_dir.resolve().name
-        self.model_id, self.clf, self.lm, self.batcher = model_id, clf, lm, batcher
+        self.model_id, self.router = model_id, router
         self.teacher_queue, self.threshold, self.ledger = teacher_queue, threshold, ledger
         self.usd_per_hour, self.max_new_tokens, self.metrics = usd_per_hour, max_new_tokens, metrics
         self.capture = capture
+
+    async def answer(self, route: Any, *args: Any) -> Any:
+        """``route(slot, *args)`` with the slot the router picks, held until the answer is sent (a streamed one
+        included), so a reload closes a student only once nothing uses it."""
+        slot = self.router.acquire()
+        try:
+            response = await route(slot, *args)
+        except BaseException:
+            self.router.release(slot)
+            raise
+        if isinstance(response, StreamingResponse):
+            before = response.background
+
+            async def release() -> None:
+                try:
+                    if before is not None:
+                        await before()
+                finally:
+                    self.router.release(slot)
+
+            response.background = BackgroundTask(release)
+        else:
+            self.router.release(slot)
+        response.headers[VERSION_HEADER] = slot.version
+        return response
 
     @property
     def teacher_name(self) -> str:
@@ -119,12 +145,12 @@ class Service:
     # ---------------------------------------------------------------------------------------------------------
     # classifier students
 
-    async def classify(self, texts: list[str], endpoint: str) -> list[Answer]:
+    async def classify(self, slot: Slot, texts: list[str], endpoint: str) -> list[Answer]:
         """The student's label for each text, or the teacher's where the student's top probability is below the
         cascade's threshold; every text goes to the ledger. A teacher's failure fails the request."""
-        assert self.batcher is not None and self.clf is not None
+        assert slot.batcher is not None and slot.clf is not None
         received_at = time.time()
-        logps, tokens, seconds = await self.batcher.submit(texts)
+        logps, tokens, seconds = await slot.batcher.submit(texts)
         conf = [math.exp(max(lp)) for lp in logps]
         teacher: list[TeacherAnswer | TeacherFailure | None] = [None] * len(texts)
         if self.teacher_queue is not None:
@@ -141,28 +167,46 @@ class Service:
                 a = Answer(t.label, log_probs(t.probs), list(t.probs), TEACHER, t.input_tokens, t.output_tokens)
             else:
                 best = max(range(len(logp)), key=logp.__getitem__)
-                a = Answer(self.clf.labels[best], logp, [math.exp(x) for x in logp], STUDENT, tokens[i], completion)
+                a = Answer(slot.clf.labels[best], logp, [math.exp(x) for x in logp], STUDENT, tokens[i], completion)
             answers.append(a)
             self.record(served_record(self.name, endpoint, conf[i], seconds[i], self.usd_per_hour,
-                                      (a.prompt_tokens, a.completion_tokens), t),
+                                      (a.prompt_tokens, a.completion_tokens), t, slot.version),
                         texts[i], None if isinstance(t, TeacherFailure) else a.label, received_at)
         _raise_first_failure(teacher)
         return answers
 
-    async def classifier_chat(self, req: ChatCompletionRequest) -> Any:
+    async def classify_response(self, slot: Slot, texts: list[str]) -> JSONResponse:
+        """The /v1/classify answer: each text's label, every label's probability, and who answered."""
+        answers = await self.classify(slot, texts, "classify")
+        assert slot.clf is not None
+        data = []
+        for i, a in enumerate(answers):
+            probs = dict(zip(slot.clf.labels, a.probs))
+            data.append({"index": i, "label": a.label, "probs": probs, "confidence": probs[a.label],
+                         "answered_by": a.by})
+        n = sum(a.prompt_tokens for a in answers)
+        total = n + sum(a.completion_tokens for a in answers)  # a teacher's answer has output tokens too
+        by = {a.by for a in answers}
+        return JSONResponse(
+            {"object": "list", "model": self.model_id, "data": data,
+             "usage": {"prompt_tokens": n, "total_tokens": total}},
+            headers={MODEL_HEADER: by.pop() if len(by) == 1 else "mixed"},
+        )
+
+    async def classifier_chat(self, slot: Slot, req: ChatCompletionRequest) -> Any:
         """A chat completion whose content is the label (one token, whose alternatives are the other labels)."""
-        assert self.clf is not None
+        assert slot.clf is not None
         if req.n is not None and req.n > 1:
             raise ApiError(400, "n > 1 is not supported: a classifier has exactly one answer", param="n",
                            code="unsupported_value")
         if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        (a,) = await self.classify([chat_text(req)], "chat.completions")
+        (a,) = await self.classify(slot, [chat_text(req)], "chat.completions")
         logprobs = None
         if req.logprobs:
             order = sorted(range(len(a.logp)), key=lambda i: -a.logp[i])[: req.top_logprobs or 0]
-            entry = token_entry(a.label, a.logp[self.clf.labels.index(a.label)],
-                                [(self.clf.labels[i], a.logp[i]) for i in order])
+            entry = token_entry(a.label, a.logp[slot.clf.labels.index(a.label)],
+                                [(slot.clf.labels[i], a.logp[i]) for i in order])
             logprobs = {"content": [entry], "refusal": None}
         usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
                  "total_tokens": a.prompt_tokens + a.completion_tokens}
@@ -194,10 +238,11 @@ class Service:
     # ---------------------------------------------------------------------------------------------------------
     # language-model students
 
-    async def lm_chat(self, req: ChatCompletionRequest) -> Any:
+    async def lm_chat(self, slot: Slot, req: ChatCompletionRequest) -> Any:
         """The student's answer, streamed as it is decoded; with a cascade, decoded whole first and sent only
         if its confidence clears the threshold, else the teacher's answer to the same conversation."""
-        assert self.lm is not None
+        lm = slot.lm
+        assert lm is not None
         messages, p = lm_messages(req), generation_params(req, self.max_new_tokens)
         received_at = time.time()
         out = {"stream": bool(req.stream), "include_usage": bool(req.stream_options and req.stream_options.include_usage)}
@@ -205,13 +250,13 @@ class Service:
         def student_row(g: Generation, teacher: Any = None) -> Any:
             tokens = (g.prompt_tokens, g.completion_tokens)
             return served_record(self.name, "chat.completions", g.confidence, g.seconds, self.usd_per_hour, tokens,
-                                 teacher)
+                                 teacher, slot.version)
 
         if self.teacher_queue is None:
-            return await chat_completion(self.lm, messages, p, model_id=self.model_id, headers={MODEL_HEADER: STUDENT},
+            return await chat_completion(lm, messages, p, model_id=self.model_id, headers={MODEL_HEADER: STUDENT},
                                          on_done=lambda g: self.record(student_row(g), messages, g.text, received_at),
                                          **out)
-        g = await generate(self.lm, messages, p)
+        g = await generate(lm, messages, p)
         assert self.threshold is not None
         if g.confidence >= self.threshold:
             self.record(student_row(g), messages, g.text, received_at)
@@ -271,6 +316,32 @@ def _cascade(
         )
     fallback = TeacherFallback(cascade_recipe(student_dir, teacher_recipe, labels), store_path, usd_per_hour)
     return TeacherQueue(None, max_batch=max(max_batch, 64), wait_s=wait_s, fallback=fallback, timeout_s=timeout_s)
+
+
+def _canary(student_dir: Path, current: Slot, fraction: float | None, candidate: Path | str | None,
+            load: Any) -> tuple[Slot | None, float]:
+    """(the canary's slot, its share of the requests), or (None, 0) without a canary."""
+    if fraction is None:
+        if candidate is not None:
+            raise ProtegeError("--candidate names the student a canary serves; add --canary FRACTION (or drop it)")
+        return None, 0.0
+    if not 0 < fraction < 1:
+        raise ProtegeError(f"--canary is the share of requests the candidate answers, above 0 and below 1, not "
+                           f"{fraction}")
+    if candidate is None:
+        from ..versions import Versions
+
+        run_dir = student_dir.resolve().parent
+        name = Versions.load(run_dir).candidate
+        if name is None:
+            raise ProtegeError(f"{str(run_dir)!r} has no staged candidate for the canary; run `protege improve "
+                               f"{run_dir} --stage`, or pass --candidate DIR")
+        candidate = Versions(run_dir).path(name)
+    slot = load(Path(candidate))
+    check_same_job(current, slot, "the canary's candidate")
+    if slot.version == current.version:
+        raise ProtegeError(f"the canary's candidate {str(candidate)!r} is the served student itself")
+    return slot, fraction
 
 
 def _openapi_without_422(app: FastAPI) -> None:
@@ -340,6 +411,10 @@ def create_app(
     capture_max_rows: int | None = None,
     capture_max_days: float | None = None,
     redact: Sequence[str] = (),
+    reload_interval_s: float | None = DEFAULT_RELOAD_INTERVAL_S,
+    canary: float | None = None,
+    candidate: Path | str | None = None,
+    canary_seed: int | None = None,
 ) -> FastAPI:
     """The HTTP app serving the student in ``student_dir`` (loaded now, so a bad directory fails before anything
     listens). ``forward_hook(texts)``, if given, runs in a classifier's worker thread before each batch (tests use
@@ -353,20 +428,26 @@ def create_app(
 
     With ``capture`` every answer's input and answer are also kept, redacted (the defaults plus the regexes in
     ``redact``), in the store's ``captured`` table, the oldest deleted past ``capture_max_rows`` rows or
-    ``capture_max_days`` days (see :mod:`protege.serve.capture`)."""
+    ``capture_max_days`` days (see :mod:`protege.serve.capture`).
+
+    Every ``reload_interval_s`` seconds (None or 0: never) the student directory's card is checked, and a changed
+    student (promoted or rolled back) is loaded and swapped in with no request dropped (see
+    :mod:`protege.serve.slots`). With ``canary`` that share of the requests goes to the student in ``candidate``
+    (default: the run's staged candidate, ``versions/`` beside the student directory); the ``x-protege-version``
+    header and the ledger say which version answered."""
     for name, value in (("max_body_bytes", max_body_bytes), ("max_concurrency", max_concurrency),
                         ("max_batch", max_batch), ("max_new_tokens", max_new_tokens)):
         if value < 1:
             raise ProtegeError(f"{name} must be at least 1, not {value}")
     student_dir = Path(student_dir)
-    kind, _ = student_kind(student_dir, "protege serve")
     wait_s = max(0.0, batch_wait_ms) / 1000
-    clf, lm, batcher = None, None, None
-    if kind == "lm":
-        lm = LMGenerator(student_dir)  # generates one answer at a time; no classifier batching
-    else:
-        clf = Classifier(student_dir, max_length=max_length)
-        batcher = Batcher(clf, max_batch=max_batch, wait_s=wait_s, hook=forward_hook)
+
+    def load(path: Path) -> Slot:
+        return load_slot(path, max_length, max_batch, wait_s, forward_hook)
+
+    current = load(student_dir)
+    clf, lm, batcher = current.clf, current.lm, current.batcher  # the first version's, for app.state
+    router = Router(current, *_canary(student_dir, current, canary, candidate, load), seed=canary_seed)
     model_id = model_name or student_dir.resolve().name
     created = int(time.time())
 
@@ -376,7 +457,7 @@ def create_app(
         if store_path is None:
             raise ProtegeError(f"--capture keeps the traffic in the run's store, and there is none at "
                                f"{str(student_dir.resolve().parent / 'protege.db')!r}; pass --store PATH")
-        kept = Capture(student_dir.resolve().name, card_version(student_dir), Redactor(redact), capture_max_rows,
+        kept = Capture(student_dir.resolve().name, current.version, Redactor(redact), capture_max_rows,
                        capture_max_days)
     elif capture_max_rows is not None or capture_max_days is not None or redact:
         raise ProtegeError("--capture-max-rows, --capture-max-days and --redact apply to captured traffic; "
@@ -390,22 +471,29 @@ def create_app(
         teacher_queue = _cascade(student_dir, clf.labels if clf is not None else None, cascade_threshold,
                                  teacher_recipe, store_path, usd_per_hour, max_batch, wait_s, teacher_timeout_s)
     metrics = Metrics(student_dir, model_id, cascade_threshold)
-    service = Service(student_dir, model_id, clf, lm, batcher, teacher_queue, cascade_threshold, ledger, usd_per_hour,
+    metrics.serving(current.version, router.canary and router.canary.version, canary)
+    service = Service(student_dir, model_id, router, teacher_queue, cascade_threshold, ledger, usd_per_hour,
                       max_new_tokens, metrics, kept)
+    reloader = None
+    if reload_interval_s:
+        reloader = Reloader(router, load, reload_interval_s, on_swap=lambda slot: metrics.serving(
+            slot.version, router.canary and router.canary.version, canary))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        for part in (batcher, teacher_queue, ledger):
+        slots = [router.current] + ([router.canary] if router.canary is not None else [])
+        for part in (*slots, teacher_queue, ledger, reloader):
             if part is not None:
                 await part.start()
         try:
             yield
         finally:
-            for part in (batcher, teacher_queue):
+            if reloader is not None:
+                await reloader.stop()  # and the students it retired
+            slots = [router.current] + ([router.canary] if router.canary is not None else [])
+            for part in (*slots, teacher_queue):
                 if part is not None:
                     await part.stop()
-            if lm is not None:
-                lm.close()  # its generation thread
             if ledger is not None:
                 await ledger.close()  # after the workers: the last answers are recorded too
 
@@ -417,7 +505,7 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last, so outermost: the guard's refusals count
     app.state.classifier, app.state.generator, app.state.batcher = clf, lm, batcher
     app.state.teacher_queue, app.state.ledger, app.state.model_id = teacher_queue, ledger, model_id
-    app.state.metrics = metrics
+    app.state.metrics, app.state.router, app.state.reloader = metrics, router, reloader
 
     def model_card() -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "protege"}
@@ -445,7 +533,7 @@ def create_app(
         **error_responses(400, 502, 503),
     })
     async def chat_completions(req: ChatCompletionRequest) -> Any:
-        return await (service.lm_chat(req) if lm is not None else service.classifier_chat(req))
+        return await service.answer(service.lm_chat if lm is not None else service.classifier_chat, req)
 
     @app.post("/v1/classify", responses={200: {"model": ClassifyResponse}, **error_responses(400, 502, 503)})
     async def classify(req: ClassifyRequest) -> Any:
@@ -459,19 +547,6 @@ def create_app(
                 raise ApiError(400, "'input' is an empty list; send at least one text", param="input",
                                code="empty_input")
             texts = [check_text(t, f"input[{i}]") for i, t in enumerate(req.input)]
-        answers = await service.classify(texts, "classify")
-        assert clf is not None
-        data = []
-        for i, a in enumerate(answers):
-            probs = dict(zip(clf.labels, a.probs))
-            data.append({"index": i, "label": a.label, "probs": probs, "confidence": probs[a.label],
-                         "answered_by": a.by})
-        n = sum(a.prompt_tokens for a in answers)
-        total = n + sum(a.completion_tokens for a in answers)  # a teacher's answer has output tokens too
-        by = {a.by for a in answers}
-        return JSONResponse(
-            {"object": "list", "model": model_id, "data": data, "usage": {"prompt_tokens": n, "total_tokens": total}},
-            headers={MODEL_HEADER: by.pop() if len(by) == 1 else "mixed"},
-        )
+        return await service.answer(service.classify_response, texts)
 
     return app

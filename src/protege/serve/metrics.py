@@ -21,8 +21,9 @@ protege_requests_in_flight               gauge      (none)                      
 protege_answers_total                    counter    endpoint, answered_by               ledger rows: texts/conversations
 protege_student_confidence               histogram  endpoint                            the student's confidence
 protege_teacher_spend_usd_total          counter    (none)                              the cascade's teacher spend
-protege_model_info                       gauge (1)  model, student, kind, version,      the served student
-                                                    cascade_threshold
+protege_model_info                       gauge (1)  model, student, kind, version,      the served student (the version
+                                                    cascade_threshold, canary_version,  changes on a live reload)
+                                                    canary_fraction
 =======================================  =========  ==================================  ==============================
 
 ``endpoint`` is ``chat.completions``, ``classify``, ``models`` or ``other`` (any other path: a 404's path is not
@@ -85,15 +86,22 @@ class Metrics:
         self.teacher_spend = Counter("protege_teacher_spend_usd", "USD the cascade's teacher cost (API money, or a "
                                      "local teacher's compute); answers from the store cost nothing.", registry=r)
         card = StudentCard.read(student_dir)
-        info = Info("protege_model", "The served student: its id, directory name, kind, card hash (version) and "
-                    "cascade threshold.", registry=r)
-        info.info({
+        self.info = Info("protege_model", "The served student: its id, directory name, kind, card hash (version), "
+                         "cascade threshold, and a canary's version and share of requests.", registry=r)
+        self._model = {
             "model": model_id,
             "student": Path(student_dir).resolve().name,
             "kind": card.kind,
             "version": card_version(student_dir),
             "cascade_threshold": "" if cascade_threshold is None else f"{cascade_threshold:g}",
-        })
+        }
+        self.serving(self._model["version"])
+
+    def serving(self, version: str, canary_version: str | None = None, canary_fraction: float | None = None) -> None:
+        """Say which version serves now (after a reload) and which, if any, answers a canary's share."""
+        self.info.info({**self._model, "version": version, "canary_version": canary_version or "",
+                        "canary_fraction": "" if not canary_version or canary_fraction is None
+                        else f"{canary_fraction:g}"})
 
     def record(self, rows: Sequence[ServedRecord]) -> None:
         """Count the ledger's rows: answers, the student's confidence, the teacher's spend."""
