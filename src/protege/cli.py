@@ -18,6 +18,12 @@ from .recipe import Recipe, leaf_fields, load_recipe
 
 def recipe_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Add RECIPE and one --section.field flag per recipe setting (values are read as YAML)."""
+    return click.argument("recipe", required=False, type=click.Path(dir_okay=False, path_type=Path))(
+        setting_options(f))
+
+
+def setting_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add -q and one --section.field flag per recipe setting (values are read as YAML)."""
     for dotted, info in reversed(leaf_fields()):
         f = click.option(
             f"--{dotted}",
@@ -26,8 +32,7 @@ def recipe_options(f: Callable[..., Any]) -> Callable[..., Any]:
             metavar="VALUE",
             help=(info.description or "") + f" [default: {info.get_default(call_default_factory=True)!s:.40}]",
         )(f)
-    f = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")(f)
-    return click.argument("recipe", required=False, type=click.Path(dir_okay=False, path_type=Path))(f)
+    return click.option("-q", "--quiet", is_flag=True, help="No progress bars.")(f)
 
 
 SETTINGS = {dotted.replace(".", "__"): dotted for dotted, _ in leaf_fields()}
@@ -304,25 +309,36 @@ def demo(output_dir: Path, quiet: bool) -> None:
               help="With --capture: delete captured rows older than D days as new ones are written.")
 @click.option("--redact", multiple=True, metavar="REGEX",
               help="With --capture: also replace what this Python regex matches with <REDACTED> (repeatable).")
+@click.option("--reload-interval", "reload_interval_s", type=click.FloatRange(0), default=2.0, show_default=True,
+              metavar="S", help="Check STUDENT_DIR every S seconds and swap in a promoted or rolled-back student "
+                                "with no request dropped (0: never).")
+@click.option("--canary", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, metavar="FRACTION",
+              help="Send this share of requests to the candidate (`protege improve --stage`) before promoting it; "
+                   "the x-protege-version header and the ledger say which version answered.")
+@click.option("--candidate", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="With --canary: the candidate's directory [default: the run's staged candidate in versions/].")
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings only.")
 @_command
 def serve(student_dir: Path, host: str, port: int, api_key_env: str | None, model_name: str | None, max_batch: int,
           max_concurrency: int, max_body_bytes: int, max_new_tokens: int, cascade_threshold: float | None,
           teacher_recipe: Path | None, store: Path | None, compute_usd_per_hour: float | None,
           teacher_timeout_s: float, capture: bool, capture_max_rows: int | None, capture_max_days: float | None,
-          redact: tuple[str, ...], quiet: bool) -> None:
+          redact: tuple[str, ...], reload_interval_s: float, canary: float | None, candidate: Path | None,
+          quiet: bool) -> None:
     """Serve a trained student behind an OpenAI-style API (/v1/chat/completions, /v1/classify, /v1/models).
 
     A classifier answers with its label (and /v1/classify with every label's probability); a language-model
     student generates, with OpenAI's sampling settings, stop strings, streaming and logprobs. With
     --cascade-threshold an unsure student hands the request to its teacher; the x-protege-model header (and
     answered_by, and the chat completion's model) says who answered. Every answer is recorded in the store for
-    `protege cost`. With --capture each input and answer is kept too, redacted, for `protege improve`.
+    `protege cost`. With --capture each input and answer is kept too, redacted, for `protege improve`; a student
+    it promotes (or `protege rollback` restores) is swapped in live.
 
     \b
     Example:  protege serve protege-demo/student
               protege serve protege-demo/student --cascade-threshold 0.8
               protege serve protege-demo/student --capture --capture-max-days 30 --redact 'ACCT-[0-9]+'
+              protege serve protege-demo/student --capture --canary 0.1   (after `protege improve --stage`)
     Then:     OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(...)
     """
     with _hub_offline():  # a saved student is local; never reach for the hub while serving
@@ -334,7 +350,118 @@ def serve(student_dir: Path, host: str, port: int, api_key_env: str | None, mode
                    log_level="warning" if quiet else "info", max_new_tokens=max_new_tokens, store=store,
                    compute_usd_per_hour=compute_usd_per_hour, cascade_threshold=cascade_threshold,
                    teacher_recipe=teacher_recipe, teacher_timeout_s=teacher_timeout_s, capture=capture,
-                   capture_max_rows=capture_max_rows, capture_max_days=capture_max_days, redact=redact)
+                   capture_max_rows=capture_max_rows, capture_max_days=capture_max_days, redact=redact,
+                   reload_interval_s=reload_interval_s, canary=canary, candidate=candidate)
+
+
+@cli.command()
+@click.argument("target", metavar="RUN_DIR_OR_RECIPE", type=click.Path(exists=True, path_type=Path))
+@click.option("--margin", type=click.FloatRange(0), default=0.01, show_default=True,
+              help="The most the candidate may trail the current student on either held-out set (0.01: one point).")
+@click.option("--holdout-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of the new traffic held out as the fresh test, labelled by the teacher.")
+@click.option("--min-rows", type=click.IntRange(1), default=20, show_default=True,
+              help="Fewest new captured texts worth a candidate.")
+@click.option("--max-label", type=click.IntRange(0), default=None,
+              help="The most new texts sent to the teacher (least sure first); answers the store holds are free "
+                   "[default: all, within teacher.budget_usd].")
+@click.option("--metric", type=click.Choice(["margin", "entropy"]), default="margin", show_default=True,
+              help="How the student's uncertainty is measured.")
+@click.option("--stage", is_flag=True, help="Keep a passing candidate back for `protege serve --canary` and "
+              "`protege promote` instead of promoting it now.")
+@setting_options
+@_command
+def improve(target: Path, quiet: bool, margin: float, holdout_fraction: float, min_rows: int,
+            max_label: int | None, metric: str, stage: bool, **kw: Any) -> None:
+    """Train the next student on the traffic captured by `protege serve --capture`, and promote it if it is not
+    worse.
+
+    \b
+    The captured texts since the current version are labelled by the teacher (free where the store has the
+    answer, the rest least sure first within teacher.budget_usd); a candidate is trained on the old training rows
+    plus the new, compared with the current student on the fixed held-out split and on a fresh held-out slice of
+    the traffic, and promoted (student/ replaced, the old one kept in versions/) only if it trails by at most
+    --margin on both. The report is in RUN_DIR/improve/vN/report.md.
+
+    \b
+    Examples:  protege improve protege-demo
+               protege improve runs/tickets --teacher.budget_usd 5 --max-label 500 --stage
+    Settings flags (--training.epochs ...) change the candidate's training.
+    Exit codes: 0 done (promoted, staged or refused: see the report), 2 bad input, 3 budget reached before the
+    fresh held-out slice was labelled.
+    """
+    from .improve import improve as run_improve
+
+    if quiet:
+        _quiet_libraries()
+    with _hub_offline():
+        r = run_improve(target, margin=margin, holdout_fraction=holdout_fraction, min_rows=min_rows,
+                        max_label=max_label, metric=metric, stage=stage, quiet=quiet, overrides=_overrides(kw))
+    t = r["training"]
+    click.echo(f"{r['version']}: trained on {t['old_rows']} rows of {r['incumbent']} + {t['new_rows']} new "
+               f"({t['free']} from the store, {t['labelled_now']} labelled now, ${r['teacher_usd']:.4f})")
+    for reason in r["reasons"]:
+        click.echo(f"  {reason}")
+    if t["stopped"]:
+        click.echo(f"  stopped early: {t['stopped']}")
+    verdict = {"promoted": f"promoted: {r['version']} is the student now (`protege rollback` restores "
+                           f"{r['incumbent']})",
+               "staged": "staged: serve it with --canary, then `protege promote`",
+               "refused": f"refused: {r['incumbent']} stays the student"}[r["decision"]]
+    click.echo(verdict)
+    click.echo(f"report: {Path(target) / 'improve' / r['version'] / 'report.md'}")
+
+
+@cli.command()
+@click.argument("target", metavar="RUN_DIR_OR_RECIPE", type=click.Path(exists=True, path_type=Path))
+@click.option("--version", "version", default=None, help="The version to promote [default: the staged candidate].")
+@click.option("--force", is_flag=True, help="Promote a candidate its comparison refused.")
+@_command
+def promote(target: Path, version: str | None, force: bool) -> None:
+    """Make a staged candidate (`protege improve --stage`) the run's student.
+
+    \b
+    Example:  protege promote protege-demo
+    """
+    from .improve import promote as run_promote
+
+    old, new = run_promote(target, version, force)
+    click.echo(f"promoted {new} (was {old}); a server with --reload-interval picks it up")
+
+
+@cli.command()
+@click.argument("target", metavar="RUN_DIR_OR_RECIPE", type=click.Path(exists=True, path_type=Path))
+@_command
+def rollback(target: Path) -> None:
+    """Restore the student promoted before the current one.
+
+    \b
+    Example:  protege rollback protege-demo
+    """
+    from .improve import rollback as run_rollback
+
+    old, new = run_rollback(target)
+    click.echo(f"rolled back from {old} to {new}")
+
+
+@cli.command()
+@click.argument("target", metavar="RUN_DIR", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_command
+def versions(target: Path) -> None:
+    """List a run's student versions: which is current, which is staged, and each one's decision."""
+    import datetime
+
+    from .versions import Versions
+
+    v = Versions.load(target)
+    if not v.versions:
+        click.echo(f"{target}: one student, no versions yet (`protege improve` starts them)")
+        return
+    for name, e in v.versions.items():
+        mark = "*" if name == v.current else ("c" if name == v.candidate else " ")
+        when = datetime.datetime.fromtimestamp(e["created_at"]).strftime("%Y-%m-%d %H:%M")
+        click.echo(f"{mark} {name:<5} {when}  {e['made_by']:<15} from {e.get('parent') or '-':<5} "
+                   f"{e.get('decision', '')}")
 
 
 @cli.command()

@@ -31,10 +31,10 @@ from .errors import ProtegeError
 from .recipe import Recipe, load_recipe
 from .store import Store
 
-__all__ = ["format_lifetime", "lifetime"]
+__all__ = ["format_lifetime", "lifetime", "locate_run"]
 
 
-def _locate(target: Path, student: str) -> tuple[Path, Path, Recipe]:
+def locate_run(target: Path, student: str) -> tuple[Path, Path, Recipe]:
     """(run directory, student directory, recipe) from a recipe file, a run directory or a student directory."""
     target = Path(target)
     if target.is_file():
@@ -84,7 +84,7 @@ def _teacher_per_request(store: Store, recipe: Recipe, usd_per_hour: float) -> t
 def lifetime(target: Path | str, student: str = "student", compute_usd_per_hour: float | None = None) -> dict[str, Any]:
     """The cost ledger of one student (see the module docstring); ``target`` is a recipe file, a run directory
     or a student directory. Raises ProtegeError (exit 2) when there is no store or no such student."""
-    run_dir, student_dir, recipe = _locate(Path(target), student)
+    run_dir, student_dir, recipe = locate_run(Path(target), student)
     student = student_dir.name
     price = recipe.eval.compute_usd_per_hour if compute_usd_per_hour is None else compute_usd_per_hour
     with Store(run_dir / "protege.db") as store:
@@ -98,6 +98,7 @@ def lifetime(target: Path | str, student: str = "student", compute_usd_per_hour:
             usd = totals["cost_usd"] if stage == "label" else totals["seconds"] / 3600 * price
             compute[stage] = {"runs": totals["runs"], "seconds": totals["seconds"], "usd": usd}
         served = store.served_totals(student)
+        served_versions = store.served_by_version(student)
         per_teacher, per_teacher_basis = _teacher_per_request(store, recipe, price)
 
     compute_usd = sum(c["usd"] for c in compute.values())
@@ -157,12 +158,23 @@ def lifetime(target: Path | str, student: str = "student", compute_usd_per_hour:
         "all_to_teacher_usd": None if per_teacher is None else requests * per_teacher,
         "saved_usd": None if per_teacher is None else requests * per_teacher - serving_usd,
     }
+    from .versions import Versions
+
+    names = Versions.load(run_dir)
+    by_version = [
+        {"version": (names.by_card(card) or card) if card else "before versions", "card": card,
+         "requests": v["requests"], "student_answers": v["student_answers"], "serving_usd": v["cost_usd"],
+         "teacher_usd": v["teacher_usd"],
+         "saved_usd": None if per_teacher is None else v["requests"] * per_teacher - v["cost_usd"]}
+        for card, v in served_versions.items()
+    ]
     return {
         "run_dir": str(run_dir),
         "student": student,
         "teacher": recipe.teacher.model,
         "make": make,
         "serving": serving,
+        "by_version": by_version,
         "savings": savings,
         "payback_requests": payback,
         "payback": verdict,
@@ -194,6 +206,12 @@ def format_lifetime(d: dict[str, Any]) -> str:
         rows.append((f"  {name}", what, _usd(b["cost_usd"])))
     rows.append(("  of which paid to the teacher", "", _usd(s["teacher_usd"])))
     rows.append(("  total", f"student compute at ${s['compute_usd_per_hour']:g}/hour", _usd(s["total_usd"])))
+    if len(d["by_version"]) > 1 or any(v["card"] for v in d["by_version"]):
+        rows.append(("by version", "requests, answered by the student; spent, of which teacher; saved", ""))
+        for v in d["by_version"]:
+            share = v["student_answers"] / v["requests"] if v["requests"] else 0.0
+            rows.append((f"  {v['version']}", f"{v['requests']:,}, {100 * share:.1f}% by the student; "
+                         f"{_usd(v['serving_usd'])}, {_usd(v['teacher_usd'])}; saved", _usd(v["saved_usd"])))
     rows.append(("against the teacher", "", ""))
     rows.append(("  teacher per request", v["teacher_basis"], _usd(v["teacher_usd_per_request"])))
     rows.append(("  served per request", v["served_basis"], _usd(v["served_usd_per_request"])))

@@ -85,7 +85,7 @@ def train(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, 
                               distill=recipe.training.distill)
         return {STUDENT_DIR: summary}
     t = recipe.training
-    rows = _classifier_rows(recipe)
+    rows = classifier_rows(recipe)
     out: dict[str, Any] = {}
     with Store(recipe.store_path) as store:
         for name, alpha in [(STUDENT_DIR, t.alpha)] + [(BASELINE_DIR, 0.0)] * t.hard_label_baseline:
@@ -99,9 +99,9 @@ def train(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, 
     return out
 
 
-def _classifier_rows(recipe: Recipe) -> list[TrainRow]:
-    """Training rows of a classification task; the hard target is the gold label where there is one (and
-    training.use_gold), else the teacher's top label."""
+def classifier_rows(recipe: Recipe, signal_rows: list[dict[str, Any]] | None = None) -> list[TrainRow]:
+    """Training rows of a classification task from ``signal_rows`` (default: ``signals/train.jsonl``); the hard
+    target is the gold label where there is one (and training.use_gold), else the teacher's top label."""
     labels, use_gold = recipe.task.label_names, recipe.training.use_gold
     return [
         TrainRow(
@@ -111,7 +111,7 @@ def _classifier_rows(recipe: Recipe) -> list[TrainRow]:
             id=str(r["id"]),
             augmented_from=None if r.get("augmented_from") is None else str(r["augmented_from"]),
         )
-        for r in read_signals(recipe, "train")
+        for r in (read_signals(recipe, "train") if signal_rows is None else signal_rows)
     ]
 
 

@@ -36,7 +36,7 @@ from .measure import (
     time_calls,
 )
 
-__all__ = ["disagreements", "evaluate_classifier", "kl_rows", "per_label"]
+__all__ = ["disagreements", "evaluate_classifier", "kl_rows", "per_label", "student_probs"]
 
 STUDENTS = (("student", "distilled student"), ("student-hard", "hard-label student"))
 FLOOR = "floor"  # its key in report.json["models"]
@@ -97,6 +97,16 @@ def _student_predict(model: Any, tok: Any, texts: list[str], max_length: int, ba
         enc = tok(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         out.append(torch.softmax(model(**enc).logits.float(), -1).numpy())
     return np.concatenate(out)
+
+
+def student_probs(student_dir: Any, texts: list[str]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(label probabilities per text, (N, C), the labels in the head's order) of the saved classifier student in
+    ``student_dir``, at the max length it was trained with."""
+    model, tok, card = load_student(student_dir)
+    assert card.labels is not None
+    with torch.inference_mode():
+        probs = _student_predict(model, tok, texts, card.max_length) if texts else np.zeros((0, len(card.labels)))
+    return probs, card.labels
 
 
 def _sample(texts: list[str], n: int) -> list[str]:
@@ -306,6 +316,10 @@ def evaluate_classifier(recipe: Recipe, quiet: bool = False, force: bool = True)
         "models": models,
         "disagreements": {"student": kd, "rows": disagreements(rows, t_probs, preds[kd], labels)},
     }
+    selection = out / "signals" / "selection.json"  # teacher.select's rounds: the report's learning curve
+    if selection.is_file():
+        sel = json.loads(selection.read_text(encoding="utf-8"))
+        report["active"] = {**sel, "rounds": [{k: v for k, v in r.items() if k != "ids"} for r in sel["rounds"]]}
     if recipe.eval.cascade_sweep:
         from .sweep import cascade_sweep
 
@@ -316,10 +330,6 @@ def evaluate_classifier(recipe: Recipe, quiet: bool = False, force: bool = True)
         }
     with Store(recipe.store_path) as store:
         store.log_compute("eval", time.perf_counter() - started, examples=len(rows))
-    selection = out / "signals" / "selection.json"  # teacher.select's rounds: the report's learning curve
-    if selection.is_file():
-        sel = json.loads(selection.read_text(encoding="utf-8"))
-        report["active"] = {**sel, "rounds": [{k: v for k, v in r.items() if k != "ids"} for r in sel["rounds"]]}
         # What making this student has cost so far: teacher calls (money and compute) and compute per stage.
         report["ledger"] = {"teacher": store.teacher_totals(recipe.teacher.model), "compute": store.compute_totals()}
     from .report import write_report
