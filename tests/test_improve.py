@@ -257,3 +257,32 @@ def test_a_canary_splits_traffic_by_version_until_the_candidate_is_promoted(run)
         mine = [row for row in rows if row["version"] == card]
         assert by[name]["requests"] == len(mine)
         assert by[name]["serving_usd"] == pytest.approx(sum(row["cost_usd"] for row in mine))
+
+
+def test_the_budget_stops_labelling_between_rounds_and_a_rerun_buys_nothing_twice(run, openai_fake, monkeypatch):
+    """An API teacher for the traffic (OpenAI's format, in-process) under teacher.budget_usd: the fresh held-out
+    slice first, then the least sure texts until the cap; what was bought is trained on, never bought again."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-improve")
+    capture_traffic(run, TRAFFIC)
+    api = ["--teacher.model", "openai:gpt-4o-mini", "--teacher.concurrency", "1", "--teacher.max_tokens", "4"]
+    res = invoke("improve", str(run), "-q", "--stage", "--margin", "1", "--max-label", "0", *api)
+    assert res.exit_code == 0, res.output
+    first = report(run, "v2")
+    held = first["fresh_held_out"]["texts"]
+    assert first["fresh_held_out"]["called"] == held == openai_fake.answered and first["training"]["new_rows"] == 0
+    spent = sql(run / "protege.db", "SELECT SUM(cost_usd) FROM calls")[0][0]
+    per_call = spent / held
+    cap = spent + 40 * per_call
+    res = invoke("improve", str(run), "-q", "--stage", "--margin", "1", *api, "--teacher.budget_usd", str(cap))
+    assert res.exit_code == 0, res.output
+    second = report(run, "v3")
+    t = second["training"]
+    assert "budget" in t["stopped"] and 0 < t["labelled_now"] < t["pool"]
+    assert second["fresh_held_out"]["called"] == 0  # the held-out slice came from the store
+    assert openai_fake.answered == held + t["labelled_now"]
+    assert sql(run / "protege.db", "SELECT SUM(cost_usd) FROM calls")[0][0] <= cap + 1e-12
+    res = invoke("improve", str(run), "-q", "--stage", "--margin", "1", *api, "--teacher.budget_usd", str(cap))
+    assert res.exit_code == 0, res.output
+    third = report(run, "v4")
+    assert openai_fake.answered == held + t["labelled_now"]  # nothing bought twice, nothing past the cap
+    assert third["training"]["free"] >= t["labelled_now"]
