@@ -184,6 +184,9 @@ def test_budget_reached_mid_round_ends_the_loop_with_what_was_bought(tmp_path, t
     path = _api_recipe(tmp_path, tiny_classifier_dir, select="uncertainty", select_seed_rows=8, select_round_rows=8,
                        select_max_rows=16)
     first = load_recipe(path)
+    dry = estimate(first)  # the dry run counts every text, and says so
+    assert dry.to_call == 40 and any("teacher.select: uncertainty labels the 10 evaluation texts" in n and
+                                     "select_max_rows 16" in n for n in dry.notes)
     label(first, quiet=True)  # the evaluation split (10 texts) and two rounds of 8
     sig, db = first.output_dir / "signals", first.store_path
     two = json.loads((sig / "selection.json").read_text())["rounds"]
