@@ -40,6 +40,7 @@ from .labeling.labeler import (
     task_labels,
 )
 from .labeling.labeler import label as label_all
+from .labeling.signal_files import write_signals
 from .labeling.uncertainty import pick
 from .recipe import Recipe
 from .store import Store, call_key
@@ -140,7 +141,7 @@ def label_selected(recipe: Recipe, quiet: bool = False, teacher: Teacher | None 
     check_failures(recipe, results, len(held) + len(lab_examples))
     write_jsonl_atomic(out / "signals" / SHOTS_FILE, [e.model_dump() for e in shots[len(recipe.task.examples):]])
     for split in ("train", "eval"):
-        write_jsonl_atomic(out / "signals" / f"{split}.jsonl", _ok_rows(recipe, shots, *results[split][:3]))
+        write_signals(out / "signals" / f"{split}.jsonl", _ok_rows(recipe, shots, *results[split][:3]), parquet=True)
     write_json_atomic(out / "signals" / SELECTION_FILE, {
         "fingerprint": fingerprint,
         "select": cfg.select,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from .augment import AugmentedExample, augment_texts, check_paraphrase, paraphra
 from .data import Example, draw_shots, load_splits
 from .engine import run_api
 from .prompts import render_generation, render_request
+from .signal_files import SignalWriter, iter_signals, remove_signals
 
 __all__ = ["LabelStats", "Estimate", "check_failures", "label_examples", "label_requests", "label", "estimate",
            "estimate_requests", "read_signals"]
@@ -50,6 +52,7 @@ def task_labels(recipe: Recipe) -> tuple[str, ...] | None:
 
 
 SHOTS_FILE = "shots.jsonl"
+CHUNK_ROWS = 2048  # rows labelled (and written) at a time: what a labeling run holds in memory at once
 
 
 def split_shots(recipe: Recipe, train: list[Example]) -> tuple[list[FewShotExample], list[Example]]:
@@ -258,71 +261,86 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
     ensemble = recipe.teacher.kind == "ensemble"
     teacher = None if ensemble else teacher or make_teacher(recipe.teacher)
     out = recipe.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    sig = out / "signals"
+    sig.mkdir(parents=True, exist_ok=True)
     total = LabelStats()
-    results = {}
+    failed_rows: list[dict[str, Any]] = []
+    parquet = recipe.task.kind == "classification"
 
-    def record(split: str, examples: list[Example], signals: list, keys: list[str], stats: LabelStats) -> None:
-        results[split] = (examples, signals, keys, store.failures([k for k, s in zip(keys, signals) if s is None]))
-        total.add(stats)
-        total.by_split[split] = {
-            "examples": stats.examples,
-            "cached": stats.cached,
-            "called": stats.called,
-            "failed": sum(s is None for s in signals),
-        }
+    def run(split: str, examples: list[Any], store: Store, writer: SignalWriter | None,
+            extra: Any = None) -> None:
+        """Label ``examples`` a chunk at a time (the store keeps every answer as it comes), streaming the answered
+        rows to ``writer`` and noting the failures: memory stays that of one chunk, however many rows."""
+        stats_split = {"examples": 0, "cached": 0, "called": 0, "failed": 0}
+        with tqdm(total=len(examples), desc=f"label {split}", unit="row", disable=quiet or not examples) as bar:
+            for i in range(0, len(examples), CHUNK_ROWS):
+                chunk = examples[i : i + CHUNK_ROWS]
+                signals, keys, stats = label_examples(teacher, recipe, chunk, store, True, desc=f"label {split}",
+                                                      shots=shots)
+                total.add(stats)
+                fails = store.failures([k for k, s in zip(keys, signals) if s is None])
+                failed_rows.extend(failed_rows_of(split, chunk, signals, keys, fails))
+                for name in ("examples", "cached", "called"):
+                    stats_split[name] += getattr(stats, name)
+                stats_split["failed"] += sum(s is None for s in signals)
+                if writer is not None:
+                    rows = _ok_rows(recipe, shots, chunk, signals, keys)
+                    writer.write([{**row, **extra(row)} for row in rows] if extra else rows)
+                bar.update(len(chunk))
+        total.by_split[split] = stats_split
 
     try:
-        with Store(recipe.store_path) as store:
+        with contextlib.ExitStack() as files, Store(recipe.store_path) as store:
+            writers = {split: files.enter_context(SignalWriter(sig / f"{split}.jsonl", parquet))
+                       for split in ("train", "eval")}
             for split, examples in (("train", train), ("eval", held)):
-                signals, keys, stats = label_examples(
-                    teacher, recipe, examples, store, quiet, desc=f"label {split}", shots=shots
-                )
-                record(split, examples, signals, keys, stats)
+                run(split, examples, store, writers[split])
             if recipe.data.augment.paraphrase:
                 requests = [paraphrase_request(e.text) for e in train]
                 signals, keys, stats = label_requests(teacher, recipe, requests, store, quiet, desc="paraphrase")
-                record("paraphrase", train, signals, keys, stats)
+                total.add(stats)
+                total.by_split["paraphrase"] = {"examples": stats.examples, "cached": stats.cached,
+                                                "called": stats.called, "failed": sum(s is None for s in signals)}
+                fails = store.failures([k for k, s in zip(keys, signals) if s is None])
+                failed_rows.extend(failed_rows_of("paraphrase", train, signals, keys, fails))
                 augmented += _paraphrased(train, signals, {e.text.strip() for e in train + held + augmented})
             if recipe.data.augment.per_text or recipe.data.augment.paraphrase:
-                signals, keys, stats = label_examples(
-                    teacher, recipe, augmented, store, quiet, desc="label augment", shots=shots
-                )
-                record("augment", augmented, signals, keys, stats)
+                sources = {ex.id: ex.source for ex in augmented}
+                run("augment", augmented, store, writers["train"],
+                    extra=lambda row: {"augmented_from": sources[row["id"]]})
             if total.called:
                 # Labeling time in the one ledger: an API's money is in the calls; a local model's is compute.
                 members = recipe.teacher.members if ensemble else [recipe.teacher]
                 local = all(m.kind == "local" for m in members)
                 usd = total.seconds / 3600 * recipe.eval.compute_usd_per_hour if local else 0.0
                 store.log_compute("label", total.seconds, usd, rows=total.called, attempts=total.attempts)
+            write_failures(recipe, failed_rows, total.examples)
+            drawn = shots[len(recipe.task.examples):]
+            write_jsonl_atomic(sig / SHOTS_FILE, [e.model_dump() for e in drawn])
+            for writer in writers.values():
+                writer.commit()
     except ProtegeError:
         _remove_signals(out)
         raise
-    check_failures(recipe, results, total.examples)
-    drawn = shots[len(recipe.task.examples):]
-    write_jsonl_atomic(out / "signals" / SHOTS_FILE, [e.model_dump() for e in drawn])
-    rows = {split: _ok_rows(recipe, shots, *results[split][:3]) for split in ("train", "eval")}
-    if "augment" in results:
-        ok = _ok_rows(recipe, shots, *results["augment"][:3])
-        sources = {ex.id: ex.source for ex in augmented}
-        rows["train"] += [{**row, "augmented_from": sources[row["id"]]} for row in ok]
-    for split, split_rows in rows.items():
-        write_jsonl_atomic(out / "signals" / f"{split}.jsonl", split_rows)
-    recipe.save(out / "signals" / "recipe.yaml")
+    recipe.save(sig / "recipe.yaml")
     return total
 
 
-def check_failures(recipe: Recipe, results: dict[str, tuple[list, list, list[str], dict]], n: int) -> None:
-    """Write ``signals/failed.jsonl`` (the rows of ``results``, split -> (examples, signals, keys, store
-    failures), the teacher failed on); more than ``teacher.max_failed_fraction`` of ``n`` rows stops the pipeline."""
-    out = recipe.output_dir
-    failed_rows = [
+def failed_rows_of(split: str, examples: list[Any], signals: list[Any], keys: list[str],
+                   fails: dict[str, tuple[str, str | None]]) -> list[dict[str, Any]]:
+    """The ``signals/failed.jsonl`` rows of the examples the teacher failed on (``fails``: the store's reasons)."""
+    return [
         {"id": ex.id, "split": split, "text": ex.text, "reason": fails.get(k, ("not answered", None))[0],
          "raw": fails.get(k, ("", None))[1], "call_key": k}
-        for split, (examples, signals, keys, fails) in results.items()
         for ex, s, k in zip(examples, signals, keys)
         if s is None
     ]
+
+
+def write_failures(recipe: Recipe, failed_rows: list[dict[str, Any]], n: int) -> None:
+    """Write ``signals/failed.jsonl``; more than ``teacher.max_failed_fraction`` of ``n`` rows failed stops the
+    pipeline (the signal files are removed: no later stage trains on a set with holes)."""
+    out = recipe.output_dir
     write_jsonl_atomic(out / "signals" / "failed.jsonl", failed_rows)
     if failed_rows and len(failed_rows) > recipe.teacher.max_failed_fraction * n:
         _remove_signals(out)
@@ -332,6 +350,12 @@ def check_failures(recipe: Recipe, results: dict[str, tuple[list, list, list[str
             f"({recipe.teacher.max_failed_fraction:g}); first: {first['id']}: {first['reason']}. Every row and "
             f"reason is in {out / 'signals' / 'failed.jsonl'}; rerun `protege label` to retry only those rows"
         )
+
+
+def check_failures(recipe: Recipe, results: dict[str, tuple[list, list, list[str], dict]], n: int) -> None:
+    """:func:`write_failures` for ``results`` (split -> (examples, signals, keys, store failures))."""
+    write_failures(recipe, [row for split, (examples, signals, keys, fails) in results.items()
+                            for row in failed_rows_of(split, examples, signals, keys, fails)], n)
 
 
 def _ok_rows(
@@ -344,17 +368,11 @@ def _ok_rows(
 
 
 def _remove_signals(out: Path) -> None:
-    for split in ("train", "eval"):
-        (out / "signals" / f"{split}.jsonl").unlink(missing_ok=True)
+    remove_signals(out / "signals")
 
 
 def read_signals(recipe: Recipe, split: str) -> list[dict[str, Any]]:
-    import json
-
-    path = recipe.output_dir / "signals" / f"{split}.jsonl"
-    if not path.is_file():
-        raise ProtegeError(f"{str(path)!r} does not exist; run `protege label` first")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return list(iter_signals(recipe.output_dir / "signals" / f"{split}.jsonl"))
 
 
 @dataclass
