@@ -15,6 +15,7 @@ from ._io import replace_dir
 from .active import label
 from .evaluation import evaluate
 from .labeling.labeler import LabelStats, read_signals
+from .labeling.signal_files import iter_signals
 from .recipe import Recipe
 from .store import Store
 from .students.card import CARD, StudentCard
@@ -31,7 +32,8 @@ def _signals_hash(recipe: Recipe) -> str:
     path = recipe.output_dir / "signals" / "train.jsonl"
     if not path.is_file():
         read_signals(recipe, "train")  # raises the error that says to run `protege label` first
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    with path.open("rb") as f:  # read in blocks: a signal file of a million rows is not held in memory
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def _current(meta_path: Path, expect: dict[str, Any]) -> bool:
@@ -111,7 +113,7 @@ def classifier_rows(recipe: Recipe, signal_rows: list[dict[str, Any]] | None = N
             id=str(r["id"]),
             augmented_from=None if r.get("augmented_from") is None else str(r["augmented_from"]),
         )
-        for r in (read_signals(recipe, "train") if signal_rows is None else signal_rows)
+        for r in (iter_signals(recipe.output_dir / "signals" / "train.jsonl") if signal_rows is None else signal_rows)
     ]
 
 

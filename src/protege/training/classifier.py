@@ -111,12 +111,14 @@ def train_student(
         )
     else:
         train_idx, slice_idx = list(range(len(rows))), []
-    ids = tokenizer([r.text for r in rows], truncation=True, max_length=scfg.max_length)["input_ids"]
     teacher_probs = torch.tensor([r.teacher_probs for r in rows])  # (N, C)
     targets = torch.tensor([r.target for r in rows])  # (N,)
 
     def collate(idx: list[int]) -> dict[str, torch.Tensor]:
-        padded = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
+        # tokenized per batch, not all rows up front: memory does not grow with the rows' token ids
+        enc = tokenizer([rows[i].text for i in idx], truncation=True, max_length=scfg.max_length, padding=True,
+                        return_tensors="pt")
+        padded = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         batch = {**padded, "teacher_probs": teacher_probs[idx], "targets": targets[idx]}  # (b, T), (b, C), (b,)
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 

@@ -8,6 +8,7 @@ killed run needs to continue to the same result.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .._io import content_hash, replace_dir, write_json_atomic
+from .._io import canonical_json, replace_dir, write_json_atomic
 from ..errors import ProtegeError
 from ..recipe import Recipe
 
@@ -70,8 +71,11 @@ def fingerprint(recipe: Recipe, rows: list[Any], **extra: Any) -> str:
     and anything else the loop was given (``extra``, e.g. a classifier's alpha)."""
     sections = recipe.model_dump(mode="json")
     sections["training"].pop("report_to")  # where figures are logged does not shape training: a resume may add one
-    what = {k: sections[k] for k in ("task", "teacher", "student", "training")} | {"rows": [asdict(r) for r in rows]}
-    return content_hash(what | extra)
+    what = {k: sections[k] for k in ("task", "teacher", "student", "training")}
+    h = hashlib.sha256(canonical_json(what | extra).encode())
+    for r in rows:  # a row at a time: the hash of a million rows needs no million-row string
+        h.update(canonical_json(asdict(r)).encode())
+    return h.hexdigest()
 
 
 def save_checkpoint(accelerator: Any, ckpt: Path, progress: dict[str, Any]) -> None:
