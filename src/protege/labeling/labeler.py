@@ -275,8 +275,11 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
         with tqdm(total=len(examples), desc=f"label {split}", unit="row", disable=quiet or not examples) as bar:
             for i in range(0, len(examples), CHUNK_ROWS):
                 chunk = examples[i : i + CHUNK_ROWS]
-                signals, keys, stats = label_examples(teacher, recipe, chunk, store, True, desc=f"label {split}",
-                                                      shots=shots)
+                requests = requests_for(recipe, chunk, shots)  # rendered once: for the keys and the rows
+                if teacher is None:  # an ensemble labels through each member
+                    signals, keys, stats = label_examples(None, recipe, chunk, store, True, shots=shots)
+                else:
+                    signals, keys, stats = label_requests(teacher, recipe, requests, store, True)
                 total.add(stats)
                 fails = store.failures([k for k, s in zip(keys, signals) if s is None])
                 failed_rows.extend(failed_rows_of(split, chunk, signals, keys, fails))
@@ -284,7 +287,7 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
                     stats_split[name] += getattr(stats, name)
                 stats_split["failed"] += sum(s is None for s in signals)
                 if writer is not None:
-                    rows = _ok_rows(recipe, shots, chunk, signals, keys)
+                    rows = _ok_rows(recipe, shots, chunk, signals, keys, requests)
                     writer.write([{**row, **extra(row)} for row in rows] if extra else rows)
                 bar.update(len(chunk))
         total.by_split[split] = stats_split
@@ -359,10 +362,11 @@ def check_failures(recipe: Recipe, results: dict[str, tuple[list, list, list[str
 
 
 def _ok_rows(
-    recipe: Recipe, shots: list[FewShotExample], examples: list[Example], signals: list, keys: list[str]
+    recipe: Recipe, shots: list[FewShotExample], examples: list[Example], signals: list, keys: list[str],
+    requests: list[Request] | None = None,
 ) -> list[dict[str, Any]]:
-    """The signal rows of the examples the teacher answered, in order."""
-    requests = requests_for(recipe, examples, shots)
+    """The signal rows of the examples the teacher answered, in order (``requests``: theirs, if rendered)."""
+    requests = requests_for(recipe, examples, shots) if requests is None else requests
     ok = [(ex, s, k, r) for ex, s, k, r in zip(examples, signals, keys, requests) if s is not None]
     return _signal_rows(*map(list, zip(*ok))) if ok else []
 

@@ -37,7 +37,7 @@ def render_request(
     (the instruction and labels only in the first) answered by an assistant turn with its label, so the
     teacher sees the task done before it does it. Without examples the request is exactly what it was before examples existed (same cache key).
     """
-    names = ", ".join(task.label_names)
+    names = ", ".join(label.name for label in task.labels)
     if rationale:
         ask = (
             "Which label fits the text? First explain your reasoning in a few sentences. Then give the final "
@@ -46,8 +46,10 @@ def render_request(
     else:
         ask = f"Which label fits the text? Answer with one of: {names}."
 
+    block = instruction_block(task)
+
     def turn(t: str, first: bool) -> dict[str, str]:
-        head = f"{instruction_block(task)}\n\n" if first else ""  # said once, in the first turn
+        head = f"{block}\n\n" if first else ""  # said once, in the first turn
         return {"role": "user", "content": f"{head}Text:\n\"\"\"\n{t}\n\"\"\"\n\n{ask}"}
 
     shots = [(e.text, _canonical_label(task, e.label)) for e in examples]
