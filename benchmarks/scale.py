@@ -3,7 +3,8 @@ rows per second of each stage, and the rate a rerun replays cached answers, at 2
 
 The data are the demo's generated support tickets (protege.demo_data, written once per size); the teacher a tiny
 local classifier (a random 2-layer BERT over all-MiniLM-L6-v2's vocabulary, from the packaged model, hidden 32);
-the student a one-layer scratch BERT (hidden 32) trained one epoch. Each stage runs in its own process, so its
+beyond the ~40,000 distinct tickets the templates give, repeats made distinct by a reference number); the
+student a one-layer scratch BERT (hidden 32) trained one epoch. Each stage runs in its own process, so its
 peak resident memory (``ru_maxrss``) is its own:
 
 * ``label``: read the data, ask the teacher about every row, write the store and ``signals/``;
@@ -83,9 +84,12 @@ def make_run(root: Path, rows: int, teacher: Path) -> Path:
     if not data.is_file():
         run.mkdir(parents=True, exist_ok=True)
         tmp = data.with_suffix(".tmp")
+        base = make_examples(min(rows, 40_000), seed=0)  # the templates give about 40,000 distinct tickets
         with tmp.open("w") as f:
-            for r in make_examples(rows, seed=0):
-                f.write(json.dumps(r) + "\n")
+            for i in range(rows):  # beyond them, each repeat made distinct by a reference number
+                r = base[i % len(base)]
+                text = r["text"] if i < len(base) else f"{r['text']} (ref {i})"
+                f.write(json.dumps({"id": f"s{i:06d}", "text": text, "label": r["label"]}) + "\n")
         tmp.rename(data)
     recipe = {
         "task": {"instruction": "Classify the customer support message by its intent.", "labels": list(LABELS)},

@@ -19,7 +19,7 @@ from .labeling.signal_files import iter_signals
 from .recipe import Recipe
 from .store import Store
 from .students.card import CARD, StudentCard
-from .training.classifier import TrainRow, train_student
+from .training.classifier import TrainRow, rows_from_signals, train_student
 from .training.select import improves
 from .training.tracking import check_trackers
 
@@ -102,19 +102,10 @@ def train(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, 
 
 
 def classifier_rows(recipe: Recipe, signal_rows: list[dict[str, Any]] | None = None) -> list[TrainRow]:
-    """Training rows of a classification task from ``signal_rows`` (default: ``signals/train.jsonl``); the hard
-    target is the gold label where there is one (and training.use_gold), else the teacher's top label."""
-    labels, use_gold = recipe.task.label_names, recipe.training.use_gold
-    return [
-        TrainRow(
-            text=r["text"],
-            teacher_probs=tuple(r["teacher_probs"]),
-            target=labels.index(r["gold"] if use_gold and r["gold"] is not None else r["teacher_label"]),
-            id=str(r["id"]),
-            augmented_from=None if r.get("augmented_from") is None else str(r["augmented_from"]),
-        )
-        for r in (iter_signals(recipe.output_dir / "signals" / "train.jsonl") if signal_rows is None else signal_rows)
-    ]
+    """Training rows of a classification task from ``signal_rows`` (default: ``signals/train.jsonl``, read a row at
+    a time)."""
+    return rows_from_signals(recipe, iter_signals(recipe.output_dir / "signals" / "train.jsonl")
+                             if signal_rows is None else signal_rows)
 
 
 def _train_one(

@@ -19,6 +19,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from .tracking import end_tracking, flush_trackers, log_step, start_tracking, tr
 __all__ = ["TrainRow", "rows_from_signals", "train_student"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million rows without a million __dict__s
 class TrainRow:
     """A training example: the text, the teacher's distribution and the hard target (gold, else teacher top);
     the signal row's id and, for an augmented text, the id of the row it was made from (the selection slice is
@@ -54,7 +55,7 @@ class TrainRow:
     augmented_from: str | None = None
 
 
-def rows_from_signals(recipe: Recipe, signal_rows: list[dict[str, Any]]) -> list[TrainRow]:
+def rows_from_signals(recipe: Recipe, signal_rows: Iterable[dict[str, Any]]) -> list[TrainRow]:
     """Training rows of a classification task from signal rows (``signals/train.jsonl``'s format); the hard target
     is the gold label where there is one (and training.use_gold), else the teacher's top label."""
     labels, use_gold = recipe.task.label_names, recipe.training.use_gold
