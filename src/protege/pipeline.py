@@ -19,7 +19,7 @@ from .labeling.signal_files import iter_signals
 from .recipe import Recipe
 from .store import Store
 from .students.card import CARD, StudentCard
-from .training.classifier import TrainRow, rows_from_signals, train_student
+from .training.classifier import TrainSet, rows_from_signals, train_student
 from .training.select import improves
 from .training.tracking import check_trackers
 
@@ -43,9 +43,9 @@ def _current(meta_path: Path, expect: dict[str, Any]) -> bool:
     return all(meta.get(k) == v for k, v in expect.items())
 
 
-def _lm_rows(recipe: Recipe) -> list[Any]:
-    """Training rows of a generation task: the prompt the teacher saw, its whole reply (what its token
-    logprobs describe), the parsed answer and rationale."""
+def lm_rows(recipe: Recipe, signal_rows: list[dict[str, Any]] | None = None) -> list[Any]:
+    """Training rows of a generation task from ``signal_rows`` (default: ``signals/train.jsonl``): the prompt the
+    teacher saw, its whole reply (what its token logprobs describe), the parsed answer and rationale."""
     from .signals import TeacherSignal
     from .training.lm import LMRow
 
@@ -60,7 +60,7 @@ def _lm_rows(recipe: Recipe) -> list[Any]:
             else None,
             truncated=bool(r.get("truncated")),
         )
-        for r in read_signals(recipe, "train")
+        for r in (iter_signals(recipe.output_dir / "signals" / "train.jsonl") if signal_rows is None else signal_rows)
     ]
 
 
@@ -80,7 +80,7 @@ def train(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, 
         path = recipe.output_dir / STUDENT_DIR
         if not force and _current(path / "protege.json", expect):
             return {STUDENT_DIR: {"skipped": True}}
-        rows = _lm_rows(recipe)
+        rows = lm_rows(recipe)
         with Store(recipe.store_path) as store:
             summary = train_lm(recipe, rows, path, quiet, extra_meta=expect, store=store)
             store.log_compute(f"train:{STUDENT_DIR}", summary["train_seconds"], examples=len(rows),
@@ -101,15 +101,18 @@ def train(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, 
     return out
 
 
-def classifier_rows(recipe: Recipe, signal_rows: list[dict[str, Any]] | None = None) -> list[TrainRow]:
+def classifier_rows(recipe: Recipe, signal_rows: list[dict[str, Any]] | None = None) -> TrainSet:
     """Training rows of a classification task from ``signal_rows`` (default: ``signals/train.jsonl``, read a row at
     a time)."""
     return rows_from_signals(recipe, iter_signals(recipe.output_dir / "signals" / "train.jsonl")
                              if signal_rows is None else signal_rows)
 
 
+_lm_rows = lm_rows  # TODO(this session): drop once benchmarks/lm_modes.py (in progress) imports lm_rows
+
+
 def _train_one(
-    recipe: Recipe, rows: list[TrainRow], store: Store, path: Path, alpha: float, temperature: float, quiet: bool,
+    recipe: Recipe, rows: TrainSet, store: Store, path: Path, alpha: float, temperature: float, quiet: bool,
     expect: dict[str, Any], trial: int | None = None,
 ) -> dict[str, Any]:
     """Train one classifier student into ``path`` and log its compute (under the name of the directory it ends
@@ -123,7 +126,7 @@ def _train_one(
     return summary
 
 
-def _sweep(recipe: Recipe, rows: list[TrainRow], store: Store, quiet: bool, expect: dict[str, Any]) -> dict[str, Any]:
+def _sweep(recipe: Recipe, rows: TrainSet, store: Store, quiet: bool, expect: dict[str, Any]) -> dict[str, Any]:
     """One student per (alpha, temperature) of training.sweep_alpha x sweep_temperature, each with model
     selection on the same slice; the best by training.select_metric (at its best step) becomes ``student/``.
 

@@ -19,11 +19,13 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -39,7 +41,7 @@ from .select import Selection, selection_split, slice_scores
 from .steps import check_split, checkpoint_dir, fingerprint, micro_batches, resume, save_checkpoint
 from .tracking import end_tracking, flush_trackers, log_step, start_tracking, tracker_settings
 
-__all__ = ["TrainRow", "rows_from_signals", "train_student"]
+__all__ = ["TrainRow", "TrainSet", "rows_from_signals", "train_student"]
 
 
 @dataclass(frozen=True, slots=True)  # slots: a million rows without a million __dict__s
@@ -55,11 +57,54 @@ class TrainRow:
     augmented_from: str | None = None
 
 
-def rows_from_signals(recipe: Recipe, signal_rows: Iterable[dict[str, Any]]) -> list[TrainRow]:
-    """Training rows of a classification task from signal rows (``signals/train.jsonl``'s format); the hard target
-    is the gold label where there is one (and training.use_gold), else the teacher's top label."""
+class TrainSet(Sequence[TrainRow]):
+    """Training rows held as columns (texts, ids, sources as lists; probabilities and targets as arrays): about
+    half the memory of as many :class:`TrainRow` objects, which it hands out one at a time when indexed."""
+
+    def __init__(self, texts: list[str], teacher_probs: np.ndarray, targets: np.ndarray, ids: list[str],
+                 sources: list[str | None]):
+        self.texts, self.teacher_probs, self.targets, self.ids, self.sources = texts, teacher_probs, targets, ids, \
+            sources  # (N,), (N, C) float64, (N,) int64, (N,), (N,)
+
+    @classmethod
+    def of(cls, rows: Iterable[TrainRow]) -> TrainSet:
+        if isinstance(rows, TrainSet):
+            return rows
+        texts, probs, targets, ids, sources = [], array("d"), array("q"), [], []
+        width = None
+        for r in rows:
+            width = len(r.teacher_probs) if width is None else width
+            if len(r.teacher_probs) != width:
+                raise ProtegeError(f"training row {r.id!r} has {len(r.teacher_probs)} teacher probabilities, the "
+                                   f"rows before it {width}; relabel with `protege label`")
+            texts.append(r.text)
+            probs.extend(r.teacher_probs)
+            targets.append(r.target)
+            ids.append(r.id)
+            sources.append(r.augmented_from)
+        p = np.frombuffer(probs, dtype=np.float64).reshape(len(texts), width or 0).copy()
+        return cls(texts, p, np.frombuffer(targets, dtype=np.int64).copy(), ids, sources)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @overload
+    def __getitem__(self, i: int) -> TrainRow: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[TrainRow]: ...
+    def __getitem__(self, i: int | slice) -> TrainRow | list[TrainRow]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return TrainRow(self.texts[i], tuple(self.teacher_probs[i].tolist()), int(self.targets[i]), self.ids[i],
+                        self.sources[i])
+
+
+def rows_from_signals(recipe: Recipe, signal_rows: Iterable[dict[str, Any]]) -> TrainSet:
+    """Training rows of a classification task from signal rows (``signals/train.jsonl``'s format, read one at a
+    time); the hard target is the gold label where there is one (and training.use_gold), else the teacher's top
+    label."""
     labels, use_gold = recipe.task.label_names, recipe.training.use_gold
-    return [
+    return TrainSet.of(
         TrainRow(
             text=r["text"],
             teacher_probs=tuple(r["teacher_probs"]),
@@ -68,12 +113,12 @@ def rows_from_signals(recipe: Recipe, signal_rows: Iterable[dict[str, Any]]) -> 
             augmented_from=None if r.get("augmented_from") is None else str(r["augmented_from"]),
         )
         for r in signal_rows
-    ]
+    )
 
 
 def train_student(
     recipe: Recipe,
-    rows: list[TrainRow],
+    rows: Sequence[TrainRow],
     out: Path,
     alpha: float,
     quiet: bool = False,
@@ -94,6 +139,7 @@ def train_student(
     labels = recipe.task.label_names
     if not rows:
         raise ProtegeError("no training rows: label some data first (`protege label`)")
+    rows = TrainSet.of(rows)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
@@ -108,16 +154,16 @@ def train_student(
     # the rows to train on, and the selection slice (row indices; the slice and its augmented texts never train)
     if cfg.select_fraction:
         train_idx, slice_idx = selection_split(
-            [r.id for r in rows], [r.augmented_from for r in rows], cfg.select_fraction, cfg.seed
+            rows.ids, rows.sources, cfg.select_fraction, cfg.seed
         )
     else:
         train_idx, slice_idx = list(range(len(rows))), []
-    teacher_probs = torch.tensor([r.teacher_probs for r in rows])  # (N, C)
-    targets = torch.tensor([r.target for r in rows])  # (N,)
+    teacher_probs = torch.from_numpy(rows.teacher_probs).float()  # (N, C)
+    targets = torch.from_numpy(rows.targets)  # (N,)
 
     def collate(idx: list[int]) -> dict[str, torch.Tensor]:
         # tokenized per batch, not all rows up front: memory does not grow with the rows' token ids
-        enc = tokenizer([rows[i].text for i in idx], truncation=True, max_length=scfg.max_length, padding=True,
+        enc = tokenizer([rows.texts[i] for i in idx], truncation=True, max_length=scfg.max_length, padding=True,
                         return_tensors="pt")
         padded = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         batch = {**padded, "teacher_probs": teacher_probs[idx], "targets": targets[idx]}  # (b, T), (b, C), (b,)
