@@ -48,7 +48,7 @@ _RUNS = re.compile(rf"{_WORDS}|\W+")  # alternating word and non-word runs: "".j
 _WORD = re.compile(r"\w")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AugmentedExample(Example):
     """An example made from the training row ``source`` (its id); ``gold`` is always None."""
 

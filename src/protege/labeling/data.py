@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ _SAVED_DATASET = ("dataset_dict.json", "state.json")  # what save_to_disk writes
 _BATCH_ROWS = 1000  # rows read from a Hugging Face dataset at a time
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million examples without a million __dict__s
 class Example:
     """One text to distill on. ``gold`` is None for unlabeled rows; ``where`` is 'file:line' for messages."""
 
@@ -33,11 +34,11 @@ class Example:
     where: str
 
 
-def _raw_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line or row number, row) pairs; numbers are 1-based lines for JSONL/CSV and 1-based rows for Parquet."""
+def _raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line or row number, row) pairs, read as the file is (never the whole file at once); numbers are 1-based
+    lines for JSONL/CSV and 1-based rows for Parquet."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
         with path.open(encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -48,28 +49,34 @@ def _raw_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
                     raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); fix the line") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
-                rows.append((n, row))
-        return rows
+                yield n, row
+        return
     if suffix == ".csv":
         with path.open(encoding="utf-8-sig", newline="") as f:  # Excel writes a BOM
             reader = csv.DictReader(f)
-            rows = []
             for row in reader:
                 if None in row:  # more cells than header columns
                     raise DataError(
                         f"{path}:{reader.line_num}: {len(row) - 1 + len(row[None])} cells but the header has "
                         f"{len(reader.fieldnames or [])} columns; quote cells that contain commas"
                     )
-                rows.append((reader.line_num, {k: (v if v != "" else None) for k, v in row.items()}))
-            return rows
+                yield reader.line_num, {k: (v if v != "" else None) for k, v in row.items()}
+        return
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            batches = pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS)
+            n = 0
+            for batch in batches:
+                for row in batch.to_pylist():
+                    n += 1
+                    yield n, row
+        except DataError:
+            raise
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-        return list(enumerate(table.to_pylist(), 1))
+        return
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 
@@ -174,10 +181,15 @@ def read_examples(path: Path, cfg: DataConfig, labels: tuple[str, ...] | None, s
                 f"data path {str(path)!r} is a directory; point it at a {'/'.join(SUFFIXES)} file or at a directory "
                 "written by datasets' save_to_disk"
             )
-        rows: Iterable[tuple[int, dict[str, Any]]] = _raw_rows(path)[: cfg.limit]  # [:None]: all
-        if not rows:
+        # two passes over the file, a row at a time: its columns first, then the examples
+        columns: set[str] = set()
+        count = 0
+        for _, row in itertools.islice(_raw_rows(path), cfg.limit):  # islice(..., None): all
+            columns.update(row)
+            count += 1
+        if not count:
             raise DataError(f"data file {str(path)!r} has no rows; add data or fix the path")
-        columns = set().union(*(r.keys() for _, r in rows))
+        rows: Iterable[tuple[int, dict[str, Any]]] = itertools.islice(_raw_rows(path), cfg.limit)
         source, stem = str(path), path.stem
 
     if cfg.text_column not in columns:
@@ -196,7 +208,7 @@ def read_examples(path: Path, cfg: DataConfig, labels: tuple[str, ...] | None, s
         rows = _dataset_rows(dataset, source, label_col, names)
 
     folded = {name.casefold(): name for name in labels or ()}
-    examples, seen_ids = [], {}
+    examples, seen_ids = [], set()
     for n, row in rows:
         where = f"{source}:{n}"
         text = row.get(cfg.text_column)
@@ -216,8 +228,9 @@ def read_examples(path: Path, cfg: DataConfig, labels: tuple[str, ...] | None, s
                 raise DataError(f"{where}: label {gold!r} is not one of the task's labels {list(labels)}{hint}")
         ex_id = str(row[id_col]) if id_col and row.get(id_col) is not None else f"{split}{stem}:{n}"
         if ex_id in seen_ids:
-            raise DataError(f"{where}: id {ex_id!r} repeats line {seen_ids[ex_id]}; ids must be unique")
-        seen_ids[ex_id] = n
+            first = next(e.where for e in examples if e.id == ex_id).rsplit(":", 1)[1]
+            raise DataError(f"{where}: id {ex_id!r} repeats line {first}; ids must be unique")
+        seen_ids.add(ex_id)
         examples.append(Example(ex_id, text, gold, where))
     return examples
 
