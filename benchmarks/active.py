@@ -1,0 +1,281 @@
+"""Selective labeling on SST-2 (issue 13.4): learning curves of teacher.select uncertainty against random, three
+seeds, on the same budget of teacher labels.
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/active.py            # writes BENCHMARKS.md
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/active.py --quick    # smoke run, no BENCHMARKS.md
+
+The teacher and its labels are benchmarks/sst2.py's: the fine-tuned MiniLM in runs/sst2/teacher (fine-tuned here as
+sst2.py does when it is missing) and its store runs/sst2/shared.db, copied into each run so answers bought once are
+not bought again (a label counts as a teacher call whenever a round picks its text: the curve is about how many
+labels a student needs, not about this machine's cache). The student is sst2.py's `+embed` student (scratch BERT,
+hidden 64, 1 layer, MiniLM's embeddings projected; alpha 1, tau 4, lr 3e-3, batch 64), trained on the teacher's
+labels only (use_gold false). Each round's student is scored on the 872 dev sentences: quality kept = its gold
+accuracy / the teacher's.
+
+uncertainty: a random seed slice, then rounds of the texts the last student is least sure of (margin, spread by
+k-means++ over its pooled hidden states) up to half the training texts (3,460). random: the same rounds drawn at
+random, up to half, then on to all 6,920 (its curve beyond half replays the first rounds from the store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _classify_bench import (  # noqa: E402
+    REPO,
+    Settings,
+    _commit,
+    _copy_db,
+    _write_jsonl,
+    fine_tune_teacher,
+    minilm_path,
+    recipe_dict,
+)
+from sst2 import dataset  # noqa: E402
+
+SECTION = "## Selective labeling on SST-2 (benchmarks/active.py)"
+
+
+def run_one(ds, select: str, seed: int, max_rows: int, args, st: Settings, sst2: Path, work: Path, minilm: str) -> dict:
+    """One teacher.select run to max_rows (labels through a copy of the shared store); returns selection.json."""
+    import protege
+    from protege.active import label_selected
+
+    d = recipe_dict(ds, "+embed", seed, st, sst2, sst2 / "teacher", minilm)
+    d["training"]["hard_label_baseline"] = False
+    if args.select_fraction:  # checkpoint selection on a held-out slice of the labelled rows, once per epoch
+        d["training"] |= {"select_fraction": args.select_fraction, "select_metric": "kl"}
+    d["teacher"] |= {"select": select, "select_seed_rows": args.seed_rows, "select_round_rows": args.round_rows,
+                     "select_max_rows": max_rows}
+    if select == "uncertainty":
+        d["teacher"]["select_metric"] = args.metric
+    out = work / f"{select}-s{seed}"
+    d["output_dir"] = str(out)
+    recipe = protege.Recipe.model_validate(d)
+    shared = sst2 / "shared.db"
+    if shared.is_file() and not recipe.store_path.is_file():
+        _copy_db(shared, recipe.store_path)
+    t0 = time.perf_counter()
+    stats = label_selected(recipe, quiet=True)
+    sel = json.loads((out / "signals" / "selection.json").read_text())
+    sel["seconds"] = time.perf_counter() - t0
+    sel["new_calls"] = stats.called
+    last = sel["rounds"][-1]
+    print(f"[{select} s{seed} to {max_rows}] {len(sel['rounds'])} rounds, {last['rows']} labelled, "
+          f"{stats.called} new teacher calls, {sel['seconds']:.0f}s: dev accuracy "
+          + ", ".join(f"{r['rows']}:{100 * r['eval_accuracy']:.1f}" for r in sel["rounds"]), flush=True)
+    return sel
+
+
+def curve(sel: dict) -> dict[int, dict]:
+    t = sel["teacher_eval_accuracy"]
+    return {r["rows"]: {"acc": r["eval_accuracy"], "kept": r["eval_accuracy"] / t, "calls": r["teacher_calls"],
+                        "usd": r["usd"]} for r in sel["rounds"] if r.get("eval_accuracy") is not None}
+
+
+def ms(xs: list[float], scale: float = 100.0) -> str:
+    if not xs:
+        return ""
+    m = statistics.fmean(xs)
+    sd = statistics.stdev(xs) if len(xs) > 1 else None
+    return f"{scale * m:.1f}" + (f" ± {scale * sd:.1f}" if sd is not None else "")
+
+
+def plot(curves: dict[str, list[dict[int, dict]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for name, runs in curves.items():
+        points = sorted(set.intersection(*(set(c) for c in runs)))
+        for ax, key in ((axes[0], "calls"), (axes[1], "usd")):
+            xs = [statistics.fmean(c[p][key] for c in runs) for p in points]
+            ys = [statistics.fmean(c[p]["kept"] for c in runs) for p in points]
+            sd = [statistics.stdev([c[p]["kept"] for c in runs]) if len(runs) > 1 else 0 for p in points]
+            ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=3, label=f"select: {name}")
+    axes[0].set_xlabel("teacher calls (training texts labelled)")
+    axes[1].set_xlabel("teacher cost (USD: recorded compute at $0.10/h)")
+    axes[0].set_ylabel("quality kept (student / teacher dev accuracy)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.suptitle("SST-2: uncertainty vs random selection (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seed-rows", type=int, default=500)
+    p.add_argument("--round-rows", type=int, default=500)
+    p.add_argument("--metric", default="margin", choices=("margin", "entropy"))
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--select-fraction", type=float, default=0.0,
+                   help="training.select_fraction of every round's student (checkpoint picked once per epoch)")
+    p.add_argument("--out", default=None, help="work dir under runs/ (default sst2-active)")
+    p.add_argument("--section", default=SECTION, help="BENCHMARKS.md heading")
+    p.add_argument("--no-full-random", action="store_true", help="random only to half the texts (not on to all)")
+    p.add_argument("--quick", action="store_true", help="400 texts, rounds of 50, one seed, 2 epochs; no BENCHMARKS.md")
+    p.add_argument("--no-md", action="store_true")
+    p.add_argument("--note", action="append", default=[], help="a line for the section's notes")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    ds = dataset()
+    sst2 = REPO / "runs" / "sst2"
+    work = REPO / "runs" / ((args.out or "sst2-active") + ("-quick" if args.quick else ""))
+    st = Settings(epochs=args.epochs)
+    if args.quick:
+        ds.train, ds.eval = ds.train[:400], ds.eval[:200]
+        args.seed_rows, args.round_rows, st.epochs = 50, 50, 2
+        args.seeds = args.seeds.split(",")[0]
+        sst2 = work / "sst2"  # a data dir of its own (the texts are cut); the teacher and store are shared
+        sst2.mkdir(parents=True, exist_ok=True)
+        for name in ("teacher", "shared.db"):
+            src = REPO / "runs" / "sst2" / name
+            if src.exists() and not (sst2 / name).exists():
+                (sst2 / name).symlink_to(src) if name == "teacher" else shutil.copy(src, sst2 / name)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not (sst2 / "data" / "train.jsonl").is_file() or args.quick:  # the files sst2.py writes
+        _write_jsonl(sst2 / "data" / "train.jsonl", [{"id": f"train-{i}", "text": s} for i, (_, s) in enumerate(ds.train)])
+        _write_jsonl(sst2 / "data" / "eval.jsonl", [{"id": f"dev-{i}", "text": s, "label": ds.labels[y]}
+                                                    for i, (y, s) in enumerate(ds.eval)])
+    minilm = minilm_path()
+    teacher = fine_tune_teacher(ds, minilm, sst2 / "teacher", epochs=2, max_length=st.max_length)
+    n_all = len(ds.train)
+    half = n_all // 2
+    import torch
+
+    print(f"SST-2: {n_all} train, {len(ds.eval)} dev; half = {half}; torch {torch.get_num_threads()} thread(s)",
+          flush=True)
+    curves: dict[str, list[dict[int, dict]]] = {"uncertainty": [], "random": []}
+    secs: dict[str, float] = {}
+    results = []
+    for seed in seeds:
+        u = run_one(ds, "uncertainty", seed, half, args, st, sst2, work, minilm)
+        r_half = run_one(ds, "random", seed, half, args, st, sst2, work, minilm)
+        r = curve(r_half)
+        secs[f"uncertainty s{seed}"], secs[f"random s{seed}"] = u["seconds"], r_half["seconds"]
+        if not args.no_full_random:
+            r_all = run_one(ds, "random", seed, n_all, args, st, sst2, work, minilm)
+            r |= curve(r_all)
+            secs[f"random s{seed}"] += r_all["seconds"]
+        curves["uncertainty"].append(curve(u))
+        curves["random"].append(r)
+        results.append({"seed": seed, "uncertainty": u, "random": r})
+        (work / "results.json").write_text(json.dumps({"curves": curves, "teacher": teacher, "seconds": secs},
+                                                      indent=1, default=str))
+    plot(curves, work / "learning_curves.png")
+
+    # -- the table ------------------------------------------------------------------------------------------------
+    t_acc = curves["uncertainty"][0] and results[0]["uncertainty"]["teacher_eval_accuracy"]
+    points = sorted(set().union(*(set(c) for runs in curves.values() for c in runs)))
+    lines = ["| texts labelled (teacher calls) | random: dev accuracy % | random: quality kept % | uncertainty: dev "
+             "accuracy % | uncertainty: quality kept % | teacher cost, USD (random / uncertainty) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for pt in points:
+        cells = []
+        usd = []
+        for name in ("random", "uncertainty"):
+            have = [c[pt] for c in curves[name] if pt in c]
+            full = len(have) == len(curves[name])
+            cells += [ms([h["acc"] for h in have]) if full else "", ms([h["kept"] for h in have]) if full else ""]
+            usd.append(f"{statistics.fmean(h['usd'] for h in have):.5f}" if full else "–")
+        lines.append(f"| {pt:,} | " + " | ".join(cells) + f" | {' / '.join(usd)} |")
+    table = "\n".join(lines)
+    goal_lines = []
+    r_all = [c[n_all]["acc"] for c in curves["random"] if n_all in c]
+    u_half = [c[half]["acc"] for c in curves["uncertainty"] if half in c]
+    if len(r_all) == len(seeds) and len(u_half) == len(seeds):
+        diffs = [u - r for u, r in zip(u_half, r_all)]
+        m = statistics.fmean(diffs)
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+        met = m >= 0
+        goal_lines.append(
+            f"- Goal (uncertainty with at most half the teacher calls, {half:,}, reaches random's quality with all "
+            f"{n_all:,}): uncertainty at {half:,} {ms(u_half)}% vs random at {n_all:,} {ms(r_all)}% dev accuracy; "
+            f"paired difference {100 * m:+.1f} points (std over seeds {100 * sd:.1f}) -> "
+            f"{'met (on the mean)' if met else 'NOT met'}")
+        smallest = None
+        for pt in points:
+            us = [c[pt]["acc"] for c in curves["uncertainty"] if pt in c]
+            if len(us) == len(seeds) and statistics.fmean(us) >= statistics.fmean(r_all):
+                smallest = pt
+                break
+        goal_lines.append(
+            f"- Fewest labels at which uncertainty's mean reaches random-with-all's mean: "
+            + (f"{smallest:,} ({100 * smallest / n_all:.0f}% of the calls)" if smallest else "none measured"))
+    same = [(pt, [c[pt]["acc"] for c in curves["uncertainty"]], [c[pt]["acc"] for c in curves["random"]])
+            for pt in points if all(pt in c for c in curves["uncertainty"] + curves["random"])]
+    wins = sum(statistics.fmean(u) > statistics.fmean(r) for _, u, r in same)
+    goal_lines.append(f"- Same number of labels: uncertainty's mean above random's at {wins} of {len(same)} points.")
+    collapsed = [f"{name} s{seed} at {pt:,} ({100 * c[pt]['acc']:.1f}%)" for name, runs in curves.items()
+                 for seed, c in zip(seeds, runs) for pt in sorted(c) if c[pt]["acc"] < 0.6]
+    goal_lines.append("- Students that collapsed (below 60% dev accuracy; the majority class alone is 50.9%), kept in "
+                      "the means: " + ("; ".join(collapsed) if collapsed else "none"))
+    wall = time.perf_counter() - started
+    print("\n" + table + "\n\n" + "\n".join(goal_lines) + f"\n\nwall {wall / 60:.1f} min", flush=True)
+    if args.quick or args.no_md:
+        return 0
+
+    import platform
+
+    import torch
+
+    from _md import write_section
+
+    flags = " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = f"OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/active.py {flags}".rstrip()
+    date = subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()
+    per_run = "; ".join(f"{k} {v:.0f}s" for k, v in secs.items())
+    first = results[0]["uncertainty"]
+    section = f"""{args.section}
+
+teacher.select: uncertainty against random on the same number of teacher labels, SST-2 (issue 13.4). Teacher:
+sst2.py's fine-tuned MiniLM-L6 (dev accuracy {100 * t_acc:.1f}%; {'reused from runs/sst2' if teacher.get('reused') else 'fine-tuned in this run'}),
+its answers read from sst2.py's store (copied into each run): every text a round picks counts as one teacher call
+whether or not this machine had it cached. Dollars: the teacher is a local model, priced as the cascade section
+prices it, at its recorded compute time per call (the store's seconds when sst2.py labelled the texts) times
+eval.compute_usd_per_hour $0.10; an API teacher's dollars would be its per-call price times the same call counts.
+Student: sst2.py's `+embed` student (scratch BERT from the MiniLM tokenizer, hidden {st.hidden_size}, {st.layers}
+layer, embeddings projected from MiniLM; alpha {st.alpha:g}, temperature {st.temperature:g}, lr {st.lr:g}, batch
+{st.batch_size}, {st.epochs} epochs{f", training.select_fraction {args.select_fraction:g}: the checkpoint of the epoch that agrees best with the teacher (KL) on that share of the labelled rows, held out of training" if args.select_fraction else ", last step kept"}), trained on the teacher's labels only. Rounds: a random seed slice of
+{args.seed_rows}, then {args.round_rows} per round; uncertainty picks by {first['metric']}, spread by k-means++
+over the student's mean-pooled hidden states among the {4 * args.round_rows:,} least sure; random takes the next
+texts of the same seeded random order. A student is trained after every round and scored on the {len(ds.eval)} dev
+sentences (gold); quality kept = its accuracy / the teacher's. Three seeds (training.seed: seed slice, order,
+initialisation); mean ± standard deviation over seeds (the dev set's own sampling error is about
+{100 * math.sqrt(0.16 / len(ds.eval)):.1f} points at 80%).
+
+- Command: `{cmd}`
+- Machine: 2-core CPU, no GPU (torch {torch.__version__}, {torch.get_num_threads()} thread, Python {platform.python_version()}), the other core used by another engineer's work
+- Date: {date}
+- Commit: {_commit()}
+- Wall time: {wall / 60:.1f} min; per run (label rounds, training and scoring): {per_run}
+- Plot: {work.relative_to(REPO)}/learning_curves.png (not committed; each run's `protege eval` report draws its own curve)
+
+{table}
+
+{chr(10).join(goal_lines)}
+"""
+    if args.note:
+        section += "\nNotes:\n\n" + "\n".join(f"- {n}" for n in args.note) + "\n"
+    write_section(REPO / "BENCHMARKS.md", args.section, section)
+    print(f"wrote {args.section!r} to BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
