@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from protege.evaluation.lm import lm_figures
     from protege.labeling.labeler import label, read_signals
-    from protege.pipeline import _lm_rows
+    from protege.pipeline import lm_rows
     from protege.recipe import Recipe
     from protege.students.lm import build_lm_student, load_lm_student
     from protege.teachers import make_teacher
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = label(recipe, quiet=True)
     label_s = time.perf_counter() - t0
     print(f"[label] {stats.called} teacher calls, {stats.cached} from the store, {label_s:.1f}s")
-    rows = _lm_rows(recipe)
+    rows = lm_rows(recipe)
     held = read_signals(recipe, "eval")
 
     teacher = make_teacher(recipe.teacher)

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import n_calls, served, sql, write_jsonl
+from test_lm_e2e import sharp_teacher  # noqa: F401  (fixture)
 from test_serve import running
 
 pytest.importorskip("fastapi")
@@ -286,3 +287,40 @@ def test_the_budget_stops_labelling_between_rounds_and_a_rerun_buys_nothing_twic
     third = report(run, "v4")
     assert openai_fake.answered == held + t["labelled_now"]  # nothing bought twice, nothing past the cap
     assert third["training"]["free"] >= t["labelled_now"]
+
+
+def test_improve_trains_a_language_model_student_on_its_captured_conversations(tmp_path, sharp_teacher):
+    """A language-model student: the conversations it served are labelled by the teacher (free for those the
+    cascade's teacher answered: the same request, so the same key), a candidate trained on them beside the run's
+    rows, and the two compared by top-1 agreement with the teacher's replies."""
+    from test_lm_e2e import write_recipe
+
+    res = invoke("run", str(write_recipe(tmp_path, sharp_teacher, "topk")), "-q")
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "out"
+    asked = [[{"role": "user", "content": f"Tell me about thing number {i}."}] for i in range(24)]
+    with running(run / "student", capture=True, cascade_threshold=1.01) as srv, srv.client() as client:
+        for messages in asked[:12]:  # the teacher answers these (the cascade): in the store already
+            client.chat.completions.create(model="x", messages=messages)
+    with running(run / "student", capture=True) as srv, srv.client() as client:
+        for messages in asked[12:]:  # the student answers these: new to the teacher
+            client.chat.completions.create(model="x", messages=messages)
+    calls = n_calls(run / "protege.db")
+    res = invoke("improve", str(run), "-q", "--min-rows", "10", "--margin", "1")
+    assert res.exit_code == 0, res.output
+    r = report(run, "v2")
+    assert r["decision"] == "promoted" and r["captured"]["new_texts"] == 24
+    for s in r["sets"].values():
+        assert s["candidate"]["metric"] == "top-1 agreement" and 0 <= s["candidate"]["value"] <= 1
+    t, held = r["training"], r["fresh_held_out"]
+    fresh = [json.loads(x) for x in (run / "improve" / "v2" / "fresh_eval.jsonl").read_text().splitlines()]
+    train = [json.loads(x) for x in (run / "improve" / "v2" / "train.jsonl").read_text().splitlines()]
+    new = [row for row in train if row["id"].startswith("captured-")]
+    assert len(new) == t["new_rows"] == 24 - held["texts"] and len(fresh) == held["texts"] == 5
+    assert {json.dumps(row["messages"]) for row in new + fresh} == {json.dumps(m) for m in asked}
+    cascaded = {json.dumps(m) for m in asked[:12]}
+    assert t["free"] == sum(json.dumps(row["messages"]) in cascaded for row in new)
+    assert held["called"] == sum(json.dumps(row["messages"]) not in cascaded for row in fresh)
+    assert n_calls(run / "protege.db") == calls + t["labelled_now"] + held["called"]
+    assert json.loads((run / "student" / "protege.json").read_text())["kind"] == "causal_lm"
+    assert card_version(run / "student") == card_version(run / "versions" / "v2")

@@ -377,9 +377,9 @@ def improve(target: Path, quiet: bool, margin: float, holdout_fraction: float, m
     worse.
 
     \b
-    The captured texts since the current version are labelled by the teacher (free where the store has the
-    answer, the rest least sure first within teacher.budget_usd); a candidate is trained on the old training rows
-    plus the new, compared with the current student on the fixed held-out split and on a fresh held-out slice of
+    The captured texts (or conversations) since the current version are labelled by the teacher (free where the
+    store has the answer, the rest least sure first within teacher.budget_usd); a candidate is trained on the old
+    training rows plus the new, compared with the current student on the fixed held-out split and on a fresh held-out slice of
     the traffic, and promoted (student/ replaced, the old one kept in versions/) only if it trails by at most
     --margin on both. The report is in RUN_DIR/improve/vN/report.md.
 

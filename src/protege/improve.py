@@ -1,6 +1,7 @@
 """``protege improve``: the next student from the served student's own traffic (the flywheel of the design).
 
-One call, on a run whose student served with ``--capture``:
+One call, on a run whose student served with ``--capture`` (a classifier's texts, or a language model's
+conversations):
 
 1. **Gather** the captured texts since the current version was made (rows of the store's ``captured`` table after
    the version's ``captured_through``), once each, leaving out the evaluation split's texts and the texts the
@@ -8,15 +9,16 @@ One call, on a run whose student served with ``--capture``:
 2. **Hold out** a slice of them (``holdout_fraction``, by a hash of the seed and the text, so a rerun draws the
    same one): the fresh test of recent traffic, labelled by the teacher in full.
 3. **Label** the rest: a text the teacher already answered (in the cascade, or an earlier improve) costs nothing,
-   the store has it; the others go to the teacher least sure first, by the current student's margin or entropy
-   with diversity (:func:`protege.labeling.uncertainty.pick`), in rounds, until ``max_label`` texts or the
+   the store has it; the others go to the teacher least sure first (a classifier: the current student's margin or
+   entropy with diversity, :func:`protege.labeling.uncertainty.pick`; a language model: the confidence it
+   served with, the mean probability of its tokens), in rounds, until ``max_label`` texts or the
    teacher's budget (``teacher.budget_usd``, which counts everything the store has spent) is reached; what the
    budget stopped is said in the report, not lost (a rerun with a higher cap goes on).
 4. **Train** a candidate on the current version's training rows plus the new ones (``improve/vN/train.jsonl``),
    as ``protege train`` would, into ``versions/vN``.
 5. **Compare** candidate and incumbent on the fixed held-out split (``signals/eval.jsonl``: gold accuracy where
    every row has a gold label, else agreement with the teacher) and on the fresh slice (agreement with the
-   teacher), and promote the candidate only if it is not worse than the incumbent by more than ``margin`` on
+   teacher; a language model: top-1 agreement with the teacher's replies, teacher forced, on both), and promote the candidate only if it is not worse than the incumbent by more than ``margin`` on
    either; ``stage=True`` keeps a passing candidate back for ``protege serve --canary`` and ``protege promote``.
    ``improve/vN/report.md`` (and ``.json``) says what was done and why, either way.
 
@@ -57,11 +59,12 @@ def _run(target: Path | str, overrides: dict[str, Any] | None = None) -> tuple[P
     data = {**recipe.model_dump(), "output_dir": run_dir}
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
-    recipe = build_recipe(data)
-    if recipe.task.kind == "generation":
-        raise ProtegeError("`protege improve` trains classifier students; a language-model student's traffic is "
-                           "captured (for your own use) but not yet trained on")
-    return run_dir, recipe
+    return run_dir, build_recipe(data)
+
+
+def _file_hash(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def _rank(seed: int, text: str) -> str:
@@ -84,26 +87,58 @@ def _training_rows(run_dir: Path, versions: Versions, name: str) -> list[dict[st
     return _read_jsonl(path)
 
 
-def _signal_rows(recipe: Recipe, store: Store, examples: list[Any], teacher: Any, quiet: bool,
-                 desc: str) -> tuple[list[dict[str, Any]], Any]:
-    """The teacher's signal rows for ``examples`` (those it answered), and the labeling stats."""
-    from .labeling.labeler import _ok_rows, label_examples, recipe_shots
+class _Items:
+    """The new captured inputs as labeling sees them: an example and the teacher's request for each (a classifier's
+    text rendered as labeling renders it; a conversation as the cascade asks about it, so the keys match)."""
 
-    shots = recipe_shots(recipe)
-    signals, keys, stats = label_examples(teacher, recipe, examples, store, quiet, desc=desc, shots=shots)
-    return _ok_rows(recipe, shots, examples, signals, keys), stats
+    def __init__(self, recipe: Recipe, teacher: Any, inputs: list[str | list[dict[str, str]]]):
+        from .labeling.data import Example
+        from .labeling.labeler import recipe_shots, requests_for
+        from .labeling.prompts import conversation_request
+
+        self.recipe, self.teacher, self.shots = recipe, teacher, recipe_shots(recipe)
+        self.examples, self.requests = [], []
+        for x in inputs:
+            key = _identity(x)
+            text = x if isinstance(x, str) else next((m["content"] for m in reversed(x) if m["role"] == "user"), "")
+            self.examples.append(Example(id=f"captured-{hashlib.sha256(key.encode()).hexdigest()[:12]}", text=text,
+                                         gold=None, where="captured"))
+            if not isinstance(x, str):
+                t = recipe.teacher
+                self.requests.append(conversation_request(recipe.task, x, t.max_tokens, t.top_logprobs))
+        if recipe.task.kind == "classification":
+            self.requests = requests_for(recipe, self.examples, self.shots)
+
+    def label(self, idx: list[int], store: Store, quiet: bool, desc: str) -> tuple[list[dict[str, Any]], Any]:
+        """The teacher's signal rows for items ``idx`` (those it answered), and the labeling stats."""
+        from .labeling.labeler import _ok_rows, label_examples, label_requests
+
+        examples, requests = [self.examples[i] for i in idx], [self.requests[i] for i in idx]
+        if self.teacher is None:  # an ensemble labels through each member
+            signals, keys, stats = label_examples(None, self.recipe, examples, store, quiet, desc, self.shots)
+        else:
+            signals, keys, stats = label_requests(self.teacher, self.recipe, requests, store, quiet, desc)
+        return _ok_rows(self.recipe, self.shots, examples, signals, keys, requests), stats
+
+    def cached(self, idx: list[int], store: Store) -> list[bool]:
+        """Whether the store already holds the teacher's answer for each of items ``idx`` (free to use)."""
+        if self.teacher is None:  # an ensemble: each member's cache is checked as it labels; none is known free
+            return [False] * len(idx)
+        from .store import call_key
+
+        keys = [call_key(self.teacher.identity, self.requests[i].to_json()) for i in idx]
+        done = store.get_signals(keys)
+        return [k in done for k in keys]
 
 
-def _cached(recipe: Recipe, store: Store, examples: list[Any], teacher: Any) -> list[bool]:
-    """Whether the store already holds the teacher's answer for each example (free to use)."""
-    if teacher is None:  # an ensemble: each member's cache is checked as it labels; none is known free
-        return [False] * len(examples)
-    from .labeling.labeler import recipe_shots, requests_for
-    from .store import call_key
+def _identity(x: str | list[dict[str, str]] | tuple[dict[str, str], ...]) -> str:
+    """What makes two captured inputs the same: the text, or the conversation."""
+    return x.strip() if isinstance(x, str) else json.dumps([dict(m) for m in x], sort_keys=True, ensure_ascii=False)
 
-    keys = [call_key(teacher.identity, r.to_json()) for r in requests_for(recipe, examples, recipe_shots(recipe))]
-    done = store.get_signals(keys)
-    return [k in done for k in keys]
+
+def _row_identity(row: dict[str, Any], kind: str) -> str:
+    """The same for a signal row: its text (classification) or the conversation the teacher saw (generation)."""
+    return _identity(row["text"] if kind == "classification" else row["messages"])
 
 
 def _score(student_dir: Path, rows: list[dict[str, Any]], labels: tuple[str, ...], use_gold: bool) -> dict[str, Any]:
@@ -120,6 +155,19 @@ def _score(student_dir: Path, rows: list[dict[str, Any]], labels: tuple[str, ...
     by_gold = use_gold and rows and len(gold) == len(rows)
     return {"rows": len(rows), "agreement": agreement, "accuracy": accuracy,
             "metric": "accuracy" if by_gold else "agreement", "value": accuracy if by_gold else agreement}
+
+
+def _score_lm(student_dir: Path, rows: list[dict[str, Any]], recipe: Recipe) -> dict[str, Any]:
+    """A language-model student on held-out signal rows: its top-1 agreement with the teacher's replies, teacher
+    forced (the share of the teacher's tokens it would have chosen itself)."""
+    from .evaluation.lm import lm_figures
+    from .students.lm import load_lm_student
+
+    model, tok, card = load_lm_student(student_dir)
+    agreement = lm_figures(model, tok, rows, recipe, chat=card.chat, generate=False)["top1_agreement"] if rows \
+        else None
+    return {"rows": len(rows), "agreement": agreement, "accuracy": None, "metric": "top-1 agreement",
+            "value": agreement}
 
 
 def _decide(sets: dict[str, dict[str, Any]], margin: float) -> tuple[bool, list[str]]:
@@ -146,7 +194,6 @@ def improve(target: Path | str, *, margin: float = DEFAULT_MARGIN, holdout_fract
     """Train, compare and (maybe) promote the next student of the run ``target`` from its captured traffic (see
     the module). ``overrides``: recipe settings for the candidate's training (dotted keys, as the CLI's flags).
     Returns the report also written to ``improve/vN/report.json``."""
-    from .labeling.data import Example
     from .labeling.uncertainty import pick
     from .pipeline import classifier_rows
     from .teachers import make_teacher
@@ -167,53 +214,57 @@ def improve(target: Path | str, *, margin: float = DEFAULT_MARGIN, holdout_fract
         raise ProtegeError(f"{str(eval_path)!r} does not exist: the fixed held-out split is half of the "
                            "comparison; run `protege label` first")
     fixed = _read_jsonl(eval_path)
-    known = {r["text"] for r in old_rows} | {r["text"] for r in fixed}
+    kind = recipe.task.kind
+    known = {_row_identity(r, kind) for r in old_rows + fixed}
     t0 = time.time()
     with Store(recipe.store_path) as store:
-        captured = [c for c in store.captured(after_id=through) if isinstance(c.input, str)]
+        captured = [c for c in store.captured(after_id=through)
+                    if isinstance(c.input, str) == (kind == "classification")]
         newest = max((c.id or 0 for c in captured), default=through)
-        texts = list(dict.fromkeys(c.input.strip() for c in captured if c.input.strip()))
-        texts = [t for t in texts if t not in known]
-        if len(texts) < min_rows:
+        inputs: dict[str, Any] = {}  # identity -> the input, once each, oldest first
+        sureness: dict[str, float] = {}  # identity -> the least confidence the student had in it
+        for c in captured:
+            key = _identity(c.input)
+            if key and key not in known:
+                inputs.setdefault(key, c.input.strip() if isinstance(c.input, str) else c.input)
+                if c.confidence is not None:
+                    sureness[key] = min(sureness.get(key, 1.0), c.confidence)
+        if len(inputs) < min_rows:
             raise ProtegeError(
-                f"only {len(texts)} new captured texts since {incumbent} (captured rows after id {through}, "
+                f"only {len(inputs)} new captured texts since {incumbent} (captured rows after id {through}, "
                 f"{len(captured)} in all, less those already trained on or in the evaluation split); improve "
                 f"needs at least {min_rows} (--min-rows): serve with `protege serve --capture` and come back later")
-        order = sorted(texts, key=lambda t: _rank(recipe.training.seed, t))
+        order = sorted(inputs, key=lambda k: _rank(recipe.training.seed, k))
         n_hold = max(1, round(holdout_fraction * len(order)))
-        held_texts, pool_texts = order[:n_hold], order[n_hold:]
-        examples = {t: Example(id=f"captured-{hashlib.sha256(t.encode()).hexdigest()[:12]}", text=t, gold=None,
-                               where="captured") for t in texts}
         teacher = None if recipe.teacher.kind == "ensemble" else make_teacher(recipe.teacher)
+        items = _Items(recipe, teacher, [inputs[k] for k in order])
+        held, pool = list(range(n_hold)), list(range(n_hold, len(order)))
         spent_before = store.spent()
-        fresh, hold_stats = _signal_rows(recipe, store, [examples[t] for t in held_texts], teacher, quiet,
-                                         "label fresh held-out")
-        pool = [examples[t] for t in pool_texts]
-        free = _cached(recipe, store, pool, teacher)
-        chosen = [e for e, f in zip(pool, free) if f]
-        unsure = [e for e, f in zip(pool, free) if not f]
+        fresh, hold_stats = items.label(held, store, quiet, "label fresh held-out")
+        free = items.cached(pool, store)
+        chosen = [i for i, f in zip(pool, free) if f]
+        unsure = [i for i, f in zip(pool, free) if not f]
         new_rows, stopped = [], None
         if chosen:
-            rows, _ = _signal_rows(recipe, store, chosen, teacher, True, "read answered")
-            new_rows += rows
+            new_rows += items.label(chosen, store, True, "read answered")[0]
         if unsure:
-            from .evaluation.classifier import student_probs
-
-            probs, _ = student_probs(versions.student_dir, [e.text for e in unsure])
             cap = len(unsure) if max_label is None else min(max_label, len(unsure))
-            ranked = [unsure[i] for i in pick(probs.tolist(), cap, metric,
-                                              seed=recipe.training.seed)]
-            for i in range(0, len(ranked), ROUND_ROWS):
+            if kind == "classification":  # the current student's doubts now, spread over its predicted labels
+                from .evaluation.classifier import student_probs
+
+                probs, _ = student_probs(versions.student_dir, [items.examples[i].text for i in unsure])
+                ranked = [unsure[j] for j in pick(probs.tolist(), cap, metric, seed=recipe.training.seed)]
+            else:  # a language model's doubt as it served: the mean probability of the tokens it chose
+                ranked = sorted(unsure, key=lambda i: sureness.get(order[i], 1.0))[:cap]
+            for r in range(0, len(ranked), ROUND_ROWS):
+                batch = ranked[r : r + ROUND_ROWS]
                 try:
-                    rows, _ = _signal_rows(recipe, store, ranked[i : i + ROUND_ROWS], teacher, quiet,
-                                           f"label traffic {i // ROUND_ROWS + 1}")
-                except BudgetReached as e:
+                    new_rows += items.label(batch, store, quiet, f"label traffic {r // ROUND_ROWS + 1}")[0]
+                except BudgetReached as e:  # keep what was bought before the cap, and stop
                     stopped = str(e)
-                    rows, _ = _signal_rows(recipe, store, [x for x, f in zip(ranked[i : i + ROUND_ROWS], _cached(
-                        recipe, store, ranked[i : i + ROUND_ROWS], teacher)) if f], teacher, True, "read answered")
-                    new_rows += rows
+                    bought = [i for i, f in zip(batch, items.cached(batch, store)) if f]
+                    new_rows += items.label(bought, store, True, "read answered")[0]
                     break
-                new_rows += rows
             if max_label is not None and max_label < len(unsure) and stopped is None:
                 stopped = f"--max-label {max_label}: {len(unsure) - max_label} less informative texts left unlabelled"
         spent = store.spent() - spent_before
@@ -225,19 +276,29 @@ def improve(target: Path | str, *, margin: float = DEFAULT_MARGIN, holdout_fract
         # the run's recipe and signals it grew from (so `protege run` keeps it as current), and what it added
         meta = {
             "recipe_hash": base.section_hash("task", "data", "teacher", "student", "training"),
-            "signals_hash": hashlib.sha256((run_dir / "signals" / "train.jsonl").read_bytes()).hexdigest()[:16],
-            "improve": {"parent": incumbent, "train_hash": hashlib.sha256(
-                (out / "train.jsonl").read_bytes()).hexdigest()[:16], "captured_through": newest,
-                "overrides": overrides or {}},
+            "signals_hash": _file_hash(run_dir / "signals" / "train.jsonl"),
+            "improve": {"parent": incumbent, "train_hash": _file_hash(out / "train.jsonl"),
+                        "captured_through": newest, "overrides": overrides or {}},
         }
-        summary = train_student(recipe, classifier_rows(recipe, train_rows), versions.path(name),
-                                recipe.training.alpha, quiet, extra_meta=meta)
+        if kind == "classification":
+            summary = train_student(recipe, classifier_rows(recipe, train_rows), versions.path(name),
+                                    recipe.training.alpha, quiet, extra_meta=meta)
+        else:
+            from .pipeline import lm_rows
+            from .training.lm import train_lm
+
+            summary = train_lm(recipe, lm_rows(recipe, train_rows), versions.path(name), quiet, extra_meta=meta,
+                               store=store)
         store.log_compute("improve", summary["train_seconds"], examples=len(train_rows), version=name)
-    labels = recipe.task.label_names
     sets = {}
     for set_name, rows, use_gold in (("fixed held-out", fixed, True), ("fresh traffic", fresh, False)):
-        sets[set_name] = {"incumbent": _score(versions.path(incumbent), rows, labels, use_gold),
-                          "candidate": _score(versions.path(name), rows, labels, use_gold)}
+        if kind == "classification":
+            labels = recipe.task.label_names
+            sets[set_name] = {"incumbent": _score(versions.path(incumbent), rows, labels, use_gold),
+                              "candidate": _score(versions.path(name), rows, labels, use_gold)}
+        else:
+            sets[set_name] = {"incumbent": _score_lm(versions.path(incumbent), rows, recipe),
+                              "candidate": _score_lm(versions.path(name), rows, recipe)}
     passed, reasons = _decide(sets, margin)
     if passed and not stage:
         decision = "promoted"
@@ -246,9 +307,9 @@ def improve(target: Path | str, *, margin: float = DEFAULT_MARGIN, holdout_fract
     else:
         decision = "refused"
     report = {
-        "version": name, "incumbent": incumbent, "decision": decision, "reasons": reasons, "margin": margin,
-        "captured": {"rows": len(captured), "after_id": through, "through_id": newest, "new_texts": len(texts)},
-        "fresh_held_out": {"texts": len(held_texts), "labelled": len(fresh), "called": hold_stats.called},
+        "version": name, "incumbent": incumbent, "kind": kind, "decision": decision, "reasons": reasons, "margin": margin,
+        "captured": {"rows": len(captured), "after_id": through, "through_id": newest, "new_texts": len(inputs)},
+        "fresh_held_out": {"texts": len(held), "labelled": len(fresh), "called": hold_stats.called},
         "training": {"old_rows": len(old_rows), "new_rows": len(new_rows), "free": len(chosen),
                      "labelled_now": len(new_rows) - len(chosen), "pool": len(pool), "stopped": stopped,
                      "train_seconds": summary["train_seconds"]},
@@ -289,7 +350,9 @@ def format_report(r: dict[str, Any]) -> str:
                      f"{pct(i['accuracy'])} | {pct(k['accuracy'])} |")
     lines += [
         "",
-        "Agreement: the share of texts where the student's label is the teacher's; accuracy: against gold labels.",
+        "Agreement: the share of texts where the student's label is the teacher's; accuracy: against gold labels."
+        if r.get("kind") != "generation" else "Agreement (top-1): the share of the teacher's reply tokens the student "
+        "would have chosen itself, teacher forced.",
         "",
         "## Data",
         "",

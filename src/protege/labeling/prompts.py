@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from ..recipe import FewShotExample, TaskConfig
 from ..teachers.base import Generate, Request
 
-__all__ = ["render_request", "render_generation", "instruction_block"]
+__all__ = ["conversation_request", "render_request", "render_generation", "instruction_block"]
 
 GENERATION_MAX_TOKENS = 256  # default answer length of a generation task (512 with a rationale)
 
@@ -95,3 +95,17 @@ def render_generation(
         text=text,
         generate=Generate(max_tokens=limit, top_logprobs=top_logprobs, rationale=rationale),
     )
+
+
+def conversation_request(
+    task: TaskConfig, messages: Sequence[dict[str, str]], max_tokens: int | None, top_logprobs: int
+) -> Request:
+    """The teacher's request for a served conversation (the cascade's fallback, and ``protege improve`` reading
+    captured traffic, so the two share cache keys): the conversation as the client sent it, greedy, up to
+    ``max_tokens`` (None: the task's limit, the one labeling used), with the task's answer format."""
+    from dataclasses import replace
+
+    user = [m["content"] for m in messages if m["role"] == "user"]
+    labeled = render_generation(task, user[-1] if user else "", max_tokens, top_logprobs)
+    assert labeled.generate is not None
+    return Request(messages=tuple(dict(m) for m in messages), labels=(), text=labeled.text, generate=labeled.generate)

@@ -154,14 +154,14 @@ class TeacherFallback:
     def generation_request(self, messages: Sequence[dict[str, str]], max_tokens: int | None) -> Request:
         """The teacher's request for a served conversation: greedy, up to ``max_tokens`` (None: the recipe's
         limit, the one labeling used), with the recipe's top-logprobs and answer format."""
-        from ..labeling.prompts import render_generation
+        from ..labeling.prompts import conversation_request
 
-        user = [m["content"] for m in messages if m["role"] == "user"]
-        labeled = render_generation(self.recipe.task, user[-1] if user else "", self.recipe.teacher.max_tokens,
-                                    self.recipe.teacher.top_logprobs)
-        assert labeled.generate is not None
-        gen = labeled.generate if max_tokens is None else replace(labeled.generate, max_tokens=max_tokens)
-        return Request(messages=tuple(dict(m) for m in messages), labels=(), text=labeled.text, generate=gen)
+        t = self.recipe.teacher
+        request = conversation_request(self.recipe.task, messages, t.max_tokens, t.top_logprobs)
+        assert request.generate is not None
+        if max_tokens is None:
+            return request
+        return replace(request, generate=replace(request.generate, max_tokens=max_tokens))
 
     def ask(self, requests: Sequence[Request]) -> list[TeacherAnswer | TeacherFailure]:
         """The teacher's answer for each request, in order; never raises for a teacher's failure."""
