@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from protege.errors import DataError
-from protege.labeling.data import Example, load_splits, read_examples
+from protege.labeling.data import Example, load_splits, read_examples, stream_splits
 from protege.recipe import DataConfig
 
 LABELS = ("billing", "shipping", "other")
@@ -264,3 +264,24 @@ def test_byte_order_mark_is_tolerated(tmp_path):
     p.write_bytes("text,label\nhello there,".encode("utf-8-sig") + LABELS[0].encode() + b"\n")
     (ex,) = read_examples(p, DataConfig(path=p), LABELS)
     assert ex.text == "hello there" and ex.gold == LABELS[0]
+
+
+@pytest.mark.parametrize("held_out_file", [False, True])
+def test_streamed_splits_are_the_splits_in_memory(tmp_path, held_out_file):
+    """stream_splits reads the training rows anew a row at a time; the split is load_splits' exactly."""
+    rows = [{"id": f"r{i}", "text": f"text {i}", "label": "pos" if i % 2 else "neg"} for i in range(50)]
+    kw = {"path": _jsonl(tmp_path / "d.jsonl", rows), "eval_fraction": 0.2}
+    if held_out_file:
+        kw["eval_path"] = _jsonl(tmp_path / "e.jsonl", [{"id": f"e{i}", "text": f"other {i}"} for i in range(7)])
+    cfg = DataConfig(**kw)
+    train, held = load_splits(cfg, ("pos", "neg"), seed=3)
+    rows_of, n, streamed_held = stream_splits(cfg, ("pos", "neg"), seed=3)
+    assert streamed_held == held and n == len(train)
+    assert list(rows_of()) == train == list(rows_of())  # each call reads the file again
+
+
+def test_streamed_splits_refuse_ids_in_both_files(tmp_path):
+    d = _jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}])
+    e = _jsonl(tmp_path / "e.jsonl", [{"id": "b", "text": "z"}])
+    with pytest.raises(DataError, match="1 ids appear in both data.path and data.eval_path"):
+        stream_splits(DataConfig(path=d, eval_path=e), None, seed=0)

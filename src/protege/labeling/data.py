@@ -7,9 +7,10 @@ import csv
 import hashlib
 import itertools
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ..errors import DataError, MissingExtra
 from ..recipe import DATA_FILE_SUFFIXES as SUFFIXES
@@ -157,7 +158,12 @@ def _dataset_rows(dataset: Dataset, name: str, label_col: str | None, names: lis
 
 
 def read_examples(path: Path, cfg: DataConfig, labels: tuple[str, ...] | None, split: str = "") -> list[Example]:
-    """Read and validate every row of ``path``; raise DataError naming the file, line and fix.
+    """Every row of ``path`` as an example (:func:`iter_examples`, in a list)."""
+    return list(iter_examples(path, cfg, labels, split))
+
+
+def iter_examples(path: Path, cfg: DataConfig, labels: tuple[str, ...] | None, split: str = "") -> Iterator[Example]:
+    """Read and validate the rows of ``path`` one at a time; raise DataError naming the file, line and fix.
 
     ``labels`` is the label set gold labels must come from; None for a generation task, whose label column
     holds free-text reference answers.
@@ -208,7 +214,7 @@ def read_examples(path: Path, cfg: DataConfig, labels: tuple[str, ...] | None, s
         rows = _dataset_rows(dataset, source, label_col, names)
 
     folded = {name.casefold(): name for name in labels or ()}
-    examples, seen_ids = [], set()
+    seen_ids: dict[str, int] = {}
     for n, row in rows:
         where = f"{source}:{n}"
         text = row.get(cfg.text_column)
@@ -228,15 +234,60 @@ def read_examples(path: Path, cfg: DataConfig, labels: tuple[str, ...] | None, s
                 raise DataError(f"{where}: label {gold!r} is not one of the task's labels {list(labels)}{hint}")
         ex_id = str(row[id_col]) if id_col and row.get(id_col) is not None else f"{split}{stem}:{n}"
         if ex_id in seen_ids:
-            first = next(e.where for e in examples if e.id == ex_id).rsplit(":", 1)[1]
-            raise DataError(f"{where}: id {ex_id!r} repeats line {first}; ids must be unique")
-        seen_ids.add(ex_id)
-        examples.append(Example(ex_id, text, gold, where))
-    return examples
+            raise DataError(f"{where}: id {ex_id!r} repeats line {seen_ids[ex_id]}; ids must be unique")
+        seen_ids[ex_id] = n
+        yield Example(ex_id, text, gold if gold is None else sys.intern(gold), where)
 
 
 def _rank(seed: int, ex_id: str) -> str:
     return hashlib.sha256(f"{seed}:{ex_id}".encode()).hexdigest()
+
+
+def stream_splits(cfg: DataConfig, labels: tuple[str, ...] | None, seed: int
+                  ) -> tuple[Callable[[], Iterator[Example]], int, list[Example]]:
+    """(a function that reads the training rows anew, a row at a time; how many there are; the eval rows): the
+    same split as :func:`load_splits`, without holding the training rows in memory (two passes over the data:
+    the ids first, which fix the eval split, then the rows)."""
+    if cfg.eval_path is not None or cfg.eval_split is not None:
+        held = read_examples(cfg.eval_path or cfg.path, cfg, labels, split="eval:")
+        held_ids = {e.id for e in held}
+        n, clash = 0, []
+        for e in iter_examples(cfg.path, cfg, labels):
+            n += 1
+            if e.id in held_ids:
+                clash.append(e.id)
+        if clash:
+            other = "data.eval_path" if cfg.eval_path is not None else "data.eval_split"
+            raise DataError(
+                f"{len(clash)} ids appear in both data.path and {other} (e.g. {sorted(clash)[0]!r}); "
+                "a held-out row must not be trained on"
+            )
+
+        def train_rows() -> Iterator[Example]:
+            return iter_examples(cfg.path, cfg, labels)
+
+        return train_rows, n, held
+    ids = [e.id for e in iter_examples(cfg.path, cfg, labels)]
+    n_eval = _eval_count(cfg, len(ids))
+    held_ids = set(sorted(ids, key=lambda i: _rank(seed, i))[:n_eval])
+    n_train = len(ids) - n_eval
+    del ids
+    held = [e for e in iter_examples(cfg.path, cfg, labels) if e.id in held_ids]
+
+    def train() -> Iterator[Example]:
+        return (e for e in iter_examples(cfg.path, cfg, labels) if e.id not in held_ids)
+
+    return train, n_train, held
+
+
+def _eval_count(cfg: DataConfig, rows: int) -> int:
+    n_eval = round(rows * cfg.eval_fraction)
+    if n_eval < 1 or n_eval >= rows:
+        raise DataError(
+            f"{cfg.path}: {rows} rows with data.eval_fraction={cfg.eval_fraction} leaves "
+            f"{n_eval} for evaluation and {rows - n_eval} for training; add rows or change the fraction"
+        )
+    return n_eval
 
 
 def load_splits(cfg: DataConfig, labels: tuple[str, ...] | None, seed: int) -> tuple[list[Example], list[Example]]:
@@ -253,12 +304,7 @@ def load_splits(cfg: DataConfig, labels: tuple[str, ...] | None, seed: int) -> t
                 "a held-out row must not be trained on"
             )
         return train, held
-    n_eval = round(len(train) * cfg.eval_fraction)
-    if n_eval < 1 or n_eval >= len(train):
-        raise DataError(
-            f"{cfg.path}: {len(train)} rows with data.eval_fraction={cfg.eval_fraction} leaves "
-            f"{n_eval} for evaluation and {len(train) - n_eval} for training; add rows or change the fraction"
-        )
+    n_eval = _eval_count(cfg, len(train))
     held_ids = set(sorted((e.id for e in train), key=lambda i: _rank(seed, i))[:n_eval])
     return [e for e in train if e.id not in held_ids], [e for e in train if e.id in held_ids]
 

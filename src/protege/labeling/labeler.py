@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from ..store import CallRecord, Store, call_key
 from ..teachers import make_teacher
 from ..teachers.base import LocalTeacher, Request, Teacher
 from .augment import AugmentedExample, augment_texts, check_paraphrase, paraphrase_request, student_mask_token
-from .data import Example, draw_shots, load_splits
+from .data import Example, draw_shots, load_splits, stream_splits
 from .engine import run_api
 from .prompts import render_generation, render_request
 from .signal_files import SignalWriter, iter_signals, remove_signals
@@ -254,10 +255,16 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
     answers stay in the store; a rerun retries only the failures). If labeling stops early (budget reached,
     the provider refused), the signal files are removed, so no later stage trains on a stale or partial set.
     """
-    train, held = load_splits(recipe.data, task_labels(recipe), recipe.training.seed)
-    shots, train = split_shots(recipe, train)
     check_paraphrase(recipe)
-    augmented = _augmented(recipe, train, held)
+    aug = recipe.data.augment
+    if recipe.teacher.few_shot or aug.per_text or aug.paraphrase:  # these need every training row at once
+        train, held = load_splits(recipe.data, task_labels(recipe), recipe.training.seed)
+        shots, train = split_shots(recipe, train)
+        n_train, train_rows = len(train), train
+        augmented = _augmented(recipe, train, held)
+    else:  # read a chunk of training rows at a time: memory does not grow with the data
+        rows_of, n_train, held = stream_splits(recipe.data, task_labels(recipe), recipe.training.seed)
+        shots, train_rows, augmented = list(recipe.task.examples), rows_of(), []
     ensemble = recipe.teacher.kind == "ensemble"
     teacher = None if ensemble else teacher or make_teacher(recipe.teacher)
     out = recipe.output_dir
@@ -267,14 +274,14 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
     failed_rows: list[dict[str, Any]] = []
     parquet = recipe.task.kind == "classification"
 
-    def run(split: str, examples: list[Any], store: Store, writer: SignalWriter | None,
+    def run(split: str, examples: Iterable[Any], n: int, store: Store, writer: SignalWriter | None,
             extra: Any = None) -> None:
         """Label ``examples`` a chunk at a time (the store keeps every answer as it comes), streaming the answered
         rows to ``writer`` and noting the failures: memory stays that of one chunk, however many rows."""
         stats_split = {"examples": 0, "cached": 0, "called": 0, "failed": 0}
-        with tqdm(total=len(examples), desc=f"label {split}", unit="row", disable=quiet or not examples) as bar:
-            for i in range(0, len(examples), CHUNK_ROWS):
-                chunk = examples[i : i + CHUNK_ROWS]
+        rows_left = iter(examples)
+        with tqdm(total=n, desc=f"label {split}", unit="row", disable=quiet or not n) as bar:
+            while chunk := list(itertools.islice(rows_left, CHUNK_ROWS)):
                 requests = requests_for(recipe, chunk, shots)  # rendered once: for the keys and the rows
                 if teacher is None:  # an ensemble labels through each member
                     signals, keys, stats = label_examples(None, recipe, chunk, store, True, shots=shots)
@@ -296,8 +303,8 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
         with contextlib.ExitStack() as files, Store(recipe.store_path) as store:
             writers = {split: files.enter_context(SignalWriter(sig / f"{split}.jsonl", parquet))
                        for split in ("train", "eval")}
-            for split, examples in (("train", train), ("eval", held)):
-                run(split, examples, store, writers[split])
+            run("train", train_rows, n_train, store, writers["train"])
+            run("eval", held, len(held), store, writers["eval"])
             if recipe.data.augment.paraphrase:
                 requests = [paraphrase_request(e.text) for e in train]
                 signals, keys, stats = label_requests(teacher, recipe, requests, store, quiet, desc="paraphrase")
@@ -309,7 +316,7 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
                 augmented += _paraphrased(train, signals, {e.text.strip() for e in train + held + augmented})
             if recipe.data.augment.per_text or recipe.data.augment.paraphrase:
                 sources = {ex.id: ex.source for ex in augmented}
-                run("augment", augmented, store, writers["train"],
+                run("augment", augmented, len(augmented), store, writers["train"],
                     extra=lambda row: {"augmented_from": sources[row["id"]]})
             if total.called:
                 # Labeling time in the one ledger: an API's money is in the calls; a local model's is compute.
