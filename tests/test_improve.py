@@ -227,6 +227,12 @@ def test_improve_refuses_too_little_traffic_and_bad_settings(run):
     assert "--min-rows" in res.output and not (run / "improve").exists()
     res = invoke("improve", str(run / "nowhere"))
     assert res.exit_code == 2
+    from protege.versions import exclusive
+
+    with exclusive(run, "improve"):  # another improve, promote or rollback holds the run
+        for command in ("improve", "rollback", "promote"):
+            res = invoke(command, str(run))
+            assert res.exit_code == 2 and "another `protege improve`, `promote` or `rollback` is running" in res.output
 
 
 def test_a_canary_splits_traffic_by_version_until_the_candidate_is_promoted(run):

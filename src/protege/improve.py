@@ -40,7 +40,7 @@ from ._io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .errors import BudgetReached, ProtegeError
 from .recipe import Recipe, build_recipe, set_dotted
 from .store import Store
-from .versions import STUDENT_DIR, Versions
+from .versions import STUDENT_DIR, Versions, exclusive
 
 __all__ = ["DEFAULT_MARGIN", "improve", "promote", "rollback"]
 
@@ -192,19 +192,27 @@ def improve(target: Path | str, *, margin: float = DEFAULT_MARGIN, holdout_fract
             min_rows: int = 20, max_label: int | None = None, metric: str = "margin", stage: bool = False,
             quiet: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train, compare and (maybe) promote the next student of the run ``target`` from its captured traffic (see
-    the module). ``overrides``: recipe settings for the candidate's training (dotted keys, as the CLI's flags).
-    Returns the report also written to ``improve/vN/report.json``."""
-    from .labeling.uncertainty import pick
-    from .pipeline import classifier_rows
-    from .teachers import make_teacher
-    from .training.classifier import train_student
-
+    the module), holding the run's versions lock. ``overrides``: recipe settings for the candidate's training
+    (dotted keys, as the CLI's flags). Returns the report also written to ``improve/vN/report.json``."""
     if not 0 < holdout_fraction < 1:
         raise ProtegeError(f"--holdout-fraction must be between 0 and 1, not {holdout_fraction}")
     if margin < 0:
         raise ProtegeError(f"--margin must be 0 or more (points of accuracy as a fraction), not {margin}")
     run_dir, base = _run(target)
     recipe = _run(target, overrides)[1] if overrides else base
+    with exclusive(run_dir, "improve"):
+        return _improve(run_dir, base, recipe, margin, holdout_fraction, min_rows, max_label, metric, stage, quiet,
+                        overrides)
+
+
+def _improve(run_dir: Path, base: Recipe, recipe: Recipe, margin: float, holdout_fraction: float, min_rows: int,
+             max_label: int | None, metric: str, stage: bool, quiet: bool,
+             overrides: dict[str, Any] | None) -> dict[str, Any]:
+    from .labeling.uncertainty import pick
+    from .pipeline import classifier_rows
+    from .teachers import make_teacher
+    from .training.classifier import train_student
+
     versions = Versions.load(run_dir)
     incumbent = versions.sync()
     through = versions.versions[incumbent]["captured_through"]
@@ -373,6 +381,11 @@ def promote(target: Path | str, version: str | None = None, force: bool = False)
     """Promote the staged candidate (or ``version``) of a run; one that failed its comparison only with
     ``force``. Returns (previous, promoted)."""
     run_dir, _ = _run(target)
+    with exclusive(run_dir, "promote"):
+        return _promote(run_dir, version, force)
+
+
+def _promote(run_dir: Path, version: str | None, force: bool) -> tuple[str, str]:
     versions = Versions.load(run_dir)
     versions.sync()
     name = version or versions.candidate
@@ -396,6 +409,7 @@ def promote(target: Path | str, version: str | None = None, force: bool = False)
 def rollback(target: Path | str) -> tuple[str, str]:
     """Restore the run's previous student; (from, to)."""
     run_dir, _ = _run(target)
-    versions = Versions.load(run_dir)
-    versions.sync()
-    return versions.rollback()
+    with exclusive(run_dir, "rollback"):
+        versions = Versions.load(run_dir)
+        versions.sync()
+        return versions.rollback()

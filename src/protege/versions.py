@@ -13,8 +13,10 @@ A student that ``protege train`` wrote into ``student/`` is not lost either: :me
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,29 @@ from ._io import atomic_dir, write_json_atomic
 from .errors import ProtegeError
 from .students.card import CARD, card_version
 
-__all__ = ["MANIFEST", "STUDENT_DIR", "VERSIONS_DIR", "Versions"]
+__all__ = ["MANIFEST", "STUDENT_DIR", "VERSIONS_DIR", "Versions", "exclusive"]
 
 STUDENT_DIR, VERSIONS_DIR, MANIFEST = "student", "versions", "versions.json"
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path | str, what: str) -> Iterator[None]:
+    """Hold the run's versions lock for ``what`` (improve, promote, rollback): two of them at once would both
+    write the next version, or promote over each other. A second one is refused at once, with the reason."""
+    from filelock import FileLock, Timeout
+
+    path = Path(run_dir) / VERSIONS_DIR / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ProtegeError(f"another `protege improve`, `promote` or `rollback` is running on {str(run_dir)!r}; "
+                           f"wait for it to finish, then run `protege {what}` again") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @dataclass
