@@ -4,6 +4,7 @@ evaluation."""
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import itertools
 import json
@@ -79,6 +80,18 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             raise DataError(f"{path}: not a readable Parquet file ({e})") from None
         return
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
+
+
+@functools.lru_cache(maxsize=8)
+def _file_columns(path: Path, size: int, mtime_ns: int, limit: int | None) -> tuple[int, frozenset[str]]:
+    """(rows, every column) of the first ``limit`` rows of a data file; cached for the file's size and
+    modification time, so the passes of one run read the columns once."""
+    columns: set[str] = set()
+    count = 0
+    for _, row in itertools.islice(_raw_rows(path), limit):  # islice(..., None): all
+        columns.update(row)
+        count += 1
+    return count, frozenset(columns)
 
 
 def _is_dataset(path: Path) -> bool:
@@ -187,12 +200,8 @@ def iter_examples(path: Path, cfg: DataConfig, labels: tuple[str, ...] | None, s
                 f"data path {str(path)!r} is a directory; point it at a {'/'.join(SUFFIXES)} file or at a directory "
                 "written by datasets' save_to_disk"
             )
-        # two passes over the file, a row at a time: its columns first, then the examples
-        columns: set[str] = set()
-        count = 0
-        for _, row in itertools.islice(_raw_rows(path), cfg.limit):  # islice(..., None): all
-            columns.update(row)
-            count += 1
+        # two passes over the file, a row at a time: its columns first (once per version of the file), then the rows
+        count, columns = _file_columns(path, path.stat().st_size, path.stat().st_mtime_ns, cfg.limit)
         if not count:
             raise DataError(f"data file {str(path)!r} has no rows; add data or fix the path")
         rows: Iterable[tuple[int, dict[str, Any]]] = itertools.islice(_raw_rows(path), cfg.limit)
