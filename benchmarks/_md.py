@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import re
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -15,3 +19,10 @@ def write_section(md: Path, title: str, section: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
     md.write_text(text, encoding="utf-8")
+
+
+def provenance(command: str, note: str = "") -> str:
+    """The line every section starts with: the command, the machine, the date and the commit it ran on."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return (f"Command: `{command}`; machine: {os.cpu_count()} CPU cores, no GPU ({platform.machine()}){note}; "
+            f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit}.")

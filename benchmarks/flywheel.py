@@ -17,16 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 THRESHOLD = 0.6
+
+
+TITLE = "## Flywheel: improve from served traffic (benchmarks/flywheel.py)"
 
 
 def n_calls(db: Path) -> int:
@@ -110,7 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("runs/flywheel"))
-    ap.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
+    ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md (replacing its section)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -142,13 +143,12 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        with open("BENCHMARKS.md", "a") as f:
-            f.write(f"\n## Flywheel: improve from served traffic (benchmarks/flywheel.py)\n\nCommand: "
-                    f"`OMP_NUM_THREADS=1 python benchmarks/flywheel.py --seeds {' '.join(map(str, args.seeds))} "
-                    f"--write`; machine: {os.cpu_count()} CPU cores, no GPU ({platform.machine()}), shared with other "
-                    f"jobs; date {time.strftime('%Y-%m-%d')}; commit {commit}. Cascade threshold {THRESHOLD}.\n\n"
-                    f"{table}\n")
+        from _md import provenance, write_section
+
+        table += f"\n\nCascade threshold {THRESHOLD}."
+        command = f"OMP_NUM_THREADS=1 python benchmarks/flywheel.py --seeds {' '.join(map(str, args.seeds))} --write"
+        write_section(Path("BENCHMARKS.md"), TITLE, f"{TITLE}\n\n{provenance(command)}\n\n{table}\n")
+        json.dump(results, open(args.out / "results.json", "w"), indent=2)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """How protege's cost grows with the number of rows (issue 15): store and signal bytes per row, peak memory and
 rows per second of each stage, and the rate a rerun replays cached answers, at 20,000 / 50,000 / 200,000 rows.
 
-The data are the demo's generated support tickets (protege.demo_data, written once per size); the teacher a tiny
-local classifier (a random 2-layer BERT over all-MiniLM-L6-v2's vocabulary, from the packaged model, hidden 32);
-beyond the ~40,000 distinct tickets the templates give, repeats made distinct by a reference number); the
+The data are the demo's generated support tickets (protege.demo_data, written once per size; beyond the ~40,000
+distinct tickets the templates give, repeats made distinct by a reference number); the teacher a tiny local
+classifier (a random 2-layer BERT over all-MiniLM-L6-v2's vocabulary, from the packaged model, hidden 32); the
 student a one-layer scratch BERT (hidden 32) trained one epoch. Each stage runs in its own process, so its
 peak resident memory (``ru_maxrss``) is its own:
 
@@ -13,7 +13,8 @@ peak resident memory (``ru_maxrss``) is its own:
 
     OMP_NUM_THREADS=1 python benchmarks/scale.py --rows 20000 50000 200000 --out runs/scale
 
-Prints a Markdown table; with ``--write`` appends it to BENCHMARKS.md with the command, machine, date and commit.
+Prints a Markdown table; ``--write`` puts it in BENCHMARKS.md (its section replaced) with the command, machine,
+date and commit.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -51,6 +51,9 @@ seconds = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print("RESULT " + json.dumps({"seconds": seconds, "peak_kb": peak, "start_kb": base, **extra}))
 """
+
+
+TITLE = "## Scale: 20,000 / 50,000 / 200,000 rows (benchmarks/scale.py)"
 
 
 def tiny_teacher(path: Path) -> Path:
@@ -127,7 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[20_000, 50_000, 200_000])
     ap.add_argument("--out", type=Path, default=Path("runs/scale"))
-    ap.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
+    ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md (replacing its section)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out = args.out.resolve()
@@ -167,12 +170,11 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        with open("BENCHMARKS.md", "a") as f:
-            f.write(f"\n## Scale (benchmarks/scale.py)\n\nCommand: `OMP_NUM_THREADS=1 python benchmarks/scale.py --rows "
-                    f"{' '.join(map(str, args.rows))} --write`; machine: {os.cpu_count()} CPU cores, no GPU "
-                    f"({platform.machine()}); date {time.strftime('%Y-%m-%d')}; commit {commit}.\n\n{table}\n")
-        json.dump(results, open(args.out / "scale.json", "w"), indent=2)
+        from _md import provenance, write_section
+
+        command = f"OMP_NUM_THREADS=1 python benchmarks/scale.py --rows {' '.join(map(str, args.rows))} --write"
+        write_section(Path("BENCHMARKS.md"), TITLE, f"{TITLE}\n\n{provenance(command)}\n\n{table}\n")
+        json.dump(results, open(args.out / "results.json", "w"), indent=2)
 
 
 if __name__ == "__main__":
