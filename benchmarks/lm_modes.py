@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--alpha", type=float, default=0.5, help="KD weight of the logits and topk modes")
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--on-policy-fraction", type=float, default=1.0,
+                   help="GKD's lambda for on_policy: the share of steps the student samples (the rest: logits steps)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-md", action="store_true")
     args = p.parse_args(argv)
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         "eval": {"latency_samples": args.eval},
         "output_dir": str(out),
     }
-    on_policy = {"on_policy_fraction": 1.0, "on_policy_temperature": 1.0, "on_policy_max_tokens": args.max_tokens}
+    on_policy = {"on_policy_fraction": args.on_policy_fraction, "on_policy_temperature": 1.0,
+                 "on_policy_max_tokens": args.max_tokens}
     recipe = Recipe.model_validate(base)
     t0 = time.perf_counter()
     stats = label(recipe, quiet=True)
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for mode in modes:
         training = {**base["training"], "distill": mode, **(on_policy if mode == "on_policy" else {})}
-        if mode == "on_policy":
+        if mode == "on_policy" and args.on_policy_fraction == 1.0:
             del training["alpha"]  # every step samples: the divergence alone (the recipe refuses an unused alpha)
         r = Recipe.model_validate({**base, "training": training})
         path = out / f"student-{mode}"
@@ -239,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         f"replies greedy, up to {args.max_tokens} tokens; the on-policy student samples up to {args.max_tokens}.",
         f"- Training: {args.steps} optimizer steps of {args.batch_size} prompts per mode, AdamW lr {args.lr}, "
         f"warmup 10%, full fine-tuning, float32; logits/topk alpha {args.alpha}, forward KL, tau 1; on_policy "
-        "fraction 1 (every step samples), sampling temperature 1, reverse KL, tau 1 (alpha 1: no CE).",
+        f"fraction {args.on_policy_fraction} (the share of steps the student samples; the others are logits steps), "
+        "sampling temperature 1, reverse KL, tau 1 (alpha 1 on sampled steps: no CE).",
         f"- Curves: {plot or 'not plotted (matplotlib missing)'} (not committed); the points below.",
         "",
         *table,
