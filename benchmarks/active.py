@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from _md import write_section
 
-    flags = " ".join(argv if argv is not None else sys.argv[1:])
+    flags = shlex.join(argv if argv is not None else sys.argv[1:])
     cmd = f"OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/active.py {flags}".rstrip()
     date = subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()
     per_run = "; ".join(f"{k} {v:.0f}s" for k, v in secs.items())
