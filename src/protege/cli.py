@@ -409,7 +409,7 @@ def improve(target: Path, quiet: bool, margin: float, holdout_fraction: float, m
                "staged": "staged: serve it with --canary, then `protege promote`",
                "refused": f"refused: {r['incumbent']} stays the student"}[r["decision"]]
     click.echo(verdict)
-    click.echo(f"report: {Path(target) / 'improve' / r['version'] / 'report.md'}")
+    click.echo(f"report: {Path(r['run_dir']) / 'improve' / r['version'] / 'report.md'}")
 
 
 @cli.command()

@@ -176,8 +176,9 @@ def _decide(sets: dict[str, dict[str, Any]], margin: float) -> tuple[bool, list[
     for name, s in sets.items():
         c, i = s["candidate"]["value"], s["incumbent"]["value"]
         what = f"{name} ({s['candidate']['rows']} texts, {s['candidate']['metric']})"
-        if c is None or i is None:
-            reasons.append(f"{what}: nothing to compare on")
+        if c is None or i is None:  # the teacher answered none of it: no evidence is no pass
+            ok = False
+            reasons.append(f"{what}: nothing to compare on (the teacher answered none of it), so no promotion")
             continue
         diff = c - i
         passed = diff >= -margin - 1e-12
@@ -252,7 +253,7 @@ def _improve(run_dir: Path, base: Recipe, recipe: Recipe, margin: float, holdout
         free = items.cached(pool, store)
         chosen = [i for i, f in zip(pool, free) if f]
         unsure = [i for i, f in zip(pool, free) if not f]
-        new_rows, stopped = [], None
+        new_rows, stopped, asked = [], None, len(chosen)
         if chosen:
             new_rows += items.label(chosen, store, True, "read answered")[0]
         if unsure:
@@ -264,18 +265,24 @@ def _improve(run_dir: Path, base: Recipe, recipe: Recipe, margin: float, holdout
                 ranked = [unsure[j] for j in pick(probs.tolist(), cap, metric, seed=recipe.training.seed)]
             else:  # a language model's doubt as it served: the mean probability of the tokens it chose
                 ranked = sorted(unsure, key=lambda i: sureness.get(order[i], 1.0))[:cap]
-            for r in range(0, len(ranked), ROUND_ROWS):
-                batch = ranked[r : r + ROUND_ROWS]
+            # rounds, so a budget stops between them; a provider's batch API gets one batch (each waits for hours)
+            size = len(ranked) if recipe.teacher.batch_api else ROUND_ROWS
+            for r in range(0, len(ranked), size):
+                batch = ranked[r : r + size]
                 try:
-                    new_rows += items.label(batch, store, quiet, f"label traffic {r // ROUND_ROWS + 1}")[0]
+                    new_rows += items.label(batch, store, quiet, f"label traffic {r // size + 1}")[0]
+                    asked += len(batch)
                 except BudgetReached as e:  # keep what was bought before the cap, and stop
                     stopped = str(e)
                     bought = [i for i, f in zip(batch, items.cached(batch, store)) if f]
                     new_rows += items.label(bought, store, True, "read answered")[0]
+                    asked += len(bought)
                     break
             if max_label is not None and max_label < len(unsure) and stopped is None:
                 stopped = f"--max-label {max_label}: {len(unsure) - max_label} less informative texts left unlabelled"
-        spent = store.spent() - spent_before
+        # a stop left texts unlabelled: the next improve reads the traffic from where this one started again (what
+        # this one labelled is in the store, free; what it trained on is left out as known)
+        through_next = through if stopped else newest
         name = versions.next_name()
         train_rows = old_rows + new_rows
         out = run_dir / IMPROVE_DIR / name
@@ -286,7 +293,7 @@ def _improve(run_dir: Path, base: Recipe, recipe: Recipe, margin: float, holdout
             "recipe_hash": base.section_hash("task", "data", "teacher", "student", "training"),
             "signals_hash": _file_hash(run_dir / "signals" / "train.jsonl"),
             "improve": {"parent": incumbent, "train_hash": _file_hash(out / "train.jsonl"),
-                        "captured_through": newest, "overrides": overrides or {}},
+                        "captured_through": through_next, "overrides": overrides or {}},
         }
         if kind == "classification":
             summary = train_student(recipe, classifier_rows(recipe, train_rows), versions.path(name),
@@ -298,6 +305,7 @@ def _improve(run_dir: Path, base: Recipe, recipe: Recipe, margin: float, holdout
             summary = train_lm(recipe, lm_rows(recipe, train_rows), versions.path(name), quiet, extra_meta=meta,
                                store=store)
         store.log_compute("improve", summary["train_seconds"], examples=len(train_rows), version=name)
+        spent = store.spent() - spent_before  # labeling, and a served teacher scoring on-policy training
     sets = {}
     for set_name, rows, use_gold in (("fixed held-out", fixed, True), ("fresh traffic", fresh, False)):
         if kind == "classification":
@@ -315,15 +323,17 @@ def _improve(run_dir: Path, base: Recipe, recipe: Recipe, margin: float, holdout
     else:
         decision = "refused"
     report = {
-        "version": name, "incumbent": incumbent, "kind": kind, "decision": decision, "reasons": reasons, "margin": margin,
+        "run_dir": str(run_dir), "version": name, "incumbent": incumbent, "kind": kind, "decision": decision, "reasons": reasons, "margin": margin,
         "captured": {"rows": len(captured), "after_id": through, "through_id": newest, "new_texts": len(inputs)},
-        "fresh_held_out": {"texts": len(held), "labelled": len(fresh), "called": hold_stats.called},
+        "fresh_held_out": {"texts": len(held), "labelled": len(fresh), "called": hold_stats.called,
+                           "teacher_failed": len(held) - len(fresh)},
         "training": {"old_rows": len(old_rows), "new_rows": len(new_rows), "free": len(chosen),
+                     "teacher_failed": asked - len(new_rows),
                      "labelled_now": len(new_rows) - len(chosen), "pool": len(pool), "stopped": stopped,
                      "train_seconds": summary["train_seconds"]},
         "teacher_usd": spent, "sets": sets, "seconds": time.time() - t0,
     }
-    versions.add(name, {"made_by": "protege improve", "parent": incumbent, "captured_through": newest,
+    versions.add(name, {"made_by": "protege improve", "parent": incumbent, "captured_through": through_next,
                         "decision": decision, "reasons": reasons, "report": f"{IMPROVE_DIR}/{name}/report.md"})
     if decision == "promoted":
         versions.promote(name, "; ".join(reasons))
@@ -373,7 +383,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"- teacher spend: ${r['teacher_usd']:.4f}",
     ]
     if t["stopped"]:
-        lines.append(f"- stopped early: {t['stopped']}")
+        lines.append(f"- stopped early: {t['stopped']}; the next improve reads this traffic again (what was "
+                     "labelled is in the store, free)")
+    failed = t.get("teacher_failed", 0) + r["fresh_held_out"].get("teacher_failed", 0)
+    if failed:
+        lines.append(f"- the teacher failed on {failed} texts (left out; their reasons are in the store)")
     return "\n".join(lines) + "\n"
 
 

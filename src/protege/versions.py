@@ -112,24 +112,21 @@ class Versions:
             name = self.next_name()
             with atomic_dir(self.path(name)) as tmp:
                 shutil.copytree(self.student_dir, tmp, dirs_exist_ok=True)
+            # trained from the run's signals alone, so none of the traffic is in it: improve reads it all again
+            # (what the teacher answered before is in the store, free)
             self.versions[name] = {"card": card, "created_at": time.time(), "made_by": "protege train",
-                                   "parent": self.current, "captured_through": self._captured_through()}
+                                   "parent": self.current, "captured_through": 0}
             self.history.append(name)
             self.events.append({"at": time.time(), "action": "kept", "version": name,
                                 "reason": "student/ was trained outside `protege improve`"})
-            self.current = name
+            self.current, self.candidate = name, None
             self.save()
         elif name != self.current:  # student/ was put back by hand: say so, and follow it
             self.history.append(name)
             self.events.append({"at": time.time(), "action": "found", "version": name, "from": self.current})
-            self.current = name
+            self.current, self.candidate = name, None
             self.save()
         return name
-
-    def _captured_through(self) -> int:
-        """The newest captured row of the run's store when a version starts: ``protege improve`` reads the
-        traffic after it (none for a version trained before anything was captured)."""
-        return self.versions[self.current]["captured_through"] if self.current in self.versions else 0
 
     def add(self, name: str, entry: dict[str, Any]) -> None:
         self.versions[name] = {"card": card_version(self.path(name)), "created_at": time.time(), **entry}
@@ -149,8 +146,7 @@ class Versions:
         else:
             self.history.append(name)
         self.current = name
-        if self.candidate == name:
-            self.candidate = None
+        self.candidate = None  # it was compared with the student it no longer competes with
         self.save()
 
     def rollback(self) -> tuple[str, str]:

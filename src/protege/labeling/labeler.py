@@ -257,7 +257,10 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
     """
     check_paraphrase(recipe)
     aug = recipe.data.augment
-    if recipe.teacher.few_shot or aug.per_text or aug.paraphrase:  # these need every training row at once
+    # the few-shot draw and the transfer set need every training row at once; a provider's batch API takes a split
+    # in one batch (a batch per chunk would wait for each in turn, hours apiece)
+    whole = recipe.teacher.batch_api
+    if recipe.teacher.few_shot or aug.per_text or aug.paraphrase or whole:
         train, held = load_splits(recipe.data, task_labels(recipe), recipe.training.seed)
         shots, train = split_shots(recipe, train)
         n_train, train_rows = len(train), train
@@ -281,7 +284,7 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
         stats_split = {"examples": 0, "cached": 0, "called": 0, "failed": 0}
         rows_left = iter(examples)
         with tqdm(total=n, desc=f"label {split}", unit="row", disable=quiet or not n) as bar:
-            while chunk := list(itertools.islice(rows_left, CHUNK_ROWS)):
+            while chunk := list(itertools.islice(rows_left, max(n, 1) if whole else CHUNK_ROWS)):
                 requests = requests_for(recipe, chunk, shots)  # rendered once: for the keys and the rows
                 if teacher is None:  # an ensemble labels through each member
                     signals, keys, stats = label_examples(None, recipe, chunk, store, True, shots=shots)

@@ -16,7 +16,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ProtegeError
@@ -107,16 +106,16 @@ class Service:
             self.router.release(slot)
             raise
         if isinstance(response, StreamingResponse):
-            before = response.background
+            body = response.body_iterator
 
-            async def release() -> None:
+            async def held() -> AsyncIterator[Any]:
                 try:
-                    if before is not None:
-                        await before()
-                finally:
+                    async for chunk in body:
+                        yield chunk
+                finally:  # sent, failed mid-stream or the client left: the slot is free either way
                     self.router.release(slot)
 
-            response.background = BackgroundTask(release)
+            response.body_iterator = held()
         else:
             self.router.release(slot)
         response.headers[VERSION_HEADER] = slot.version

@@ -9,7 +9,8 @@ its hash changes (``protege improve``, ``promote`` or ``rollback`` replaced the 
 the new student in a worker thread while the old one keeps answering, checks that it does the same job (kind and
 labels), then swaps it in. Requests already in flight finish on the old slot, which is closed once the last of
 them is done (or after ``drain_s``); none is dropped or failed. A student that cannot be loaded is logged and
-skipped until the directory changes again; the old one goes on serving.
+skipped until the directory changes again (to another version, or back and then to it again); the old one goes on
+serving.
 """
 
 from __future__ import annotations
@@ -150,12 +151,15 @@ class Reloader:
             version = card_version(self.path)
         except OSError:  # mid-rename (the old directory moved away, the new not yet in): look again next time
             return False
-        if version == self.router.current.version or version == self._skipped:
+        if version == self.router.current.version:
+            self._skipped = None  # put back: a version skipped before is worth a try if it comes again
+            return False
+        if version == self._skipped:
             return False
         try:
             new = await asyncio.to_thread(self.load, self.path)
             check_same_job(self.router.current, new, "the reloaded student")
-        except (OSError, ProtegeError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001  (whatever failed, the served student goes on; tried once per version)
             log.error("not reloading %s (version %s): %s; the served student goes on", self.path, version, e)
             self._skipped = version
             return False
