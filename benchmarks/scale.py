@@ -9,7 +9,9 @@ peak resident memory (``ru_maxrss``) is its own:
 
 * ``label``: read the data, ask the teacher about every row, write the store and ``signals/``;
 * ``replay``: the same command again: every answer comes from the store (the cached replay rate);
-* ``train``: train the student from ``signals/train.*``.
+* ``train``: train the student from ``signals/train.*``;
+* ``store``: every stored answer read back and decoded (``Store.get_signals``, 10,000 keys at a time): the store's
+  own replay rate, without reading the data or writing the signal files.
 
     OMP_NUM_THREADS=1 python benchmarks/scale.py --rows 20000 50000 200000 --out runs/scale
 
@@ -39,7 +41,14 @@ stage, recipe_path = sys.argv[1], sys.argv[2]
 recipe = load_recipe(recipe_path)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
-if stage in ("label", "replay"):
+if stage == "store":
+    from protege.store import Store
+    with Store(recipe.store_path) as store:
+        keys = [k for (k,) in store.db.execute("SELECT key FROM calls")]
+        t0 = time.perf_counter()
+        got = sum(len(store.get_signals(keys[i : i + 10_000])) for i in range(0, len(keys), 10_000))
+    extra = {"examples": got}
+elif stage in ("label", "replay"):
     from protege.pipeline import label
     stats = label(recipe, quiet=True)
     extra = {"called": stats.called, "cached": stats.cached, "examples": stats.examples}
@@ -130,6 +139,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[20_000, 50_000, 200_000])
     ap.add_argument("--out", type=Path, default=Path("runs/scale"))
+    ap.add_argument("--stages", nargs="+", default=["label", "replay", "train", "store"],
+                    help="stages to run (label first: it makes the store the others read)")
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md (replacing its section)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -142,31 +153,32 @@ def main() -> None:
         out = recipe.parent / "out"
         import shutil
 
-        shutil.rmtree(out, ignore_errors=True)  # a fresh store: the first label run asks the teacher about every row
+        if "label" in args.stages:
+            shutil.rmtree(out, ignore_errors=True)  # a fresh store: label asks the teacher about every row
         r = {"rows": n}
-        for name in ("label", "replay", "train"):
+        for name in args.stages:
             r[name] = stage(name, recipe)
             print(f"{n} {name}: {r[name]}", flush=True)
-        r.update(sizes(out, n))
+        if "label" in args.stages:
+            r.update(sizes(out, n))
         results.append(r)
-    lines = [
-        "| rows | label rows/s | label peak MB | replay rows/s | replay peak MB | train rows/s | train peak MB | "
-        "store B/row | signals JSONL B/row | signals Parquet B/row |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    stages = [x for x in args.stages if x in results[0]]
+    head = "| rows | " + " | ".join(f"{x} rows/s | {x} peak MB" for x in stages)
+    if "label" in stages:
+        head += " | store B/row | signals JSONL B/row | signals Parquet B/row"
+    lines = [head + " |", "|" + "---:|" * (1 + 2 * len(stages) + 3 * ("label" in stages))]
     for r in results:
-        n = r["rows"]
-        lab, rep, tr = r["label"], r["replay"], r["train"]
-        lines.append(
-            f"| {n:,} | {n / lab['seconds']:,.0f} | {lab['peak_kb'] / 1024:,.0f} | {n / rep['seconds']:,.0f} | "
-            f"{rep['peak_kb'] / 1024:,.0f} | {tr['examples'] / tr['seconds']:,.0f} | {tr['peak_kb'] / 1024:,.0f} | "
-            f"{r['store_b_per_row']:,.0f} | {r['jsonl_b_per_row']:,.0f} | {r['parquet_b_per_row']:,.0f} |"
-        )
+        cells = [f"{r['rows']:,}"]
+        for x in stages:
+            cells += [f"{r[x]['examples'] / r[x]['seconds']:,.0f}", f"{r[x]['peak_kb'] / 1024:,.0f}"]
+        if "label" in stages:
+            cells += [f"{r['store_b_per_row']:,.0f}", f"{r['jsonl_b_per_row']:,.0f}", f"{r['parquet_b_per_row']:,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     first, last = results[0], results[-1]
-    ratios = {s: last[s]["peak_kb"] / first[s]["peak_kb"] for s in ("label", "replay", "train")}
     lines.append("")
     lines.append(f"Peak memory at {last['rows']:,} rows over {first['rows']:,}: " + ", ".join(
-        f"{s} {v:.2f}x" for s, v in ratios.items()) + f". Wall time {(time.time() - t_all) / 60:.1f} min.")
+        f"{x} {last[x]['peak_kb'] / first[x]['peak_kb']:.2f}x" for x in stages)
+        + f". Wall time {(time.time() - t_all) / 60:.1f} min.")
     table = "\n".join(lines)
     print(table)
     if args.write:
