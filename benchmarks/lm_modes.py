@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--on-policy-fraction", type=float, default=1.0,
                    help="GKD's lambda for on_policy: the share of steps the student samples (the rest: logits steps)")
+    p.add_argument("--student-from", type=Path, default=None,
+                   help="start every mode from this saved student (e.g. runs/lm_modes/student-sequence) instead of "
+                   "the teacher's layers: on-policy after an off-policy warm start, as GKD and Qwen3 do")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-md", action="store_true")
     args = p.parse_args(argv)
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         "data": {"path": str(out / "prompts.jsonl"), "eval_fraction": args.eval / (args.train + args.eval)},
         "teacher": {"model": "hf:smollm2-135m-instruct", "max_tokens": args.max_tokens, "top_logprobs": 20,
                     "batch_size": 16, "dtype": "float32"},
-        "student": {"init": "teacher_layers", "layer_stride": 3, "max_length": 160},
+        "student": {"model": str(args.student_from), "max_length": 160} if args.student_from else
+                   {"init": "teacher_layers", "layer_stride": 3, "max_length": 160},
         "training": {"max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
                      "alpha": args.alpha, "temperature": 1.0, "warmup_fraction": 0.1, "seed": 0,
                      "checkpoint_every": args.eval_every},
@@ -150,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tok = build_lm_student(recipe)
     t0 = time.perf_counter()
-    results: dict[str, dict] = {"untrained student": figures(model, tok, t_model, t_tok, held, recipe, args.max_tokens, True)}
+    start_name = f"start ({args.student_from.name})" if args.student_from else "untrained student"
+    results: dict[str, dict] = {start_name: figures(model, tok, t_model, t_tok, held, recipe, args.max_tokens, True)}
     start_point = {"step": 0, **curve_point(model, tok)}
     print(f"[untrained] {time.perf_counter() - t0:.1f}s: {json.dumps(start_point)}", flush=True)
     del model
