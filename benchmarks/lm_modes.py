@@ -110,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import protege.training.lm as lm_train
     from protege.labeling.labeler import label, read_signals
-    try:
-        from protege.pipeline import lm_rows
-    except ImportError:  # its name before it was made public
-        from protege.pipeline import _lm_rows as lm_rows
+    from protege.pipeline import lm_rows
     from protege.recipe import Recipe
     from protege.students.lm import build_lm_student, load_lm_student
     from protege.teachers import make_teacher

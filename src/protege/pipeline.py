@@ -108,9 +108,6 @@ def classifier_rows(recipe: Recipe, signal_rows: list[dict[str, Any]] | None = N
                              if signal_rows is None else signal_rows)
 
 
-_lm_rows = lm_rows  # TODO(this session): drop once benchmarks/lm_modes.py (in progress) imports lm_rows
-
-
 def _train_one(
     recipe: Recipe, rows: TrainSet, store: Store, path: Path, alpha: float, temperature: float, quiet: bool,
     expect: dict[str, Any], trial: int | None = None,
