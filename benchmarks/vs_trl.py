@@ -88,6 +88,24 @@ def trl_config(args, work: Path, gradient_checkpointing: bool):
     )
 
 
+def clock_callback(counts: dict, clock: dict):
+    """A TRL trainer callback that notes when training starts and ends and every logged loss."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            clock["start"] = time.perf_counter()
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "loss" in logs:
+                counts["losses"].append(logs["loss"])
+
+        def on_train_end(self, *a, **k):
+            clock["end"] = time.perf_counter()
+
+    return Clock()
+
+
 def trl_dataset(texts: list[str]):
     from datasets import Dataset
 
@@ -232,7 +250,7 @@ def worker_protege(args, work: Path) -> dict:
 
 def worker_trl(args, work: Path, gradient_checkpointing: bool) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.gkd import GKDTrainer
 
     rss0 = rss_mib()
@@ -256,22 +274,12 @@ def worker_trl(args, work: Path, gradient_checkpointing: bool) -> dict:
             finally:
                 counts["sampling_s"] += time.perf_counter() - t
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            clock["start"] = time.perf_counter()
-
-        def on_log(self, _args, _state, _control, logs=None, **k):
-            if logs and "loss" in logs:
-                counts["losses"].append(logs["loss"])
-
-        def on_train_end(self, *a, **k):
-            clock["end"] = time.perf_counter()
-
     tok = AutoTokenizer.from_pretrained(work / "student")
     student = AutoModelForCausalLM.from_pretrained(work / "student", dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(work / "teacher", dtype=torch.float32)
     trainer = Counting(model=student, teacher_model=teacher, args=trl_config(args, work, gradient_checkpointing),
-                       train_dataset=trl_dataset(prompt_texts(args.prompts)), processing_class=tok, callbacks=[Clock()])
+                       train_dataset=trl_dataset(prompt_texts(args.prompts)), processing_class=tok,
+                       callbacks=[clock_callback(counts, clock)])
     trainer.train()
     seconds = clock["end"] - clock["start"]
     return {"seconds": seconds, "sampling_s": counts["sampling_s"], "steps": trainer.state.global_step,
@@ -286,7 +294,7 @@ def worker_trl_distill(args, work: Path) -> dict:
     """TRL's DistillationTrainer: always on-policy, beta 1 = reverse KL, its chunked loss over the LM head."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DistillationConfig, DistillationTrainer
 
     rss0 = rss_mib()
@@ -306,17 +314,6 @@ def worker_trl_distill(args, work: Path) -> dict:
             finally:
                 counts["sampling_s"] += time.perf_counter() - t
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            clock["start"] = time.perf_counter()
-
-        def on_log(self, _args, _state, _control, logs=None, **k):
-            if logs and "loss" in logs:
-                counts["losses"].append(logs["loss"])
-
-        def on_train_end(self, *a, **k):
-            clock["end"] = time.perf_counter()
-
     tok = AutoTokenizer.from_pretrained(work / "student", padding_side="left")
     student = AutoModelForCausalLM.from_pretrained(work / "student", dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(work / "teacher", dtype=torch.float32)
@@ -329,7 +326,7 @@ def worker_trl_distill(args, work: Path) -> dict:
     )
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": t}]} for t in prompt_texts(args.prompts)])
     trainer = Counting(model=student, teacher_model=teacher, args=cfg, train_dataset=data, processing_class=tok,
-                       callbacks=[Clock()])
+                       callbacks=[clock_callback(counts, clock)])
     trainer.train()
     seconds = clock["end"] - clock["start"]
     return {"seconds": seconds, "sampling_s": counts["sampling_s"], "steps": trainer.state.global_step,
