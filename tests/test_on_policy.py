@@ -315,3 +315,22 @@ def test_killed_on_policy_run_resumes_to_the_uninterrupted_result(tmp_path, teac
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6)
     assert not math.isnan(meta["final_loss"])
+
+
+def test_several_prompts_sample_together_as_each_would_alone():
+    """Prompts of different lengths decode as one left-padded batch: at a temperature near 0 each reply is the one
+    the prompt gets alone (the serving loop), a stop token ends a row (kept, nothing after it), and the rest run on."""
+    tok = make_tokenizer()
+    model = make_llama(tok, layers=2, seed=4).train()
+    texts = ["Name a red fruit.", "What is two plus two? Answer in words, please.", "Hi"]
+    prompts = [prompt_ids(tok, ({"role": "user", "content": t},)) for t in texts]
+    assert len({len(p) for p in prompts}) == 3
+    alone = [sample_replies(model, [p], stop_ids=(), max_new_tokens=10, temperature=1e-4, seed=0)[0] for p in prompts]
+    together = sample_replies(model, prompts, stop_ids=(), max_new_tokens=10, temperature=1e-4, seed=0)
+    assert together == alone and all(len(r) == 10 for r in together)
+    stop = alone[1][3]  # a token the second reply writes at its fourth step: it ends there
+    stopped = sample_replies(model, prompts, stop_ids=(stop,), max_new_tokens=10, temperature=1e-4, seed=0)
+    for reply, whole in zip(stopped, alone):
+        cut = whole.index(stop) + 1 if stop in whole else len(whole)
+        assert reply == whole[:cut]
+    assert stopped[1] == alone[1][:4] and model.training
