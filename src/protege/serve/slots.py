@@ -163,8 +163,6 @@ class Reloader:
             log.error("not reloading %s (version %s): %s; the served student goes on", self.path, version, e)
             self._skipped = version
             return False
-        if new.version != version:  # replaced again while it loaded: take the newer one next time
-            log.info("the student in %s changed while loading; loading again", self.path)
         await new.start()
         old, self.router.current = self.router.current, new
         retired = [old]
