@@ -13,8 +13,9 @@ Replay: ``Store.get_signals`` over every key, in chunks of 1,000 (rows/s, best o
 
 Cases:
 
-- classification, embedding: ``probs`` = softmax of float64 logits (an ``embed:`` teacher), exact float64;
-- classification, calibrated LM: ``probs`` and ``raw_probs`` (float64) and ``covered_mass``;
+- classification, embedding: ``probs`` = softmax of float64 logits (an ``embed:`` teacher), float64 (the store keeps
+  them as float32: the largest relative error is reported);
+- classification, calibrated LM: ``probs`` and ``raw_probs`` (float64, kept as float32) and ``covered_mass``;
 - generation, API: 128 tokens a row, top-20 alternatives per token as strings (Zipf over 8,000 token strings),
   log-probabilities float64 (as an API returns them); bytes per token;
 - generation, local: the same with token ids, ``top_ids`` and float32 ``top_logprobs`` (an ``hf:`` teacher).
@@ -23,6 +24,7 @@ Cases:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -178,15 +180,20 @@ def _replay(path: Path, keys: list[str]) -> tuple[float, dict]:
     return len(keys) / best, got
 
 
-def _fidelity(records: list[CallRecord], got: dict) -> tuple[float, float, bool]:
-    """(max abs error of a top log-probability, of its probability, every other field exact: tail masses within
-    float32)."""
-    err_lp = err_p = 0.0
+def _fidelity(records: list[CallRecord], got: dict) -> tuple[float, float, float, bool]:
+    """(max abs error of a top log-probability, of its probability, max relative error of a label probability,
+    every other field exact: label probabilities exactly their float32 rounding, tail masses within float32)."""
+    err_lp = err_p = err_label = 0.0
     exact = True
     for r in records:
         a, b = r.signal, got[r.key]
         if a.token_logprobs is None:
-            exact &= a == b
+            da, db = a.distribution, b.distribution
+            for x, y in zip(da.probs + (da.raw_probs or ()), db.probs + (db.raw_probs or ())):
+                exact &= y == float(np.float32(x))
+                err_label = max(err_label, abs(x - y) / x if x else float(y != 0))
+            exact &= dataclasses.replace(a, distribution=dataclasses.replace(
+                da, probs=db.probs, raw_probs=db.raw_probs)) == b
             continue
         for da, db in zip(a.token_logprobs.top, b.token_logprobs.top):
             exact &= list(da) == list(db)
@@ -198,7 +205,7 @@ def _fidelity(records: list[CallRecord], got: dict) -> tuple[float, float, bool]
             tb.tokens, tb.tokenizer, tb.temperature, tb.ids, tb.top_ids)
         exact &= bool(np.allclose(ta.tail_mass, tb.tail_mass, rtol=2**-24, atol=0))  # float32
         exact &= (a.text, a.answer, a.usage) == (b.text, b.answer, b.usage)
-    return err_lp, err_p, exact
+    return err_lp, err_p, err_label, exact
 
 
 def measure(kind: str, case: str, n: int, work: Path) -> dict:
@@ -226,13 +233,13 @@ def measure(kind: str, case: str, n: int, work: Path) -> dict:
     after, after_columns = _used_bytes(new), _column_bytes(new)
     rate, got = _replay(new, keys)
     _, got_migrated = _replay(old, keys)
-    err_lp, err_p, exact = _fidelity(records, got)
+    err_lp, err_p, err_label, exact = _fidelity(records, got)
     assert migrated_rows == n and {k: s.to_json() for k, s in got.items()} == {
         k: s.to_json() for k, s in got_migrated.items()}, "a migrated store reads back what a fresh one does"
     return dict(kind=kind, case=case, rows=n, units=units, before=before / units, migrated=migrated / units,
                 vacuumed=vacuumed / units, after=after / units,
                 before_columns=before_columns / units, after_columns=after_columns / units, replay_old=old_rate, replay_new=rate,
-                put_rows_s=n / put_s, migrate_s=migrate_s, err_lp=err_lp, err_p=err_p, exact=exact)
+                put_rows_s=n / put_s, migrate_s=migrate_s, err_lp=err_lp, err_p=err_p, err_label=err_label, exact=exact)
 
 
 def _replay_legacy(path: Path, keys: list[str]) -> tuple[float, dict]:
@@ -253,6 +260,8 @@ def _replay_legacy(path: Path, keys: list[str]) -> tuple[float, dict]:
 
 
 def _error(r: dict) -> str:
+    if r["kind"] == "classification":
+        return "exact" if r["err_label"] == 0 else f"{r['err_label']:.1e} (relative)"
     return "exact" if r["err_lp"] == 0 else f"{r['err_lp']:.1e} / {r['err_p']:.1e}"
 
 
@@ -278,7 +287,8 @@ def main() -> None:
     ]
     table = "\n".join([
         "| case | rows | bytes per | before (0004 JSON) | migrated / after VACUUM | after (fresh) | smaller "
-        "| replay before, rows/s | replay after, rows/s | put, rows/s | migration | top log-prob error (lp / p) "
+        "| replay before, rows/s | replay after, rows/s | put, rows/s | migration | rounding: label probability / "
+        "top log-prob (lp / p) "
         "| rest exact |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
         *rows,
@@ -299,15 +309,17 @@ log-probabilities): the database file's used pages after a WAL checkpoint over t
 ledger columns and page overhead are counted. "migrated" is the 0004 file opened by this version (rows
 rewritten in place; SQLite keeps the freed pages until VACUUM). In parentheses: the rows' own bytes (key,
 teacher, request, signal columns), without the key's index, the ledger numbers and page slack. Replay:
-`Store.get_signals` of every row, best of 3. Every signal read back equals the one written except the top-k token
-log-probabilities, kept as float16 (the largest error seen: log-probability in nats / probability; "exact" when
-there are none) and tail masses, kept as float32 ("rest exact": all else equal, tail masses within 2^-24).
+`Store.get_signals` of every row, best of 3. Every signal read back equals the one written except three kinds of
+numbers: label probabilities (`probs`, `raw_probs`), kept as float32, the precision the student's loss reads them in
+(the largest relative error seen); top-k token log-probabilities, kept as float16 (the largest error seen:
+log-probability in nats / probability); tail masses, kept as float32. "rest exact": all else equal, every label
+probability exactly its float32 rounding, tail masses within 2^-24.
 
 {table}
 
 Load average (1 min) {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after: replay and put rates are noisy; compare
-within a row. What is left in a classification row: its float64 probabilities (616 bytes raw; an `embed:` or
-`hf:` teacher renormalises in float64, so they are not float32 values and are kept exactly), the request's text,
+within a row. What is left in a classification row: its float32 probabilities (308 bytes raw; until commit
+{commit.strip()} they were float64, 616 bytes, whenever a teacher renormalised in float64), the request's text,
 the 64-character key (again in its index) and the ledger numbers; the file adds B-tree page slack. A calibrated
 LM teacher's row holds two such distributions (`probs`, `raw_probs`). The generation rows' token strings (and a
 local teacher's token ids) are kept once in `strings` / `token_ids`; their share falls as rows are added. The

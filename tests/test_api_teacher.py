@@ -135,7 +135,8 @@ def test_logprob_labels_are_the_distribution_at_the_answer_token_and_a_rerun_cal
     assert len(ok) == 12 and rows(out / "signals/failed.jsonl") == []
     for r in ok:
         assert r["method"] == "label_logprobs" and r["teacher_label"] == gold(r["text"])
-        assert r["teacher_probs"] == pytest.approx(expected_probs(gold(r["text"]), LABELS), abs=1e-12)
+        # as the store keeps them: float32, relative error at most 2**-24 (src/protege/_compact.py)
+        assert r["teacher_probs"] == pytest.approx(expected_probs(gold(r["text"]), LABELS), rel=2**-24, abs=1e-30)
         assert r["label_mass"] == pytest.approx(0.9)  # the filler words' 0.1 is reported, not spread
 
     # what was sent: greedy, seeded, the answer's token cap under the name llama.cpp reads, 20 alternatives
@@ -497,7 +498,7 @@ def test_a_real_server_gives_sampled_labels(tmp_path, llama_server):  # noqa: F8
         assert row["method"] == "samples" and abs(sum(row["teacher_probs"]) - 1) < 1e-6
         # probabilities are counts out of the k <= 3 samples that named a label
         probs = row["teacher_probs"]
-        assert any(all(abs(p * k - round(p * k)) < 1e-9 for p in probs) for k in (1, 2, 3))
+        assert any(all(abs(p * k - round(p * k)) < 1e-6 for p in probs) for k in (1, 2, 3))  # float32
         assert 0 < row["label_mass"] <= 1
     for row in failed:
         assert row["reason"].startswith("unparseable after 1 tries: none of 3 samples named a label") and row["raw"]

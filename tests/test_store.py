@@ -11,9 +11,11 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import protege.store as store_module
+from protege._compact import as_stored
 from protege.errors import ProtegeError, TeacherError
 from protege.signals import LabelDistribution, TeacherSignal, TokenLogprobs
 from protege.store import CallRecord, ServedRecord, Store, call_key
@@ -32,6 +34,10 @@ IDENTITY = {"model": "tiny", "weights": "abc123", "method": "label_logprobs", "c
 
 def _request(text: str) -> dict:
     return {"messages": [{"role": "user", "content": text}], "labels": list(LABELS)}
+
+
+def f32(*xs: float) -> tuple[float, ...]:
+    return tuple(float(np.float32(x)) for x in xs)
 
 
 def _signal(probs=(0.7, 0.2, 0.1)) -> TeacherSignal:
@@ -87,12 +93,11 @@ def test_put_same_key_twice_records_one_row_and_round_trips(store):
     got = store.get_signals([rec.key, "missing-key"])
     assert set(got) == {rec.key}
     sig = got[rec.key]
-    assert sig.to_json() == rec.signal.to_json()
-    assert sig == rec.signal
-    dist = sig.distribution
-    assert dist.probs == (0.7, 0.2, 0.1) and dist.labels == LABELS
+    assert sig == as_stored(rec.signal)
+    dist = sig.distribution  # the probabilities in float32 (src/protege/_compact.py), all else exact
+    assert dist.probs == f32(0.7, 0.2, 0.1) and dist.labels == LABELS
     assert dist.method == "label_logprobs" and dist.covered_mass == 0.9 and dist.calibrated is True
-    assert dist.raw_probs == (0.5, 0.3, 0.2)
+    assert dist.raw_probs == f32(0.5, 0.3, 0.2)
     assert sig.usage == {"input_tokens": 12}
     # the request is kept (what differs from its template; see test_store_compact.py) and read back as JSON
     assert store.requests([rec.key]) == {rec.key: _request("hello")}
@@ -140,7 +145,7 @@ def test_failed_call_is_not_cached_and_is_replaced(store):
     status, error, cost, tokens, attempts = row
     assert (status, error, tokens, attempts) == ("ok", None, 5 + 7, 3)  # every attempt was paid for
     assert cost == pytest.approx(0.04)
-    assert store.get_signals([ok.key])[ok.key].to_json() == ok.signal.to_json()
+    assert store.get_signals([ok.key])[ok.key].to_json() == as_stored(ok.signal).to_json()
     assert store.db.execute("SELECT COUNT(*) FROM calls").fetchone()[0] == 1
     # once ok, a later failure does not overwrite it
     assert store.put([_record("f", None, error="late failure", cost_usd=1.0)]) == 0
@@ -447,11 +452,12 @@ def test_a_store_an_earlier_version_wrote_opens_with_every_row_kept(tmp_path, ve
         # a rerun makes zero calls: every answer is a cached signal, and none can be recorded twice
         signals = store.get_signals([c["key"] for c in calls])
         assert set(signals) == set(ok)
+        # migrated into the compact rows: probabilities in float32 (src/protege/_compact.py), all else as written
         assert {k: s.to_json() for k, s in signals.items()} == {
-            k: TeacherSignal.from_json(json.loads(sig)).to_json() for k, sig in ok.items()
+            k: as_stored(TeacherSignal.from_json(json.loads(sig))).to_json() for k, sig in ok.items()
         }
         label = signals[make_stores._key("ok-1")].distribution
-        assert label.probs == (0.7, 0.2, 0.1) and label.covered_mass == 0.9 and label.raw_probs == (0.5, 0.3, 0.2)
+        assert label.probs == f32(0.7, 0.2, 0.1) and label.covered_mass == 0.9 and label.raw_probs == f32(0.5, 0.3, 0.2)
         assert signals[make_stores._key("ok-2")].distribution.n_samples == 4
         again = [CallRecord(k, "openai:smol", {}, _signal(), cost_usd=1.0) for k in ok]
         assert store.put(again) == 0

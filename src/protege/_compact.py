@@ -12,9 +12,14 @@ teacher's top values when they are its ``top_logprobs``.
 
 Fidelity (measured in benchmarks/store_size.py and pinned in tests/test_store_compact.py):
 
-- label distributions (``probs``, ``raw_probs``), dense ``logits``, every string and integer: exact. A float
-  array is stored as float32 when every value round-trips through float32 exactly (a torch float32 softmax),
-  else as float64.
+- label distributions (``probs``, ``raw_probs``): float32, the precision the student's loss reads them in
+  (:mod:`protege.training.losses` computes in float32), so a student trained from the store sees the same
+  values bit for bit. A probability p keeps a relative error of at most 2**-24 (6e-8) when p >= 2**-126 and
+  an absolute error below 2**-149 (1.4e-45) under that; a 77-label distribution's sum moves by at most 5e-6.
+  A value already in float32 (a torch float32 softmax) is kept exactly. Stores written before this rounding
+  keep their float64 arrays and read back as they were.
+- dense ``logits``, every string and integer: exact. A float array is stored as float32 when every value
+  round-trips through float32 exactly, else as float64.
 - top-k token log-probabilities (the values of ``top`` and ``top_logprobs``): float16, what makes a top-20
   generation signal fit in 100 bytes a token. The error of a log-probability lp is at most half a float16 step:
   2**-12 nats for |lp| < 1, 2**-9 for |lp| < 4, 2**-8 for |lp| < 16, 2**-7 for |lp| < 32 (so the relative
@@ -36,7 +41,7 @@ import numpy as np
 
 from .signals import TeacherSignal
 
-__all__ = ["encode_signal", "decode_signal", "split_request", "join_request", "template_from", "deflate", "inflate"]
+__all__ = ["encode_signal", "decode_signal", "as_stored", "split_request", "join_request", "template_from", "deflate", "inflate"]
 
 Intern = Callable[[str], int]  # a string -> its id in the store's ``strings`` table
 Lookup = Callable[[int], str]  # and back
@@ -70,7 +75,7 @@ class _Arrays:
         return self.add(f32 if np.array_equal(f32.astype("<f8"), a, equal_nan=True) else a)
 
     def single(self, values: Sequence[float]) -> int:
-        """float32: tail masses (relative error at most 2**-24)."""
+        """float32: label distributions and tail masses (relative error at most 2**-24)."""
         return self.add(np.asarray(values, dtype="<f8").astype("<f4"))
 
     def half(self, values: Sequence[float]) -> int:
@@ -152,11 +157,14 @@ def encode_signal(signal: TeacherSignal, intern: Intern, vocab_put: VocabPut) ->
     if (dist := head.get("distribution")) is not None:
         for k in [k for k, v in dist.items() if v is None or _DEFAULTS.get(k, ...) == v]:
             del dist[k]
-        dist["labels"] = intern(json.dumps(dist["labels"], ensure_ascii=False))
-        dist["probs"] = arrays.exact(dist["probs"])
+        dist_labels = dist["labels"]
+        dist["labels"] = intern(json.dumps(dist_labels, ensure_ascii=False))
+        dist["probs"] = arrays.single(dist["probs"])
         if "raw_probs" in dist:
-            dist["raw_probs"] = arrays.exact(dist["raw_probs"])
-        if head.get("text") is not None and head["text"] == signal.distribution.top:  # type: ignore[union-attr]
+            dist["raw_probs"] = arrays.single(dist["raw_probs"])
+        stored = np.asarray(signal.distribution.probs, dtype="<f8").astype("<f4")  # type: ignore[union-attr]
+        top = dist_labels[int(np.argmax(stored))] if len(stored) else None  # as read back: rounding can tie two
+        if head.get("text") is not None and head["text"] == top:
             del head["text"]  # an answer that is the top label: kept once
             head["text_is_top"] = True
     if (tl := head.get("token_logprobs")) is not None:
@@ -211,7 +219,8 @@ def encode_signal(signal: TeacherSignal, intern: Intern, vocab_put: VocabPut) ->
 
 
 def decode_signal(blob: bytes, lookup: Lookup, vocab_get: VocabGet) -> TeacherSignal:
-    """The signal :func:`encode_signal` wrote (token log-probabilities rounded to float16)."""
+    """The signal :func:`encode_signal` wrote (label probabilities rounded to float32, token log-probabilities to
+    float16)."""
     body = blob[1:]
     if blob[0] == _DEFLATED:
         inflate = zlib.decompressobj(-15, zdict=_ZDICT)
@@ -267,6 +276,23 @@ def decode_signal(blob: bytes, lookup: Lookup, vocab_get: VocabGet) -> TeacherSi
     if head.get("text_is_top"):
         signal = dataclasses.replace(signal, text=signal.distribution.top)  # type: ignore[union-attr]
     return signal
+
+
+def as_stored(signal: TeacherSignal) -> TeacherSignal:
+    """The signal as a store gives it back (probabilities in float32, token log-probabilities in float16): what
+    a fresh answer becomes once it is cached, without a store."""
+    strings: dict[str, int] = {}
+    vocab: dict[tuple[int, int], str] = {}
+
+    def intern(s: str) -> int:
+        return strings.setdefault(s, len(strings))
+
+    def vocab_put(tokenizer: int, i: int, s: str) -> bool:
+        return vocab.setdefault((tokenizer, i), s) == s
+
+    blob = encode_signal(signal, intern, vocab_put)
+    names = {i: s for s, i in strings.items()}
+    return decode_signal(blob, names.__getitem__, lambda tokenizer, i: vocab[tokenizer, i])
 
 
 # --------------------------------------------------------------------------------------------------------------
