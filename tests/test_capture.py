@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx2
@@ -20,7 +21,8 @@ pytest.importorskip("fastapi")
 from protege.errors import ProtegeError
 from protege.serve import Classifier, create_app
 from protege.serve.capture import Redactor, luhn_valid
-from protege.store import CapturedRecord, Store
+from protege.signals import TeacherSignal, TokenLogprobs
+from protege.store import CallRecord, CapturedRecord, Store
 from protege.students.card import card_version
 
 CUSTOM = r"ACCT-\d{5}"
@@ -168,6 +170,49 @@ def test_capture_records_who_answered_through_the_cascade(student_dir, tmp_path,
         assert (row["answered_by"] == "teacher") == (conf[text] < threshold)
     assert [row["call_key"] for row in rows] == [row["call_key"] for row in ledger]
     assert all((row["call_key"] is not None) == (row["answered_by"] == "teacher") for row in rows)
+
+
+def test_the_cascades_teacher_calls_are_kept_redacted_and_still_answer_a_repeat(student_dir, tmp_path,  # noqa: F811
+                                                                               openai_fake, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    db = tmp_path / "protege.db"
+    texts = [sent for sent, _ in PII]
+    with running(student_dir, store=db, cascade_threshold=2.0, capture=True, redact=[CUSTOM],  # the teacher answers all
+                 teacher_recipe=teacher_recipe(tmp_path / "t.yaml")) as srv, srv.client() as client:
+        for _ in range(2):  # the second time every answer comes from the store
+            for text in texts:
+                raw = client.chat.completions.with_raw_response.create(model="x",
+                                                                       messages=[{"role": "user", "content": text}])
+                assert raw.headers["x-protege-model"] == "teacher"
+    assert openai_fake.received == len(texts)  # what was sent: the texts as the client wrote them, once each
+    assert all(any(sent in json.dumps(b["messages"]) for b in openai_fake.bodies) for sent in texts)
+    keys = [row["call_key"] for row in served(db)]
+    assert len(keys) == 2 * len(texts) and keys[: len(texts)] == keys[len(texts) :]
+    with Store(db) as store:
+        requests = store.requests(keys[: len(texts)])
+        signals = store.get_signals(keys[: len(texts)])
+    kept = json.dumps(list(requests.values()), ensure_ascii=False)
+    assert all(stored in kept for _, stored in PII) and len(signals) == len(texts)
+    for part in RAW:
+        assert part.decode() not in kept and part not in db_bytes(db)
+
+
+def test_a_redacted_call_keeps_its_key_and_numbers_and_drops_what_would_spell_the_text():
+    redact = Redactor()
+    tokens = TokenLogprobs(tokens=("Mail ", "a@b.example"), top=({"Mail ": -0.1}, {"a@b.example": -0.2}),
+                           tail_mass=(0.0, 0.0), tokenizer="t", temperature=1.0)
+    reply = TeacherSignal(text="Mail a@b.example", answer="a@b.example", token_logprobs=tokens, logits=[[0.0, 1.0]],
+                          usage={"output_tokens": 2})
+    call = CallRecord("k", "openai:x", {"messages": [{"role": "user", "content": "I am a@b.example"}], "n": 1},
+                      reply, cost_usd=0.5, input_tokens=7)
+    kept = redact.call(call)
+    assert kept.request == {"messages": [{"role": "user", "content": "I am <EMAIL>"}], "n": 1}
+    assert (kept.key, kept.cost_usd, kept.input_tokens) == ("k", 0.5, 7)
+    assert kept.signal == TeacherSignal(text="Mail <EMAIL>", answer="<EMAIL>", usage={"output_tokens": 2})
+    clean = TeacherSignal(text="Mail me", token_logprobs=tokens, rationale="it has a@b.example")
+    assert redact.call(replace(call, signal=clean)).signal == replace(clean, rationale="it has <EMAIL>")
+    failed = redact.call(replace(call, signal=None, error="bad reply for a@b.example", raw="a@b.example"))
+    assert (failed.signal, failed.error, failed.raw) == (None, "bad reply for <EMAIL>", "<EMAIL>")
 
 
 def test_capture_keeps_a_language_models_conversation_redacted(lm_student, tmp_path):  # noqa: F811

@@ -435,10 +435,15 @@ class _Parts:
 
 
 class Store:
-    """A SQLite file; safe against kill -9 (WAL, one transaction per batch)."""
+    """A SQLite file; safe against kill -9 (WAL, one transaction per batch).
 
-    def __init__(self, path: Path | str):
+    ``scrub``, when given, is applied to every call record before it is written (``protege serve --capture``
+    redacts the cascade's teacher calls with it); the key, computed before, is kept, so the cache still works.
+    """
+
+    def __init__(self, path: Path | str, scrub: Callable[[CallRecord], CallRecord] | None = None):
         self.path = Path(path)
+        self.scrub = scrub
         if self.path.exists() and self.path.is_dir():
             raise ProtegeError(f"store {str(self.path)!r} is a directory; it must be a SQLite file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -547,6 +552,8 @@ class Store:
 
     def _put(self, records: Iterable[CallRecord]) -> int:
         """:meth:`put`'s insert, inside the caller's transaction."""
+        if self.scrub is not None:
+            records = map(self.scrub, records)
         rows = [
             (
                 r.key,

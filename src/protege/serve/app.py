@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ProtegeError
+from ..store import CallRecord
 from .api import (
     SSE_EVENT,
     ApiError,
@@ -304,6 +305,7 @@ def _raise_first_failure(replies: list[Any]) -> None:
 def _cascade(
     student_dir: Path, labels: tuple[str, ...] | None, threshold: float, teacher_recipe: Path | str | None,
     store_path: Path | None, usd_per_hour: float, max_batch: int, wait_s: float, timeout_s: float,
+    scrub: Callable[[CallRecord], CallRecord] | None = None,
 ) -> TeacherQueue:
     if not threshold >= 0:
         raise ProtegeError(f"--cascade-threshold must be 0 or more (0: the student answers everything; above 1: "
@@ -313,7 +315,7 @@ def _cascade(
             f"the cascade keeps the teacher's answers in the run's store, and there is none at "
             f"{str(student_dir.resolve().parent / 'protege.db')!r}; pass --store PATH"
         )
-    fallback = TeacherFallback(cascade_recipe(student_dir, teacher_recipe, labels), store_path, usd_per_hour)
+    fallback = TeacherFallback(cascade_recipe(student_dir, teacher_recipe, labels), store_path, usd_per_hour, scrub)
     return TeacherQueue(None, max_batch=max(max_batch, 64), wait_s=wait_s, fallback=fallback, timeout_s=timeout_s)
 
 
@@ -468,7 +470,8 @@ def create_app(
     teacher_queue = None
     if cascade_threshold is not None:
         teacher_queue = _cascade(student_dir, clf.labels if clf is not None else None, cascade_threshold,
-                                 teacher_recipe, store_path, usd_per_hour, max_batch, wait_s, teacher_timeout_s)
+                                 teacher_recipe, store_path, usd_per_hour, max_batch, wait_s, teacher_timeout_s,
+                                 kept.redactor.call if kept is not None else None)
     metrics = Metrics(student_dir, model_id, cascade_threshold)
     metrics.serving(current.version, router.canary and router.canary.version, canary)
     service = Service(student_dir, model_id, router, teacher_queue, cascade_threshold, ledger, usd_per_hour,

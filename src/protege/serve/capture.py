@@ -15,6 +15,13 @@ never a header, so the API key and bearer tokens cannot reach the store. Before 
 * every match of the user's patterns (``--redact REGEX``, repeatable) with ``<REDACTED>``.
 
 A run of digits is judged whole (a 16-digit number that fails the Luhn check is not cut into a phone number).
+
+The cascade's teacher calls are kept in the same store (they are its cache and ledger). With ``--capture`` they
+pass through :meth:`Redactor.call` before they are written: every string of the request, the teacher's written
+answer, rationale and thinking, and a failure's message and raw reply are redacted. The key is the hash of the
+request as sent, so a repeated text is still answered from the store. A generated reply that redaction changed
+loses its token log-probabilities and logits (a token cannot be redacted by itself), and the cascade serves the reply as
+kept, redacted: what the client reads is what the store holds.
 """
 
 from __future__ import annotations
@@ -22,11 +29,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import ProtegeError
-from ..store import CapturedRecord, ServedRecord
+from ..signals import TeacherSignal
+from ..store import CallRecord, CapturedRecord, ServedRecord
 
 __all__ = ["Capture", "Redactor", "luhn_valid"]
 
@@ -78,6 +86,37 @@ class Redactor:
             text = p.sub("<REDACTED>", text)
         text = EMAIL.sub("<EMAIL>", text)
         return NUMBER.sub(_number, text)
+
+    def call(self, record: CallRecord) -> CallRecord:
+        """A teacher call as the store may keep it (see the module): its texts redacted, its key and numbers kept."""
+        return replace(
+            record,
+            request=self._strings(record.request),
+            signal=None if record.signal is None else self._signal(record.signal),
+            error=None if record.error is None else self(record.error),
+            raw=None if record.raw is None else self(record.raw),
+        )
+
+    def _strings(self, value: Any) -> Any:
+        """Every string inside a JSON value redacted (the keys of its objects are protege's own names)."""
+        if isinstance(value, str):
+            return self(value)
+        if isinstance(value, list):
+            return [self._strings(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self._strings(v) for k, v in value.items()}
+        return value
+
+    def _signal(self, signal: TeacherSignal) -> TeacherSignal:
+        texts = {f: getattr(signal, f) for f in ("text", "answer", "rationale", "thinking")}
+        redacted = {f: None if t is None else self(t) for f, t in texts.items()}
+        if redacted == texts:
+            return signal
+        if redacted["text"] == texts["text"]:
+            return replace(signal, **redacted)
+        # the reply's tokens (and a local teacher's dense logits, whose likeliest tokens spell it) would keep what
+        # redaction took out of its text
+        return replace(signal, **redacted, token_logprobs=None, logits=None)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from ..errors import BudgetReached, PermanentError, ProtegeError
 from ..labeling.data import Example
 from ..recipe import Recipe, load_recipe
 from ..signals import TeacherSignal
-from ..store import Store, call_key
+from ..store import CallRecord, Store, call_key
 from ..students.card import CARD, StudentCard
 from ..teachers.base import Request
 
@@ -129,7 +129,8 @@ class TeacherFallback:
     the server calls it in a worker thread; it opens its own store connection each time.
     """
 
-    def __init__(self, recipe: Recipe, store_path: Path, compute_usd_per_hour: float):
+    def __init__(self, recipe: Recipe, store_path: Path, compute_usd_per_hour: float,
+                 scrub: Callable[[CallRecord], CallRecord] | None = None):
         from ..teachers import make_teacher
 
         if recipe.teacher.batch_api:
@@ -137,6 +138,7 @@ class TeacherFallback:
         self.recipe = recipe
         self.store_path = Path(store_path)
         self.compute_usd_per_hour = compute_usd_per_hour
+        self.scrub = scrub  # what the store keeps of a call (--capture: redacted)
         self.teacher = make_teacher(recipe.teacher)
         self.api = self.teacher.kind == "api"
         if self.teacher.kind == "api":
@@ -171,7 +173,7 @@ class TeacherFallback:
         # the keys labeling will use, to see what each request cost (before vs after)
         keys = [call_key(self.teacher.identity, r.to_json()) for r in requests]
         failure: TeacherFailure | None = None
-        with Store(self.store_path) as store:
+        with Store(self.store_path, scrub=self.scrub) as store:
             before = store.call_usage(keys)
             try:
                 signals, keys, _ = label_requests(self.teacher, self.recipe, requests, store, quiet=True, desc="cascade")
