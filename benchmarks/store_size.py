@@ -318,8 +318,8 @@ probability exactly its float32 rounding, tail masses within 2^-24.
 {table}
 
 Load average (1 min) {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after: replay and put rates are noisy; compare
-within a row. What is left in a classification row: its float32 probabilities (308 bytes raw; until commit
-{commit.strip()} they were float64, 616 bytes, whenever a teacher renormalised in float64), the request's text,
+within a row. What is left in a classification row: its float32 probabilities (308 bytes raw; before commit
+762d6e2 they were float64, 616 bytes, whenever a teacher renormalised in float64), the request's text,
 the 64-character key (again in its index) and the ledger numbers; the file adds B-tree page slack. A calibrated
 LM teacher's row holds two such distributions (`probs`, `raw_probs`). The generation rows' token strings (and a
 local teacher's token ids) are kept once in `strings` / `token_ids`; their share falls as rows are added. The
