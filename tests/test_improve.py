@@ -224,7 +224,7 @@ def test_max_label_sends_the_least_sure_texts_to_the_teacher(run):
     assert len({k for (k,) in sql(run / "protege.db", "SELECT key FROM calls")} - calls_before) == 10 + len(held)
 
 
-def test_improve_refuses_too_little_traffic_and_bad_settings(run):
+def test_improve_refuses_too_little_traffic_and_bad_settings(run, made):
     res = invoke("improve", str(run), "-q")
     assert res.exit_code == 2 and "only 0 new captured texts since v1" in res.output
     assert "--min-rows" in res.output and not (run / "improve").exists()
@@ -232,10 +232,17 @@ def test_improve_refuses_too_little_traffic_and_bad_settings(run):
     assert res.exit_code == 2
     from protege.versions import exclusive
 
-    with exclusive(run, "improve"):  # another improve, promote or rollback holds the run
-        for command in ("improve", "rollback", "promote"):
-            res = invoke(command, str(run))
-            assert res.exit_code == 2 and "another `protege improve`, `promote` or `rollback` is running" in res.output
+    recipe = yaml.safe_load((made.parent / "recipe.yaml").read_text())  # the run's recipe, writing into `run`
+    recipe["data"]["path"] = str(made.parent / "data.jsonl")
+    (run.parent / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    card = card_version(run / "student")
+    busy = "another `protege train`, `improve`, `promote` or `rollback` is running"
+    with exclusive(run, "improve"):  # another train, improve, promote or rollback holds the run
+        for args in (["improve", str(run)], ["rollback", str(run)], ["promote", str(run)],
+                     ["train", str(run.parent / "recipe.yaml"), "-q"]):
+            res = invoke(*args)
+            assert res.exit_code == 2 and busy in res.output and f"run `protege {args[0]}` again" in res.output
+    assert card_version(run / "student") == card  # the refused train wrote nothing
 
 
 def test_a_canary_splits_traffic_by_version_until_the_candidate_is_promoted(run):

@@ -18,6 +18,7 @@ from .labeling.labeler import LabelStats, read_signals
 from .labeling.signal_files import iter_signals
 from .recipe import Recipe
 from .store import Store
+from .versions import exclusive
 from .students.card import CARD, StudentCard
 from .training.classifier import TrainSet, rows_from_signals, train_student
 from .training.select import improves
@@ -69,7 +70,16 @@ def train(recipe: Recipe, quiet: bool = False, force: bool = True) -> dict[str, 
     ``signals/train.jsonl``; with training.sweep_alpha / sweep_temperature, the best of a small sweep.
 
     ``force=False`` skips a student whose protege.json records the current recipe and signals hashes (the
-    recipe hash covers the selection and sweep settings)."""
+    recipe hash covers the selection and sweep settings).
+
+    It holds the run's versions lock (:func:`protege.versions.exclusive`) while it trains: a ``protege improve``,
+    ``promote`` or ``rollback`` on the same run is refused meanwhile, and this is refused while one of them runs,
+    so ``student/`` is replaced by one of them at a time (the next improve keeps this student as a version)."""
+    with exclusive(recipe.output_dir, "train"):
+        return _train(recipe, quiet, force)
+
+
+def _train(recipe: Recipe, quiet: bool, force: bool) -> dict[str, Any]:
     expect = {
         "recipe_hash": recipe.section_hash("task", "data", "teacher", "student", "training"),
         "signals_hash": _signals_hash(recipe),

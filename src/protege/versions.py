@@ -32,8 +32,9 @@ STUDENT_DIR, VERSIONS_DIR, MANIFEST = "student", "versions", "versions.json"
 
 @contextlib.contextmanager
 def exclusive(run_dir: Path | str, what: str) -> Iterator[None]:
-    """Hold the run's versions lock for ``what`` (improve, promote, rollback): two of them at once would both
-    write the next version, or promote over each other. A second one is refused at once, with the reason."""
+    """Hold the run's versions lock for ``what`` (train, improve, promote, rollback): two of them at once would
+    both write the next version or ``student/``, or promote over each other. A second one is refused at once,
+    with the reason."""
     from filelock import FileLock, Timeout
 
     path = Path(run_dir) / VERSIONS_DIR / ".lock"
@@ -42,7 +43,8 @@ def exclusive(run_dir: Path | str, what: str) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise ProtegeError(f"another `protege improve`, `promote` or `rollback` is running on {str(run_dir)!r}; "
+        raise ProtegeError(f"another `protege train`, `improve`, `promote` or `rollback` is running on "
+                           f"{str(run_dir)!r}; "
                            f"wait for it to finish, then run `protege {what}` again") from None
     try:
         yield
