@@ -112,3 +112,29 @@ def test_identity_is_computed_without_loading_weights(tiny_lm_dir):
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(ProtegeError, match="not a directory or .gguf file"):
         make_teacher(TeacherConfig(model=f"hf:{tmp_path}/nope"))
+
+
+def test_a_rerun_answered_from_the_store_never_imports_transformers(tiny_classifier_dir, tmp_path):
+    # the teacher's cache key needs its architecture, read from config.json; the weights load on the first call
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_examples(12, seed=2)))
+    recipe = {"task": {"instruction": "Classify the message.", "labels": list(LABELS)},
+              "data": {"path": "data.jsonl", "eval_fraction": 0.25},
+              "teacher": {"model": f"hf:{tiny_classifier_dir}"}, "output_dir": "out"}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    script = (
+        "import sys\n"
+        "from protege.labeling.labeler import label\n"
+        "from protege.recipe import load_recipe\n"
+        f"stats = label(load_recipe({str(tmp_path / 'recipe.yaml')!r}), quiet=True)\n"
+        "print(stats.called, stats.cached, 'transformers' in sys.modules)\n"
+    )
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr
+    assert [r.stdout.split() for r in runs] == [["12", "0", "True"], ["0", "12", "False"]]

@@ -9,7 +9,9 @@ prompt pass plus K short continuations, not K prompt passes.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -60,13 +62,26 @@ def _load_config(source: ModelSource, trust_remote_code: bool) -> Any:
         raise ProtegeError(f"cannot load model {source.name_or_path!r}: {e}") from None
 
 
+def _architectures(source: ModelSource, trust_remote_code: bool) -> list[str]:
+    """The model's architectures, from a local directory's config.json when it has one: a rerun answered from the
+    store then never imports transformers (seconds) just to build the teacher's cache key."""
+    config = Path(source.name_or_path) / "config.json"
+    if source.local and not source.gguf_file and config.is_file():
+        try:
+            archs = json.loads(config.read_text(encoding="utf-8")).get("architectures")
+            if archs is None or isinstance(archs, list):
+                return [str(a) for a in archs or []]
+        except (ValueError, AttributeError):
+            pass  # transformers reads it, and says what is wrong with it
+    return list(getattr(_load_config(source, trust_remote_code), "architectures", None) or [])
+
+
 def make_hf_teacher(spec: str, cfg: TeacherConfig) -> HFCausalLMTeacher | HFClassifierTeacher:
     source = resolve_source(spec)
-    config = _load_config(source, cfg.trust_remote_code)
-    archs = getattr(config, "architectures", None) or []
+    archs = _architectures(source, cfg.trust_remote_code)
     if any(a.endswith("ForSequenceClassification") for a in archs):
-        return HFClassifierTeacher(spec, source, config, cfg)
-    return HFCausalLMTeacher(spec, source, config, cfg)
+        return HFClassifierTeacher(spec, source, cfg)
+    return HFCausalLMTeacher(spec, source, cfg)
 
 
 class _HFTeacher:
@@ -76,8 +91,8 @@ class _HFTeacher:
     method: str
     can_score = False
 
-    def __init__(self, spec: str, source: ModelSource, config: Any, cfg: TeacherConfig):
-        self.spec, self.source, self.config, self.cfg = spec, source, config, cfg
+    def __init__(self, spec: str, source: ModelSource, cfg: TeacherConfig):
+        self.spec, self.source, self.cfg = spec, source, cfg
         self.device = pick_device(cfg.device)
         self.dtype = pick_dtype(cfg.dtype, self.device)
         self.identity: dict[str, Any] = {
@@ -119,8 +134,8 @@ class HFCausalLMTeacher(_HFTeacher):
     method = "label_logprobs"
     can_score = True
 
-    def __init__(self, spec: str, source: ModelSource, config: Any, cfg: TeacherConfig):
-        super().__init__(spec, source, config, cfg)
+    def __init__(self, spec: str, source: ModelSource, cfg: TeacherConfig):
+        super().__init__(spec, source, cfg)
         self.identity["calibrate"] = cfg.calibrate
         self._label_ids: dict[tuple[str, ...], list[list[int]]] = {}
         self._content_free: dict[tuple[str, ...], torch.Tensor] = {}
