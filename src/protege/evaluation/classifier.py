@@ -25,6 +25,7 @@ from ..labeling.labeler import read_signals, recipe_shots, requests_for
 from ..recipe import Recipe
 from ..store import Store, call_key
 from ..students.classifier import count_parameters, load_student
+from ..students.lean import classifier_logits
 from ..teachers import make_teacher
 from .floor import FLOOR_NAME, fit_floor, floor_parameters, floor_probs, floor_size_bytes
 from .measure import (
@@ -95,7 +96,7 @@ def _student_predict(model: Any, tok: Any, texts: list[str], max_length: int, ba
     out = []
     for i in range(0, len(texts), batch):
         enc = tok(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        out.append(torch.softmax(model(**enc).logits.float(), -1).numpy())
+        out.append(torch.softmax(classifier_logits(model)(**enc).float(), -1).numpy())
     return np.concatenate(out)
 
 

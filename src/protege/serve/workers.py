@@ -38,11 +38,13 @@ class Classifier:
     def predict(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
         import torch
 
+        from ..students.lean import classifier_logits
+
         with torch.inference_mode():
             enc = self.tokenizer(
                 texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             )
-            logp = torch.log_softmax(self.model(**enc).logits.float(), -1)
+            logp = torch.log_softmax(classifier_logits(self.model)(**enc).float(), -1)
         return logp.tolist(), enc["attention_mask"].sum(1).tolist()
 
 

