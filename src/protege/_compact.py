@@ -30,7 +30,7 @@ Fidelity (measured in benchmarks/store_size.py and pinned in tests/test_store_co
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import struct
 import zlib
@@ -218,6 +218,12 @@ def encode_signal(signal: TeacherSignal, intern: Intern, vocab_put: VocabPut) ->
     return bytes([_RAW]) + body
 
 
+@functools.lru_cache(maxsize=1024)
+def _labels(stored: str) -> tuple[str, ...]:
+    """A label list as the store keeps it (JSON, once in ``strings``), parsed once per list, not once per row."""
+    return tuple(json.loads(stored))
+
+
 def decode_signal(blob: bytes, lookup: Lookup, vocab_get: VocabGet) -> TeacherSignal:
     """The signal :func:`encode_signal` wrote (label probabilities rounded to float32, token log-probabilities to
     float16)."""
@@ -238,10 +244,13 @@ def decode_signal(blob: bytes, lookup: Lookup, vocab_get: VocabGet) -> TeacherSi
         return arrays[i].tolist()
 
     if (dist := head.get("distribution")) is not None:
-        dist["labels"] = json.loads(lookup(dist["labels"]))
-        dist["probs"] = floats(dist["probs"])
+        dist["labels"] = _labels(lookup(dist["labels"]))
+        probs = arrays[dist["probs"]]
+        dist["probs"] = probs.astype(np.float64).tolist()
         if "raw_probs" in dist:
             dist["raw_probs"] = floats(dist["raw_probs"])
+        if head.pop("text_is_top", False) and len(probs):
+            head["text"] = dist["labels"][int(np.argmax(probs))]  # the distribution's top: the first of a tie
     if (tl := head.get("token_logprobs")) is not None:
         tokenizer = tl["tokenizer"]
         tl["tokenizer"] = lookup(tokenizer)
@@ -272,10 +281,7 @@ def decode_signal(blob: bytes, lookup: Lookup, vocab_get: VocabGet) -> TeacherSi
     if head.get("logits") is not None:
         lengths_i, flat_i = head["logits"]
         head["logits"] = _split(floats(flat_i), ints(lengths_i))
-    signal = TeacherSignal.from_json(head)
-    if head.get("text_is_top"):
-        signal = dataclasses.replace(signal, text=signal.distribution.top)  # type: ignore[union-attr]
-    return signal
+    return TeacherSignal.from_json(head)
 
 
 def as_stored(signal: TeacherSignal) -> TeacherSignal:
