@@ -1,4 +1,4 @@
-"""transformers' BERT forward against protege's lean one (protege.students.lean), side by side in one run.
+"""transformers' BERT forward against protege's lean one (protege.lean), side by side in one run.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lean_forward.py            # writes BENCHMARKS.md
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lean_forward.py --quick    # prints only
@@ -61,8 +61,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from protege.demo_data import make_examples
+    from protege.lean import classifier_logits, encoder_states
     from protege.sources import resolve_source
-    from protege.students.lean import classifier_logits, encoder_states
 
     minilm = resolve_source("all-minilm-l6-v2").name_or_path
     tok = AutoTokenizer.from_pretrained(minilm)
@@ -84,9 +84,12 @@ def main() -> None:
                 a, c = hf(b), lean(**b)
                 keep = b["attention_mask"].bool() if kind == "encoder" else slice(None)
                 diff = max(diff, float((a[keep] - c[keep]).abs().max()))
-            t_hf, t_lean = _time([hf, lambda e: lean(**e)], ones, len(ones) * (1 if args.quick else 2))
+            def lean_of(e: dict, f=lean) -> torch.Tensor:
+                return f(**e)
+
+            t_hf, t_lean = _time([hf, lean_of], ones, len(ones) * (1 if args.quick else 2))
             per_s = []
-            for f in (hf, lambda e: lean(**e)):
+            for f in (hf, lean_of):
                 f(batches[0])
                 t0 = time.perf_counter()
                 for b in batches:

@@ -1,4 +1,4 @@
-"""The lean BERT forward (protege.students.lean) against transformers' own, on tiny random models built here."""
+"""The lean BERT forward (protege.lean) against transformers' own, on tiny random models built here."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
-from protege.students.lean import classifier_logits, encoder_states, lean_reason
+from protege.lean import classifier_logits, encoder_states, lean_reason
 
 
 def _config(**kw) -> BertConfig:

@@ -5,7 +5,6 @@ token and round-trips within float16; the shared parts stay right across rollbac
 from __future__ import annotations
 
 import dataclasses
-
 import importlib.util
 import json
 import math

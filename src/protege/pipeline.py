@@ -18,11 +18,11 @@ from .labeling.labeler import LabelStats, read_signals
 from .labeling.signal_files import iter_signals
 from .recipe import Recipe
 from .store import Store
-from .versions import exclusive
 from .students.card import CARD, StudentCard
 from .training.classifier import TrainSet, rows_from_signals, train_student
 from .training.select import improves
 from .training.tracking import check_trackers
+from .versions import exclusive
 
 __all__ = ["evaluate", "label", "run", "train"]
 

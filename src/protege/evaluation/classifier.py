@@ -22,10 +22,10 @@ from .._io import content_hash
 from ..errors import ProtegeError
 from ..labeling.data import Example
 from ..labeling.labeler import read_signals, recipe_shots, requests_for
+from ..lean import classifier_logits
 from ..recipe import Recipe
 from ..store import Store, call_key
 from ..students.classifier import count_parameters, load_student
-from ..students.lean import classifier_logits
 from ..teachers import make_teacher
 from .floor import FLOOR_NAME, fit_floor, floor_parameters, floor_probs, floor_size_bytes
 from .measure import (

@@ -38,7 +38,7 @@ class Classifier:
     def predict(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
         import torch
 
-        from ..students.lean import classifier_logits
+        from ..lean import classifier_logits
 
         with torch.inference_mode():
             enc = self.tokenizer(

@@ -23,10 +23,10 @@ from typing import Any, Literal
 import torch
 
 from ..errors import TeacherError
+from ..lean import encoder_states
 from ..recipe import TeacherConfig
 from ..signals import LabelDistribution, TeacherSignal
 from ..sources import ModelSource, resolve_source
-from ..students.lean import encoder_states
 from .base import Request
 from .hf import pick_device, pick_dtype
 

@@ -17,10 +17,10 @@ from typing import Any, Literal
 import torch
 
 from ..errors import ProtegeError, TeacherError
+from ..lean import classifier_logits
 from ..recipe import TeacherConfig
 from ..signals import LabelDistribution, TeacherSignal, TokenLogprobs
 from ..sources import ModelSource, cache_kwarg, resolve_source
-from ..students.lean import classifier_logits
 from .base import Request, ScoreRequest
 from .parse import ParseError, split_rationale
 
