@@ -103,3 +103,35 @@ def test_projected_embeddings_are_refused_for_a_student_that_is_not_built_from_s
                                           r"it, or set student.init: scratch"):
         build_recipe({"task": {"labels": list(NAMES)},
                       "student": {"model": str(source_dir), "init": "pretrained", "embeddings": "projected"}})
+
+
+@pytest.mark.parametrize("width", [16, 64])
+def test_a_scratch_student_starts_at_one_over_root_width_and_its_cls_state_depends_on_the_text(
+    tmp_path, tiny_tokenizer, width
+):
+    from protege.students.classifier import scratch_init_std
+
+    # the scale: 1/sqrt(width) (BERT's 0.02 is for its width of 768), on the config and on the weights it drew
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    model, tok, _ = build_student(_recipe(tmp_path / "tok", hidden_size=width, num_layers=1,
+                                          intermediate_size=4 * width).student, NAMES, seed=0)
+    assert scratch_init_std(width) == pytest.approx(width**-0.5)
+    assert model.config.initializer_range == pytest.approx(width**-0.5)
+    value = model.bert.encoder.layer[0].attention.self.value.weight
+    assert float(value.detach().std()) == pytest.approx(width**-0.5, rel=0.1)
+    # what that buys: the [CLS] state the classifier reads differs between texts from the first step. The same
+    # student at BERT's 0.02 (what protege built before): at width 64 its [CLS] barely moves with the text
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(type(model.config)(**{**model.config.to_dict(), "initializer_range": 0.02}))
+    texts = ["the food was great", "the terrible, slow film", "the refund of my order", "the time it is", "the ok"]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    assert len(set(enc["input_ids"][:, 0].tolist())) == 1  # the first token (what the pooler reads) is shared
+    spreads = []
+    for m in (model, bert):
+        m.eval()
+        with torch.no_grad():
+            cls = m.bert(**enc).last_hidden_state[:, 0]  # (5, width), layer-normed: entries of std ~1
+        spreads.append(float(cls.std(0).mean()))  # how much each coordinate differs between the texts
+    assert spreads[0] > 0.1 and spreads[0] > 10 * spreads[1]

@@ -26,6 +26,7 @@ __all__ = [
     "load_student",
     "load_teacher_classifier",
     "save_student",
+    "scratch_init_std",
 ]
 
 
@@ -72,6 +73,7 @@ def build_student(
         config = BertConfig(
             vocab_size=len(tokenizer),
             hidden_size=cfg.hidden_size,
+            initializer_range=scratch_init_std(cfg.hidden_size),
             num_hidden_layers=cfg.num_layers,
             num_attention_heads=cfg.num_heads,
             intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
@@ -90,6 +92,20 @@ def build_student(
         except OSError as e:
             raise ProtegeError(f"cannot load the student model {cfg.model!r}: {e}") from None
     return model, tokenizer, None
+
+
+def scratch_init_std(hidden_size: int) -> float:
+    """The standard deviation a scratch student's weights start at: 1 / sqrt(hidden_size), so a layer's linear
+    maps neither shrink nor grow what goes through them.
+
+    BERT's own 0.02 is for its width of 768. At a student's width it starves the layers: at hidden 64 an attention
+    block (value, then output projection) carries 0.02^2 * 64 = 2.6% of its input, so the [CLS] state the classifier
+    reads is nearly the same for every text, the gradient that would make it differ is as small, and a student
+    can spend its whole training predicting the majority label (benchmarks/active.py's SST-2 student, hidden 64 at
+    lr 3e-3, did so in several of its rounds, which ones decided by the data order). At 1 / sqrt(hidden_size) that
+    share is 1, and the same trainings left the plateau within their first three epochs of five.
+    """
+    return hidden_size**-0.5
 
 
 def project_embeddings(model: Any, source: Any, name: str) -> dict[str, float]:
