@@ -68,9 +68,9 @@ def test_the_classifier_logs_every_step_and_each_selection_evaluation(tmp_path, 
 
     for name, s in [("student", summary), ("student-hard", baseline)]:
         points, log = _scalars(tmp_path / "out" / "runs" / name), _log(tmp_path / "out" / name)
-        assert set(points) == STEP_TAGS | {"examples_per_s", "select_kl", "select_agreement"}
+        assert set(points) == STEP_TAGS | {"examples_per_s", "grad_norm", "select_kl", "select_agreement"}
         assert len(points["loss"]) == s["steps"] == len(log) == 6  # one point per optimizer step, steps 1..6
-        _assert_matches_log(points, log, STEP_TAGS | {"examples_per_s"})
+        _assert_matches_log(points, log, STEP_TAGS | {"examples_per_s", "grad_norm"})
         history = s["selection"]["history"]
         assert [h["step"] for h in history] == [2, 4, 6]
         assert points["select_kl"] == [(h["step"], _f32(h["kl"])) for h in history]

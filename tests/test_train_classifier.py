@@ -112,6 +112,36 @@ def test_max_steps_caps_optimizer_steps_and_the_schedule_follows(tmp_path, tiny_
     assert summary["steps"] == 5 and [r["epoch"] for r in log] == [0, 0, 1, 1, 2]
 
 
+def test_max_grad_norm_clips_the_step_gradient_and_logs_its_norm_before_clipping(tmp_path, tiny_tokenizer):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    student = _student_dir(tmp_path / "bert", tiny_tokenizer, dropout=0.0)
+    applied: dict[str, list[float]] = {}
+    runs = {}
+    for name, clip in (("free", None), ("clipped", 0.05)):
+        def keep(opt, args, kwargs, name=name):  # the total norm of the gradient the optimizer is about to apply
+            if type(opt) is torch.optim.AdamW:
+                g = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+                applied.setdefault(name, []).append(float(torch.linalg.vector_norm(torch.stack(
+                    [torch.linalg.vector_norm(x) for x in g]))))
+
+        handle = register_optimizer_step_pre_hook(keep)
+        try:
+            runs[name] = _train(student, tmp_path / name, 16, max_steps=2, max_grad_norm=clip)
+        finally:
+            handle.remove()
+    (_, free_log, _), (_, clip_log, _) = runs["free"], runs["clipped"]
+    # unclipped, the gradient is well above 0.05 (so the clip below is not vacuous) and no norm is logged
+    assert min(applied["free"]) > 0.2 and all("grad_norm" not in r for r in free_log)
+    # clipped: the first step's gradient is the same one (same weights, same rows), its logged norm is the
+    # unclipped one, and what the optimizer applies is scaled down to 0.05
+    assert clip_log[0]["grad_norm"] == pytest.approx(applied["free"][0], rel=1e-4)
+    assert applied["clipped"] == pytest.approx([0.05, 0.05], rel=1e-3)
+    assert all(r["grad_norm"] > 0.05 for r in clip_log)
+    # clipping is on by default, at 1.0 (as transformers.Trainer and the teacher fine-tuning in benchmarks/ do)
+    assert build_recipe({"task": {"labels": NAMES}}).training.max_grad_norm == 1.0
+
+
 def test_a_step_needs_a_row_for_every_micro_batch(tmp_path, tiny_tokenizer):
     from protege.errors import ProtegeError
 

@@ -563,6 +563,14 @@ class TrainingConfig(_Section):
     )
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(
+        1.0,
+        gt=0.0,
+        description="Classification: clip each optimizer step's gradient to this total L2 norm (over all "
+        "parameters) before the step, as transformers' Trainer does by default; null: no clipping. A scratch "
+        "student at a high learning rate sees single steps with tens of times its usual gradient as it leaves its "
+        "starting plateau; the training log's grad_norm is the norm before clipping.",
+    )
     seed: int = Field(0, description="Seed for the split, initialisation and data order.")
     gradient_accumulation_steps: int = Field(
         1, gt=0, description="Micro-batches each optimizer step's batch_size is split into (less memory, same result)."

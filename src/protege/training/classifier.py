@@ -228,6 +228,8 @@ def train_student(
                 accelerator.backward(loss_sum * (scale if idx else 0.0))
             if idx:
                 sums += torch.stack([loss_sum.detach(), parts["ce"].detach(), parts["kd"].detach()])
+        if cfg.max_grad_norm is not None:  # after the whole step's backward passes: the norm of its full gradient
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -240,6 +242,7 @@ def train_student(
             "kd_loss": sums[2].item(),
             "ce_loss": sums[1].item(),
             "lr": scheduler.get_last_lr()[0],
+            **({"grad_norm": float(grad_norm)} if cfg.max_grad_norm is not None else {}),  # before clipping
             "examples_per_s": seen / (time.perf_counter() - t0),
         }
         if selection is not None and ((step + 1) % every == 0 or step + 1 == total):
