@@ -8,9 +8,20 @@ The teacher and its labels are benchmarks/sst2.py's: the fine-tuned MiniLM in ru
 sst2.py does when it is missing) and its store runs/sst2/shared.db, copied into each run so answers bought once are
 not bought again (a label counts as a teacher call whenever a round picks its text: the curve is about how many
 labels a student needs, not about this machine's cache). The student is sst2.py's `+embed` student (scratch BERT,
-hidden 64, 1 layer, MiniLM's embeddings projected; alpha 1, tau 4, lr 3e-3, batch 64), trained on the teacher's
+hidden 64, 1 layer, MiniLM's embeddings projected; alpha 1, tau 4, lr 3e-3, batch 64, 5 epochs), trained on the teacher's
 labels only (use_gold false). Each round's student is scored on the 872 dev sentences: quality kept = its gold
 accuracy / the teacher's.
+
+Earlier runs of this benchmark lost some round students to a stall: the student predicted the majority label for
+every text (50.9% of dev) after all its epochs, in random and uncertainty runs alike (which trainings, the data
+order decided). The cause was protege's scratch student starting its weights at BERT's 0.02, a scale for width
+768: at hidden 64 its [CLS] state, all the classifier reads, was nearly the same for every text (std 0.0006 across
+dev texts in a stalled student, 0.65 in one that learned) and the gradient that would separate them as small.
+protege now starts a scratch student at 1 / sqrt(hidden_size) and clips each step's gradient at norm 1
+(training.max_grad_norm); the benchmark's settings are unchanged, the same for both strategies. Checked one
+training at a time on recorded rounds, by the training loss (no dev figure chose it): the stalled trainings (random
+s0 at 5,500 texts, uncertainty s0 at 2,500) and five others of 500 to 1,000 texts leave the plateau within their
+first three epochs of five; clipping alone, at 0.02, did not free uncertainty s0's 2,500.
 
 uncertainty: a random seed slice, then rounds of the texts the last student is least sure of (margin, spread by
 k-means++ over its pooled hidden states) up to half the training texts (3,460). random: the same rounds drawn at
@@ -212,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{n_all:,}): uncertainty at {half:,} {ms(u_half)}% vs random at {n_all:,} {ms(r_all)}% dev accuracy; "
             f"paired difference {100 * m:+.1f} points (std over seeds {100 * sd:.1f}); over the {len(sound)} seeds "
             f"where neither student collapsed {100 * statistics.fmean(sound) if sound else float('nan'):+.1f} "
-            f"-> {'met' if met else 'NOT met'} (the dev set's sampling error is about 1.4 points)")
+            f"-> {'met' if met else 'NOT met'} (the dev set's sampling error is about 1.4 points). Per seed "
+            f"(uncertainty at {half:,} / random at {n_all:,}): "
+            + "; ".join(f"s{s} {100 * u:.1f} / {100 * r:.1f} ({100 * (u - r):+.1f})"
+                        for s, u, r in zip(seeds, u_half, r_all)))
         smallest = None
         for pt in points:
             us = [c[pt]["acc"] for c in curves["uncertainty"] if pt in c]
@@ -256,7 +270,7 @@ prices it, at its recorded compute time per call (the store's seconds when sst2.
 eval.compute_usd_per_hour $0.10; an API teacher's dollars would be its per-call price times the same call counts.
 Student: sst2.py's `+embed` student (scratch BERT from the MiniLM tokenizer, hidden {st.hidden_size}, {st.layers}
 layer, embeddings projected from MiniLM; alpha {st.alpha:g}, temperature {st.temperature:g}, lr {st.lr:g}, batch
-{st.batch_size}, {st.epochs} epochs{f", training.select_fraction {args.select_fraction:g}: the checkpoint of the epoch that agrees best with the teacher (KL) on that share of the labelled rows, held out of training" if args.select_fraction else ", last step kept"}), trained on the teacher's labels only. Rounds: a random seed slice of
+{st.batch_size}, {st.epochs} epochs, weights started at 1/sqrt(hidden), gradient clipped at norm 1{f", training.select_fraction {args.select_fraction:g}: the checkpoint of the epoch that agrees best with the teacher (KL) on that share of the labelled rows, held out of training" if args.select_fraction else ", last step kept"}), trained on the teacher's labels only. Rounds: a random seed slice of
 {args.seed_rows}, then {args.round_rows} per round; uncertainty picks by {first['metric']}, spread by k-means++
 over the student's mean-pooled hidden states among the {4 * args.round_rows:,} least sure; random takes the next
 texts of the same seeded random order. A student is trained after every round and scored on the {len(ds.eval)} dev
