@@ -214,6 +214,29 @@ def test_scratch_lm_student_is_refused(teacher_dir):
         build_lm_student(make_recipe(teacher_dir, {"model": str(teacher_dir), "init": "scratch"}))
 
 
+# -- gradient clipping ----------------------------------------------------------------------------------------
+
+
+def test_max_grad_norm_clips_the_lm_step_and_logs_the_norm_before_clipping(tmp_path, tok, teacher_dir):
+    from safetensors.torch import load_file
+
+    student = {"init": "teacher_layers", "keep_layers": [0, 3], "max_length": 64}
+    runs = {}
+    for name, clip in (("free", None), ("loose", 1e9), ("tight", 1e-6)):
+        recipe = make_recipe(teacher_dir, student, max_steps=2, learning_rate=1e-2, max_grad_norm=clip)
+        train_lm(recipe, make_rows(8), tmp_path / name, quiet=True)
+        runs[name] = (_log(tmp_path / name), load_file(tmp_path / name / "model.safetensors"))
+    assert all("grad_norm" not in r for r in runs["free"][0])
+    # the norm before clipping, the same with any threshold (the first step starts from the same weights)
+    assert runs["tight"][0][0]["grad_norm"] == pytest.approx(runs["loose"][0][0]["grad_norm"], rel=1e-5)
+    assert all(r["grad_norm"] > 1e-3 for name in ("loose", "tight") for r in runs[name][0])
+    # a threshold above the norm changes nothing; one far below it changes the steps (AdamW's eps makes a
+    # gradient scaled to 1e-6 of its norm move the weights less)
+    for k, v in runs["free"][1].items():
+        torch.testing.assert_close(runs["loose"][1][k], v, rtol=1e-6, atol=1e-7)
+    assert any(not torch.allclose(runs["tight"][1][k], v, rtol=1e-4, atol=1e-6) for k, v in runs["free"][1].items())
+
+
 # -- normalization over the whole accumulated batch ---------------------------------------------------------
 
 

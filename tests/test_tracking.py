@@ -130,9 +130,9 @@ def test_the_lm_loop_logs_every_step_with_tokens_per_second(tmp_path):
     summary = train_lm(recipe, make_rows(8), tmp_path / "out" / "student", quiet=True)
 
     points, log = _scalars(tmp_path / "out" / "runs" / "student"), _log(tmp_path / "out" / "student")
-    assert set(points) == STEP_TAGS | {"target_tokens", "tokens_per_s"}
+    assert set(points) == STEP_TAGS | {"target_tokens", "tokens_per_s", "grad_norm"}
     assert len(points["loss"]) == summary["steps"] == 3
-    _assert_matches_log(points, log, STEP_TAGS | {"target_tokens", "tokens_per_s"})
+    _assert_matches_log(points, log, STEP_TAGS | {"target_tokens", "tokens_per_s", "grad_norm"})
     assert all(v > 0 for _, v in points["tokens_per_s"])
     assert _hparams(tmp_path / "out" / "runs" / "student")["training.distill"] == "sequence"
 

@@ -566,8 +566,9 @@ class TrainingConfig(_Section):
     max_grad_norm: float | None = Field(
         1.0,
         gt=0.0,
-        description="Classification: clip each optimizer step's gradient to this total L2 norm (over all "
-        "parameters) before the step, as transformers' Trainer does by default; null: no clipping. A scratch "
+        description="Clip each optimizer step's gradient to this total L2 norm (over all parameters, after every "
+        "micro-batch and process) before the step, as transformers' Trainer and TRL do by default; null: no "
+        "clipping. A scratch "
         "student at a high learning rate sees single steps with tens of times its usual gradient as it leaves its "
         "starting plateau; the training log's grad_norm is the norm before clipping.",
     )

@@ -687,6 +687,9 @@ def train_lm(
             if idx:
                 sums += torch.stack([loss_sum.detach(), ce_sum, kd_sum])
                 tokens += int(batch["attention_mask"].sum())
+        grad_norm = None
+        if cfg.max_grad_norm is not None:  # the whole step's gradient (every micro-batch, every process), as in DDP/FSDP
+            grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -699,6 +702,7 @@ def train_lm(
             "kd_loss": sums[2].item(),
             "ce_loss": sums[1].item(),
             "lr": scheduler.get_last_lr()[0],
+            **({"grad_norm": grad_norm} if grad_norm is not None else {}),  # before clipping
             "target_tokens": count.item(),
             "tokens_per_s": tokens * P / (time.perf_counter() - t0),  # approximate: this process's tokens x P
         }
