@@ -41,7 +41,8 @@ import numpy as np
 
 from .signals import TeacherSignal
 
-__all__ = ["encode_signal", "decode_signal", "as_stored", "split_request", "join_request", "template_from", "deflate", "inflate"]
+__all__ = ["as_stored", "decode_signal", "deflate", "encode_signal", "inflate", "join_request", "split_request",
+           "template_from"]
 
 Intern = Callable[[str], int]  # a string -> its id in the store's ``strings`` table
 Lookup = Callable[[int], str]  # and back
@@ -159,10 +160,10 @@ def encode_signal(signal: TeacherSignal, intern: Intern, vocab_put: VocabPut) ->
             del dist[k]
         dist_labels = dist["labels"]
         dist["labels"] = intern(json.dumps(dist_labels, ensure_ascii=False))
-        dist["probs"] = arrays.single(dist["probs"])
+        stored = np.asarray(dist["probs"], dtype="<f8").astype("<f4")
+        dist["probs"] = arrays.add(stored)
         if "raw_probs" in dist:
             dist["raw_probs"] = arrays.single(dist["raw_probs"])
-        stored = np.asarray(signal.distribution.probs, dtype="<f8").astype("<f4")  # type: ignore[union-attr]
         top = dist_labels[int(np.argmax(stored))] if len(stored) else None  # as read back: rounding can tie two
         if head.get("text") is not None and head["text"] == top:
             del head["text"]  # an answer that is the top label: kept once

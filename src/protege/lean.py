@@ -2,9 +2,9 @@
 ``BertForSequenceClassification`` in evaluation mode, written as a dozen tensor operations per layer.
 
 Why: a student is small, and transformers' forward spends most of its time on bookkeeping around the arithmetic
-(hooks, output capture, mask builders). A one-layer, 64-wide BERT took 1.2 ms a text through it on this project's
-build machine and about a sixth of that here (benchmarks/lean_forward.py), and a served student answers one text
-at a time as often as not. The teacher gets the same path when it is a BERT (an ``hf:`` classifier or an
+(hooks, output capture, mask builders). A one-layer, 64-wide BERT takes 0.83 ms a text through it on this
+project's build machine and 0.36 ms here (benchmarks/lean_forward.py, BENCHMARKS.md), and a served student answers
+one text at a time as often as not. The teacher gets the same path when it is a BERT (an ``hf:`` classifier or an
 ``embed:`` sentence encoder), so a report's latency ratio compares like with like.
 
 :func:`classifier_logits` and :func:`encoder_states` return the lean function when the model is a BERT they cover

@@ -20,8 +20,8 @@ The cascade's teacher calls are kept in the same store (they are its cache and l
 pass through :meth:`Redactor.call` before they are written: every string of the request, the teacher's written
 answer, rationale and thinking, and a failure's message and raw reply are redacted. The key is the hash of the
 request as sent, so a repeated text is still answered from the store. A generated reply that redaction changed
-loses its token log-probabilities and logits (a token cannot be redacted by itself), and the cascade serves the reply as
-kept, redacted: what the client reads is what the store holds.
+loses its token log-probabilities and logits (a token cannot be redacted by itself), and the cascade serves the
+reply as kept, redacted: what the client reads is what the store holds.
 """
 
 from __future__ import annotations

@@ -688,7 +688,7 @@ def train_lm(
                 sums += torch.stack([loss_sum.detach(), ce_sum, kd_sum])
                 tokens += int(batch["attention_mask"].sum())
         grad_norm = None
-        if cfg.max_grad_norm is not None:  # the whole step's gradient (every micro-batch, every process), as in DDP/FSDP
+        if cfg.max_grad_norm is not None:  # the whole step's gradient: every micro-batch, every process
             grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
         optimizer.step()
         scheduler.step()
