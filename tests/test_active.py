@@ -151,6 +151,80 @@ def test_random_and_uncertainty_share_the_seed_slice_then_differ(tiny_recipe, on
     assert len(u[1]["ids"]) == len(r[1]["ids"]) == 10
 
 
+
+def test_random_share_takes_that_many_of_random_s_next_texts_then_the_least_sure(tiny_recipe, one_thread):
+    half = _select(tiny_recipe, select="uncertainty", select_seed_rows=10, select_round_rows=10, select_max_rows=20,
+                   select_random_share=0.5)
+    label(half, quiet=True)
+    h = json.loads((half.output_dir / "signals/selection.json").read_text())
+    rand = load_recipe(tiny_recipe, {"teacher.select": "random", "teacher.select_random_share": 0.0,
+                                     "output_dir": "out-random"})
+    label(rand, quiet=True)
+    r = json.loads((rand.output_dir / "signals/selection.json").read_text())["rounds"]
+    u = h["rounds"]
+    assert h["random_share"] == 0.5 and h["diversity"] is True
+    assert u[0]["ids"] == r[0]["ids"] and len(u[1]["ids"]) == 10
+    assert u[1]["ids"][:5] == r[1]["ids"][:5]  # 0.5 of 10: random's next five texts, in its order ...
+    assert not set(u[1]["ids"][5:]) & set(r[1]["ids"][:5])  # ... then five others, the student's picks
+
+
+class _FakeLoop:
+    """What _Loop._pick reads, the student's outputs given: ten texts, each its own index as its text; text i has
+    margin 0.1 * i (text 0 the least sure); texts 0-4 are near-duplicates in feature space, 5-9 spread out."""
+
+    def __init__(self, **teacher):
+        self.recipe = build_recipe({"teacher": {"select": "uncertainty", "select_max_rows": 10, **teacher}})
+        self._model = object()  # a student is loaded: _pick asks it, it does not train one
+        self.train = list(range(10))  # _pick hands train[i].text to _predict; ints stand in (see _predict)
+        self.asked: list[list[int]] = []
+
+    def _predict(self, texts):
+        self.asked.append(list(texts))
+        probs = np.array([[0.5 + 0.05 * i, 0.5 - 0.05 * i] for i in texts])  # (N, 2): margin 0.1 * i
+        feats = np.array([[1.0, 0.01 * i] if i < 5 else [np.cos(i), np.sin(i)] for i in texts])  # (N, 2)
+        return probs, feats
+
+
+def _pick_with(left, k, **teacher):
+    from types import SimpleNamespace
+
+    from protege.active import _Loop
+
+    fake = _FakeLoop(**teacher)
+    fake.train = [SimpleNamespace(text=i) for i in range(10)]
+    return _Loop._pick(fake, left, k, 1), fake.asked
+
+
+def test_pick_round_splits_into_random_share_and_least_sure():
+    left = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]  # the seeded random order: the least sure texts come last
+    chosen, asked = _pick_with(left, 4, select_random_share=0.5, select_diversity=False)
+    assert chosen == [9, 8, 0, 1]  # two the next in the random order, then the two least sure of the rest
+    assert asked == [left[2:]]  # the student scores only the texts the random draw left
+    chosen, _ = _pick_with(left, 4, select_random_share=0.25, select_diversity=False)
+    assert chosen == [9, 0, 1, 2]  # round(0.25 * 4) = 1 random
+    chosen, asked = _pick_with(left, 4, select_random_share=1.0)
+    assert chosen == [9, 8, 7, 6] and asked == []  # all random: no student asked
+    chosen, _ = _pick_with(left, 3, select_diversity=False)
+    assert chosen == [0, 1, 2]  # least sure only: three of the five near-duplicates
+    chosen, _ = _pick_with(left, 3)
+    assert chosen[0] == 0 and len({i for i in chosen if i < 5}) == 1  # spread: one of the near-duplicates
+
+
+def test_select_settings_are_in_the_fingerprint_and_limits_are_not():
+    from protege.active import _fingerprint
+
+    def fp(**teacher):
+        return _fingerprint(build_recipe({"teacher": {"select": "uncertainty", "select_max_rows": 100, **teacher}}))
+
+    base = fp()
+    assert len({base, fp(select_random_share=0.5), fp(select_random_share=0.25), fp(select_diversity=False),
+                fp(select_metric="entropy"), fp(select_round_rows=50)}) == 6  # each one re-picks the rounds
+    assert fp(select_max_rows=500) == fp(budget_usd=3.0) == base  # limits alone replay them
+    rand = build_recipe({"teacher": {"select": "random", "select_max_rows": 100}})
+    assert _fingerprint(rand) == _fingerprint(rand.model_copy(update={"teacher": rand.teacher.model_copy(
+        update={"select_random_share": 0.5, "select_diversity": False})}))  # random's picks ignore them
+
+
 def test_select_target_stops_on_the_held_out_check_slice(tiny_recipe, one_thread):
     data = yaml.safe_load(tiny_recipe.read_text())
     # the student learns the teacher's top labels (alpha 0, no gold), 40 steps on the 10 seed rows, so it agrees
@@ -255,6 +329,13 @@ def test_run_reports_the_learning_curve(tiny_recipe, one_thread):
          "select_seed_rows 20 is more than teacher.select_max_rows 10"),
         ({"teacher": {"select": "random", "select_max_rows": 10, "select_metric": "entropy"}},
          "select_metric applies to teacher.select: uncertainty"),
+        ({"teacher": {"select": "random", "select_max_rows": 10, "select_random_share": 0.5}},
+         "select_random_share applies to teacher.select: uncertainty"),
+        ({"teacher": {"select": "random", "select_max_rows": 10, "select_diversity": False}},
+         "select_diversity applies to teacher.select: uncertainty"),
+        ({"teacher": {"select_random_share": 0.5}}, "which is off .teacher.select: all"),
+        ({"teacher": {"select": "uncertainty", "select_max_rows": 10, "select_random_share": 1.5}},
+         "less than or equal to 1"),
         ({"teacher": {"select": "uncertainty", "select_max_rows": 10, "select_check_rows": 50}},
          "select_check_rows is the slice teacher.select_target"),
         ({"teacher": {"select": "uncertainty", "select_max_rows": 10}, "data": {"augment": {"per_text": 2}}},

@@ -63,6 +63,9 @@ def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -
 def _fingerprint(recipe: Recipe) -> str:
     """What the picks depend on: a recipe whose limits alone changed (a higher cap, a new target) replays them."""
     dump = recipe.model_dump(mode="json")
+    if recipe.teacher.select == "random":  # settings of uncertainty's picks do not change random's
+        for name in ("select_random_share", "select_diversity"):
+            dump["teacher"].pop(name)
     for name in ("budget_usd", "select_max_rows", "select_target", "concurrency", "requests_per_minute",
                  "tokens_per_minute", "max_retries", "timeout_s"):
         dump["teacher"].pop(name)
@@ -146,6 +149,8 @@ def label_selected(recipe: Recipe, quiet: bool = False, teacher: Teacher | None 
         "fingerprint": fingerprint,
         "select": cfg.select,
         "metric": cfg.select_metric if cfg.select == "uncertainty" else None,
+        "random_share": cfg.select_random_share if cfg.select == "uncertainty" else None,
+        "diversity": cfg.select_diversity if cfg.select == "uncertainty" else None,
         "seed_rows": cfg.select_seed_rows,
         "round_rows": cfg.select_round_rows,
         "max_rows": cfg.select_max_rows,
@@ -319,13 +324,20 @@ class _Loop:
         return scored
 
     def _pick(self, left: list[int], k: int, r: int) -> list[int]:
-        """The round's k texts among those left: the least sure, spread over the student's hidden states."""
+        """The round's k texts among those left: select_random_share of them the next in the seeded random order
+        (as select 'random' would take), the rest the least sure of the others, spread over the student's hidden
+        states (select_diversity)."""
+        cfg = self.recipe.teacher
+        n_random = min(round(cfg.select_random_share * k), k)
+        drawn, rest = left[:n_random], left[n_random:]
+        if n_random == k or not rest:
+            return drawn
         if self._model is None:  # replayed rounds kept their scores; the last one's student is needed now
             self._train(r - 1)
-        probs, feats = self._predict([self.train[i].text for i in left])
-        cfg = self.recipe.teacher
-        chosen = pick(probs, k, cfg.select_metric, feats, seed=self.recipe.training.seed + r)
-        return [left[j] for j in chosen]
+        probs, feats = self._predict([self.train[i].text for i in rest])
+        chosen = pick(probs, k - n_random, cfg.select_metric, feats if cfg.select_diversity else None,
+                      seed=self.recipe.training.seed + r)
+        return drawn + [rest[j] for j in chosen]
 
     def _predict(self, texts: list[str], batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
         """(label probabilities (N, C), mean-pooled last hidden states (N, H)) of the round's student."""

@@ -339,6 +339,19 @@ class TeacherConfig(_Section):
         200, gt=0, description="select: training texts in the first, random, slice the teacher labels."
     )
     select_round_rows: int = Field(200, gt=0, description="select: texts the teacher labels in each later round.")
+    select_random_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="select 'uncertainty': share of each later round drawn at random (the rest picked by "
+        "uncertainty), so the labelled set still covers the texts the student is wrongly sure of. 0: uncertainty "
+        "only; 1: the same as select 'random'.",
+    )
+    select_diversity: bool = Field(
+        True,
+        description="select 'uncertainty': spread a round's uncertainty picks by k-means++ over the student's "
+        "pooled hidden states among the least sure 4x the round (false: simply the least sure).",
+    )
     select_max_rows: int | None = Field(
         None,
         gt=0,
@@ -450,8 +463,10 @@ class TeacherConfig(_Section):
                 f"teacher.select_seed_rows {self.select_seed_rows} is more than teacher.select_max_rows "
                 f"{self.select_max_rows}; lower the seed slice or raise the cap"
             )
-        if self.select == "random" and "select_metric" in self.model_fields_set and self.select_metric != "margin":
-            raise ValueError("teacher.select_metric applies to teacher.select: uncertainty; remove it")
+        for name in ("select_metric", "select_random_share", "select_diversity"):
+            if self.select == "random" and name in self.model_fields_set and \
+                    getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"teacher.{name} applies to teacher.select: uncertainty; remove it")
         if self.select_target is None and "select_check_rows" in self.model_fields_set and \
                 self.select_check_rows != type(self).model_fields["select_check_rows"].default:
             raise ValueError("teacher.select_check_rows is the slice teacher.select_target is checked on; set "
@@ -493,8 +508,8 @@ class TeacherConfig(_Section):
 
 
 # the settings of selective labeling besides teacher.select itself
-_SELECT_SETTINGS = ("select_metric", "select_seed_rows", "select_round_rows", "select_max_rows", "select_target",
-                    "select_check_rows")
+_SELECT_SETTINGS = ("select_metric", "select_seed_rows", "select_round_rows", "select_random_share",
+                    "select_diversity", "select_max_rows", "select_target", "select_check_rows")
 
 
 class StudentConfig(_Section):
