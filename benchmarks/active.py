@@ -4,6 +4,9 @@ seeds, on the same budget of teacher labels.
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/active.py            # writes BENCHMARKS.md
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/active.py --quick    # smoke run, no BENCHMARKS.md
 
+--random-share and --no-diversity set teacher.select_random_share and teacher.select_diversity of the uncertainty
+runs; benchmarks/active_tune.py chooses them on the training texts alone (no dev figure).
+
 The teacher and its labels are benchmarks/sst2.py's: the fine-tuned MiniLM in runs/sst2/teacher (fine-tuned here as
 sst2.py does when it is missing) and its store runs/sst2/shared.db, copied into each run so answers bought once are
 not bought again (a label counts as a teacher call whenever a round picks its text: the curve is about how many
@@ -69,7 +72,8 @@ def run_one(ds, select: str, seed: int, max_rows: int, args, st: Settings, sst2:
     d["teacher"] |= {"select": select, "select_seed_rows": args.seed_rows, "select_round_rows": args.round_rows,
                      "select_max_rows": max_rows}
     if select == "uncertainty":
-        d["teacher"]["select_metric"] = args.metric
+        d["teacher"] |= {"select_metric": args.metric, "select_random_share": args.random_share,
+                         "select_diversity": not args.no_diversity}
     out = work / f"{select}-s{seed}"
     d["output_dir"] = str(out)
     recipe = protege.Recipe.model_validate(d)
@@ -86,6 +90,18 @@ def run_one(ds, select: str, seed: int, max_rows: int, args, st: Settings, sst2:
           f"{stats.called} new teacher calls, {sel['seconds']:.0f}s: dev accuracy "
           + ", ".join(f"{r['rows']}:{100 * r['eval_accuracy']:.1f}" for r in sel["rounds"]), flush=True)
     return sel
+
+
+def picks(args, metric: str) -> str:
+    """How an uncertainty round picks, in words."""
+    share = round(args.random_share * args.round_rows)
+    spread = (f"the least sure by {metric}" if args.no_diversity else
+              f"the least sure by {metric}, spread by k-means++ over the student's mean-pooled hidden states among "
+              f"the {4 * (args.round_rows - share):,} least sure")
+    if not share:
+        return f"picks {spread}"
+    return (f"takes {share} of each round (teacher.select_random_share {args.random_share:g}) at random (the next "
+            f"texts left in its seeded random order) and the other {args.round_rows - share} {spread}")
 
 
 def curve(sel: dict) -> dict[int, dict]:
@@ -134,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-rows", type=int, default=500)
     p.add_argument("--round-rows", type=int, default=500)
     p.add_argument("--metric", default="margin", choices=("margin", "entropy"))
+    p.add_argument("--random-share", type=float, default=0.0,
+                   help="teacher.select_random_share: share of each uncertainty round drawn at random")
+    p.add_argument("--no-diversity", action="store_true",
+                   help="teacher.select_diversity false: the least sure texts, not spread by k-means++")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--select-fraction", type=float, default=0.0,
                    help="training.select_fraction of every round's student (checkpoint picked once per epoch)")
@@ -271,9 +291,8 @@ eval.compute_usd_per_hour $0.10; an API teacher's dollars would be its per-call 
 Student: sst2.py's `+embed` student (scratch BERT from the MiniLM tokenizer, hidden {st.hidden_size}, {st.layers}
 layer, embeddings projected from MiniLM; alpha {st.alpha:g}, temperature {st.temperature:g}, lr {st.lr:g}, batch
 {st.batch_size}, {st.epochs} epochs, weights started at 1/sqrt(hidden), gradient clipped at norm 1{f", training.select_fraction {args.select_fraction:g}: the checkpoint of the epoch that agrees best with the teacher (KL) on that share of the labelled rows, held out of training" if args.select_fraction else ", last step kept"}), trained on the teacher's labels only. Rounds: a random seed slice of
-{args.seed_rows}, then {args.round_rows} per round; uncertainty picks by {first['metric']}, spread by k-means++
-over the student's mean-pooled hidden states among the {4 * args.round_rows:,} least sure; random takes the next
-texts of the same seeded random order. A student is trained after every round and scored on the {len(ds.eval)} dev
+{args.seed_rows}, then {args.round_rows} per round; uncertainty {picks(args, first['metric'])}; random takes the
+next texts of the same seeded random order. A student is trained after every round and scored on the {len(ds.eval)} dev
 sentences (gold); quality kept = its accuracy / the teacher's. Three seeds (training.seed: seed slice, order,
 initialisation); mean ± standard deviation over seeds (the dev set's own sampling error is about
 {100 * math.sqrt(0.16 / len(ds.eval)):.1f} points at 80%).
