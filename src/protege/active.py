@@ -6,7 +6,8 @@ same loop). The evaluation split is labelled in full, as always. Then, in rounds
     label (a random seed slice; then the round's pick)  ->  train a student on everything labelled so far
       -> score it (agreement with the teacher on the evaluation split and, with select_target, on a held-out
          teacher-labelled slice of training texts)  ->  stop (select_max_rows, budget_usd, select_target, no texts
-         left)  or  pick the next round: the texts it is least sure of, spread out (protege.labeling.uncertainty)
+         left)  or  pick the next round: the texts it is least sure of, spread out (protege.labeling.uncertainty),
+         select_random_share of them drawn at random instead
 
 Labels go through the engine and the store like any labeling: a rerun repeats the recorded picks and makes zero
 calls, and a budget reached in a round ends the loop with what was labelled (not an error). At the end
