@@ -160,8 +160,8 @@ class Settings:
     per_text: int = 2
     select_fraction: float = 0.1
     select_metric: str = "kl"
-    eval_every: int = 50
-    patience: int = 4
+    eval_every: int | None = 50
+    patience: int | None = 4
     sweep_alpha: tuple[float, ...] = (0.5, 1.0)
     sweep_temperature: tuple[float, ...] = (2.0, 4.0)
     tl_stride: int = 2
@@ -441,6 +441,10 @@ def parse_args(ds: Dataset, argv: list[str] | None):
     p.add_argument("--missing", action="append", default=[], help="CONDITION=why: a row that says why it was not run")
     p.add_argument("--per-text", type=int, default=2, help="data.augment.per_text of augmented conditions")
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--eval-every", type=int, default=50,
+                   help="training.eval_every of the select conditions (0: once per epoch, protege's default)")
+    p.add_argument("--patience", type=int, default=4,
+                   help="training.patience of the select conditions (0: train every epoch, keep the best checkpoint)")
     p.add_argument("--tl-epochs", type=int, default=2, help="epochs of the teacher_layers student")
     p.add_argument("--tl-augment", action="store_true", help="teacher_layers with augmentation too")
     p.add_argument("--tl-sweep", action="store_true", help="teacher_layers with the alpha/tau sweep too")
@@ -463,7 +467,7 @@ def main(ds: Dataset, argv: list[str] | None = None) -> int:
     single = [int(x) for x in (args.single_seeds or args.seeds).split(",")]
     missing = dict(m.split("=", 1) for m in args.missing)
     st = Settings(epochs=args.epochs, per_text=args.per_text, tl_epochs=args.tl_epochs, tl_augment=args.tl_augment,
-                  tl_sweep=args.tl_sweep)
+                  tl_sweep=args.tl_sweep, eval_every=args.eval_every or None, patience=args.patience or None)
     if args.quick:
         ds.train, ds.eval = ds.train[:400], ds.eval[:200]
         seeds, single = seeds[:1], single[:1]
