@@ -94,10 +94,13 @@ def run_one(ds, select: str, seed: int, max_rows: int, args, st: Settings, sst2:
 
 def picks(args, metric: str) -> str:
     """How an uncertainty round picks, in words."""
+    from protege.labeling.uncertainty import CANDIDATES_PER_PICK
+
     share = round(args.random_share * args.round_rows)
-    spread = (f"the least sure by {metric}" if args.no_diversity else
-              f"the least sure by {metric}, spread by k-means++ over the student's mean-pooled hidden states among "
-              f"the {4 * (args.round_rows - share):,} least sure")
+    among = f"among the {CANDIDATES_PER_PICK * (args.round_rows - share):,} least sure"
+    spread = (f"the least sure by {metric}, taken in turn across the student's predicted labels {among}"
+              if args.no_diversity else
+              f"the least sure by {metric}, spread by k-means++ over the student's mean-pooled hidden states {among}")
     if not share:
         return f"picks {spread}"
     return (f"takes {share} of each round (teacher.select_random_share {args.random_share:g}) at random (the next "
@@ -153,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-share", type=float, default=0.0,
                    help="teacher.select_random_share: share of each uncertainty round drawn at random")
     p.add_argument("--no-diversity", action="store_true",
-                   help="teacher.select_diversity false: the least sure texts, not spread by k-means++")
+                   help="teacher.select_diversity false: the least sure texts in turn across predicted labels, "
+                   "not spread by k-means++")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--select-fraction", type=float, default=0.0,
                    help="training.select_fraction of every round's student (checkpoint picked once per epoch)")

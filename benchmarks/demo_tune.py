@@ -79,9 +79,9 @@ def main() -> None:
     print("| --- | " + " | ".join("---:" for _ in seeds) + " | ---: |")
     for name in names:
         got = results[name]
-        cells = [f"{got[s][1]:.1%} ({got[s][1] / got[s][0]:.1%})" for s in seeds]
+        cells = [f"{100 * got[s][1]:.1f} ({100 * got[s][1] / got[s][0]:.1f})" for s in seeds]
         mean = statistics.mean(got[s][1] / got[s][0] for s in seeds)
-        print(f"| {name} | " + " | ".join(c.replace("%", "") for c in cells) + f" | {mean:.1%} |".replace("%", ""))
+        print(f"| {name} | " + " | ".join(cells) + f" | {100 * mean:.1f} |")
 
 
 if __name__ == "__main__":

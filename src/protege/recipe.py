@@ -350,7 +350,8 @@ class TeacherConfig(_Section):
     select_diversity: bool = Field(
         True,
         description="select 'uncertainty': spread a round's uncertainty picks by k-means++ over the student's "
-        "pooled hidden states among the least sure 4x the round (false: simply the least sure).",
+        "pooled hidden states among the least sure 4x the round (false: those candidates taken in turn across the "
+        "student's predicted labels, most uncertain first).",
     )
     select_max_rows: int | None = Field(
         None,
