@@ -39,7 +39,9 @@ def lean_reason(model: Any) -> str | None:
     """Why the lean path does not cover ``model`` (None: it does)."""
     bert = getattr(model, "bert", model)
     config = getattr(bert, "config", None)
-    if config is None or getattr(config, "model_type", None) != "bert" or not hasattr(bert, "encoder"):
+    if config is None or getattr(config, "model_type", None) not in ("bert", "protege-bert") or not hasattr(
+        bert, "encoder"
+    ):
         return f"{type(model).__name__} is not a BERT"
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
         return "a BERT decoder"
@@ -89,11 +91,14 @@ def _classifier(model: Any) -> Forward:
     if lean_reason(model) is not None:
         return lambda **enc: model(**enc).logits
     encoder, pooler, head = _Encoder(model.bert), model.bert.pooler.dense, model.classifier
+    mean = getattr(model.config, "pooling", "cls") == "mean"  # a protege-bert (students/mean_pool.py)
+    from .students.mean_pool import mean_of_tokens
 
     def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = encoder(input_ids, attention_mask, token_type_ids)  # (B, T, H)
-        pooled = torch.tanh(F.linear(h[:, 0], pooler.weight, pooler.bias))  # (B, H): BertPooler, the first token
+        read = mean_of_tokens(h, attention_mask) if mean else h[:, 0]  # (B, H): the tokens' mean, or the first
+        pooled = torch.tanh(F.linear(read, pooler.weight, pooler.bias))  # (B, H): BertPooler
         return F.linear(pooled, head.weight, head.bias)  # (B, C)
 
     return logits

@@ -551,6 +551,12 @@ class StudentConfig(_Section):
         "position embeddings projected to hidden_size by PCA (its principal directions), so a small student starts "
         "knowing which words are alike. Its vocabulary is the tokenizer's, so no word is lost.",
     )
+    pooling: Literal["cls", "mean"] = Field(
+        "cls",
+        description="Scratch classifiers only: what the head reads, the first token's last state ('cls', BERT's "
+        "pooler) or the mean of all the text's tokens' last states ('mean'; better for one- or two-layer students, "
+        "see BENCHMARKS.md). A 'mean' student is saved as model type protege-bert.",
+    )
     max_length: int = Field(
         128, gt=8, description="Longest input in tokens (prompt plus answer for generation); longer is truncated."
     )
@@ -561,6 +567,12 @@ class StudentConfig(_Section):
             raise ValueError(
                 f"student.hidden_size {self.hidden_size} is not divisible by student.num_heads {self.num_heads}; "
                 "pick a head count that divides it"
+            )
+        if self.pooling != "cls" and self.init != "scratch":
+            raise ValueError(
+                f"student.pooling {self.pooling!r} builds a new BERT classifier, so it needs student.init scratch "
+                f"(init is {self.init!r}, whose head reads what its model was trained to read); set student.pooling "
+                "cls or student.init scratch"
             )
         return self
 

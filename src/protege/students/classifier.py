@@ -43,6 +43,9 @@ def build_student(
         BertForSequenceClassification,
     )
 
+    from .mean_pool import MeanPoolBertConfig, MeanPoolBertForSequenceClassification
+    from .mean_pool import register as register_mean_pool
+
     label_kw: dict[str, Any] = {
         "num_labels": len(labels),
         "id2label": dict(enumerate(labels)),
@@ -70,7 +73,8 @@ def build_student(
         raise ProtegeError(f"cannot load the student's tokenizer from {cfg.model!r}: {e}") from None
     torch.manual_seed(seed)  # the new head (and a scratch model) start the same way every run
     if cfg.init == "scratch":
-        config = BertConfig(
+        register_mean_pool()
+        config = (MeanPoolBertConfig if cfg.pooling == "mean" else BertConfig)(
             vocab_size=len(tokenizer),
             hidden_size=cfg.hidden_size,
             initializer_range=scratch_init_std(cfg.hidden_size),
@@ -81,7 +85,9 @@ def build_student(
             pad_token_id=tokenizer.pad_token_id or 0,
             **label_kw,
         )
-        model = BertForSequenceClassification(config)
+        model = (MeanPoolBertForSequenceClassification if cfg.pooling == "mean" else BertForSequenceClassification)(
+            config
+        )
         if cfg.embeddings == "projected":
             project_embeddings(model, source, cfg.model)
     else:
@@ -275,9 +281,12 @@ def load_student(path: Path) -> tuple[Any, Any, StudentCard]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = Path(path)
+    from .mean_pool import register as register_mean_pool
+
     card = StudentCard.read(path)
     if card.kind != "classifier":
         raise ProtegeError(f"{str(path)!r} is a {card.kind} student, not a classifier")
+    register_mean_pool()  # a student with student.pooling mean is a protege-bert
     model = AutoModelForSequenceClassification.from_pretrained(path)
     id2label = model.config.id2label or {}
     if tuple(id2label.get(i, f"LABEL_{i}") for i in range(model.config.num_labels)) != card.labels:

@@ -160,6 +160,8 @@ def _teacher_name(model: str) -> str:
 def _intro(card: StudentCard, recipe: Recipe) -> list[str]:
     what = "text classifier" if card.labels else "causal language model"
     init = card.summary.get("init", recipe.student.init)
+    mean = card.labels and recipe.student.pooling == "mean"  # a protege-bert: its class is mean_pool.py, beside it
+    remote = " with `trust_remote_code=True`: its head reads the mean of the tokens' states, in mean_pool.py" if mean else ""
     start = {
         "pretrained": f"starting from {_where_from(recipe.student.model)}",
         "scratch": "from a small model made from scratch (only the tokenizer of "
@@ -169,7 +171,7 @@ def _intro(card: StudentCard, recipe: Recipe) -> list[str]:
     lines = [f"# {recipe.output_dir.name}: a distilled {what}", "",
              f"A {what} distilled with protege from the teacher `{_teacher_name(card.teacher.model)}`, "
              f"{start}. It loads with transformers alone (`AutoModelFor"
-             f"{'CausalLM' if not card.labels else 'SequenceClassification'}.from_pretrained`)."]
+             f"{'CausalLM' if not card.labels else 'SequenceClassification'}.from_pretrained`{remote})."]
     if card.labels:
         lines += ["", "Labels, in the order of its output head: " + ", ".join(f"`{x}`" for x in card.labels) + "."]
     lines += ["", f"Task instruction given to the teacher: {card.task.instruction!r}"]
