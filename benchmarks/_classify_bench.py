@@ -138,8 +138,8 @@ def minilm_path() -> str:
 
 # -- 2. protege: the conditions --------------------------------------------------------------------------------
 
-CONDITIONS = ("kd", "+embed", "+select", "+augment", "+sweep", "all", "teacher_layers")
-SINGLE_LEVER = ("+embed", "+select", "+augment", "+sweep", "teacher_layers")
+CONDITIONS = ("kd", "+embed", "+select", "+augment", "+pool", "+sweep", "all", "teacher_layers")
+SINGLE_LEVER = ("+embed", "+select", "+augment", "+pool", "+sweep", "teacher_layers")
 
 
 @dataclass
@@ -177,12 +177,13 @@ def condition_levers(cond: str, st: Settings) -> dict[str, bool]:
         "+embed": ("embed",),
         "+select": ("select",),
         "+augment": ("augment",),
+        "+pool": ("pool",),
         "+sweep": ("select", "sweep"),
         # the sweep trains four students per run: measured alone, left out of `all` to fit three seeds on 2 cores
-        "all": ("embed", "select", "augment"),
+        "all": ("embed", "select", "augment", "pool"),
         "teacher_layers": ("select",) + (("augment",) if st.tl_augment else ()) + (("sweep",) if st.tl_sweep else ()),
     }[cond]
-    return {k: k in on for k in ("embed", "select", "augment", "sweep")}
+    return {k: k in on for k in ("embed", "select", "augment", "pool", "sweep")}
 
 
 def recipe_dict(ds: Dataset, cond: str, seed: int, st: Settings, work: Path, teacher_dir: Path, minilm: str) -> dict:
@@ -201,6 +202,8 @@ def recipe_dict(ds: Dataset, cond: str, seed: int, st: Settings, work: Path, tea
         }
         if levers["embed"]:
             student["embeddings"] = "projected"
+        if levers["pool"]:
+            student["pooling"] = "mean"
     training: dict = {
         "alpha": st.alpha,
         "temperature": st.temperature,
@@ -557,8 +560,9 @@ temperature {st.temperature:g}, lr {st.lr:g}, batch {st.batch_size}, {st.epochs}
 projected to its width by PCA). `+select`: training.select_fraction {st.select_fraction}, select_metric {st.select_metric}, eval_every
 {st.eval_every}, patience {st.patience} (checkpoint picked on a held-out slice of teacher-labelled training texts).
 `+augment`: data.augment.per_text {st.per_text} (mask_p 0.1, replace_p 0.1, ngram_p 0.25), the teacher labels the
-new texts through the store. `+sweep`: select as above plus training.sweep_alpha {list(st.sweep_alpha)} x
-sweep_temperature {list(st.sweep_temperature)}, picked on the same slice. `all`: embed + augment + select (the sweep, four students per run, is measured
+new texts through the store. `+pool`: student.pooling mean (the head reads the mean of the tokens' last states,
+not the first token's). `+sweep`: select as above plus training.sweep_alpha {list(st.sweep_alpha)} x
+sweep_temperature {list(st.sweep_temperature)}, picked on the same slice. `all`: embed + augment + select + pool (the sweep, four students per run, is measured
 alone: three seeds of `all` with it did not fit the 2-core budget).
 `teacher_layers`: student.init teacher_layers, layer_stride {st.tl_stride} (copied from the teacher), lr
 {st.tl_lr:g}, {st.tl_epochs} epochs, with select{' + augment' if st.tl_augment else ''}{' + sweep' if st.tl_sweep else ''}.

@@ -35,6 +35,7 @@ VARIANTS: dict[str, dict] = {
     "select": {"training.select_fraction": 0.1},
     "augment24": {"data.augment.per_text": 24},
     "select+tau4": {"training.select_fraction": 0.1, "training.temperature": 4.0},
+    "pool": {"student.pooling": "mean"},
 }
 
 
