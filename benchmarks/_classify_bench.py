@@ -169,6 +169,7 @@ class Settings:
     tl_epochs: int = 2
     tl_augment: bool = False
     tl_sweep: bool = False
+    all_sweep: bool = False
 
 
 def condition_levers(cond: str, st: Settings) -> dict[str, bool]:
@@ -180,7 +181,7 @@ def condition_levers(cond: str, st: Settings) -> dict[str, bool]:
         "+pool": ("pool",),
         "+sweep": ("select", "sweep"),
         # the sweep trains four students per run: measured alone, left out of `all` to fit three seeds on 2 cores
-        "all": ("embed", "select", "augment", "pool"),
+        "all": ("embed", "select", "augment", "pool") + (("sweep",) if st.all_sweep else ()),
         "teacher_layers": ("select",) + (("augment",) if st.tl_augment else ()) + (("sweep",) if st.tl_sweep else ()),
     }[cond]
     return {k: k in on for k in ("embed", "select", "augment", "pool", "sweep")}
@@ -451,6 +452,7 @@ def parse_args(ds: Dataset, argv: list[str] | None):
     p.add_argument("--tl-epochs", type=int, default=2, help="epochs of the teacher_layers student")
     p.add_argument("--tl-augment", action="store_true", help="teacher_layers with augmentation too")
     p.add_argument("--tl-sweep", action="store_true", help="teacher_layers with the alpha/tau sweep too")
+    p.add_argument("--all-sweep", action="store_true", help="all with the alpha/tau sweep too (four students a run)")
     p.add_argument("--out", type=Path, default=None, help="work dir (default runs/<dataset>[-quick])")
     p.add_argument("--no-md", action="store_true", help="do not write BENCHMARKS.md")
     return p.parse_args(argv)
@@ -470,7 +472,7 @@ def main(ds: Dataset, argv: list[str] | None = None) -> int:
     single = [int(x) for x in (args.single_seeds or args.seeds).split(",")]
     missing = dict(m.split("=", 1) for m in args.missing)
     st = Settings(epochs=args.epochs, per_text=args.per_text, tl_epochs=args.tl_epochs, tl_augment=args.tl_augment,
-                  tl_sweep=args.tl_sweep, eval_every=args.eval_every or None, patience=args.patience or None)
+                  tl_sweep=args.tl_sweep, all_sweep=args.all_sweep, eval_every=args.eval_every or None, patience=args.patience or None)
     if args.quick:
         ds.train, ds.eval = ds.train[:400], ds.eval[:200]
         seeds, single = seeds[:1], single[:1]
@@ -562,7 +564,7 @@ projected to its width by PCA). `+select`: training.select_fraction {st.select_f
 `+augment`: data.augment.per_text {st.per_text} (mask_p 0.1, replace_p 0.1, ngram_p 0.25), the teacher labels the
 new texts through the store. `+pool`: student.pooling mean (the head reads the mean of the tokens' last states,
 not the first token's). `+sweep`: select as above plus training.sweep_alpha {list(st.sweep_alpha)} x
-sweep_temperature {list(st.sweep_temperature)}, picked on the same slice. `all`: embed + augment + select + pool (the sweep, four students per run, is measured
+sweep_temperature {list(st.sweep_temperature)}, picked on the same slice. `all`: embed + augment + select + pool{' + sweep' if st.all_sweep else ''} (the sweep, four students per run, is measured
 alone: three seeds of `all` with it did not fit the 2-core budget).
 `teacher_layers`: student.init teacher_layers, layer_stride {st.tl_stride} (copied from the teacher), lr
 {st.tl_lr:g}, {st.tl_epochs} epochs, with select{' + augment' if st.tl_augment else ''}{' + sweep' if st.tl_sweep else ''}.

@@ -68,8 +68,11 @@ def test_lean_path_covers_mean_pool_and_matches_transformers():
     assert lean_reason(model) is None
     with torch.inference_mode():
         torch.testing.assert_close(classifier_logits(model)(**enc), model(**enc).logits, atol=1e-5, rtol=1e-5)
+        # one text without a mask, and an unpadded batch with one: the lean path's plain mean
         one = {"input_ids": enc["input_ids"][:1]}
         torch.testing.assert_close(classifier_logits(model)(**one), model(**one).logits, atol=1e-5, rtol=1e-5)
+        full = {"input_ids": enc["input_ids"], "attention_mask": torch.ones_like(enc["input_ids"])}
+        torch.testing.assert_close(classifier_logits(model)(**full), model(**full).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_saved_mean_pool_student_loads_as_itself(tmp_path):

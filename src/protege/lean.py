@@ -97,7 +97,12 @@ def _classifier(model: Any) -> Forward:
     def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = encoder(input_ids, attention_mask, token_type_ids)  # (B, T, H)
-        read = mean_of_tokens(h, attention_mask) if mean else h[:, 0]  # (B, H): the tokens' mean, or the first
+        if not mean:
+            read = h[:, 0]  # (B, H): the first token
+        elif attention_mask is None or bool(attention_mask.all()):  # one text, or none padded: one op, not seven
+            read = h.mean(1)
+        else:
+            read = mean_of_tokens(h, attention_mask)  # the unpadded tokens' mean
         pooled = torch.tanh(F.linear(read, pooler.weight, pooler.bias))  # (B, H): BertPooler
         return F.linear(pooled, head.weight, head.bias)  # (B, C)
 
