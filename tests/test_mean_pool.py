@@ -15,13 +15,13 @@ from protege.evaluation.classifier import student_probs
 from protege.lean import classifier_logits, lean_reason
 from protege.recipe import StudentConfig, build_recipe
 from protege.students.classifier import build_student, load_student
-from protege.training.classifier import TrainRow, train_student
 from protege.students.mean_pool import (
     MeanPoolBertConfig,
     MeanPoolBertForSequenceClassification,
     mean_of_tokens,
     register,
 )
+from protege.training.classifier import TrainRow, train_student
 
 
 def _model(seed: int = 0) -> MeanPoolBertForSequenceClassification:

@@ -16,7 +16,12 @@ This module imports only torch and transformers: transformers copies it into eve
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 MODEL_TYPE = "protege-bert"
