@@ -180,7 +180,7 @@ def condition_levers(cond: str, st: Settings) -> dict[str, bool]:
         "+augment": ("augment",),
         "+pool": ("pool",),
         "+sweep": ("select", "sweep"),
-        # the sweep trains four students per run: measured alone, left out of `all` to fit three seeds on 2 cores
+        # the sweep trains four students per run: measured alone, in `all` only with --all-sweep (3x the time)
         "all": ("embed", "select", "augment", "pool") + (("sweep",) if st.all_sweep else ()),
         "teacher_layers": ("select",) + (("augment",) if st.tl_augment else ()) + (("sweep",) if st.tl_sweep else ()),
     }[cond]
@@ -472,7 +472,8 @@ def main(ds: Dataset, argv: list[str] | None = None) -> int:
     single = [int(x) for x in (args.single_seeds or args.seeds).split(",")]
     missing = dict(m.split("=", 1) for m in args.missing)
     st = Settings(epochs=args.epochs, per_text=args.per_text, tl_epochs=args.tl_epochs, tl_augment=args.tl_augment,
-                  tl_sweep=args.tl_sweep, all_sweep=args.all_sweep, eval_every=args.eval_every or None, patience=args.patience or None)
+                  tl_sweep=args.tl_sweep, all_sweep=args.all_sweep, eval_every=args.eval_every or None,
+                  patience=args.patience or None)
     if args.quick:
         ds.train, ds.eval = ds.train[:400], ds.eval[:200]
         seeds, single = seeds[:1], single[:1]

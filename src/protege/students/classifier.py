@@ -73,7 +73,7 @@ def build_student(
         raise ProtegeError(f"cannot load the student's tokenizer from {cfg.model!r}: {e}") from None
     torch.manual_seed(seed)  # the new head (and a scratch model) start the same way every run
     if cfg.init == "scratch":
-        register_mean_pool()
+        register_mean_pool()  # so that save_pretrained writes mean_pool.py and its auto_map beside a protege-bert
         config = (MeanPoolBertConfig if cfg.pooling == "mean" else BertConfig)(
             vocab_size=len(tokenizer),
             hidden_size=cfg.hidden_size,
@@ -280,9 +280,9 @@ def load_student(path: Path) -> tuple[Any, Any, StudentCard]:
     """(model in eval mode, tokenizer, card) of a saved classifier student."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = Path(path)
     from .mean_pool import register as register_mean_pool
 
+    path = Path(path)
     card = StudentCard.read(path)
     if card.kind != "classifier":
         raise ProtegeError(f"{str(path)!r} is a {card.kind} student, not a classifier")

@@ -3,12 +3,13 @@
 A one-layer scratch student reads the whole text only through its last layer's states; with BERT's pooler it
 classifies from the [CLS] state alone, which has had a single attention step to gather the text. The mean over
 the text's tokens (padding excluded) gives the head every token's state; on SST-2 the same student agreed with
-its teacher more on the held-out teacher-labelled slice (BENCHMARKS.md, "Mean pooling").
+its teacher more on the held-out teacher-labelled slice (BENCHMARKS.md, SST-2, "Later run: mean pooling ...").
 
 The weights are BERT's, with BERT's pooler (dense + tanh) and head on the pooled mean. The model type is its own,
 ``protege-bert``, so that plain transformers cannot load it as a [CLS] classifier and silently predict otherwise:
 protege registers it (:func:`register`), and a saved student carries this file with an ``auto_map``, so
-``AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)`` loads it anywhere.
+``AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)`` (and the tokenizer with the
+same flag) loads it anywhere.
 
 This module imports only torch and transformers: transformers copies it into every saved student directory.
 """
@@ -36,7 +37,10 @@ class MeanPoolBertConfig(BertConfig):
 
 
 def mean_of_tokens(states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """(B, H) mean of ``states`` (B, T, H) over the positions ``attention_mask`` (B, T) marks (all when None)."""
+    """(B, H) mean of ``states`` (B, T, H) over the positions ``attention_mask`` (B, T) marks (all when None).
+
+    No branch on the mask's values, so torch.export traces it (the ONNX export); the lean path takes the plain mean
+    itself when nothing is padded."""
     if attention_mask is None:
         return states.mean(1)
     m = attention_mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)

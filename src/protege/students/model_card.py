@@ -161,7 +161,8 @@ def _intro(card: StudentCard, recipe: Recipe) -> list[str]:
     what = "text classifier" if card.labels else "causal language model"
     init = card.summary.get("init", recipe.student.init)
     mean = card.labels and recipe.student.pooling == "mean"  # a protege-bert: its class is mean_pool.py, beside it
-    remote = " with `trust_remote_code=True`: its head reads the mean of the tokens' states, in mean_pool.py" if mean else ""
+    remote = (" with `trust_remote_code=True`, the tokenizer too: its head reads the mean of the tokens' states, "
+              "in mean_pool.py") if mean else ""
     start = {
         "pretrained": f"starting from {_where_from(recipe.student.model)}",
         "scratch": "from a small model made from scratch (only the tokenizer of "
