@@ -13,6 +13,10 @@ Models (timing does not depend on the weights' values; all-MiniLM-L6-v2 comes fr
 Inputs: the demo's generated tickets, tokenized once (max length 64). Per model: the p50 and p95 of one text at a
 time (tokenized already: the model's own time), in alternating rounds (transformers, then lean, on the same text),
 and texts per second in batches of 64; the largest absolute difference between the two outputs over all texts.
+
+Tokenizing (protege.lean.encode against the tokenizer's own ``__call__``, MiniLM's WordPiece tokenizer, padding,
+truncation at 64, tensors): the same texts one at a time and in batches of 64, alternating; and a student's whole
+answer to one text as evaluation and serving give it (tokenize, lean forward, softmax), with either tokenizer path.
 """
 
 from __future__ import annotations
@@ -41,6 +45,42 @@ def _models(minilm: str) -> dict[str, tuple[torch.nn.Module, str]]:
     return {"student (1 layer, hidden 64)": (student, "classifier"),
             "classifier teacher (MiniLM-L6, hidden 384)": (teacher, "classifier"),
             "embedding teacher (MiniLM-L6 encoder)": (encoder, "encoder")}
+
+
+def _models_student() -> torch.nn.Module:
+    from protege.students.mean_pool import MeanPoolBertConfig, MeanPoolBertForSequenceClassification
+
+    torch.manual_seed(0)
+    return MeanPoolBertForSequenceClassification(MeanPoolBertConfig(
+        vocab_size=30522, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=1024,
+        num_labels=5, pooling="mean")).eval()
+
+
+def _tokenizer_rows(tok, texts: list[str], student: torch.nn.Module, quick: bool) -> list[tuple]:
+    """(what, (p50, p95) of transformers' call, (p50, p95) of encode) in ms: one text, a batch of 64 (per batch),
+    and the mean-pooled student's whole answer to one text (tokenize, lean forward, softmax)."""
+    from protege.lean import classifier_logits, encode
+
+    def call(ts: list[str]) -> dict:
+        return dict(tok(ts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
+
+    def lean(ts: list[str]) -> dict:
+        return encode(tok, ts, 64)
+
+    f = classifier_logits(student)
+    rounds = len(texts) * (1 if quick else 2)
+    ones = [[t] for t in texts]
+    batches = [texts[i : i + 64] for i in range(0, len(texts), 64)]
+    out = []
+    with torch.inference_mode():
+        for what, inputs, n in (("tokenize one text", ones, rounds), ("tokenize a batch of 64", batches, 40)):
+            a, b = _time([call, lean], inputs, n)
+            out.append((what, a, b))
+        answer = [lambda ts, e=e: torch.softmax(f(**e(ts)).float(), -1).numpy() for e in (call, lean)]
+        a, b = _time(answer, ones, rounds)
+        out.append(("student's answer to one text (mean-pooled, 1 layer, hidden 64)", a, b))
+    return [(w, *[(statistics.median(t) * 1e3, statistics.quantiles(t, n=20)[18] * 1e3) for t in (a, b)])
+            for w, a, b in out]
 
 
 def _time(calls: list, inputs: list[dict], rounds: int) -> list[list[float]]:
@@ -98,6 +138,7 @@ def main() -> None:
             p = [(statistics.median(t) * 1e3, statistics.quantiles(t, n=20)[18] * 1e3) for t in (t_hf, t_lean)]
             rows.append((name, p[0], p[1], per_s[0], per_s[1], diff))
             print(rows[-1], flush=True)
+    tok_rows = _tokenizer_rows(tok, texts, _models_student(), args.quick)
     table = "\n".join([
         "| model | transformers p50 / p95 ms | lean p50 / p95 ms | p50 speed-up | transformers texts/s (batch 64) "
         "| lean texts/s | largest output difference |",
@@ -105,7 +146,13 @@ def main() -> None:
         *[f"| {n} | {a[0]:.2f} / {a[1]:.2f} | {b[0]:.2f} / {b[1]:.2f} | {a[0] / b[0]:.1f}x | {x:,.0f} | {y:,.0f} "
           f"| {d:.1e} |" for n, a, b, x, y, d in rows],
     ])
+    tok_table = "\n".join([
+        "| what | transformers' __call__ p50 / p95 ms | protege.lean.encode p50 / p95 ms | p50 speed-up |",
+        "| --- | ---: | ---: | ---: |",
+        *[f"| {n} | {a[0]:.3f} / {a[1]:.3f} | {b[0]:.3f} / {b[1]:.3f} | {a[0] / b[0]:.2f}x |" for n, a, b in tok_rows],
+    ])
     print(table)
+    print(tok_table)
     if args.quick:
         return
     import sys
@@ -125,6 +172,10 @@ the same texts in batches of 64, padded. Output difference: the largest absolute
 states, at unpadded positions) between the two paths over every text.
 
 {table}
+
+Tokenizing, the same texts (outputs equal, tests/test_lean.py), and the student's whole answer to one text:
+
+{tok_table}
 
 The lean path is used wherever protege runs a BERT for inference: a served or evaluated classifier student, an
 `hf:` classifier teacher, an `embed:` teacher's encoder; a model it does not cover runs through transformers.

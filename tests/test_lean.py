@@ -89,3 +89,68 @@ def test_a_model_in_training_mode_gets_transformers_forward_and_the_lean_one_bac
     with torch.inference_mode():
         torch.testing.assert_close(classifier_logits(model)(**enc), model(**enc).logits, atol=1e-5, rtol=1e-5)
     assert classifier_logits(model) is classifier_logits(model)  # made once per model and mode
+
+
+# -- encode: the tokenizer's __call__, through its backend ------------------------------------------------------
+
+
+def _texts() -> list[str]:
+    from protege.demo_data import make_examples
+
+    rows = [r["text"] for r in make_examples(40, seed=3)]
+    return rows + ["", "a", " ".join(rows[:6]), "héllo wörld 😀 " * 30]  # empty, one word, truncated, unicode
+
+
+def _same_as_call(tok, texts: list[str], max_length: int) -> None:
+    from protege.lean import encode
+
+    for size in (1, 3, 64):
+        for i in range(0, len(texts), size):
+            batch = texts[i : i + size]
+            want = dict(tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+            got = encode(tok, batch, max_length)
+            assert list(got) == list(want)
+            for name, value in want.items():
+                assert got[name].dtype == value.dtype
+                assert torch.equal(got[name], value), (name, batch)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_encode_equals_the_tokenizers_call(tiny_tokenizer, side):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.padding_side = tok.truncation_side = side
+    _same_as_call(tok, _texts(), 12)
+    # the tokenizer itself is untouched: its own call still pads to the longest text and does not truncate
+    assert tok(["a", "a a a"], padding=True)["attention_mask"] == [
+        [1, 0, 0] if side == "right" else [0, 0, 1], [1, 1, 1]
+    ]
+    assert len(tok(" ".join(["a"] * 40))["input_ids"]) == 40
+
+
+def test_encode_equals_the_call_of_minilms_tokenizer():
+    """A WordPiece tokenizer that adds [CLS] and [SEP] (truncation keeps room for them) and token type ids."""
+    from transformers import AutoTokenizer
+
+    from protege.sources import resolve_source
+
+    tok = AutoTokenizer.from_pretrained(resolve_source("all-minilm-l6-v2").name_or_path)
+    assert tok.is_fast and "token_type_ids" in tok.model_input_names
+    for max_length in (8, 64):
+        _same_as_call(tok, _texts(), max_length)
+
+
+def test_encode_of_a_tokenizer_without_a_pad_token_is_its_call_and_its_error(tiny_tokenizer):
+    """No pad token: the backend is not set up to pad; encode is the tokenizer's call, which refuses to pad."""
+    import copy
+
+    from protege.lean import encode
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.pad_token = None
+    with pytest.raises(ValueError, match="padding token") as want:
+        tok(["hello"], padding=True, truncation=True, max_length=8, return_tensors="pt")
+    with pytest.raises(ValueError, match="padding token") as got:
+        encode(tok, ["hello"], 8)
+    assert str(got.value) == str(want.value)

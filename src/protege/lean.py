@@ -11,19 +11,24 @@ one text at a time as often as not. The teacher gets the same path when it is a 
 (absolute positions, an encoder without cross-attention, one of the activations below), else the model's own
 forward: a model they do not cover still answers, as transformers computes it. The lean path reads the model's
 own parameter tensors (no copy), so it follows the model's device and dtype.
+
+:func:`encode` is the tokenizing half: what ``tokenizer(texts, padding=True, truncation=True, max_length=L,
+return_tensors="pt")`` returns, through a fast tokenizer's Rust backend directly. transformers' ``__call__`` spends
+more time on argument handling around the backend than a one-layer student spends on its arithmetic
+(benchmarks/lean_forward.py's tokenizer table).
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["classifier_logits", "encoder_states", "lean_reason"]
+__all__ = ["classifier_logits", "encode", "encoder_states", "lean_reason"]
 
 Forward = Callable[..., torch.Tensor]  # f(**a tokenizer's output): input_ids, attention_mask, token_type_ids
 
@@ -153,3 +158,52 @@ class _Encoder:
             ff = F.linear(self.act(F.linear(h, up.weight, up.bias)), down.weight, down.bias)
             h = F.layer_norm(ff + h, (H,), norm2.weight, norm2.bias, self.eps)
         return h
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tokenizing
+
+Encode = Callable[[Sequence[str]], dict[str, torch.Tensor]]
+
+# tokenizer -> {max_length: its encode function}: the backend is copied once per tokenizer and length
+_ENCODERS: weakref.WeakKeyDictionary[Any, dict[int, Encode]] = weakref.WeakKeyDictionary()
+
+
+def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """``dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))``,
+    the same tensors under the same names (the tokenizer's ``model_input_names``), made by its Rust backend
+    directly when it is a fast tokenizer with a pad token; through ``__call__`` otherwise."""
+    made = _ENCODERS.setdefault(tokenizer, {})
+    fn = made.get(max_length)
+    if fn is None:
+        fn = made[max_length] = _encoder(tokenizer, max_length)
+    return fn(texts)
+
+
+def _encoder(tokenizer: Any, max_length: int) -> Encode:
+    def call(texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or tokenizer.pad_token_id is None:
+        return call  # a slow tokenizer, or one that cannot pad (its __call__ says so for a batch)
+    from tokenizers import Tokenizer
+
+    # A copy set up as transformers sets up the shared backend on every call (set_truncation_and_padding), so
+    # the tokenizer itself is left as it was.
+    rust = Tokenizer.from_str(backend.to_str())
+    rust.enable_truncation(max_length, stride=0, strategy="longest_first", direction=tokenizer.truncation_side)
+    rust.enable_padding(direction=tokenizer.padding_side, pad_id=tokenizer.pad_token_id,
+                        pad_type_id=tokenizer.pad_token_type_id, pad_token=tokenizer.pad_token)
+    names = tuple(tokenizer.model_input_names)
+    fields = {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask"}
+    if not set(names) <= fields.keys():
+        return call  # an input the backend's Encoding does not carry
+
+    def fast(texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if not texts:
+            return call(texts)
+        encs = [rust.encode(texts[0])] if len(texts) == 1 else rust.encode_batch(list(texts))
+        return {n: torch.tensor([getattr(e, fields[n]) for e in encs], dtype=torch.long) for n in names}
+
+    return fast

@@ -22,7 +22,7 @@ from .._io import content_hash
 from ..errors import ProtegeError
 from ..labeling.data import Example
 from ..labeling.labeler import read_signals, recipe_shots, requests_for
-from ..lean import classifier_logits
+from ..lean import classifier_logits, encode
 from ..recipe import Recipe
 from ..store import Store, call_key
 from ..students.classifier import count_parameters, load_student
@@ -95,7 +95,7 @@ def disagreements(
 def _student_predict(model: Any, tok: Any, texts: list[str], max_length: int, batch: int = 64) -> np.ndarray:
     out = []
     for i in range(0, len(texts), batch):
-        enc = tok(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = encode(tok, texts[i : i + batch], max_length)
         out.append(torch.softmax(classifier_logits(model)(**enc).float(), -1).numpy())
     return np.concatenate(out)
 

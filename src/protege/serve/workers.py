@@ -38,12 +38,10 @@ class Classifier:
     def predict(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
         import torch
 
-        from ..lean import classifier_logits
+        from ..lean import classifier_logits, encode
 
         with torch.inference_mode():
-            enc = self.tokenizer(
-                texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
+            enc = encode(self.tokenizer, texts, self.max_length)
             logp = torch.log_softmax(classifier_logits(self.model)(**enc).float(), -1)
         return logp.tolist(), enc["attention_mask"].sum(1).tolist()
 

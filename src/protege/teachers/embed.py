@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import TeacherError
-from ..lean import encoder_states
+from ..lean import encode, encoder_states
 from ..recipe import TeacherConfig
 from ..signals import LabelDistribution, TeacherSignal
 from ..sources import ModelSource, resolve_source
@@ -207,10 +207,8 @@ class EmbeddingTeacher:
         self.load()
         vecs, lengths = [], []
         for i in range(0, len(texts), self.cfg.batch_size):
-            enc = self._tokenizer(
-                list(texts[i : i + self.cfg.batch_size]), padding=True, truncation=True, max_length=self.max_length,
-                return_tensors="pt",
-            ).to(self.device)
+            enc = {k: v.to(self.device) for k, v in encode(self._tokenizer, texts[i : i + self.cfg.batch_size],
+                                                            self.max_length).items()}
             hidden = encoder_states(self._model)(**enc)  # (B, T, H)
             if hidden is None:
                 raise TeacherError(

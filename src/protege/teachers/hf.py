@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import ProtegeError, TeacherError
-from ..lean import classifier_logits
+from ..lean import classifier_logits, encode
 from ..recipe import TeacherConfig
 from ..signals import LabelDistribution, TeacherSignal, TokenLogprobs
 from ..sources import ModelSource, cache_kwarg, resolve_source
@@ -437,9 +437,8 @@ class HFClassifierTeacher(_HFTeacher):
         for i in range(0, len(requests), self.cfg.batch_size):
             batch = requests[i : i + self.cfg.batch_size]
             order = self._order(batch[0].labels)
-            enc = self._tokenizer(
-                [r.text for r in batch], padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
-            ).to(self.device)
+            enc = {k: v.to(self.device) for k, v in encode(self._tokenizer, [r.text for r in batch],
+                                                            self.cfg.max_length).items()}
             logits = classifier_logits(self._model)(**enc).float()[:, order]  # (B, K) in task label order
             if not torch.isfinite(logits).all():
                 raise TeacherError(f"teacher {self.spec!r} produced NaN or infinite logits")

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .._io import atomic_dir, write_text_atomic
 from ..errors import ProtegeError
+from ..lean import encode
 from ..recipe import Recipe
 from ..students.card import StudentCard
 from ..students.classifier import build_student, count_parameters, save_student
@@ -163,8 +164,7 @@ def train_student(
 
     def collate(idx: list[int]) -> dict[str, torch.Tensor]:
         # tokenized per batch, not all rows up front: memory does not grow with the rows' token ids
-        enc = tokenizer([rows.texts[i] for i in idx], truncation=True, max_length=scfg.max_length, padding=True,
-                        return_tensors="pt")
+        enc = encode(tokenizer, [rows.texts[i] for i in idx], scfg.max_length)
         padded = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         batch = {**padded, "teacher_probs": teacher_probs[idx], "targets": targets[idx]}  # (b, T), (b, C), (b,)
         return {k: v.to(accelerator.device) for k, v in batch.items()}
