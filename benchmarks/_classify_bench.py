@@ -445,6 +445,8 @@ def parse_args(ds: Dataset, argv: list[str] | None):
     p.add_argument("--missing", action="append", default=[], help="CONDITION=why: a row that says why it was not run")
     p.add_argument("--per-text", type=int, default=2, help="data.augment.per_text of augmented conditions")
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--temperature", type=float, default=4.0, help="training.temperature of every distilled student")
+    p.add_argument("--intermediate-size", type=int, default=1024, help="student.intermediate_size (scratch students)")
     p.add_argument("--eval-every", type=int, default=50,
                    help="training.eval_every of the select conditions (0: once per epoch, protege's default)")
     p.add_argument("--patience", type=int, default=4,
@@ -471,7 +473,8 @@ def main(ds: Dataset, argv: list[str] | None = None) -> int:
     seeds = [int(x) for x in args.seeds.split(",")]
     single = [int(x) for x in (args.single_seeds or args.seeds).split(",")]
     missing = dict(m.split("=", 1) for m in args.missing)
-    st = Settings(epochs=args.epochs, per_text=args.per_text, tl_epochs=args.tl_epochs, tl_augment=args.tl_augment,
+    st = Settings(epochs=args.epochs, per_text=args.per_text, temperature=args.temperature,
+                  intermediate_size=args.intermediate_size, tl_epochs=args.tl_epochs, tl_augment=args.tl_augment,
                   tl_sweep=args.tl_sweep, all_sweep=args.all_sweep, eval_every=args.eval_every or None,
                   patience=args.patience or None)
     if args.quick:
