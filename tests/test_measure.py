@@ -100,3 +100,17 @@ def test_hub_offline_is_restored_when_the_command_fails(monkeypatch, tmp_path):
     r = CliRunner().invoke(cli, ["serve", str(tmp_path)])  # not a student: exit 2 from inside the command
     assert r.exit_code == 2 and "has no config.json" in r.output
     assert "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_latency_times_every_sample_text_once_after_an_untimed_pass_over_them():
+    from protege.evaluation.classifier import _latencies, _sample
+
+    seen: list[str] = []
+    batched: list[list[str]] = []
+    texts = ["a", "bb", "ccc"]
+    lat, per_s = _latencies(seen.append, batched.append, texts, 7)
+    sample = _sample(texts, 7)
+    assert sample == ["a", "bb", "ccc", "a", "bb", "ccc", "a"]
+    assert seen == sample + sample  # the warm-up pass, then the timed one, in the same order
+    assert len(lat) == 7 and all(t >= 0 for t in lat)
+    assert batched == [sample] and per_s > 0
