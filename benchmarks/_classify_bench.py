@@ -248,6 +248,19 @@ def _copy_db(src: Path, dst: Path) -> None:
     b.close()
 
 
+def label_through_shared(recipe, work: Path):
+    """Label ``recipe``'s texts through a copy of the dataset's shared store (work/shared.db: only texts it has
+    never seen go to the teacher), then write the copy back as the new shared store; returns the label stats."""
+    from protege.pipeline import label
+
+    shared = work / "shared.db"
+    if shared.is_file() and not recipe.store_path.is_file():
+        _copy_db(shared, recipe.store_path)
+    stats = label(recipe, quiet=True)
+    _copy_db(recipe.store_path, shared)  # a superset of what was shared: this recipe's texts added
+    return stats
+
+
 def run_condition(ds: Dataset, cond: str, seed: int, st: Settings, work: Path, teacher_dir: Path,
                   minilm: str) -> dict:
     """One (condition, seed): recipe.yaml written, labelled from the dataset's shared store (only texts it has
@@ -255,20 +268,16 @@ def run_condition(ds: Dataset, cond: str, seed: int, st: Settings, work: Path, t
     import yaml
 
     import protege
-    from protege.pipeline import evaluate, label, train
+    from protege.pipeline import evaluate, train
 
     out = work / f"{cond}-s{seed}"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe_dict(ds, cond, seed, st, work, teacher_dir, minilm), sort_keys=False))
     recipe = protege.load_recipe(path)
-    shared = work / "shared.db"
-    if shared.is_file() and not recipe.store_path.is_file():
-        _copy_db(shared, recipe.store_path)
     t0 = time.perf_counter()
-    stats = label(recipe, quiet=True)
+    stats = label_through_shared(recipe, work)
     label_s = time.perf_counter() - t0
-    _copy_db(recipe.store_path, shared)  # a superset of what was shared: this condition's texts added
     t0 = time.perf_counter()
     trained = train(recipe, quiet=True, force=False)
     train_s = time.perf_counter() - t0

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _classify_bench import REPO, Settings, _copy_db, minilm_path, recipe_dict  # noqa: E402
+from _classify_bench import REPO, Settings, label_through_shared, minilm_path, recipe_dict  # noqa: E402
 
 
 def _dataset(name: str):
@@ -49,7 +49,7 @@ def _override(d: dict, dotted: str) -> None:
 
 def run_variant(name: str, overrides: list[str], seed: int, ds, work: Path, tune: Path, minilm: str) -> dict:
     import protege
-    from protege.pipeline import label, train
+    from protege.pipeline import train
 
     st = Settings(per_text=8, epochs=2, eval_every=None, patience=None, temperature=2.0)
     d = recipe_dict(ds, "all", seed, st, work, work / "teacher", minilm)
@@ -60,12 +60,8 @@ def run_variant(name: str, overrides: list[str], seed: int, ds, work: Path, tune
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
     recipe = protege.load_recipe(out / "recipe.yaml")
-    shared = work / "shared.db"
-    if not recipe.store_path.is_file():
-        _copy_db(shared, recipe.store_path)
     t0 = time.perf_counter()
-    stats = label(recipe, quiet=True)
-    _copy_db(recipe.store_path, shared)
+    stats = label_through_shared(recipe, work)
     trained = train(recipe, quiet=True, force=False)["student"]
     sel = trained["selection"]
     best = next(h for h in sel["history"] if h["step"] == sel["best_step"])

@@ -13,9 +13,9 @@ forward: a model they do not cover still answers, as transformers computes it. T
 own parameter tensors (no copy), so it follows the model's device and dtype.
 
 :func:`encode` is the tokenizing half: what ``tokenizer(texts, padding=True, truncation=True, max_length=L,
-return_tensors="pt")`` returns, through a fast tokenizer's Rust backend directly. transformers' ``__call__`` spends
-more time on argument handling around the backend than a one-layer student spends on its arithmetic
-(benchmarks/lean_forward.py's tokenizer table).
+return_tensors="pt")`` returns, through a fast tokenizer's Rust backend directly, without ``__call__``'s argument
+handling and BatchEncoding: one text 0.091 -> 0.053 ms, and a one-layer student's whole answer to it 0.548 -> 0.419
+ms (benchmarks/lean_forward.py's tokenizer table).
 """
 
 from __future__ import annotations

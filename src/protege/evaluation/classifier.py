@@ -121,9 +121,9 @@ def _latencies(one: Any, many: Any, texts: list[str], n: int) -> tuple[list[floa
 
     The warm-up pass is the whole sample, not one call: the first text of each new token length costs a model
     more than the next one does (the CPU kernels set themselves up per input shape), and that cost falls on
-    whichever model of a report meets the length first. Timed after one call, the demo's distilled student (timed
-    first) measured 0.59 ms a text and its hard-label twin of the same shape 0.36 ms; timed again after a pass,
-    the student measured 0.39 ms. A served model pays that cost once, not per request."""
+    whichever model of a report meets the length first. Timed after one call, `protege demo`'s distilled student
+    (timed first) measured 0.60 ms a text and its hard-label twin of the same shape 0.36 ms; timed after a pass,
+    0.40 and 0.39 (BENCHMARKS.md, the demo). A served model pays that cost once, not per request."""
     sample = _sample(texts, n)
     (lat,) = time_calls([lambda i: one(sample[i % n])], n, warmup=n)
     t0 = time.perf_counter()
