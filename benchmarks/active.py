@@ -58,6 +58,10 @@ from _classify_bench import (  # noqa: E402
 from sst2 import dataset  # noqa: E402
 
 SECTION = "## Selective labeling on SST-2 (benchmarks/active.py)"
+STUDENT_LABELS = (" Uncertainty's students (teacher.select_student_labels) also train on the training texts not sent "
+                  "to the teacher, with the probabilities of a first student trained on the teacher's answers "
+                  "(self-training: no teacher calls, twice the training); random's train on the teacher's labels "
+                  "alone (with all the texts there are none left to label).")
 
 
 def run_one(ds, select: str, seed: int, max_rows: int, args, st: Settings, sst2: Path, work: Path, minilm: str) -> dict:
@@ -73,7 +77,7 @@ def run_one(ds, select: str, seed: int, max_rows: int, args, st: Settings, sst2:
                      "select_max_rows": max_rows}
     if select == "uncertainty":
         d["teacher"] |= {"select_metric": args.metric, "select_random_share": args.random_share,
-                         "select_diversity": not args.no_diversity}
+                         "select_diversity": not args.no_diversity, "select_student_labels": args.student_labels}
     out = work / f"{select}-s{seed}"
     d["output_dir"] = str(out)
     recipe = protege.Recipe.model_validate(d)
@@ -158,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-diversity", action="store_true",
                    help="teacher.select_diversity false: the least sure texts in turn across predicted labels, "
                    "not spread by k-means++")
+    p.add_argument("--student-labels", action="store_true",
+                   help="teacher.select_student_labels of the uncertainty runs: each round's student also trains on "
+                   "the texts not sent to the teacher, labelled by a student trained on the teacher's answers")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--select-fraction", type=float, default=0.0,
                    help="training.select_fraction of every round's student (checkpoint picked once per epoch)")
@@ -296,7 +303,7 @@ Student: sst2.py's `+embed` student (scratch BERT from the MiniLM tokenizer, hid
 layer, embeddings projected from MiniLM; alpha {st.alpha:g}, temperature {st.temperature:g}, lr {st.lr:g}, batch
 {st.batch_size}, {st.epochs} epochs, weights started at 1/sqrt(hidden), gradient clipped at norm 1{f", training.select_fraction {args.select_fraction:g}: the checkpoint of the epoch that agrees best with the teacher (KL) on that share of the labelled rows, held out of training" if args.select_fraction else ", last step kept"}), trained on the teacher's labels only. Rounds: a random seed slice of
 {args.seed_rows}, then {args.round_rows} per round; uncertainty {picks(args, first['metric'])}; random takes the
-next texts of the same seeded random order. A student is trained after every round and scored on the {len(ds.eval)} dev
+next texts of the same seeded random order.{STUDENT_LABELS if args.student_labels else ""} A student is trained after every round and scored on the {len(ds.eval)} dev
 sentences (gold); quality kept = its accuracy / the teacher's. Three seeds (training.seed: seed slice, order,
 initialisation); mean ± standard deviation over seeds (the dev set's own sampling error is about
 {100 * math.sqrt(0.16 / len(ds.eval)):.1f} points at 80%).

@@ -138,6 +138,49 @@ def test_uncertainty_rounds_stop_at_max_rows_write_the_labelled_rows_and_rerun_f
     assert stats.called == n_calls(db) - 45 <= 38 - 26  # the cut round is picked afresh; what it had is cached
 
 
+def test_student_labels_train_the_rounds_and_the_final_student_at_no_teacher_cost(tiny_recipe, one_thread):
+    from protege.evaluation.report import active_lines
+    from protege.pipeline import classifier_rows, train
+    from protege.training.select import selection_split
+
+    recipe = _select(tiny_recipe, select="uncertainty", select_seed_rows=10, select_round_rows=10,
+                     select_max_rows=20, select_student_labels=True)
+    db, sig = recipe.store_path, recipe.output_dir / "signals"
+    assert label(recipe, quiet=True).called == 15 + 20
+    assert n_calls(db) == 15 + 20  # the student's labels cost no teacher call
+    sel = json.loads((sig / "selection.json").read_text())
+    assert sel["student_labels"] is True
+    # each round's student also trained on the texts not yet bought (45 training texts: 35, then 25 left)
+    assert [r["student_labels"] for r in sel["rounds"]] == [35, 25]
+    bought, mine = _rows(sig / "train.jsonl"), _rows(sig / "student_labels.jsonl")
+    all_ids = {r["id"] for r in make_examples(60, seed=3)}
+    assert len(bought) == 20 and len(mine) == 25
+    assert not {r["id"] for r in bought} & {r["id"] for r in mine}
+    assert {r["id"] for r in mine} <= all_ids
+    for r in mine:
+        assert r["labelled_by"] == "student" and r["call_key"] is None and r["method"] == "student"
+        assert math.isclose(sum(r["teacher_probs"]), 1.0, rel_tol=1e-5)
+        assert r["teacher_label"] == recipe.task.label_names[int(np.argmax(r["teacher_probs"]))]
+    assert all("labelled_by" not in r for r in bought)
+    assert "(25 such texts after the last round; no teacher calls)" in "\n".join(active_lines({**sel, "plots": []}))
+
+    # the final student trains on both, and the student's rows are never the slice a checkpoint is judged on
+    rows = classifier_rows(recipe)
+    assert len(rows) == 45 and rows.ids[20:] == [r["id"] for r in mine]
+    _, held = selection_split(rows.ids, rows.sources, 0.2, 0)
+    assert held and max(held) < 20
+    assert train(recipe, quiet=True)["student"]["examples"] == 45
+
+    # a rerun buys nothing and labels the same texts the same way
+    before = (sig / "student_labels.jsonl").read_bytes()
+    assert label(recipe, quiet=True).called == 0
+    assert (sig / "student_labels.jsonl").read_bytes() == before
+    # off again: the file goes, and the student trains on the teacher's answers alone
+    off = _select(tiny_recipe, select_student_labels=False)
+    label(off, quiet=True)
+    assert not (sig / "student_labels.jsonl").exists() and len(classifier_rows(off)) == 20
+
+
 def test_random_and_uncertainty_share_the_seed_slice_then_differ(tiny_recipe, one_thread):
     uncertain = _select(tiny_recipe, select="uncertainty", select_seed_rows=10, select_round_rows=10,
                         select_max_rows=20)
@@ -334,6 +377,7 @@ def test_run_reports_the_learning_curve(tiny_recipe, one_thread):
         ({"teacher": {"select": "random", "select_max_rows": 10, "select_diversity": False}},
          "select_diversity applies to teacher.select: uncertainty"),
         ({"teacher": {"select_random_share": 0.5}}, "which is off .teacher.select: all"),
+        ({"teacher": {"select_student_labels": True}}, "select_student_labels configures selective labeling"),
         ({"teacher": {"select": "uncertainty", "select_max_rows": 10, "select_random_share": 1.5}},
          "less than or equal to 1"),
         ({"teacher": {"select": "uncertainty", "select_max_rows": 10, "select_check_rows": 50}},

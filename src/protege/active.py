@@ -4,6 +4,8 @@ Stage 1 for a classification recipe with ``teacher.select: uncertainty`` (or ``r
 same loop). The evaluation split is labelled in full, as always. Then, in rounds:
 
     label (a random seed slice; then the round's pick)  ->  train a student on everything labelled so far
+      (with select_student_labels, also on the texts not sent to the teacher, labelled by a first student trained
+      on the teacher's answers alone: self-training, no teacher calls)
       -> score it (agreement with the teacher on the evaluation split and, with select_target, on a held-out
          teacher-labelled slice of training texts)  ->  stop (select_max_rows, budget_usd, select_target, no texts
          left)  or  pick the next round: the texts it is least sure of, spread out (protege.labeling.uncertainty),
@@ -11,8 +13,10 @@ same loop). The evaluation split is labelled in full, as always. Then, in rounds
 
 Labels go through the engine and the store like any labeling: a rerun repeats the recorded picks and makes zero
 calls, and a budget reached in a round ends the loop with what was labelled (not an error). At the end
-``signals/train.jsonl`` holds exactly the labelled training rows, and ``signals/selection.json`` the rounds, which
-the report draws as a learning curve. It sits above labeling and training (it uses both), beside the pipeline.
+``signals/train.jsonl`` holds exactly the labelled training rows, ``signals/student_labels.jsonl`` (with
+select_student_labels) the other training texts with the probabilities of a student trained on the teacher's
+answers, and ``signals/selection.json`` the rounds, which the report draws as a learning curve. It sits above
+labeling and training (it uses both), beside the pipeline.
 """
 
 from __future__ import annotations
@@ -48,9 +52,10 @@ from .store import Store, call_key
 from .teachers import make_teacher
 from .teachers.base import Teacher
 
-__all__ = ["SELECTION_FILE", "label", "label_selected"]
+__all__ = ["SELECTION_FILE", "STUDENT_LABELS_FILE", "label", "label_selected"]
 
 SELECTION_FILE = "selection.json"
+STUDENT_LABELS_FILE = "student_labels.jsonl"
 
 
 def label(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -> LabelStats:
@@ -126,8 +131,11 @@ def label_selected(recipe: Recipe, quiet: bool = False, teacher: Teacher | None 
             loop = _Loop(recipe, store, train, shots, teacher, quiet)
             rounds = loop.run(pool, recorded, buy, check_ok, held, results["eval"][1])
             total.add(loop.total)
+            # the final student trains on these beside the teacher's answers
+            student_rows = loop.final_student_labels(len(rounds)) if cfg.select_student_labels else None
     except ProtegeError:
         _remove_signals(out)
+        (out / "signals" / STUDENT_LABELS_FILE).unlink(missing_ok=True)
         raise
     labelled = [i for r in rounds for i in r.pop("_indices")]
     lab_examples = [train[i] for i in labelled]
@@ -146,12 +154,18 @@ def label_selected(recipe: Recipe, quiet: bool = False, teacher: Teacher | None 
     write_jsonl_atomic(out / "signals" / SHOTS_FILE, [e.model_dump() for e in shots[len(recipe.task.examples):]])
     for split in ("train", "eval"):
         write_signals(out / "signals" / f"{split}.jsonl", _ok_rows(recipe, shots, *results[split][:3]), parquet=True)
+    student_labels = out / "signals" / STUDENT_LABELS_FILE
+    if student_rows is not None:
+        write_jsonl_atomic(student_labels, student_rows)
+    else:
+        student_labels.unlink(missing_ok=True)
     write_json_atomic(out / "signals" / SELECTION_FILE, {
         "fingerprint": fingerprint,
         "select": cfg.select,
         "metric": cfg.select_metric if cfg.select == "uncertainty" else None,
         "random_share": cfg.select_random_share if cfg.select == "uncertainty" else None,
         "diversity": cfg.select_diversity if cfg.select == "uncertainty" else None,
+        "student_labels": cfg.select_student_labels,
         "seed_rows": cfg.select_seed_rows,
         "round_rows": cfg.select_round_rows,
         "max_rows": cfg.select_max_rows,
@@ -184,6 +198,9 @@ class _Loop:
         self.stopped = ""
         self.total = LabelStats()  # what rounds cut short by the budget bought (the others count themselves)
         self.teacher_accuracy: float | None = None
+        self.left: list[int] = []  # training texts not sent to the teacher (yet), in the seeded random order
+        self.student_labels: list[dict[str, Any]] = []  # the last student-labelled rows (select_student_labels)
+        self._labels_for: tuple[int, ...] | None = None  # the texts they label
 
     def run(self, pool: list[int], recorded: list[dict[str, Any]], buy: Any, check: list[tuple[int, Any]],
             held: list[Example], held_signals: list) -> list[dict[str, Any]]:
@@ -198,7 +215,7 @@ class _Loop:
         check_texts = [self.train[i].text for i, _ in check]
         check_top = np.array([labels.index(s.distribution.top) for _, s in check])
         cap = cfg.select_max_rows
-        left = list(pool)  # not yet sent to the teacher, in the seeded random order
+        left = self.left = list(pool)  # not yet sent to the teacher, in the seeded random order
         rounds: list[dict[str, Any]] = []
         n_labelled = 0
         while left:
@@ -215,7 +232,7 @@ class _Loop:
             else:
                 chosen = self._pick(left, want, r)
             left_set = set(chosen)
-            left = [i for i in left if i not in left_set]
+            left = self.left = [i for i in left if i not in left_set]
             examples = [self.train[i] for i in chosen]
             t0 = time.perf_counter()
             budget_hit = False
@@ -249,7 +266,7 @@ class _Loop:
                 "round": r,
                 "ids": [self.train[i].id for i in chosen],
                 "_indices": chosen,
-                "rows": n_labelled,  # training texts labelled so far (failed calls not counted)
+                "rows": n_labelled,  # training texts the teacher labelled so far (failed calls not counted)
                 "teacher_calls": len(bought) + len(check),  # training texts sent to the teacher, check slice included
                 "new_calls": stats.called,  # calls this run made (0 on a rerun: the store answered)
                 "usd": self._usd(bought, check),
@@ -258,11 +275,13 @@ class _Loop:
             if chosen and n_labelled:
                 same = replay and recorded[r].get("rows") == n_labelled and "eval_agreement" in recorded[r]
                 if same:  # the same rows as recorded: the same student; its scores are kept, not retrained
-                    for k in ("eval_agreement", "eval_accuracy", "check_agreement", "train_seconds"):
+                    for k in ("eval_agreement", "eval_accuracy", "check_agreement", "train_seconds", "student_labels"):
                         record[k] = recorded[r].get(k)
                     self._model = None
                 else:
                     record.update(self._train_and_score(held_texts, held_top, gold, check_texts, check_top, r))
+                    if self.recipe.teacher.select_student_labels:
+                        record["student_labels"] = len(self.student_labels)
             rounds.append(record)
             stop = ("budget" if budget_hit else
                     "max_rows" if cap is not None and n_labelled >= cap else
@@ -298,18 +317,54 @@ class _Loop:
         return _ok_rows(self.recipe, self.shots, [self.train[i] for i in idx], [self.signals[i] for i in idx],
                         [self.keys[i] for i in idx])
 
-    def _train(self, r: int) -> float:
-        """Train a student on every text labelled so far (the recipe's student and training settings) and keep it
-        in memory for scoring; returns its training seconds."""
+    def _fit(self, signal_rows: list[dict[str, Any]], r: int) -> float:
+        """Train a student on ``signal_rows`` (the recipe's student and training settings) and keep it in memory
+        as the round's student; returns its training seconds."""
         from .students.classifier import load_student
         from .training.classifier import rows_from_signals, train_student
 
-        rows = rows_from_signals(self.recipe, self._labelled_rows())
+        rows = rows_from_signals(self.recipe, signal_rows)
         with tempfile.TemporaryDirectory(prefix="select-", dir=self.recipe.output_dir) as tmp:
             summary = train_student(self.recipe, rows, Path(tmp) / "student", self.recipe.training.alpha, quiet=True)
             self._model = load_student(Path(tmp) / "student")[:2]
         self.store.log_compute("select:train", summary["train_seconds"], examples=len(rows), round=r)
         return summary["train_seconds"]
+
+    def _train(self, r: int) -> float:
+        """The round's student, kept in memory for scoring and picking: trained on every text the teacher labelled
+        so far; with select_student_labels, a first student trained so labels the texts left, and the round's
+        student trains on both (twice the training time). Returns the training seconds."""
+        teacher_rows = self._labelled_rows()
+        seconds = self._fit(teacher_rows, r)
+        if self.recipe.teacher.select_student_labels and self.left:
+            self._label_left()
+            seconds += self._fit(teacher_rows + self.student_labels, r)
+        return seconds
+
+    def _label_left(self) -> None:
+        """Rows for the texts not sent to the teacher, labelled by the student in memory (its probabilities as soft
+        targets; ``labelled_by: student``), in the shape of signals/train.jsonl's rows."""
+        labels = self.recipe.task.label_names
+        examples = [self.train[i] for i in self.left]
+        probs, _ = self._predict([ex.text for ex in examples])
+        self.student_labels = [
+            {"id": ex.id, "text": ex.text, "gold": ex.gold, "teacher_label": labels[int(p.argmax())],
+             "teacher_probs": [float(x) for x in p], "method": "student", "label_mass": 1.0, "call_key": None,
+             "labelled_by": "student"}
+            for ex, p in zip(examples, probs)
+        ]
+        self._labels_for = tuple(self.left)
+
+    def final_student_labels(self, r: int) -> list[dict[str, Any]]:
+        """The student-labelled rows the final student trains on beside the teacher's answers: the texts never sent
+        to the teacher, labelled by a student trained on all the teacher's answers (made now when the last round
+        was replayed from a recording)."""
+        if not self.left:
+            return []
+        if self._labels_for != tuple(self.left):
+            self._fit(self._labelled_rows(), r)
+            self._label_left()
+        return self.student_labels
 
     def _train_and_score(self, held_texts: list[str], held_top: np.ndarray, gold: list[tuple[int, int]],
                          check_texts: list[str], check_top: np.ndarray, r: int) -> dict[str, Any]:

@@ -5,6 +5,7 @@ what is already current (an artifact records the hash of the recipe sections and
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 from dataclasses import replace
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import replace_dir
-from .active import label
+from .active import STUDENT_LABELS_FILE, label
 from .evaluation import evaluate
 from .labeling.labeler import LabelStats, read_signals
 from .labeling.signal_files import iter_signals
@@ -29,10 +30,21 @@ __all__ = ["evaluate", "label", "run", "train"]
 STUDENT_DIR, BASELINE_DIR, SWEEP_DIR = "student", "student-hard", "student.sweep"
 
 
+def _student_labels(recipe: Recipe) -> Path | None:
+    """signals/student_labels.jsonl when the recipe trains on it (teacher.select_student_labels) and it exists."""
+    path = recipe.output_dir / "signals" / STUDENT_LABELS_FILE
+    return path if recipe.teacher.select_student_labels and path.is_file() else None
+
+
 def _signals_hash(recipe: Recipe) -> str:
     path = recipe.output_dir / "signals" / "train.jsonl"
     if not path.is_file():
         read_signals(recipe, "train")  # raises the error that says to run `protege label` first
+    digest, extra = _file_digest(path), _student_labels(recipe)
+    return digest if extra is None else hashlib.sha256(f"{digest}:{_file_digest(extra)}".encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
     with path.open("rb") as f:  # read in blocks: a signal file of a million rows is not held in memory
         return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
@@ -113,9 +125,12 @@ def _train(recipe: Recipe, quiet: bool, force: bool) -> dict[str, Any]:
 
 def classifier_rows(recipe: Recipe, signal_rows: list[dict[str, Any]] | None = None) -> TrainSet:
     """Training rows of a classification task from ``signal_rows`` (default: ``signals/train.jsonl``, read a row at
-    a time)."""
-    return rows_from_signals(recipe, iter_signals(recipe.output_dir / "signals" / "train.jsonl")
-                             if signal_rows is None else signal_rows)
+    a time, then signals/student_labels.jsonl where teacher.select_student_labels made one)."""
+    if signal_rows is None:
+        extra = _student_labels(recipe)
+        signal_rows = itertools.chain(iter_signals(recipe.output_dir / "signals" / "train.jsonl"),
+                                      iter_signals(extra) if extra else ())
+    return rows_from_signals(recipe, signal_rows)
 
 
 def _train_one(

@@ -353,6 +353,13 @@ class TeacherConfig(_Section):
         "pooled hidden states among the least sure 4x the round (false: those candidates taken in turn across the "
         "student's predicted labels, most uncertain first).",
     )
+    select_student_labels: bool = Field(
+        False,
+        description="select: also train each round's student, and the final one, on the training texts the teacher "
+        "was not asked about, with the label probabilities of a student trained on the teacher's answers so far "
+        "(self-training: no teacher calls). The teacher's answers stay in signals/train.jsonl, the student's go to "
+        "signals/student_labels.jsonl.",
+    )
     select_max_rows: int | None = Field(
         None,
         gt=0,
@@ -510,7 +517,8 @@ class TeacherConfig(_Section):
 
 # the settings of selective labeling besides teacher.select itself
 _SELECT_SETTINGS = ("select_metric", "select_seed_rows", "select_round_rows", "select_random_share",
-                    "select_diversity", "select_max_rows", "select_target", "select_check_rows")
+                    "select_diversity", "select_student_labels", "select_max_rows", "select_target",
+                    "select_check_rows")
 
 
 class StudentConfig(_Section):

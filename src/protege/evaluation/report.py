@@ -408,7 +408,11 @@ def active_lines(a: dict[str, Any]) -> list[str]:
               f"{a['rounds'][-1]['rows'] if a['rounds'] else 0} of {a['pool_rows']} training texts labelled"
               + (f", plus {a['check_rows']} held out to check select_target on" if a["check_rows"] else "")
               + f"; the {a['eval_rows']} evaluation texts are labelled in full. Each round's student is scored on the "
-              "evaluation split (the final student above is trained again on all the labelled texts)."), "",
+              "evaluation split (the final student above is trained again on all the labelled texts)."
+              + (" With teacher.select_student_labels each round's student, and the final one, also trained on the "
+                 "texts not sent to the teacher, labelled by a first student trained on the teacher's answers "
+                 f"({a['rounds'][-1].get('student_labels') or 0} such texts after the last round; no teacher calls)."
+                 if a.get("student_labels") else "")), "",
              "| round | texts labelled | teacher calls | cost (USD) | agreement with teacher | accuracy | quality kept "
              "| check agreement |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for p in _curve(a):

@@ -111,7 +111,10 @@ def rows_from_signals(recipe: Recipe, signal_rows: Iterable[dict[str, Any]]) -> 
             teacher_probs=tuple(r["teacher_probs"]),
             target=labels.index(r["gold"] if use_gold and r["gold"] is not None else r["teacher_label"]),
             id=str(r["id"]),
-            augmented_from=None if r.get("augmented_from") is None else str(r["augmented_from"]),
+            # a text the student labelled (teacher.select_student_labels) trains but is never held out to judge
+            # a student by, as an augmented one: the selection slice is drawn from rows without a source
+            augmented_from=str(r["id"]) if r.get("labelled_by") == "student" else
+            None if r.get("augmented_from") is None else str(r["augmented_from"]),
         )
         for r in signal_rows
     )
