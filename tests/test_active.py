@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -140,6 +141,7 @@ def test_uncertainty_rounds_stop_at_max_rows_write_the_labelled_rows_and_rerun_f
 
 def test_student_labels_train_the_rounds_and_the_final_student_at_no_teacher_cost(tiny_recipe, one_thread):
     from protege.evaluation.report import active_lines
+    from protege.improve import _training_rows
     from protege.pipeline import classifier_rows, train
     from protege.training.select import selection_split
 
@@ -170,6 +172,10 @@ def test_student_labels_train_the_rounds_and_the_final_student_at_no_teacher_cos
     _, held = selection_split(rows.ids, rows.sources, 0.2, 0)
     assert held and max(held) < 20
     assert train(recipe, quiet=True)["student"]["examples"] == 45
+    # `protege improve` starts a candidate from the rows the run's student had: both files
+    run_version = SimpleNamespace(versions={"v1": {"made_by": "protege train"}})
+    improve_rows = _training_rows(recipe.output_dir, run_version, "v1", recipe)
+    assert [r["id"] for r in improve_rows] == rows.ids
 
     # a rerun buys nothing and labels the same texts the same way
     before = (sig / "student_labels.jsonl").read_bytes()
@@ -179,6 +185,7 @@ def test_student_labels_train_the_rounds_and_the_final_student_at_no_teacher_cos
     off = _select(tiny_recipe, select_student_labels=False)
     label(off, quiet=True)
     assert not (sig / "student_labels.jsonl").exists() and len(classifier_rows(off)) == 20
+    assert len(_training_rows(off.output_dir, run_version, "v1", off)) == 20
 
 
 def test_random_and_uncertainty_share_the_seed_slice_then_differ(tiny_recipe, one_thread):

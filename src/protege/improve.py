@@ -75,8 +75,11 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _training_rows(run_dir: Path, versions: Versions, name: str) -> list[dict[str, Any]]:
-    """The signal rows version ``name`` was trained on: its ``improve/vN/train.jsonl``, else the run's signals."""
+def _training_rows(run_dir: Path, versions: Versions, name: str, recipe: Recipe) -> list[dict[str, Any]]:
+    """The signal rows version ``name`` was trained on: its ``improve/vN/train.jsonl``, else the run's signals
+    (with the student-labelled texts of teacher.select_student_labels, as the run's student had them)."""
+    from .pipeline import student_labels_path
+
     path = run_dir / IMPROVE_DIR / name / "train.jsonl"
     if versions.versions[name].get("made_by") == "protege improve" and path.is_file():
         return _read_jsonl(path)
@@ -84,7 +87,8 @@ def _training_rows(run_dir: Path, versions: Versions, name: str) -> list[dict[st
     if not path.is_file():
         raise ProtegeError(f"{str(path)!r} does not exist: the run's labeled training data is what a candidate "
                            "learns from beside the new traffic; run `protege label` first")
-    return _read_jsonl(path)
+    extra = student_labels_path(recipe)
+    return _read_jsonl(path) + (_read_jsonl(extra) if extra else [])
 
 
 class _Items:
@@ -217,7 +221,7 @@ def _improve(run_dir: Path, base: Recipe, recipe: Recipe, margin: float, holdout
     versions = Versions.load(run_dir)
     incumbent = versions.sync()
     through = versions.versions[incumbent]["captured_through"]
-    old_rows = _training_rows(run_dir, versions, incumbent)
+    old_rows = _training_rows(run_dir, versions, incumbent, base)
     eval_path = run_dir / "signals" / "eval.jsonl"
     if not eval_path.is_file():
         raise ProtegeError(f"{str(eval_path)!r} does not exist: the fixed held-out split is half of the "

@@ -30,7 +30,7 @@ __all__ = ["evaluate", "label", "run", "train"]
 STUDENT_DIR, BASELINE_DIR, SWEEP_DIR = "student", "student-hard", "student.sweep"
 
 
-def _student_labels(recipe: Recipe) -> Path | None:
+def student_labels_path(recipe: Recipe) -> Path | None:
     """signals/student_labels.jsonl when the recipe trains on it (teacher.select_student_labels) and it exists."""
     path = recipe.output_dir / "signals" / STUDENT_LABELS_FILE
     return path if recipe.teacher.select_student_labels and path.is_file() else None
@@ -40,7 +40,7 @@ def _signals_hash(recipe: Recipe) -> str:
     path = recipe.output_dir / "signals" / "train.jsonl"
     if not path.is_file():
         read_signals(recipe, "train")  # raises the error that says to run `protege label` first
-    digest, extra = _file_digest(path), _student_labels(recipe)
+    digest, extra = _file_digest(path), student_labels_path(recipe)
     return digest if extra is None else hashlib.sha256(f"{digest}:{_file_digest(extra)}".encode()).hexdigest()[:16]
 
 
@@ -127,7 +127,7 @@ def classifier_rows(recipe: Recipe, signal_rows: list[dict[str, Any]] | None = N
     """Training rows of a classification task from ``signal_rows`` (default: ``signals/train.jsonl``, read a row at
     a time, then signals/student_labels.jsonl where teacher.select_student_labels made one)."""
     if signal_rows is None:
-        extra = _student_labels(recipe)
+        extra = student_labels_path(recipe)
         signal_rows = itertools.chain(iter_signals(recipe.output_dir / "signals" / "train.jsonl"),
                                       iter_signals(extra) if extra else ())
     return rows_from_signals(recipe, signal_rows)
