@@ -9,6 +9,9 @@ of the base run's store, so the teacher labels every text once per data seed. It
 student's held-out accuracy and the share of the teacher's it keeps on each data seed, and their mean. The
 hard-label student is not trained here (``training.hard_label_baseline: false``): only the distilled student is
 being chosen.
+
+A variant with ``@n_train`` changes the data, not the recipe: its folder gets the seed's data written with that many
+training tickets (the held-out tickets are the same: their own draw, from templates training never uses).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ VARIANTS: dict[str, dict] = {
     "augment24": {"data.augment.per_text": 24},
     "select+tau4": {"training.select_fraction": 0.1, "training.temperature": 4.0},
     "pool": {"student.pooling": "mean"},
+    "train1000": {"@n_train": 1000},
+    "train1000-aug8": {"@n_train": 1000, "data.augment.per_text": 8},
 }
 
 
@@ -70,8 +75,17 @@ def main() -> None:
                 out.mkdir(parents=True, exist_ok=True)
                 if not (out / "protege.db").is_file():
                     shutil.copy2(base / "protege.db", out / "protege.db")
+            settings = {k: v for k, v in VARIANTS[name].items() if not k.startswith("@")}
+            if "@n_train" in VARIANTS[name]:  # this variant's own training tickets; the held-out ones are the same
+                data = out / "data"
+                if not (data / "tickets.jsonl").is_file():
+                    write_demo_data(data / "tickets.jsonl", data / "held_out.jsonl", n_train=VARIANTS[name]["@n_train"],
+                                    seed=seed)
+                if (data / "held_out.jsonl").read_bytes() != (base / "data" / "held_out.jsonl").read_bytes():
+                    raise SystemExit(f"{name}: data seed {seed}'s held-out tickets differ from the base's")
+                settings |= {"data.path": str(data / "tickets.jsonl")}
             t0 = time.time()
-            run(load_recipe(base / "demo.yaml", {**quiet, **VARIANTS[name], "output_dir": str(out)}), quiet=True)
+            run(load_recipe(base / "demo.yaml", {**quiet, **settings, "output_dir": str(out)}), quiet=True)
             teacher, student = _scores(out / "report.json")
             results[name][seed] = (teacher, student)
             print(f"data seed {seed} {name:10s} teacher {teacher:.1%} student {student:.1%} "
