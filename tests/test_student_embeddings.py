@@ -16,19 +16,21 @@ from protege.sources import resolve_source
 NAMES = tuple(LABELS)
 
 
-def _pretrained(path: Path, tokenizer, width: int = 32, rank: int = 6) -> Path:
+def _pretrained(path: Path, tokenizer, width: int = 32, rank: int = 6, classifier: bool = False, seed: int = 3) -> Path:
     """A BERT whose word embeddings have ``rank`` strong directions (plus a little noise) and whose
-    position embeddings are random: a stand-in for a pretrained encoder, with a known principal subspace."""
-    from transformers import BertConfig, BertModel
+    position embeddings are random: a stand-in for a pretrained encoder, with a known principal subspace;
+    ``classifier``: a sequence classifier over the demo labels (a stand-in for a fine-tuned 'hf:' teacher)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
 
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, pad_token_id=tokenizer.pad_token_id)
-    model = BertModel(cfg)
+                     intermediate_size=64, pad_token_id=tokenizer.pad_token_id, num_labels=len(NAMES),
+                     id2label=dict(enumerate(NAMES)), label2id={n: i for i, n in enumerate(NAMES)})
+    model = BertForSequenceClassification(cfg) if classifier else BertModel(cfg)
     with torch.no_grad():
         v = len(tokenizer)
         strong = torch.randn(v, rank) @ torch.randn(rank, width) + 0.01 * torch.randn(v, width) + 0.3
-        model.embeddings.word_embeddings.weight.copy_(strong)
+        model.get_input_embeddings().weight.copy_(strong)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -135,3 +137,100 @@ def test_a_scratch_student_starts_at_one_over_root_width_and_its_cls_state_depen
             cls = m.bert(**enc).last_hidden_state[:, 0]  # (5, width), layer-normed: entries of std ~1
         spreads.append(float(cls.std(0).mean()))  # how much each coordinate differs between the texts
     assert spreads[0] > 0.1 and spreads[0] > 10 * spreads[1]
+
+
+def _word_states(base, tokenizer) -> torch.Tensor:
+    """What student.embeddings distilled reads, computed one word piece at a time: the mean of the encoder's
+    output states over [CLS] piece [SEP]."""
+    base.eval()
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    rows = []
+    with torch.no_grad():
+        for i in range(len(tokenizer)):
+            rows.append(base(input_ids=torch.tensor([[cls, i, sep]])).last_hidden_state[0].mean(0))
+    return torch.stack(rows)
+
+
+def _assert_pca_of(ours: torch.Tensor, states: torch.Tensor, h: int, std: float) -> None:
+    """``ours`` is ``states`` centred and put on its top ``h`` principal directions, scaled to ``std``: same Gram
+    matrix up to that one scale."""
+    centred = states - states.mean(0, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    top = centred @ vh[:h].T
+    scale = std / float(top.std())
+    assert float(ours.std()) == pytest.approx(std, rel=1e-4)
+    torch.testing.assert_close(ours @ ours.T / scale**2, top @ top.T, rtol=2e-3, atol=2e-3)
+
+
+def test_distilled_embeddings_are_the_encoders_outputs_for_each_word_on_their_principal_directions(
+    tmp_path, tiny_tokenizer
+):
+    from transformers import BertModel
+
+    source_dir = _pretrained(tmp_path / "base", tiny_tokenizer, rank=6)
+    student, _, _ = build_student(_recipe(source_dir, hidden_size=6, embeddings="distilled").student, NAMES, seed=0)
+    base = BertModel.from_pretrained(source_dir)
+    ours = student.bert.embeddings.word_embeddings.weight.detach()
+    _assert_pca_of(ours, _word_states(base, tiny_tokenizer), 6, student.config.initializer_range)
+
+    # not the input embeddings' projection: the encoder's layers changed what each word is
+    projected, _, _ = build_student(_recipe(source_dir, hidden_size=6, embeddings="projected").student, NAMES, seed=0)
+    assert not torch.allclose(projected.bert.embeddings.word_embeddings.weight, ours, atol=1e-3)
+    # positions: the input embeddings' map, as with projected (the words came through the layers, positions did not)
+    torch.testing.assert_close(student.bert.embeddings.position_embeddings.weight,
+                               projected.bert.embeddings.position_embeddings.weight)
+    again, _, _ = build_student(_recipe(source_dir, hidden_size=6, embeddings="distilled").student, NAMES, seed=0)
+    torch.testing.assert_close(again.bert.embeddings.word_embeddings.weight, ours, rtol=0, atol=0)
+
+
+def test_embeddings_from_the_teacher_read_the_fine_tuned_classifiers_encoder(tmp_path, tiny_tokenizer):
+    from transformers import BertForSequenceClassification
+
+    source_dir = _pretrained(tmp_path / "base", tiny_tokenizer, rank=6)
+    teacher_dir = _pretrained(tmp_path / "teacher", tiny_tokenizer, rank=6, classifier=True, seed=4)
+    teacher = {"model": f"hf:{teacher_dir}"}
+    for kind in ("distilled", "projected"):
+        recipe = build_recipe({"task": {"labels": list(NAMES)}, "teacher": teacher,
+                               "student": {"model": str(source_dir), "init": "scratch", "num_heads": 2,
+                                           "hidden_size": 6, "max_length": 32, "embeddings": kind,
+                                           "embeddings_from": "teacher"}})
+        student, _, _ = build_student(recipe.student, NAMES, seed=0, teacher=recipe.teacher)
+        bert = BertForSequenceClassification.from_pretrained(teacher_dir).bert
+        states = _word_states(bert, tiny_tokenizer) if kind == "distilled" else bert.embeddings.word_embeddings.weight
+        _assert_pca_of(student.bert.embeddings.word_embeddings.weight.detach(), states.detach(), 6,
+                       student.config.initializer_range)
+
+
+def test_embeddings_from_a_teacher_with_another_vocabulary_or_no_encoder_are_refused(
+    tmp_path, tiny_tokenizer, tiny_classifier_dir
+):
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    source_dir = _pretrained(tmp_path / "base", tiny_tokenizer, rank=6)
+    # same size, other words: the teacher's row i is not the student's word i
+    other = tmp_path / "other-vocab"
+    vocab = dict(tiny_tokenizer.get_vocab())
+    a, b = "refund", "password"
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    other.mkdir()
+    (other / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")
+    BertTokenizerFast(vocab_file=str(other / "vocab.txt"), do_lower_case=False).save_pretrained(other)
+    assert AutoTokenizer.from_pretrained(other).get_vocab() != tiny_tokenizer.get_vocab()
+    for f in tiny_classifier_dir.iterdir():
+        if f.suffix in (".json", ".safetensors") and "token" not in f.name and f.name != "special_tokens_map.json":
+            (other / f.name).write_bytes(f.read_bytes())
+    recipe = build_recipe({"task": {"labels": list(NAMES)}, "teacher": {"model": f"hf:{other}"},
+                           "student": {"model": str(source_dir), "init": "scratch", "num_heads": 2, "hidden_size": 6,
+                                       "embeddings": "distilled", "embeddings_from": "teacher"}})
+    with pytest.raises(ProtegeError, match=r"does not use student.model .*'s vocabulary.*embeddings_from: model"):
+        build_student(recipe.student, NAMES, seed=0, teacher=recipe.teacher)
+
+    with pytest.raises(RecipeError, match=r"embeddings_from teacher reads the word embeddings of a local encoder "
+                                          r"teacher.*Set student.embeddings_from: model"):
+        build_recipe({"task": {"labels": list(NAMES)}, "teacher": {"model": "openai:gpt-4o-mini"},
+                      "student": {"model": str(source_dir), "init": "scratch", "embeddings": "distilled",
+                                  "embeddings_from": "teacher"}})
+    with pytest.raises(RecipeError, match=r"student.embeddings_from names where .* Fix: remove it, or set "
+                                          r"student.embeddings: projected or distilled"):
+        build_recipe({"task": {"labels": list(NAMES)},
+                      "student": {"model": str(source_dir), "init": "scratch", "embeddings_from": "teacher"}})

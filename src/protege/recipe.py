@@ -553,11 +553,19 @@ class StudentConfig(_Section):
     num_layers: int = Field(2, gt=0, description="Scratch only: transformer layers.")
     num_heads: int = Field(2, gt=0, description="Scratch only: attention heads (must divide hidden_size).")
     intermediate_size: int | None = Field(None, gt=0, description="Scratch only: MLP width; default 4 × hidden.")
-    embeddings: Literal["random", "projected"] = Field(
+    embeddings: Literal["random", "projected", "distilled"] = Field(
         "random",
-        description="Scratch only: 'random' embeddings, or 'projected': student.model's pretrained word and "
+        description="Scratch only: 'random' embeddings; 'projected': student.model's pretrained word and "
         "position embeddings projected to hidden_size by PCA (its principal directions), so a small student starts "
-        "knowing which words are alike. Its vocabulary is the tokenizer's, so no word is lost.",
+        "knowing which words are alike; 'distilled': each word piece run alone through the pretrained encoder "
+        "(as Model2Vec does) and its output projected the same way, so each word starts with what the whole "
+        "encoder makes of it. Its vocabulary is the tokenizer's, so no word is lost.",
+    )
+    embeddings_from: Literal["model", "teacher"] = Field(
+        "model",
+        description="Where projected or distilled embeddings come from: 'model' (student.model) or 'teacher' (the "
+        "recipe's 'hf:' encoder teacher, a fine-tuned classifier whose outputs already know the task; it must use "
+        "student.model's vocabulary).",
     )
     pooling: Literal["cls", "mean"] = Field(
         "cls",
@@ -796,6 +804,12 @@ class Recipe(_Section):
                     f"classifier); teacher {self.teacher.model!r} has no layers to copy. Use student.init pretrained or "
                     "scratch"
                 )
+            if s.embeddings_from == "teacher" and backend != "hf":
+                raise ValueError(
+                    f"student.embeddings_from teacher reads the word embeddings of a local encoder teacher ('hf:'); "
+                    f"teacher {self.teacher.model!r} has none to read. Set student.embeddings_from: model (the "
+                    "student.model's), or an 'hf:' teacher"
+                )
             return self
         if backend in ("embed", "ensemble"):
             raise ValueError(
@@ -940,7 +954,8 @@ _CLASSIFICATION_ONLY = {
     ),
 }
 _SCRATCH_SIZES = (
-    "student.hidden_size", "student.num_layers", "student.num_heads", "student.intermediate_size", "student.embeddings"
+    "student.hidden_size", "student.num_layers", "student.num_heads", "student.intermediate_size", "student.embeddings",
+    "student.embeddings_from",
 )
 
 
@@ -1001,6 +1016,10 @@ def _refuse_unused(recipe: Recipe) -> None:
     if s.init != "teacher_layers":
         for k in _set_off_default(recipe, ("student.keep_layers", "student.layer_stride")):
             unused[k] = (_KEEP, "remove it, or set student.init: teacher_layers")
+    if s.init == "scratch" and s.embeddings == "random":
+        for k in _set_off_default(recipe, ("student.embeddings_from",)):
+            unused[k] = ("names where projected or distilled embeddings come from; random embeddings come from "
+                         "nowhere", "remove it, or set student.embeddings: projected or distilled")
     if s.init != "scratch":
         for k in _set_off_default(recipe, _SCRATCH_SIZES):
             unused.setdefault(k, ("shapes a student.init: scratch encoder; any other student has its model's own",

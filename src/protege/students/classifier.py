@@ -88,8 +88,9 @@ def build_student(
         model = (MeanPoolBertForSequenceClassification if cfg.pooling == "mean" else BertForSequenceClassification)(
             config
         )
-        if cfg.embeddings == "projected":
-            project_embeddings(model, source, cfg.model)
+        if cfg.embeddings != "random":
+            project_embeddings(model, source, cfg.model, distilled=cfg.embeddings == "distilled",
+                               teacher=teacher if cfg.embeddings_from == "teacher" else None, tokenizer=tokenizer)
     else:
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -114,50 +115,123 @@ def scratch_init_std(hidden_size: int) -> float:
     return hidden_size**-0.5
 
 
-def project_embeddings(model: Any, source: Any, name: str) -> dict[str, float]:
-    """Set a scratch BERT's word, position and token-type embeddings to the pretrained ones of ``source`` (the
-    model its tokenizer came from), projected onto their top ``hidden_size`` principal directions.
+def project_embeddings(model: Any, source: Any, name: str, *, distilled: bool = False,
+                       teacher: TeacherConfig | None = None, tokenizer: Any = None) -> dict[str, float]:
+    """Set a scratch BERT's word, position and token-type embeddings from a pretrained encoder's, projected onto
+    their top ``hidden_size`` principal directions. The encoder is ``source`` (the model the student's tokenizer
+    came from, named ``name``), or with ``teacher`` that 'hf:' encoder classifier, which must share the
+    ``tokenizer``'s vocabulary.
 
     With W the pretrained word embeddings (V x D) and mu their mean row, the top principal directions P (D x h)
     of W - mu give the student's words (W - mu) P, and positions and token types E P (their sum is what the
     encoder's first LayerNorm sees, so one linear map keeps their geometry together). Each is scaled by the same
     factor, so the words' standard deviation is the student config's ``initializer_range`` (the scale its other
-    weights start at). Returns the share of the words' variance the projection keeps."""
-    import torch
-    from transformers import AutoModel
+    weights start at).
 
-    try:
-        base = AutoModel.from_pretrained(source.name_or_path, dtype=torch.float32, **source.kwargs())
-    except (OSError, ValueError) as e:
-        raise ProtegeError(
-            f"student.embeddings projected reads the pretrained embeddings of student.model {name!r}, which cannot "
-            f"be loaded: {e}. Use student.embeddings random, or a student.model with weights"
-        ) from None
+    ``distilled`` takes the words from the whole encoder instead, as Model2Vec does: each word piece alone
+    between the tokenizer's start and end tokens goes through it, and the mean of its output states is that
+    word's row of W, projected the same way (positions and token types as above, through the input embeddings'
+    own map). A word then starts with what the encoder makes of it in context of nothing, which for a
+    fine-tuned teacher includes what it means for the task. Returns the share of the words' variance the
+    projection keeps."""
+    import torch
+
+    base = _embedding_source(source, name, teacher, tokenizer)
     emb, new = base.get_input_embeddings().weight.detach(), model.get_input_embeddings().weight
     h = new.shape[1]
     if emb.shape[0] != new.shape[0] or emb.shape[1] < h:
+        who = f"teacher {teacher.model!r}" if teacher is not None else f"student.model {name!r}"
         raise ProtegeError(
-            f"student.embeddings projected: student.model {name!r} has {emb.shape[0]} word embeddings of width "
+            f"student.embeddings projected: {who} has {emb.shape[0]} word embeddings of width "
             f"{emb.shape[1]}; the student needs {new.shape[0]} of width at most that (student.hidden_size {h})"
         )
-    mu = emb.mean(0, keepdim=True)
-    centred = emb - mu
-    with torch.random.fork_rng():  # pca_lowrank's random start: the same directions every run, and the
-        torch.manual_seed(0)  # caller's random state left as it was
-        _, s, v = torch.pca_lowrank(centred, q=min(h + 8, emb.shape[1]), center=False, niter=4)
-    proj = v[:, :h]
-    words = centred @ proj
-    scale = model.config.initializer_range / float(words.std())
+    proj, kept, centred = _principal(emb, h)
+    scale = model.config.initializer_range / float((centred @ proj).std())
+    if distilled:
+        where = teacher.model.split(":", 1)[1] if teacher is not None else str(source.name_or_path)
+        key = (where, _mtime(where), emb.shape[0])
+        if key not in _WORD_OUTPUTS:  # the hard-label twin and a sweep's students build the same table
+            _WORD_OUTPUTS.clear()
+            _WORD_OUTPUTS[key] = _word_outputs(base, tokenizer, emb.shape[0])
+        out = _WORD_OUTPUTS[key]
+        wproj, kept, wcentred = _principal(out, h)
+        words = wcentred @ wproj
+        words = words * (model.config.initializer_range / float(words.std()))
+    else:
+        words = centred @ proj * scale
     with torch.no_grad():
-        new.copy_(words * scale)
+        new.copy_(words)
         for attr in ("position_embeddings", "token_type_embeddings"):
             theirs = getattr(getattr(base, "embeddings", None), attr, None)
             ours = getattr(model.bert.embeddings, attr)
             if theirs is not None:
                 n = min(theirs.weight.shape[0], ours.weight.shape[0])
                 ours.weight[:n] = theirs.weight[:n].detach() @ proj * scale
-    kept = float((s[:h] ** 2).sum() / (centred**2).sum())
     return {"variance_kept": kept}
+
+
+_WORD_OUTPUTS: dict[tuple, Any] = {}  # the last encoder's per-word outputs: (where, its mtime, vocab) -> table
+
+
+def _mtime(where: str) -> float | None:
+    """When a local model directory last changed (a model fine-tuned again in the same process is read again);
+    None for a hub id."""
+    path = Path(where)
+    return max((f.stat().st_mtime for f in path.iterdir()), default=None) if path.is_dir() else None
+
+
+def _principal(x: Any, h: int) -> tuple[Any, float, Any]:
+    """(top ``h`` principal directions of the rows of ``x`` as a D x h matrix, the share of variance they keep,
+    x minus its mean row). pca_lowrank's random start is seeded, so the directions are the same every run and
+    the caller's random state is left as it was."""
+    import torch
+
+    centred = x - x.mean(0, keepdim=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        _, s, v = torch.pca_lowrank(centred, q=min(h + 8, x.shape[1]), center=False, niter=4)
+    return v[:, :h], float((s[:h] ** 2).sum() / (centred**2).sum()), centred
+
+
+def _embedding_source(source: Any, name: str, teacher: TeacherConfig | None, tokenizer: Any) -> Any:
+    """The pretrained encoder (a transformers base model, float32, eval mode) whose embeddings a scratch
+    student starts from: student.model's, or the 'hf:' teacher's when ``teacher`` is given."""
+    import torch
+    from transformers import AutoModel
+
+    if teacher is not None:
+        model, their_tok = load_teacher_classifier(teacher)
+        if tokenizer is not None and their_tok.get_vocab() != tokenizer.get_vocab():
+            raise ProtegeError(
+                f"student.embeddings_from teacher: teacher {teacher.model!r} does not use student.model {name!r}'s "
+                "vocabulary, so its word embeddings are not the student's words. Set student.model to the teacher's "
+                "tokenizer (its directory), or student.embeddings_from: model"
+            )
+        return model.base_model.eval()
+    try:
+        return AutoModel.from_pretrained(source.name_or_path, dtype=torch.float32, **source.kwargs()).eval()
+    except (OSError, ValueError) as e:
+        raise ProtegeError(
+            f"student.embeddings projected reads the pretrained embeddings of student.model {name!r}, which cannot "
+            f"be loaded: {e}. Use student.embeddings random, or a student.model with weights"
+        ) from None
+
+
+def _word_outputs(base: Any, tokenizer: Any, vocab: int, batch: int = 512) -> Any:
+    """(vocab x D) the mean output state of ``base`` over [start] word-piece [end], for every word piece id; a
+    tokenizer without start and end tokens gives the piece alone."""
+    import torch
+
+    ends = [t for t in (tokenizer.cls_token_id, tokenizer.sep_token_id) if t is not None]
+    rows = []
+    with torch.inference_mode():
+        for lo in range(0, vocab, batch):
+            ids = torch.arange(lo, min(lo + batch, vocab)).unsqueeze(1)
+            if len(ends) == 2:
+                ids = torch.cat([torch.full_like(ids, ends[0]), ids, torch.full_like(ids, ends[1])], 1)
+            out = base(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+            rows.append(out.mean(1).float())
+    return torch.cat(rows)
 
 
 # -- students cut from the teacher ---------------------------------------------------------------------------
