@@ -254,10 +254,14 @@ def label_through_shared(recipe, work: Path):
     from protege.pipeline import label
 
     shared = work / "shared.db"
+    derived = not shared.is_file() or not recipe.store_path.is_file()
     if shared.is_file() and not recipe.store_path.is_file():
         _copy_db(shared, recipe.store_path)
     stats = label(recipe, quiet=True)
-    _copy_db(recipe.store_path, shared)  # a superset of what was shared: this recipe's texts added
+    if derived:  # a superset of what was shared: this recipe's texts added
+        _copy_db(recipe.store_path, shared)
+    elif stats.called:  # a store of its own from an earlier run: copying it back could drop others' texts
+        print(f"[store] {recipe.store_path} predates {shared}; its {stats.called} new answers stay in it", flush=True)
     return stats
 
 

@@ -39,6 +39,7 @@ VARIANTS: dict[str, dict] = {
     "augment24": {"data.augment.per_text": 24},
     "select+tau4": {"training.select_fraction": 0.1, "training.temperature": 4.0},
     "pool": {"student.pooling": "mean"},
+    "distilled": {"student.embeddings": "distilled"},
     "train1000": {"@n_train": 1000},
     "train1000-aug8": {"@n_train": 1000, "data.augment.per_text": 8},
 }
