@@ -170,6 +170,8 @@ class Settings:
     tl_augment: bool = False
     tl_sweep: bool = False
     all_sweep: bool = False
+    embeddings: str = "projected"  # student.embeddings when the embed lever is on: projected or distilled
+    embeddings_from: str = "model"  # student.embeddings_from: model (MiniLM) or teacher (the fine-tuned one)
 
 
 def condition_levers(cond: str, st: Settings) -> dict[str, bool]:
@@ -202,7 +204,9 @@ def recipe_dict(ds: Dataset, cond: str, seed: int, st: Settings, work: Path, tea
             "max_length": st.max_length,
         }
         if levers["embed"]:
-            student["embeddings"] = "projected"
+            student["embeddings"] = st.embeddings
+            if st.embeddings_from != "model":
+                student["embeddings_from"] = st.embeddings_from
         if levers["pool"]:
             student["pooling"] = "mean"
     training: dict = {
@@ -468,6 +472,10 @@ def parse_args(ds: Dataset, argv: list[str] | None):
     p.add_argument("--tl-augment", action="store_true", help="teacher_layers with augmentation too")
     p.add_argument("--tl-sweep", action="store_true", help="teacher_layers with the alpha/tau sweep too")
     p.add_argument("--all-sweep", action="store_true", help="all with the alpha/tau sweep too (four students a run)")
+    p.add_argument("--embeddings", default="projected", choices=("projected", "distilled"),
+                   help="student.embeddings of the conditions with the embed lever")
+    p.add_argument("--embeddings-from", default="model", choices=("model", "teacher"),
+                   help="student.embeddings_from of the conditions with the embed lever")
     p.add_argument("--out", type=Path, default=None, help="work dir (default runs/<dataset>[-quick])")
     p.add_argument("--no-md", action="store_true", help="do not write BENCHMARKS.md")
     return p.parse_args(argv)
@@ -489,7 +497,7 @@ def main(ds: Dataset, argv: list[str] | None = None) -> int:
     st = Settings(epochs=args.epochs, per_text=args.per_text, temperature=args.temperature,
                   intermediate_size=args.intermediate_size, tl_epochs=args.tl_epochs, tl_augment=args.tl_augment,
                   tl_sweep=args.tl_sweep, all_sweep=args.all_sweep, eval_every=args.eval_every or None,
-                  patience=args.patience or None)
+                  patience=args.patience or None, embeddings=args.embeddings, embeddings_from=args.embeddings_from)
     if args.quick:
         ds.train, ds.eval = ds.train[:400], ds.eval[:200]
         seeds, single = seeds[:1], single[:1]

@@ -71,6 +71,7 @@ def run_one(ds, select: str, seed: int, max_rows: int, args, st: Settings, sst2:
 
     d = recipe_dict(ds, "+embed", seed, st, sst2, sst2 / "teacher", minilm)
     d["training"]["hard_label_baseline"] = False
+    d["student"]["pooling"] = args.pooling
     if args.select_fraction:  # checkpoint selection on a held-out slice of the labelled rows, once per epoch
         d["training"] |= {"select_fraction": args.select_fraction, "select_metric": "kl"}
     d["teacher"] |= {"select": select, "select_seed_rows": args.seed_rows, "select_round_rows": args.round_rows,
@@ -166,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="teacher.select_student_labels of the uncertainty runs: each round's student also trains on "
                    "the texts not sent to the teacher, labelled by a student trained on the teacher's answers")
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--temperature", type=float, default=4.0, help="training.temperature of every student")
+    p.add_argument("--pooling", default="cls", choices=("cls", "mean"), help="student.pooling")
+    p.add_argument("--embeddings", default="projected", choices=("projected", "distilled"), help="student.embeddings")
+    p.add_argument("--embeddings-from", default="model", choices=("model", "teacher"), help="student.embeddings_from")
     p.add_argument("--select-fraction", type=float, default=0.0,
                    help="training.select_fraction of every round's student (checkpoint picked once per epoch)")
     p.add_argument("--out", default=None, help="work dir under runs/ (default sst2-active)")
@@ -179,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ds = dataset()
     sst2 = REPO / "runs" / "sst2"
     work = REPO / "runs" / ((args.out or "sst2-active") + ("-quick" if args.quick else ""))
-    st = Settings(epochs=args.epochs)
+    st = Settings(epochs=args.epochs, temperature=args.temperature, embeddings=args.embeddings,
+                  embeddings_from=args.embeddings_from)
     if args.quick:
         ds.train, ds.eval = ds.train[:400], ds.eval[:200]
         args.seed_rows, args.round_rows, st.epochs = 50, 50, 2
@@ -300,7 +306,7 @@ whether or not this machine had it cached. Dollars: the teacher is a local model
 prices it, at its recorded compute time per call (the store's seconds when sst2.py labelled the texts) times
 eval.compute_usd_per_hour $0.10; an API teacher's dollars would be its per-call price times the same call counts.
 Student: sst2.py's `+embed` student (scratch BERT from the MiniLM tokenizer, hidden {st.hidden_size}, {st.layers}
-layer, embeddings projected from MiniLM; alpha {st.alpha:g}, temperature {st.temperature:g}, lr {st.lr:g}, batch
+layer, embeddings {st.embeddings} from {'MiniLM' if st.embeddings_from == 'model' else 'the fine-tuned teacher'}, {'mean' if args.pooling == 'mean' else '[CLS]'} pooling; alpha {st.alpha:g}, temperature {st.temperature:g}, lr {st.lr:g}, batch
 {st.batch_size}, {st.epochs} epochs, weights started at 1/sqrt(hidden), gradient clipped at norm 1{f", training.select_fraction {args.select_fraction:g}: the checkpoint of the epoch that agrees best with the teacher (KL) on that share of the labelled rows, held out of training" if args.select_fraction else ", last step kept"}), trained on the teacher's labels only. Rounds: a random seed slice of
 {args.seed_rows}, then {args.round_rows} per round; uncertainty {picks(args, first['metric'])}; random takes the
 next texts of the same seeded random order.{STUDENT_LABELS if args.student_labels else ""} A student is trained after every round and scored on the {len(ds.eval)} dev
