@@ -27,8 +27,12 @@ s0 at 5,500 texts, uncertainty s0 at 2,500) and five others of 500 to 1,000 text
 first three epochs of five; clipping alone, at 0.02, did not free uncertainty s0's 2,500.
 
 uncertainty: a random seed slice, then rounds of the texts the last student is least sure of (margin, spread by
-k-means++ over its pooled hidden states) up to half the training texts (3,460). random: the same rounds drawn at
-random, up to half, then on to all 6,920 (its curve beyond half replays the first rounds from the store).
+k-means++ over its pooled hidden states) up to half the training texts (3,460), or to --budget. random: the same
+rounds drawn at random, up to half, then on to all 6,920 (its curve beyond half replays the first rounds from the
+store); with --random-at-budget only two students, on the budget's first texts of the seeded order and on all.
+
+The goal is judged at half the texts, or at --budget when the budget was fixed before the run (a budget read off an
+earlier run's curve is checked on seeds that run did not use).
 """
 
 from __future__ import annotations
@@ -64,8 +68,10 @@ STUDENT_LABELS = (" Uncertainty's students (teacher.select_student_labels) also 
                   "alone (with all the texts there are none left to label).")
 
 
-def run_one(ds, select: str, seed: int, max_rows: int, args, st: Settings, sst2: Path, work: Path, minilm: str) -> dict:
-    """One teacher.select run to max_rows (labels through a copy of the shared store); returns selection.json."""
+def run_one(ds, select: str, seed: int, max_rows: int, args, st: Settings, sst2: Path, work: Path, minilm: str,
+            rounds: tuple[int, int] | None = None) -> dict:
+    """One teacher.select run to max_rows (labels through a copy of the shared store); returns selection.json.
+    rounds: (seed rows, round rows) instead of --seed-rows and --round-rows."""
     import protege
     from protege.active import label_selected
 
@@ -74,12 +80,13 @@ def run_one(ds, select: str, seed: int, max_rows: int, args, st: Settings, sst2:
     d["student"]["pooling"] = args.pooling
     if args.select_fraction:  # checkpoint selection on a held-out slice of the labelled rows, once per epoch
         d["training"] |= {"select_fraction": args.select_fraction, "select_metric": "kl"}
-    d["teacher"] |= {"select": select, "select_seed_rows": args.seed_rows, "select_round_rows": args.round_rows,
+    seed_rows, round_rows = rounds or (args.seed_rows, args.round_rows)
+    d["teacher"] |= {"select": select, "select_seed_rows": seed_rows, "select_round_rows": round_rows,
                      "select_max_rows": max_rows}
     if select == "uncertainty":
         d["teacher"] |= {"select_metric": args.metric, "select_random_share": args.random_share,
                          "select_diversity": not args.no_diversity, "select_student_labels": args.student_labels}
-    out = work / f"{select}-s{seed}"
+    out = work / (f"{select}-s{seed}" + (f"-{seed_rows}+{round_rows}" if rounds else ""))
     d["output_dir"] = str(out)
     recipe = protege.Recipe.model_validate(d)
     shared = sst2 / "shared.db"
@@ -176,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="work dir under runs/ (default sst2-active)")
     p.add_argument("--section", default=SECTION, help="BENCHMARKS.md heading")
     p.add_argument("--no-full-random", action="store_true", help="random only to half the texts (not on to all)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="teacher calls at which the goal is judged, set before the run (at most half; default half): "
+                   "uncertainty's rounds stop there")
+    p.add_argument("--random-at-budget", action="store_true",
+                   help="random trains two students only, at --budget and with all the texts (the same seeded "
+                   "order; no curve), instead of a student every round")
     p.add_argument("--quick", action="store_true", help="400 texts, rounds of 50, one seed, 2 epochs; no BENCHMARKS.md")
     p.add_argument("--no-md", action="store_true")
     p.add_argument("--note", action="append", default=[], help="a line for the section's notes")
@@ -205,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     teacher = fine_tune_teacher(ds, minilm, sst2 / "teacher", epochs=2, max_length=st.max_length)
     n_all = len(ds.train)
     half = n_all // 2
+    budget = args.budget or half
+    if not 0 < budget <= half:
+        raise SystemExit(f"--budget must be between 1 and half the training texts ({half:,}); got {budget:,}")
+    if args.random_at_budget and args.no_full_random:
+        raise SystemExit("--random-at-budget trains random with all the texts; drop --no-full-random")
     import torch
 
     print(f"SST-2: {n_all} train, {len(ds.eval)} dev; half = {half}; torch {torch.get_num_threads()} thread(s)",
@@ -213,11 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     secs: dict[str, float] = {}
     results = []
     for seed in seeds:
-        u = run_one(ds, "uncertainty", seed, half, args, st, sst2, work, minilm)
-        r_half = run_one(ds, "random", seed, half, args, st, sst2, work, minilm)
+        u = run_one(ds, "uncertainty", seed, budget, args, st, sst2, work, minilm)
+        if args.random_at_budget:  # the budget's texts as the seed slice, then all the others as one round
+            r_half = run_one(ds, "random", seed, n_all, args, st, sst2, work, minilm, (budget, n_all - budget))
+        else:
+            r_half = run_one(ds, "random", seed, half, args, st, sst2, work, minilm)
         r = curve(r_half)
         secs[f"uncertainty s{seed}"], secs[f"random s{seed}"] = u["seconds"], r_half["seconds"]
-        if not args.no_full_random:
+        if not args.no_full_random and not args.random_at_budget:
             r_all = run_one(ds, "random", seed, n_all, args, st, sst2, work, minilm)
             r |= curve(r_all)
             secs[f"random s{seed}"] += r_all["seconds"]
@@ -246,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     goal_lines = []
     r_all = [c[n_all]["acc"] for c in curves["random"] if n_all in c]
-    u_half = [c[half]["acc"] for c in curves["uncertainty"] if half in c]
+    u_half = [c[budget]["acc"] for c in curves["uncertainty"] if budget in c]
     if len(r_all) == len(seeds) and len(u_half) == len(seeds):
         diffs = [u - r for u, r in zip(u_half, r_all)]
         m = statistics.fmean(diffs)
@@ -256,12 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         sound = [d for d, u, r in zip(diffs, u_half, r_all) if min(u, r) >= 0.6]
         met = bool(sound) and statistics.fmean(sound) >= 0
         goal_lines.append(
-            f"- Goal (uncertainty with at most half the teacher calls, {half:,}, reaches random's quality with all "
-            f"{n_all:,}): uncertainty at {half:,} {ms(u_half)}% vs random at {n_all:,} {ms(r_all)}% dev accuracy; "
+            f"- Goal (uncertainty with at most half the teacher calls, judged at {budget:,}"
+            f"{', set before the run' if args.budget else ''}, reaches random's quality with all "
+            f"{n_all:,}): uncertainty at {budget:,} {ms(u_half)}% vs random at {n_all:,} {ms(r_all)}% dev accuracy; "
             f"paired difference {100 * m:+.1f} points (std over seeds {100 * sd:.1f}); over the {len(sound)} seeds "
             f"where neither student collapsed {100 * statistics.fmean(sound) if sound else float('nan'):+.1f} "
             f"-> {'met' if met else 'NOT met'} (the dev set's sampling error is about 1.4 points). Per seed "
-            f"(uncertainty at {half:,} / random at {n_all:,}): "
+            f"(uncertainty at {budget:,} / random at {n_all:,}): "
             + "; ".join(f"s{s} {100 * u:.1f} / {100 * r:.1f} ({100 * (u - r):+.1f})"
                         for s, u, r in zip(seeds, u_half, r_all)))
         smallest = None
@@ -297,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     date = subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()
     per_run = "; ".join(f"{k} {v:.0f}s" for k, v in secs.items())
     first = results[0]["uncertainty"]
+    random_rounds = (f"random trains two students, on the first {budget:,} texts of the same seeded random order "
+                     f"and on all {n_all:,}." if args.random_at_budget else
+                     "random takes the next texts of the same seeded random order.")
     section = f"""{args.section}
 
 teacher.select: uncertainty against random on the same number of teacher labels, SST-2 (issue 13.4). Teacher:
@@ -308,9 +333,8 @@ eval.compute_usd_per_hour $0.10; an API teacher's dollars would be its per-call 
 Student: sst2.py's `+embed` student (scratch BERT from the MiniLM tokenizer, hidden {st.hidden_size}, {st.layers}
 layer, embeddings {st.embeddings} from {'MiniLM' if st.embeddings_from == 'model' else 'the fine-tuned teacher'}, {'mean' if args.pooling == 'mean' else '[CLS]'} pooling; alpha {st.alpha:g}, temperature {st.temperature:g}, lr {st.lr:g}, batch
 {st.batch_size}, {st.epochs} epochs, weights started at 1/sqrt(hidden), gradient clipped at norm 1{f", training.select_fraction {args.select_fraction:g}: the checkpoint of the epoch that agrees best with the teacher (KL) on that share of the labelled rows, held out of training" if args.select_fraction else ", last step kept"}), trained on the teacher's labels only. Rounds: a random seed slice of
-{args.seed_rows}, then {args.round_rows} per round; uncertainty {picks(args, first['metric'])}; random takes the
-next texts of the same seeded random order.{STUDENT_LABELS if args.student_labels else ""} A student is trained after every round and scored on the {len(ds.eval)} dev
-sentences (gold); quality kept = its accuracy / the teacher's. Three seeds (training.seed: seed slice, order,
+{args.seed_rows}, then {args.round_rows} per round, to {budget:,}; uncertainty {picks(args, first['metric'])}; {random_rounds}{STUDENT_LABELS if args.student_labels else ""} A student is trained after every round and scored on the {len(ds.eval)} dev
+sentences (gold); quality kept = its accuracy / the teacher's. {len(seeds)} seeds (training.seed: seed slice, order,
 initialisation); mean ± standard deviation over seeds (the dev set's own sampling error is about
 {100 * math.sqrt(0.16 / len(ds.eval)):.1f} points at 80%).
 
