@@ -82,23 +82,30 @@ def loss_check(out: Path) -> dict:
     if p.returncode or not (out / "kd_loss_cuda.json").is_file():
         return {"error": f"kd_loss.py --cuda exited {p.returncode}", "tail": (p.stdout + p.stderr)[-2000:]}
     rows = json.loads((out / "kd_loss_cuda.json").read_text())
-    verdicts = []
+    return {"seconds": time.perf_counter() - t, "rows": rows, "verdicts": verdicts(rows)}
+
+
+def verdicts(rows: list[dict]) -> list[dict]:
+    """Per size: protege's fastest chunk size, and whether some chunk size is at or under Liger's chunked loss in
+    time and memory both (the fastest often holds more memory than a smaller chunk), and within 2x of the floor."""
+    out = []
     for n, hs, ht, v in sorted({(r["N"], r["Hs"], r["Ht"], r["V"]) for r in rows}):
         cell = {r["name"]: r for r in rows if (r["N"], r["Hs"], r["Ht"], r["V"]) == (n, hs, ht, v) and "ms" in r}
         ours = [r for name, r in cell.items() if name.startswith("protege_chunked")]
         if not ours:
-            verdicts.append({"N": n, "Hs": hs, "Ht": ht, "V": v, "verdict": "no protege_chunked result"})
+            out.append({"N": n, "Hs": hs, "Ht": ht, "V": v, "verdict": "no protege_chunked result"})
             continue
         best = min(ours, key=lambda r: r["ms"])
         d = {"N": n, "Hs": hs, "Ht": ht, "V": v, "protege": best["name"], "ms": best["ms"],
              "GiB": best["extra_peak_GiB"], "x_floor": best["ms"] / best["floor_ms"]}
         if "liger_chunk" in cell:
             lig = cell["liger_chunk"]
+            under = [r["name"] for r in ours if r["ms"] <= lig["ms"] and r["extra_peak_GiB"] <= lig["extra_peak_GiB"]]
             d |= {"liger_chunk_ms": lig["ms"], "liger_chunk_GiB": lig["extra_peak_GiB"],
-                  "at_or_under_liger": best["ms"] <= lig["ms"] and best["extra_peak_GiB"] <= lig["extra_peak_GiB"]}
+                  "at_or_under_liger": bool(under), "at_or_under_liger_with": under}
         d["within_2x_floor"] = d["x_floor"] <= 2.0
-        verdicts.append(d)
-    return {"seconds": time.perf_counter() - t, "rows": rows, "verdicts": verdicts}
+        out.append(d)
+    return out
 
 
 # -- 2. on-policy on CUDA ------------------------------------------------------------------------------------
@@ -166,9 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--skip-loss", action="store_true")
+    p.add_argument("--verdicts", metavar="KD_LOSS_CUDA_JSON", help="judge a finished run's rows again and exit")
     args = p.parse_args(argv)
     if args.prepare:
         prepare(args.liger)
+        return 0
+    if args.verdicts:
+        print(json.dumps(verdicts(json.loads(Path(args.verdicts).read_text())), indent=1))
         return 0
     out = Path(os.environ.get("OUT") or REPO / "runs" / "gpu_check")
     out.mkdir(parents=True, exist_ok=True)

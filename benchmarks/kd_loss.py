@@ -10,6 +10,8 @@ gradients, teacher hidden (N, Ht) and head (V, Ht) without.
 
   plain    lm_distillation_loss(hs @ ws.T, ht @ wt.T, ...): all N x V logits materialized, autograd backward
   chunked  chunked_lm_distillation_loss(hs, ws, ht, wt, ...): chunk_size tokens at a time, gradients in forward
+           (on CUDA the chunk's arithmetic between the matmuls goes through torch.compile, its default there;
+           --cuda also times it eager, `protege_eager_1024`, the path the CPU takes)
 
 CPU mode runs each (size, dtype, variant) in a fresh subprocess and reports the median of 2-3 timed runs
 after one warm-up, and peak memory as the growth of the process's peak RSS (ru_maxrss) from the moment the
@@ -66,14 +68,17 @@ def make_loss(variant: str, chunk_size: int):
         total, count, _ = lm_distillation_loss(hs @ ws.T, zt, y, alpha=1.0, temperature=TAU)
         return total / count
 
-    def chunked(hs, ws, ht, wt):
+    def chunked(hs, ws, ht, wt, compile=None):
         y = torch.zeros(hs.shape[0], dtype=torch.long, device=hs.device)
         total, count, _ = chunked_lm_distillation_loss(
-            hs, ws, ht, wt, y, alpha=1.0, temperature=TAU, chunk_size=chunk_size
+            hs, ws, ht, wt, y, alpha=1.0, temperature=TAU, chunk_size=chunk_size, compile=compile
         )
         return total / count
 
-    return {"plain": plain, "chunked": chunked}[variant]
+    def chunked_eager(hs, ws, ht, wt):
+        return chunked(hs, ws, ht, wt, compile=False)
+
+    return {"plain": plain, "chunked": chunked, "chunked_eager": chunked_eager}[variant]
 
 
 # -- CPU -----------------------------------------------------------------------------------------------------
@@ -202,6 +207,7 @@ def cuda_main(args) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("--cuda needs a CUDA GPU; on a CPU machine run without --cuda")
     variants = {f"protege_chunked_{c}": make_loss("chunked", c) for c in args.cuda_chunks}
+    variants["protege_eager_1024"] = make_loss("chunked_eager", 1024)
     variants["protege_plain"] = make_loss("plain", 0)
     anchor = Path(args.anchor) if args.anchor else (ANCHOR if ANCHOR.exists() else None)
     if anchor is not None:
@@ -237,7 +243,7 @@ def main() -> None:
     ap.add_argument("--cuda", action="store_true",
                     help="GPU protocol of kd_loss_anchor.py (needs CUDA; cannot run on the CPU-only machine)")
     ap.add_argument("--anchor", help=f"kd_loss_anchor.py to run beside ours in --cuda mode (default {ANCHOR})")
-    ap.add_argument("--cuda-chunks", type=int, nargs="+", default=[1024, 4096], help="chunk sizes for --cuda")
+    ap.add_argument("--cuda-chunks", type=int, nargs="+", default=[1024, 2048, 4096], help="chunk sizes for --cuda")
     ap.add_argument("--chunk-size", type=int, default=256, help="chunk size in CPU mode (default 256)")
     ap.add_argument("--reps", type=int, help="timed runs per variant in CPU mode, after one warm-up (default: per size)")
     ap.add_argument("--quick", action="store_true", help="CPU mode, first size only")

@@ -347,6 +347,48 @@ def test_chunked_equals_plain_bf16(divergence):
         _close(g_c[k], g[k], 1e-2)
 
 
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 1.0)])
+@pytest.mark.parametrize("alpha,dtype", [(0.0, torch.float32), (0.7, torch.float32), (1.0, torch.float32),
+                                         (0.7, torch.bfloat16)])
+def test_chunked_fused_path_equals_plain(monkeypatch, divergence, beta, alpha, dtype):
+    """The path CUDA takes (the chunk's arithmetic as one function for torch.compile), run eagerly here: the same
+    values and gradients as the materialized loss, masked rows, -100 targets, a padded teacher head and a bias."""
+    from protege.training import losses
+
+    monkeypatch.setattr(losses, "_compiled_chunk_terms", lambda: losses._chunk_terms)
+    x, y, mask = _heads(dtype=dtype, seed=5)
+    x["student_hidden"].data[0] = float("nan")  # a masked row's garbage must not leak through the fused path
+    kw = {"alpha": alpha, "temperature": 2.0, "divergence": divergence, "beta": beta}
+    clean = dict(x, student_hidden=x["student_hidden"].detach().nan_to_num(0.0).requires_grad_(True))
+    loss, n, parts = _plain(clean, y, mask, **kw)
+    g = _grads(clean, loss)
+    loss_c, n_c, parts_c = chunked_lm_distillation_loss(**x, targets=y, mask=mask, chunk_size=8, compile=True, **kw)
+    g_c = _grads(x, loss_c)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert n_c.item() == n.item() == 25
+    for got, want in [(loss_c, loss), (parts_c["ce"], parts["ce"]), (parts_c["kd"], parts["kd"])]:
+        assert got.item() == pytest.approx(want.item(), rel=tol, abs=tol)
+    for k in g:
+        assert g_c[k].dtype == dtype
+        _close(g_c[k].float(), g[k].float(), tol)
+
+
+def test_chunked_compiled_equals_eager():
+    """torch.compile of the chunk's arithmetic (Inductor's C++ backend here, Triton on CUDA) against the eager
+    in-place path: chunks of 8 over 29 rows (a last chunk of 5: a second compile with a symbolic row count), then
+    another token count that must not need a third."""
+    x, y, mask = _heads(seed=6)
+    kw = {"alpha": 0.6, "temperature": 2.0, "divergence": "jsd", "beta": 0.3, "chunk_size": 8}
+    for n in (29, 21):
+        xs = dict(x, student_hidden=x["student_hidden"][:n], teacher_hidden=x["teacher_hidden"][:n])
+        eager, _, _ = chunked_lm_distillation_loss(**xs, targets=y[:n], mask=mask[:n], compile=False, **kw)
+        fused, _, _ = chunked_lm_distillation_loss(**xs, targets=y[:n], mask=mask[:n], compile=True, **kw)
+        assert fused.item() == pytest.approx(eager.item(), rel=1e-5)
+        g_e, g_f = _grads(x, eager), _grads(x, fused)
+        for k in g_e:
+            _close(g_f[k], g_e[k], 1e-5)
+
+
 def test_chunked_all_masked_and_no_teacher_grad():
     x, y, _ = _heads()
     x["teacher_weight"].requires_grad_(True)
@@ -388,6 +430,16 @@ def test_gradient_accumulation_normalizes_once():
                           y[h], mask[h], **kw)[:2] for h in halves]
     plain = sum(s for s, _ in plain_parts) / sum(c for _, c in plain_parts)
     assert plain.item() == pytest.approx((full / n_full).item(), rel=1e-5)
+
+
+def test_chunked_refuses_a_second_backward():
+    """Its gradients are scaled in place by the first backward; a second one (retain_graph) would scale them again,
+    so it is refused rather than silently wrong."""
+    x, y, mask = _heads(seed=7)
+    loss, _, _ = chunked_lm_distillation_loss(**x, targets=y, mask=mask, alpha=0.5, temperature=2.0)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass per forward"):
+        loss.backward()
 
 
 def test_chunked_scales_by_grad_output():

@@ -418,12 +418,77 @@ def _chunk_loss_and_grad(
     return ce_sum, kd_sum, grad.masked_fill_(~valid[:, None], 0.0)
 
 
+def _chunk_terms(
+    z: torch.Tensor,
+    zt: torch.Tensor,
+    y: torch.Tensor,
+    valid: torch.Tensor,
+    alpha: float,
+    tau: float,
+    divergence: str,
+    beta: float,
+    need_grad: bool,
+    need_colsum: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`_chunk_loss_and_grad` written without in-place ops, from the raw student and teacher logits (c, V)
+    in the model's dtype, for torch.compile: Inductor fuses the upcast, both log-softmaxes, the divergence, its
+    gradient and the downcast into a few passes over the chunk, where eager PyTorch makes about twenty (on a GPU
+    those passes, not the matmuls, set the time). Returns CE sum, tau^2-scaled divergence sum, d loss / d z in
+    out_dtype (None without need_grad) and its column sums in fp32 for a bias (None without need_colsum)."""
+    z, zt = z.float(), zt.float()
+    y0 = y.masked_fill(~valid, 0)[:, None]
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    ce_rows = (lse - z.gather(1, y0)).squeeze(1)
+    log_q = F.log_softmax(z / tau, dim=-1)
+    log_p = F.log_softmax(zt / tau, dim=-1)
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
+        p = log_p.exp()
+        rows = torch.where(p == 0, 0.0, p * (log_p - log_q)).sum(-1)
+        g = log_q.exp() - p
+    elif divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        q = log_q.exp()
+        a = torch.where(q == 0, 0.0, log_q - log_p.clamp_min(_LOG_FLOOR))
+        rows = (q * a).sum(-1)
+        g = q * (a - rows[:, None])
+    else:
+        log_m = torch.logaddexp(log_p.clamp_min(_NEG) + math.log(beta), log_q.clamp_min(_NEG) + math.log1p(-beta))
+        p, q = log_p.exp(), log_q.exp()
+        kl_p = torch.where(p == 0, 0.0, p * (log_p - log_m)).sum(-1)
+        gq = torch.where(q == 0, 0.0, log_q - log_m)
+        kl_q = (q * gq).sum(-1)
+        rows = beta * kl_p + (1.0 - beta) * kl_q
+        g = q * (gq - kl_q[:, None]) * (1.0 - beta)
+    ce_sum = ce_rows.masked_fill(~valid, 0.0).sum()
+    kd_sum = tau**2 * rows.masked_fill(~valid, 0.0).sum()
+    if not need_grad:
+        return ce_sum, kd_sum, None, None
+    grad = g * (alpha * tau)
+    if alpha != 1.0:
+        onehot = torch.zeros_like(z).scatter_(1, y0, 1.0)
+        grad = grad + (1.0 - alpha) * ((z - lse).exp() - onehot)
+    grad = grad.masked_fill(~valid[:, None], 0.0)
+    return ce_sum, kd_sum, grad.to(out_dtype), grad.sum(0) if need_colsum else None
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_chunk_terms():
+    """torch.compile(_chunk_terms), built once per process. Inductor compiles once per alpha / tau / divergence
+    (constants), and a second time when a chunk of another row count comes (the last one), then with the row
+    count symbolic, so the varying token counts of a training's batches do not recompile."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_chunk_terms)
+    return _COMPILED["fn"]
+
+
 class _ChunkedLMDistillation(torch.autograd.Function):
     """Forward computes the loss and all student gradients chunk by chunk; backward only scales them."""
 
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, y, valid, opts):
-        alpha, tau, divergence, beta, chunk_size, need = opts
+        alpha, tau, divergence, beta, chunk_size, need, fuse = opts
         n_cols = min(s_weight.shape[0], t_weight.shape[0])  # extra columns on either side are padding
         ws, wt = s_weight[:n_cols], t_weight[:n_cols]  # row slices: views, no copy
         bs = s_bias[:n_cols] if s_bias is not None else None
@@ -438,19 +503,27 @@ class _ChunkedLMDistillation(torch.autograd.Function):
         for start in range(0, s_hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             h = s_hidden[rows]  # (c, Hs)
-            z = (h @ ws.T if bs is None else torch.addmm(bs, h, ws.T)).float()  # (c, V)
-            zt = (t_hidden[rows] @ wt.T if bt is None else torch.addmm(bt, t_hidden[rows], wt.T)).float()
-            log_p = F.log_softmax(zt.div_(tau), dim=-1)  # (c, V)
-            del zt
-            ce, kd, g = _chunk_loss_and_grad(z, log_p, y[rows], valid[rows], alpha, tau, divergence, beta, any(need))
-            del z, log_p  # the chunk's buffers go before the gradient matmuls allocate theirs
+            z = h @ ws.T if bs is None else torch.addmm(bs, h, ws.T)  # (c, V), the model's dtype
+            zt = t_hidden[rows] @ wt.T if bt is None else torch.addmm(bt, t_hidden[rows], wt.T)
+            if fuse is not None:
+                ce, kd, g_lp, g_sum = fuse(z, zt, y[rows], valid[rows], alpha, tau, divergence, beta, any(need),
+                                           need_b, s_hidden.dtype)
+                del z, zt
+            else:
+                log_p = F.log_softmax(zt.float().div_(tau), dim=-1)  # (c, V)
+                del zt
+                ce, kd, g = _chunk_loss_and_grad(z.float(), log_p, y[rows], valid[rows], alpha, tau, divergence, beta,
+                                                 any(need))
+                del z, log_p  # the chunk's buffers go before the gradient matmuls allocate theirs
+                g_sum = g.sum(0) if g is not None and need_b else None
+                g_lp = g.to(s_hidden.dtype) if g is not None else None  # matmuls in the model's dtype, as autograd
+                del g
             ce_sum += ce
             kd_sum += kd
-            if g is None:
+            if g_lp is None:
                 continue
             if need_b:
-                grad_b[:n_cols] += g.sum(0)
-            g_lp = g.to(s_hidden.dtype)  # matmuls in the model's dtype, as autograd would do them
+                grad_b[:n_cols] += g_sum
             if need_h:
                 grad_h[rows] = g_lp @ ws  # (c, Hs)
             if need_w:
@@ -459,19 +532,25 @@ class _ChunkedLMDistillation(torch.autograd.Function):
                 grad_w[:n_cols] += g_lp.T @ h  # (V, Hs)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (s_weight.dtype, s_bias.dtype if s_bias is not None else None)
+        ctx.scaled = False
         ctx.mark_non_differentiable(ce_sum, kd_sum)
         return (1.0 - alpha) * ce_sum + alpha * kd_sum, ce_sum, kd_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        if ctx.scaled:
+            raise RuntimeError("chunked_lm_distillation_loss takes one backward pass per forward: its gradients are "
+                               "computed in the forward pass and scaled in place by the first backward")
+        ctx.scaled = True
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
+        # in place: a scaled copy of the fp32 weight gradient (V x Hs) would be the step's peak allocation
         if grad_h is not None:
-            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
         if grad_w is not None:
-            grad_w = (grad_w * grad_loss).to(w_dtype)
+            grad_w = grad_w.mul_(grad_loss).to(w_dtype)
         if grad_b is not None:
-            grad_b = (grad_b * grad_loss).to(b_dtype)
+            grad_b = grad_b.mul_(grad_loss).to(b_dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
@@ -490,6 +569,7 @@ def chunked_lm_distillation_loss(
     chunk_size: int = 1024,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    compile: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`lm_distillation_loss` over the LM heads, without ever holding all N x V logits.
 
@@ -502,6 +582,10 @@ def chunked_lm_distillation_loss(
     the running gradient of the student's weight and bias. Only those gradients are kept (N x Hs, and V x Hs /
     V in fp32), and backward scales them by the incoming gradient. Peak memory beyond them is a few
     chunk_size x V fp32 buffers. The teacher gets no gradient; neither do targets or mask.
+
+    compile: the per-chunk arithmetic between the matmuls through torch.compile (fused into a few passes;
+    the first call of each chunk shape compiles) or eager, in place. None (default): compiled on a CUDA device,
+    where those passes cost more than the matmuls, eager elsewhere.
 
     Shapes: student_hidden (N, Hs); student_weight (V, Hs); teacher_hidden (N, Ht); teacher_weight (V', Ht);
     biases (V,), (V',) or None; targets (N,) with -100 = ignore; mask (N,) or None ((B, T, ...) is flattened).
@@ -529,7 +613,9 @@ def chunked_lm_distillation_loss(
         grad_on and student_weight.requires_grad,
         grad_on and student_bias is not None and student_bias.requires_grad,
     )
-    opts = (alpha, temperature, divergence, beta, chunk_size, need)
+    if compile is None:
+        compile = hs.is_cuda
+    opts = (alpha, temperature, divergence, beta, chunk_size, need, _compiled_chunk_terms() if compile else None)
     loss, ce_sum, kd_sum = _ChunkedLMDistillation.apply(
         hs, student_weight, student_bias, ht, teacher_weight.detach(),
         teacher_bias.detach() if teacher_bias is not None else None, y, valid, opts,
