@@ -91,8 +91,10 @@ def test_a_student_wider_than_its_pretrained_embeddings_or_a_model_without_weigh
     tmp_path, tiny_tokenizer
 ):
     source_dir = _pretrained(tmp_path / "base", tiny_tokenizer, width=8, rank=4)
-    with pytest.raises(ProtegeError, match=r"width 8; the student needs .* of width at most that \(student.hidden_size 16\)"):
-        build_student(_recipe(source_dir, hidden_size=16, embeddings="projected").student, NAMES, seed=0)
+    for kind in ("projected", "distilled"):  # the message names the kind asked for
+        with pytest.raises(ProtegeError, match=rf"student.embeddings {kind}: .*width 8; the student needs .* of "
+                                               r"width at most that \(student.hidden_size 16\)"):
+            build_student(_recipe(source_dir, hidden_size=16, embeddings=kind).student, NAMES, seed=0)
     tok_only = tmp_path / "tokenizer-only"
     tiny_tokenizer.save_pretrained(tok_only)
     with pytest.raises(ProtegeError, match=r"cannot be loaded: .*Use student.embeddings random"):

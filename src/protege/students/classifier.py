@@ -136,14 +136,18 @@ def project_embeddings(model: Any, source: Any, name: str, *, distilled: bool = 
     projection keeps."""
     import torch
 
+    if distilled and tokenizer is None:
+        raise ValueError("project_embeddings(distilled=True) needs the student's tokenizer: each word piece goes "
+                         "through the encoder between its start and end tokens")
     base = _embedding_source(source, name, teacher, tokenizer)
     emb, new = base.get_input_embeddings().weight.detach(), model.get_input_embeddings().weight
     h = new.shape[1]
     if emb.shape[0] != new.shape[0] or emb.shape[1] < h:
         who = f"teacher {teacher.model!r}" if teacher is not None else f"student.model {name!r}"
         raise ProtegeError(
-            f"student.embeddings projected: {who} has {emb.shape[0]} word embeddings of width "
-            f"{emb.shape[1]}; the student needs {new.shape[0]} of width at most that (student.hidden_size {h})"
+            f"student.embeddings {'distilled' if distilled else 'projected'}: {who} has {emb.shape[0]} word "
+            f"embeddings of width {emb.shape[1]}; the student needs {new.shape[0]} of width at most that "
+            f"(student.hidden_size {h})"
         )
     proj, kept, centred = _principal(emb, h)
     scale = model.config.initializer_range / float((centred @ proj).std())
