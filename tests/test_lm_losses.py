@@ -389,6 +389,30 @@ def test_chunked_compiled_equals_eager():
             _close(g_f[k], g_e[k], 1e-5)
 
 
+def test_chunked_falls_back_to_eager_once_compiling_fails(monkeypatch, caplog):
+    """A machine where torch.compile cannot build (no working Triton, say): one warning naming why, then the eager
+    path for the rest of the process, with the same values; the failing function is not tried again."""
+    from protege.training import losses
+
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("Cannot find a working triton installation")
+
+    monkeypatch.setattr(losses, "_COMPILED", {"fn": broken})
+    x, y, mask = _heads(seed=8)
+    kw = {"alpha": 0.5, "temperature": 2.0, "chunk_size": 8}
+    eager, _, _ = chunked_lm_distillation_loss(**x, targets=y, mask=mask, compile=False, **kw)
+    with caplog.at_level(logging.WARNING, logger="protege.training.losses"):
+        fused, _, _ = chunked_lm_distillation_loss(**x, targets=y, mask=mask, compile=True, **kw)
+        again, _, _ = chunked_lm_distillation_loss(**x, targets=y, mask=mask, compile=True, **kw)
+    assert fused.item() == again.item() == eager.item()
+    assert len(calls) == 1
+    warned = [r.getMessage() for r in caplog.records if "could not be compiled" in r.getMessage()]
+    assert len(warned) == 1 and "RuntimeError: Cannot find a working triton installation" in warned[0]
+
+
 def test_chunked_all_masked_and_no_teacher_grad():
     x, y, _ = _heads()
     x["teacher_weight"].requires_grad_(True)

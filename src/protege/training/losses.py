@@ -483,6 +483,23 @@ def _compiled_chunk_terms():
     return _COMPILED["fn"]
 
 
+def _run_fused(fn, *args):
+    """``fn(*args)``, or None once the compiled function has failed in this process (no working Triton, say): the
+    eager path takes over, with one warning that says why. Running out of memory is not a compile failure and is
+    raised as it is."""
+    if "failed" in _COMPILED:
+        return None
+    try:
+        return fn(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001  dynamo and Inductor raise many types; the eager path gives the same values
+        _COMPILED["failed"] = f"{type(e).__name__}: {str(e)[:300]}"
+        log.warning("the LM-head loss could not be compiled (%s); it runs eager for the rest of this process: the "
+                    "same values, in more time", _COMPILED["failed"])
+        return None
+
+
 class _ChunkedLMDistillation(torch.autograd.Function):
     """Forward computes the loss and all student gradients chunk by chunk; backward only scales them."""
 
@@ -505,9 +522,11 @@ class _ChunkedLMDistillation(torch.autograd.Function):
             h = s_hidden[rows]  # (c, Hs)
             z = h @ ws.T if bs is None else torch.addmm(bs, h, ws.T)  # (c, V), the model's dtype
             zt = t_hidden[rows] @ wt.T if bt is None else torch.addmm(bt, t_hidden[rows], wt.T)
-            if fuse is not None:
-                ce, kd, g_lp, g_sum = fuse(z, zt, y[rows], valid[rows], alpha, tau, divergence, beta, any(need),
-                                           need_b, s_hidden.dtype)
+            fused = None if fuse is None else _run_fused(
+                fuse, z, zt, y[rows], valid[rows], alpha, tau, divergence, beta, any(need), need_b, s_hidden.dtype
+            )
+            if fused is not None:
+                ce, kd, g_lp, g_sum = fused
                 del z, zt
             else:
                 log_p = F.log_softmax(zt.float().div_(tau), dim=-1)  # (c, V)
