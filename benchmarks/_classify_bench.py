@@ -172,6 +172,7 @@ class Settings:
     all_sweep: bool = False
     embeddings: str = "projected"  # student.embeddings when the embed lever is on: projected or distilled
     embeddings_from: str = "model"  # student.embeddings_from: model (MiniLM) or teacher (the fine-tuned one)
+    ngram_buckets: int = 0  # student.ngram_buckets of the conditions with the pool and select levers (0: off)
 
 
 def condition_levers(cond: str, st: Settings) -> dict[str, bool]:
@@ -209,6 +210,8 @@ def recipe_dict(ds: Dataset, cond: str, seed: int, st: Settings, work: Path, tea
                 student["embeddings_from"] = st.embeddings_from
         if levers["pool"]:
             student["pooling"] = "mean"
+            if st.ngram_buckets and levers["select"]:  # the bag's share is chosen on the selection slice
+                student["ngram_buckets"] = st.ngram_buckets
     training: dict = {
         "alpha": st.alpha,
         "temperature": st.temperature,
@@ -476,6 +479,9 @@ def parse_args(ds: Dataset, argv: list[str] | None):
                    help="student.embeddings of the conditions with the embed lever")
     p.add_argument("--embeddings-from", default="model", choices=("model", "teacher"),
                    help="student.embeddings_from of the conditions with the embed lever")
+    p.add_argument("--ngram-buckets", type=int, default=0,
+                   help="student.ngram_buckets of the conditions with mean pooling and selection (all): an n-gram "
+                   "bag beside the student (0: off)")
     p.add_argument("--out", type=Path, default=None, help="work dir (default runs/<dataset>[-quick])")
     p.add_argument("--no-md", action="store_true", help="do not write BENCHMARKS.md")
     return p.parse_args(argv)
@@ -497,7 +503,8 @@ def main(ds: Dataset, argv: list[str] | None = None) -> int:
     st = Settings(epochs=args.epochs, per_text=args.per_text, temperature=args.temperature,
                   intermediate_size=args.intermediate_size, tl_epochs=args.tl_epochs, tl_augment=args.tl_augment,
                   tl_sweep=args.tl_sweep, all_sweep=args.all_sweep, eval_every=args.eval_every or None,
-                  patience=args.patience or None, embeddings=args.embeddings, embeddings_from=args.embeddings_from)
+                  patience=args.patience or None, embeddings=args.embeddings, embeddings_from=args.embeddings_from,
+                  ngram_buckets=args.ngram_buckets)
     if args.quick:
         ds.train, ds.eval = ds.train[:400], ds.eval[:200]
         seeds, single = seeds[:1], single[:1]

@@ -97,7 +97,8 @@ def _classifier(model: Any) -> Forward:
         return lambda **enc: model(**enc).logits
     encoder, pooler, head = _Encoder(model.bert), model.bert.pooler.dense, model.classifier
     mean = getattr(model.config, "pooling", "cls") == "mean"  # a protege-bert (students/mean_pool.py)
-    from .students.mean_pool import mean_of_tokens
+    bag = bool(getattr(model.config, "ngram_buckets", 0))  # with an n-gram bag beside the encoder
+    from .students.mean_pool import mean_of_tokens, mix_logits
 
     def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,7 +110,10 @@ def _classifier(model: Any) -> Forward:
         else:
             read = mean_of_tokens(h, attention_mask)  # the unpadded tokens' mean
         pooled = torch.tanh(F.linear(read, pooler.weight, pooler.bias))  # (B, H): BertPooler
-        return F.linear(pooled, head.weight, head.bias)  # (B, C)
+        logits = F.linear(pooled, head.weight, head.bias)  # (B, C)
+        if bag:
+            return mix_logits(logits, model.ngram_logits(input_ids, attention_mask), model.ngram_share)
+        return logits
 
     return logits
 

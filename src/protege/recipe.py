@@ -573,6 +573,19 @@ class StudentConfig(_Section):
         "pooler) or the mean of all the text's tokens' last states ('mean'; better for one- or two-layer students, "
         "see BENCHMARKS.md). A 'mean' student is saved as model type protege-bert.",
     )
+    ngram_buckets: int = Field(
+        0,
+        ge=0,
+        description="Mean-pooled scratch classifiers: give the student a second, linear member, a bag of its word "
+        "pieces and of hashed pairs of neighbouring pieces with this many rows in all (more than the vocabulary: "
+        "the pieces take the first rows), trained apart on the same teacher labels; the student answers with the "
+        "two members' mixture, the bag's share chosen on training.select_fraction's held-out slice. Costs rows x "
+        "labels parameters. 0: off.",
+    )
+    ngram_lr: float = Field(
+        0.1, gt=0, description="Learning rate of the n-gram bag (a linear model from zero wants far more than the "
+        "encoder's).",
+    )
     max_length: int = Field(
         128, gt=8, description="Longest input in tokens (prompt plus answer for generation); longer is truncated."
     )
@@ -583,6 +596,11 @@ class StudentConfig(_Section):
             raise ValueError(
                 f"student.hidden_size {self.hidden_size} is not divisible by student.num_heads {self.num_heads}; "
                 "pick a head count that divides it"
+            )
+        if self.ngram_buckets and (self.init != "scratch" or self.pooling != "mean"):
+            raise ValueError(
+                f"student.ngram_buckets adds a member to a mean-pooled scratch classifier (init is {self.init!r}, "
+                f"pooling {self.pooling!r}); set student.init scratch and student.pooling mean, or remove it"
             )
         if self.pooling != "cls" and self.init != "scratch":
             raise ValueError(
@@ -798,6 +816,11 @@ class Recipe(_Section):
                 "paraphrase: false, or teacher.select: all)"
             )
         if self.task.kind == "classification":
+            if s.ngram_buckets and not t.select_fraction:
+                raise ValueError(
+                    "student.ngram_buckets chooses how much the n-gram bag counts on a held-out slice of the "
+                    "teacher-labelled training rows; set training.select_fraction (for example 0.1)"
+                )
             if s.init == "teacher_layers" and backend != "hf":
                 raise ValueError(
                     "student.init teacher_layers copies layers of a local encoder teacher ('hf:' and a sequence "
@@ -953,6 +976,9 @@ _CLASSIFICATION_ONLY = {
         "trains a second classifier on hard labels for the report; a generation task trains one student", "remove it"
     ),
 }
+_CLASSIFICATION_ONLY["student.ngram_buckets"] = (
+    "adds a bag-of-word-pieces member to a classifier student; a language model's answer is text", "remove it")
+_CLASSIFICATION_ONLY["student.ngram_lr"] = ("is the n-gram bag's learning rate (student.ngram_buckets)", "remove it")
 _SCRATCH_SIZES = (
     "student.hidden_size", "student.num_layers", "student.num_heads", "student.intermediate_size", "student.embeddings",
     "student.embeddings_from",

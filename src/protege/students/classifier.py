@@ -74,7 +74,9 @@ def build_student(
     torch.manual_seed(seed)  # the new head (and a scratch model) start the same way every run
     if cfg.init == "scratch":
         register_mean_pool()  # so that save_pretrained writes mean_pool.py and its auto_map beside a protege-bert
+        mean_kw = {"ngram_buckets": cfg.ngram_buckets} if cfg.pooling == "mean" else {}
         config = (MeanPoolBertConfig if cfg.pooling == "mean" else BertConfig)(
+            **mean_kw,
             vocab_size=len(tokenizer),
             hidden_size=cfg.hidden_size,
             initializer_range=scratch_init_std(cfg.hidden_size),

@@ -35,6 +35,7 @@ from ..lean import encode
 from ..recipe import Recipe
 from ..students.card import StudentCard
 from ..students.classifier import build_student, count_parameters, save_student
+from ..students.mean_pool import mix_logits
 from ..students.model_card import write_model_card
 from .losses import distillation_loss
 from .optim import make_optimizer
@@ -174,8 +175,13 @@ def train_student(
 
     n = len(train_idx)
     total = cfg.max_steps or cfg.epochs * math.ceil(n / B)
-    optimizer, scheduler = make_optimizer(model, cfg, lr, total)
+    bag = bool(getattr(model.config, "ngram_buckets", 0))  # a second member, trained apart (students/mean_pool.py)
+    optimizer, scheduler = make_optimizer(model, cfg, lr, total,
+                                          {"ngram": scfg.ngram_lr} if bag else None)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    named = list(accelerator.unwrap_model(model).named_parameters())
+    bag_params = [p for name, p in named if name.startswith("ngram")]
+    encoder_params = [p for name, p in named if not name.startswith("ngram")]
     rank = accelerator.process_index
     selection = Selection(cfg.select_metric, cfg.patience) if slice_idx else None
     if selection is not None:
@@ -183,20 +189,28 @@ def train_student(
     every = cfg.eval_every or math.ceil(n / B)  # default: about once per epoch
     my_slice = slice_idx[rank::P]  # each process scores its share; the sums are reduced over all
 
+    shares = torch.linspace(0.0, 1.0, 21)  # the n-gram bag's share in the mixture, chosen on the slice
+
     @torch.no_grad()
     def score_slice() -> tuple[float, float]:
-        """(mean KL(teacher || student) at temperature 1, agreement with the teacher's top label) on the slice."""
+        """(mean KL(teacher || student) at temperature 1, agreement with the teacher's top label) on the slice.
+        With an n-gram bag, the bag's share that gives the lowest KL is set first (the same on every process:
+        the sums are reduced before the choice), and the scores are the mixture's at that share."""
         net = accelerator.unwrap_model(model)
         net.eval()
-        sums = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # (KL sum, agreeing rows)
+        sums = torch.zeros(len(shares) if bag else 1, 2, device=accelerator.device, dtype=torch.float64)
         for i in range(0, len(my_slice), B):
             batch = collate(my_slice[i : i + B])
-            logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, C)
-            kl, agree = slice_scores(logits, batch["teacher_probs"])
-            sums += torch.stack([kl.double(), agree.double()])
+            res = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            for j, logits in enumerate([mix_logits(*res.member_logits, sh) for sh in shares] if bag else [res.logits]):
+                kl, agree = slice_scores(logits, batch["teacher_probs"])  # logits (b, C)
+                sums[j] += torch.stack([kl.double(), agree.double()])
         net.train()
         sums = accelerator.reduce(sums, "sum") / len(slice_idx)
-        return sums[0].item(), sums[1].item()
+        best = int(sums[:, 0].argmin())
+        if bag:
+            net.ngram_share.fill_(float(shares[best]))
+        return sums[best, 0].item(), sums[best, 1].item()
 
     # -- resume -------------------------------------------------------------------------------------------
     # the student and the hard-label baseline train from the same rows and recipe: alpha tells them apart
@@ -224,15 +238,24 @@ def train_student(
             # every process does the same forward and backward passes
             batch = collate(idx or step_rows[:1])
             with contextlib.nullcontext() if j == G - 1 else accelerator.no_sync(model):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, C)
+                res = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                # each member fits the teacher on its own (an n-gram bag beside the encoder); else the one model
                 loss_sum, _, parts = distillation_loss(
-                    logits, batch["teacher_probs"], batch["targets"], alpha=alpha, temperature=tau
-                )
+                    res.member_logits[0] if bag else res.logits, batch["teacher_probs"], batch["targets"],
+                    alpha=alpha, temperature=tau,
+                )  # logits (b, C)
+                if bag:
+                    loss_sum = loss_sum + distillation_loss(
+                        res.member_logits[1], batch["teacher_probs"], batch["targets"], alpha=alpha, temperature=tau
+                    )[0]
                 accelerator.backward(loss_sum * (scale if idx else 0.0))
             if idx:
                 sums += torch.stack([loss_sum.detach(), parts["ce"].detach(), parts["kd"].detach()])
         if cfg.max_grad_norm is not None:  # after the whole step's backward passes: the norm of its full gradient
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            # an n-gram bag is clipped on its own: one norm over both members would let one's steps shrink the other's
+            grad_norm = accelerator.clip_grad_norm_(encoder_params if bag else model.parameters(), cfg.max_grad_norm)
+            if bag:
+                bag_norm = accelerator.clip_grad_norm_(bag_params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -246,6 +269,7 @@ def train_student(
             "ce_loss": sums[1].item(),
             "lr": scheduler.get_last_lr()[0],
             **({"grad_norm": float(grad_norm)} if cfg.max_grad_norm is not None else {}),  # before clipping
+            **({"ngram_grad_norm": float(bag_norm)} if bag and cfg.max_grad_norm is not None else {}),
             "examples_per_s": seen / (time.perf_counter() - t0),
         }
         if selection is not None and ((step + 1) % every == 0 or step + 1 == total):

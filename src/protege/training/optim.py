@@ -28,22 +28,30 @@ def no_decay(model: torch.nn.Module) -> set[str]:
 
 
 def make_optimizer(
-    model: torch.nn.Module, cfg: TrainingConfig, lr: float, total_steps: int
+    model: torch.nn.Module, cfg: TrainingConfig, lr: float, total_steps: int,
+    lr_by_prefix: dict[str, float] | None = None,
 ) -> tuple[torch.optim.Optimizer, Any]:
     """(AdamW over ``model``'s trainable parameters, its schedule): linear warm-up over
     ``cfg.warmup_fraction`` of ``total_steps`` optimizer steps, then linear decay to 0 at ``total_steps``.
 
     Two groups: ``cfg.weight_decay`` for the rest, 0 for :func:`no_decay`. Frozen parameters (a LoRA
-    student's base) are left out.
+    student's base) are left out. ``lr_by_prefix``: parameters whose name starts with a key learn at its rate
+    instead of ``lr`` (an n-gram bag's), in groups of their own, on the same schedule.
     """
     from transformers import get_linear_schedule_with_warmup
 
     skip = no_decay(model)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for name, p in params if name not in skip], "weight_decay": cfg.weight_decay},
-        {"params": [p for name, p in params if name in skip], "weight_decay": 0.0},
-    ]
+
+    def rate(name: str) -> float:
+        return next((r for prefix, r in (lr_by_prefix or {}).items() if name.startswith(prefix)), lr)
+
+    groups = []
+    for r in dict.fromkeys([lr, *(lr_by_prefix or {}).values()]):
+        for decay, names in ((cfg.weight_decay, lambda n: n not in skip), (0.0, lambda n: n in skip)):
+            ps = [p for name, p in params if names(name) and rate(name) == r]
+            if ps or r == lr:  # the base groups always exist (a resumed optimizer's state expects them)
+                groups.append({"params": ps, "weight_decay": decay, "lr": r})
     optimizer = torch.optim.AdamW(groups, lr=lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_fraction * total_steps), total_steps)
     return optimizer, scheduler
