@@ -35,7 +35,6 @@ from ..lean import encode
 from ..recipe import Recipe
 from ..students.card import StudentCard
 from ..students.classifier import build_student, count_parameters, save_student
-from ..students.mean_pool import mix_logits
 from ..students.model_card import write_model_card
 from .losses import distillation_loss
 from .optim import make_optimizer
@@ -188,6 +187,9 @@ def train_student(
         accelerator.register_for_checkpointing(selection)  # the best weights and history resume with the run
     every = cfg.eval_every or math.ceil(n / B)  # default: about once per epoch
     my_slice = slice_idx[rank::P]  # each process scores its share; the sums are reduced over all
+
+    from ..students.mean_pool import mix_logits  # here, not at the top: it imports transformers, which a labeling
+    # run answered from the store never needs (tests/test_teachers.py)
 
     shares = torch.linspace(0.0, 1.0, 21)  # the n-gram bag's share in the mixture, chosen on the slice
 
