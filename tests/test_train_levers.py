@@ -270,6 +270,87 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_same_selection(tmp_path
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6)
 
 
+# -- weight averaging (training.ema_decay) -----------------------------------------------------------------------
+
+
+def test_the_saved_student_is_the_moving_average_of_the_steps_weights(tmp_path, tiny_tokenizer):
+    """Without a slice, the saved weights are the EMA of every step's weights (the first step's weights, then
+    decay * average + (1 - decay) * weights); the steps themselves are those of a run without averaging."""
+    from safetensors.torch import load_file
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    student = _student_dir(tmp_path / "bert", tiny_tokenizer)
+    rows, decay = _rows(40), 0.7
+    train_student(_recipe(student, max_steps=6, select_fraction=0.0, eval_every=None), rows, tmp_path / "raw",
+                  alpha=0.9, quiet=True)
+    snapshots: list[list[torch.Tensor]] = []
+
+    def snap(opt, args, kwargs):
+        if type(opt) is torch.optim.AdamW:
+            snapshots.append([p.detach().clone() for g in opt.param_groups for p in g["params"]])
+
+    handle = register_optimizer_step_post_hook(snap)
+    try:
+        summary = train_student(_recipe(student, max_steps=6, select_fraction=0.0, eval_every=None, ema_decay=decay),
+                                rows, tmp_path / "ema", alpha=0.9, quiet=True)
+    finally:
+        handle.remove()
+    assert summary["ema_decay"] == decay and len(snapshots) == 6
+    raw, saved = (load_file(tmp_path / d / "model.safetensors") for d in ("raw", "ema"))
+    # the last step's weights are the run without averaging's, tensor for tensor: that names them
+    names = [next(k for k, v in raw.items() if v.shape == w.shape and torch.equal(v, w)) for w in snapshots[-1]]
+    assert len(set(names)) == len(names) == len(snapshots[-1])
+    average = snapshots[0]
+    for weights in snapshots[1:]:
+        average = [decay * a + (1 - decay) * w for a, w in zip(average, weights)]
+    for name, want in zip(names, average):
+        torch.testing.assert_close(saved[name], want, rtol=0, atol=1e-6)
+        assert not torch.allclose(saved[name], raw[name])  # six steps at lr 0.3 move every trained tensor
+    for name in set(raw) - set(names):  # buffers and anything untrained: as they were
+        torch.testing.assert_close(saved[name], raw[name])
+
+
+def test_with_a_slice_the_averaged_weights_are_scored_and_the_best_average_saved(tmp_path, tiny_tokenizer):
+    student = _student_dir(tmp_path / "bert", tiny_tokenizer)
+    rows = _rows(60)
+    plain = train_student(_recipe(student, max_steps=10, max_grad_norm=None), rows, tmp_path / "raw", alpha=0.9,
+                          quiet=True)
+    summary = train_student(_recipe(student, max_steps=10, max_grad_norm=None, ema_decay=0.5), rows,
+                            tmp_path / "out", alpha=0.9, quiet=True)
+    sel = summary["selection"]
+    kls = [h["kl"] for h in sel["history"]]
+    assert kls != [h["kl"] for h in plain["selection"]["history"]]  # not the raw weights' scores
+    assert kls[0] == plain["selection"]["history"][0]["kl"]  # after one step the average is that step's weights
+    best = min(sel["history"], key=lambda h: h["kl"])
+    assert sel["best_step"] == best["step"]
+    _, held = selection_split([r.id for r in rows], [None] * len(rows), 0.25, seed=0)
+    kl, agreement = _slice_kl_agreement(tmp_path / "out", [rows[i] for i in held])
+    assert kl == pytest.approx(best["kl"], rel=1e-4) and agreement == pytest.approx(best["agreement"])
+
+
+def test_an_averaged_run_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_path, tiny_tokenizer):
+    from safetensors.torch import load_file
+
+    student = _student_dir(tmp_path / "bert", tiny_tokenizer)
+    recipe = _recipe(student, max_steps=8, checkpoint_every=4, eval_every=2, ema_decay=0.8)
+    rows = _rows(40)
+    ref = train_student(recipe, rows, tmp_path / "ref", alpha=0.9, quiet=True)
+    with crash_in_step(6):
+        train_student(recipe, rows, tmp_path / "run", alpha=0.9, quiet=True)
+    again = train_student(recipe, rows, tmp_path / "run", alpha=0.9, quiet=True)
+    assert again["resumed_from_step"] == 4 and again["selection"] == ref["selection"]
+    resumed, uninterrupted = (load_file(tmp_path / d / "model.safetensors") for d in ("run", "ref"))
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6)
+
+
+def test_ema_decay_is_refused_outside_zero_and_one_and_for_a_language_model():
+    with pytest.raises(ProtegeError, match="ema_decay"):
+        build_recipe({"task": {"labels": NAMES}, "training": {"ema_decay": 1.0}})
+    with pytest.raises(ProtegeError, match="training.ema_decay"):
+        build_recipe({"task": {"kind": "generation"}, "student": {"model": "gpt2"}, "training": {"ema_decay": 0.99}})
+
+
 # -- the sweep, through the pipeline ------------------------------------------------------------------------------
 
 

@@ -669,6 +669,14 @@ class TrainingConfig(_Section):
     patience: int | None = Field(
         None, gt=0, description="Stop when this many evaluations in a row did not improve (unset: train to the end)."
     )
+    ema_decay: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Classification: keep an exponential moving average of the student's weights (Polyak "
+        "averaging, decay per optimizer step; 0.998 averages about the last 500 steps) and use it in place of the "
+        "raw weights: it is what the selection slice scores and what is saved. Unset: the raw weights.",
+    )
     sweep_alpha: list[float] | None = Field(
         None,
         description="Classification: alphas to try; each (alpha, temperature) pair trains a student, the one best on "
@@ -965,6 +973,8 @@ _CLASSIFICATION_ONLY = {
     "training.select_metric": _PICK,
     "training.eval_every": _PICK,
     "training.patience": _PICK,
+    "training.ema_decay": ("averages a classifier student's weights; a language-model student is trained without it",
+                           "remove it"),
     "training.sweep_alpha": _PICK,
     "training.sweep_temperature": _PICK,
     "teacher.score_temperature": ("sharpens an 'embed:' teacher's label scores; a generation teacher writes text",

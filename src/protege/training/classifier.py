@@ -182,6 +182,18 @@ def train_student(
     bag_params = [p for name, p in named if name.startswith("ngram")]
     encoder_params = [p for name, p in named if not name.startswith("ngram")]
     rank = accelerator.process_index
+    # With training.ema_decay the averaged copy is the student: the slice scores it, the saved weights are its
+    ema = None
+    if cfg.ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                            use_buffers=False)  # buffers (position ids, the bag's share) are not trained
+        accelerator.register_for_checkpointing(ema)  # its average resumes with the run
+
+    def judged() -> torch.nn.Module:
+        return ema.module if ema is not None else accelerator.unwrap_model(model)
+
     selection = Selection(cfg.select_metric, cfg.patience) if slice_idx else None
     if selection is not None:
         accelerator.register_for_checkpointing(selection)  # the best weights and history resume with the run
@@ -198,7 +210,7 @@ def train_student(
         """(mean KL(teacher || student) at temperature 1, agreement with the teacher's top label) on the slice.
         With an n-gram bag, the bag's share that gives the lowest KL is set first (the same on every process:
         the sums are reduced before the choice), and the scores are the mixture's at that share."""
-        net = accelerator.unwrap_model(model)
+        net = judged()
         net.eval()
         sums = torch.zeros(len(shares) if bag else 1, 2, device=accelerator.device, dtype=torch.float64)
         for i in range(0, len(my_slice), B):
@@ -259,6 +271,8 @@ def train_student(
             if bag:
                 bag_norm = accelerator.clip_grad_norm_(bag_params, cfg.max_grad_norm)
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(accelerator.unwrap_model(model))
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         sums = accelerator.reduce(sums, "sum") / count
@@ -276,7 +290,7 @@ def train_student(
         }
         if selection is not None and ((step + 1) % every == 0 or step + 1 == total):
             rec["select_kl"], rec["select_agreement"] = score_slice()
-            selection.record(step + 1, rec["select_kl"], rec["select_agreement"], accelerator.unwrap_model(model))
+            selection.record(step + 1, rec["select_kl"], rec["select_agreement"], judged())
         log.append(rec)
         log_step(accelerator, rec)
         bar.update(1)
@@ -292,6 +306,8 @@ def train_student(
     steps_trained = log[-1]["step"] if log else start
     if selection is not None:
         accelerator.unwrap_model(model).load_state_dict(selection.best_weights)  # the best step is the one saved
+    elif ema is not None:
+        accelerator.unwrap_model(model).load_state_dict(ema.module.state_dict())
 
     # -- save ---------------------------------------------------------------------------------------------
     summary = {
@@ -310,6 +326,7 @@ def train_student(
         "train_seconds": seconds,
         "parameters": count_parameters(accelerator.unwrap_model(model)),
         "final_loss": log[-1]["loss"] if log else None,
+        **({"ema_decay": cfg.ema_decay} if ema is not None else {}),
         **({"selection": selection.summary(len(slice_idx), steps_trained, stopped)} if selection is not None else {}),
         **(extra_meta or {}),
     }
