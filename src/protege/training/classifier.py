@@ -246,7 +246,7 @@ def train_student(
         # processes' gradients.
         count = len(step_rows)
         scale = P / count
-        sums = torch.zeros(3, device=accelerator.device)
+        sums = torch.zeros(4, device=accelerator.device)  # loss (every member), ce, kd (the encoder's), the bag's
         for j, idx in enumerate(mine):
             # an empty micro-batch (fewer rows than micro-batches in the last step) still runs, with no weight, so
             # every process does the same forward and backward passes
@@ -258,13 +258,14 @@ def train_student(
                     res.member_logits[0] if bag else res.logits, batch["teacher_probs"], batch["targets"],
                     alpha=alpha, temperature=tau,
                 )  # logits (b, C)
-                if bag:
-                    loss_sum = loss_sum + distillation_loss(
-                        res.member_logits[1], batch["teacher_probs"], batch["targets"], alpha=alpha, temperature=tau
-                    )[0]
+                bag_sum = distillation_loss(
+                    res.member_logits[1], batch["teacher_probs"], batch["targets"], alpha=alpha, temperature=tau
+                )[0] if bag else torch.zeros(())
+                loss_sum = loss_sum + bag_sum
                 accelerator.backward(loss_sum * (scale if idx else 0.0))
             if idx:
-                sums += torch.stack([loss_sum.detach(), parts["ce"].detach(), parts["kd"].detach()])
+                sums += torch.stack([loss_sum.detach(), parts["ce"].detach(), parts["kd"].detach(),
+                                     bag_sum.detach().to(loss_sum.device)])
         if cfg.max_grad_norm is not None:  # after the whole step's backward passes: the norm of its full gradient
             # an n-gram bag is clipped on its own: one norm over both members would let one's steps shrink the other's
             grad_norm = accelerator.clip_grad_norm_(encoder_params if bag else model.parameters(), cfg.max_grad_norm)
@@ -283,6 +284,7 @@ def train_student(
             "loss": sums[0].item(),
             "kd_loss": sums[2].item(),
             "ce_loss": sums[1].item(),
+            **({"ngram_loss": sums[3].item()} if bag else {}),  # loss is the encoder's (kd, ce) plus this
             "lr": scheduler.get_last_lr()[0],
             **({"grad_norm": float(grad_norm)} if cfg.max_grad_norm is not None else {}),  # before clipping
             **({"ngram_grad_norm": float(bag_norm)} if bag and cfg.max_grad_norm is not None else {}),
