@@ -669,6 +669,15 @@ class TrainingConfig(_Section):
     patience: int | None = Field(
         None, gt=0, description="Stop when this many evaluations in a row did not improve (unset: train to the end)."
     )
+    hidden_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="Classification with an 'hf:' sequence-classifier teacher that reads the student's word pieces: "
+        "weight of a hidden-state term, 1 - cosine between each token's last state of the student (mapped to the "
+        "teacher's width by a linear map trained with it, not saved) and the teacher's, averaged over the text, "
+        "added per original training row (augmented rows have none: the teacher's states are computed once for "
+        "the original texts, at the start of training). 0: off.",
+    )
     ema_decay: float | None = Field(
         None,
         gt=0.0,
@@ -835,6 +844,12 @@ class Recipe(_Section):
                     f"classifier); teacher {self.teacher.model!r} has no layers to copy. Use student.init pretrained or "
                     "scratch"
                 )
+            if t.hidden_weight and backend != "hf":
+                raise ValueError(
+                    f"training.hidden_weight matches the student's token states to a local encoder teacher's ('hf:' "
+                    f"and a sequence classifier); teacher {self.teacher.model!r} returns no states. Set "
+                    "training.hidden_weight: 0, or an 'hf:' teacher"
+                )
             if s.embeddings_from == "teacher" and backend != "hf":
                 raise ValueError(
                     f"student.embeddings_from teacher reads the word embeddings of a local encoder teacher ('hf:'); "
@@ -973,6 +988,8 @@ _CLASSIFICATION_ONLY = {
     "training.select_metric": _PICK,
     "training.eval_every": _PICK,
     "training.patience": _PICK,
+    "training.hidden_weight": ("matches a classifier student's token states to its encoder teacher's; a "
+                               "language model distills with training.distill", "remove it"),
     "training.ema_decay": ("averages a classifier student's weights; a language-model student is trained without it",
                            "remove it"),
     "training.sweep_alpha": _PICK,

@@ -206,7 +206,8 @@ def _embedding_source(source: Any, name: str, teacher: TeacherConfig | None, tok
     from transformers import AutoModel
 
     if teacher is not None:
-        model, their_tok = load_teacher_classifier(teacher)
+        model, their_tok = load_teacher_classifier(teacher, "student.embeddings_from teacher reads its words",
+                                                   "Set student.embeddings_from: model")
         if tokenizer is not None and their_tok.get_vocab() != tokenizer.get_vocab():
             raise ProtegeError(
                 f"student.embeddings_from teacher: teacher {teacher.model!r} does not use student.model {name!r}'s "
@@ -243,9 +244,12 @@ def _word_outputs(base: Any, tokenizer: Any, vocab: int, batch: int = 512) -> An
 # -- students cut from the teacher ---------------------------------------------------------------------------
 
 
-def load_teacher_classifier(teacher: TeacherConfig) -> tuple[Any, Any]:
+def load_teacher_classifier(
+    teacher: TeacherConfig, use: str = "student.init teacher_layers copies its layers",
+    fix: str = "Use student.init pretrained (student.model an encoder) or scratch",
+) -> tuple[Any, Any]:
     """(model in float32, tokenizer) of an 'hf:' sequence-classifier teacher; any other model is refused,
-    naming it and the fix, before its weights are loaded."""
+    naming it, ``use`` (the setting that needs it) and ``fix``, before its weights are loaded."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -254,19 +258,19 @@ def load_teacher_classifier(teacher: TeacherConfig) -> tuple[Any, Any]:
     try:
         config = AutoConfig.from_pretrained(source.name_or_path, **kw)
     except (OSError, ValueError) as e:
-        raise ProtegeError(f"cannot load the teacher {teacher.model!r} to copy its layers: {e}") from None
+        raise ProtegeError(f"cannot load the teacher {teacher.model!r} ({use}): {e}") from None
     archs = list(getattr(config, "architectures", None) or [])
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         raise ProtegeError(
-            f"student.init teacher_layers copies the layers of a sequence-classifier teacher; teacher "
+            f"{use}: it needs a sequence-classifier teacher; teacher "
             f"{teacher.model!r} is {', '.join(archs) or 'a model of no named architecture'}, not a "
-            "*ForSequenceClassification. Use student.init pretrained (student.model an encoder) or scratch"
+            f"*ForSequenceClassification. {fix}"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, **kw)
         model = AutoModelForSequenceClassification.from_pretrained(source.name_or_path, dtype=torch.float32, **kw)
     except OSError as e:
-        raise ProtegeError(f"cannot load the teacher {teacher.model!r} to copy its layers: {e}") from None
+        raise ProtegeError(f"cannot load the teacher {teacher.model!r} ({use}): {e}") from None
     return model, tokenizer
 
 

@@ -162,6 +162,15 @@ def train_student(
         )
     else:
         train_idx, slice_idx = list(range(len(rows))), []
+    # training.hidden_weight: the teacher's token states of the original training rows, and a map to their width
+    states: dict[int, torch.Tensor] = {}
+    if cfg.hidden_weight:
+        from .hidden import hidden_loss, pad_states, teacher_states
+
+        originals = [i for i in train_idx if rows.sources[i] is None]
+        got, width = teacher_states(recipe.teacher, tokenizer, [rows.texts[i] for i in originals], scfg.max_length)
+        states = dict(zip(originals, got))
+        model.hidden_proj = torch.nn.Linear(model.config.hidden_size, width)  # trained with it, dropped at save
     teacher_probs = torch.from_numpy(rows.teacher_probs).float()  # (N, C)
     targets = torch.from_numpy(rows.targets)  # (N,)
 
@@ -170,6 +179,9 @@ def train_student(
         enc = encode(tokenizer, [rows.texts[i] for i in idx], scfg.max_length)
         padded = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         batch = {**padded, "teacher_probs": teacher_probs[idx], "targets": targets[idx]}  # (b, T), (b, C), (b,)
+        if states:  # (b, T, H) and (b,)
+            batch["teacher_states"], batch["has_states"] = pad_states(
+                [states.get(i) for i in idx], padded["input_ids"].shape[1], width)
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
     n = len(train_idx)
@@ -246,13 +258,14 @@ def train_student(
         # processes' gradients.
         count = len(step_rows)
         scale = P / count
-        sums = torch.zeros(4, device=accelerator.device)  # loss (every member), ce, kd (the encoder's), the bag's
+        sums = torch.zeros(5, device=accelerator.device)  # loss (all terms), ce, kd (the encoder's), the bag's, hidden
         for j, idx in enumerate(mine):
             # an empty micro-batch (fewer rows than micro-batches in the last step) still runs, with no weight, so
             # every process does the same forward and backward passes
             batch = collate(idx or step_rows[:1])
             with contextlib.nullcontext() if j == G - 1 else accelerator.no_sync(model):
-                res = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                res = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            output_hidden_states=bool(states))
                 # each member fits the teacher on its own (an n-gram bag beside the encoder); else the one model
                 loss_sum, _, parts = distillation_loss(
                     res.member_logits[0] if bag else res.logits, batch["teacher_probs"], batch["targets"],
@@ -262,10 +275,15 @@ def train_student(
                     res.member_logits[1], batch["teacher_probs"], batch["targets"], alpha=alpha, temperature=tau
                 )[0] if bag else torch.zeros(())
                 loss_sum = loss_sum + bag_sum
+                hidden_sum = hidden_loss(
+                    res.hidden_states[-1], batch["teacher_states"], batch["attention_mask"], batch["has_states"],
+                    accelerator.unwrap_model(model).hidden_proj,
+                ) if states else torch.zeros((), device=loss_sum.device)
+                loss_sum = loss_sum + cfg.hidden_weight * hidden_sum
                 accelerator.backward(loss_sum * (scale if idx else 0.0))
             if idx:
                 sums += torch.stack([loss_sum.detach(), parts["ce"].detach(), parts["kd"].detach(),
-                                     bag_sum.detach().to(loss_sum.device)])
+                                     bag_sum.detach().to(loss_sum.device), hidden_sum.detach()])
         if cfg.max_grad_norm is not None:  # after the whole step's backward passes: the norm of its full gradient
             # an n-gram bag is clipped on its own: one norm over both members would let one's steps shrink the other's
             grad_norm = accelerator.clip_grad_norm_(encoder_params if bag else model.parameters(), cfg.max_grad_norm)
@@ -285,6 +303,7 @@ def train_student(
             "kd_loss": sums[2].item(),
             "ce_loss": sums[1].item(),
             **({"ngram_loss": sums[3].item()} if bag else {}),  # loss is the encoder's (kd, ce) plus this
+            **({"hidden_loss": sums[4].item()} if states else {}),  # ... plus hidden_weight times this
             "lr": scheduler.get_last_lr()[0],
             **({"grad_norm": float(grad_norm)} if cfg.max_grad_norm is not None else {}),  # before clipping
             **({"ngram_grad_norm": float(bag_norm)} if bag and cfg.max_grad_norm is not None else {}),
@@ -310,6 +329,8 @@ def train_student(
         accelerator.unwrap_model(model).load_state_dict(selection.best_weights)  # the best step is the one saved
     elif ema is not None:
         accelerator.unwrap_model(model).load_state_dict(ema.module.state_dict())
+    if states:
+        del accelerator.unwrap_model(model).hidden_proj  # a training aid: the student answers without it
 
     # -- save ---------------------------------------------------------------------------------------------
     summary = {
@@ -329,6 +350,7 @@ def train_student(
         "parameters": count_parameters(accelerator.unwrap_model(model)),
         "final_loss": log[-1]["loss"] if log else None,
         **({"ema_decay": cfg.ema_decay} if ema is not None else {}),
+        **({"hidden_weight": cfg.hidden_weight, "hidden_rows": len(states)} if states else {}),
         **({"selection": selection.summary(len(slice_idx), steps_trained, stopped)} if selection is not None else {}),
         **(extra_meta or {}),
     }
