@@ -74,6 +74,25 @@ def test_the_teachers_states_are_its_last_layer_per_token_in_the_texts_order(tin
         torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-3)  # float16's rounding
 
 
+def test_an_embedding_teachers_states_are_its_encoders_before_pooling():
+    """The packaged all-MiniLM-L6-v2 as an 'embed:' teacher, read by a student with its tokenizer: the states
+    are the encoder's, and their mean over a text's tokens is the teacher's embedding before normalising."""
+    from protege.teachers.embed import EmbeddingTeacher
+    from protege.sources import resolve_source
+
+    minilm = resolve_source("all-minilm-l6-v2").name_or_path
+    recipe = build_recipe({"task": {"labels": NAMES}, "teacher": {"model": "embed:all-minilm-l6-v2"},
+                           "student": {"model": minilm, "init": "scratch"}, "training": {"hidden_weight": 1.0}})
+    teacher = EmbeddingTeacher("all-minilm-l6-v2", recipe.teacher)
+    _, tok = teacher.model_and_tokenizer()
+    texts = ["my card was charged twice for one order", "where is my parcel?"]
+    states, width = teacher_states(recipe.teacher, tok, texts, max_length=64)
+    embedded, lengths = teacher.embed(texts)
+    assert width == 384 and [len(s) for s in states] == lengths
+    for s, e in zip(states, embedded):
+        torch.testing.assert_close(F.normalize(s.float().mean(0), dim=0), e, rtol=0, atol=2e-3)
+
+
 def _rows(n: int, augmented: int = 1) -> list[TrainRow]:
     rows = []
     for i, ex in enumerate(make_examples(n, seed=5)):
@@ -113,7 +132,7 @@ def test_training_lowers_the_term_and_saves_a_student_without_the_map(tmp_path, 
 
 def test_an_api_teacher_another_vocabulary_or_a_language_model_is_refused(tmp_path, tiny_tokenizer,
                                                                           tiny_classifier_dir):
-    with pytest.raises(RecipeError, match=r"training.hidden_weight .* 'openai:gpt-4o-mini' returns no states"):
+    with pytest.raises(RecipeError, match=r"training.hidden_weight .* 'openai:gpt-4o-mini' returns no\s+states"):
         build_recipe({"task": {"labels": NAMES}, "teacher": {"model": "openai:gpt-4o-mini"},
                       "training": {"hidden_weight": 1.0}})
     with pytest.raises(RecipeError, match="training.hidden_weight"):

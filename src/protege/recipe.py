@@ -672,7 +672,8 @@ class TrainingConfig(_Section):
     hidden_weight: float = Field(
         0.0,
         ge=0.0,
-        description="Classification with an 'hf:' sequence-classifier teacher that reads the student's word pieces: "
+        description="Classification with a local encoder teacher ('hf:' sequence classifier, 'embed:' sentence "
+        "encoder) that reads the student's word pieces: "
         "weight of a hidden-state term, 1 - cosine between each token's last state of the student (mapped to the "
         "teacher's width by a linear map trained with it, not saved) and the teacher's, averaged over the text, "
         "added per original training row (augmented rows have none: the teacher's states are computed once for "
@@ -844,11 +845,11 @@ class Recipe(_Section):
                     f"classifier); teacher {self.teacher.model!r} has no layers to copy. Use student.init pretrained or "
                     "scratch"
                 )
-            if t.hidden_weight and backend != "hf":
+            if t.hidden_weight and backend not in ("hf", "embed"):
                 raise ValueError(
                     f"training.hidden_weight matches the student's token states to a local encoder teacher's ('hf:' "
-                    f"and a sequence classifier); teacher {self.teacher.model!r} returns no states. Set "
-                    "training.hidden_weight: 0, or an 'hf:' teacher"
+                    f"sequence classifier or 'embed:' sentence encoder); teacher {self.teacher.model!r} returns no "
+                    "states. Set training.hidden_weight: 0, or a local encoder teacher"
                 )
             if s.embeddings_from == "teacher" and backend != "hf":
                 raise ValueError(

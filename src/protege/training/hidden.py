@@ -1,7 +1,8 @@
 """Hidden-state distillation for classifier students of a local encoder teacher (``training.hidden_weight``).
 
 A two-label teacher's distribution is one number per text; its last layer holds a few hundred per token. When
-the teacher is an 'hf:' sequence classifier that reads the same word pieces as the student, each token's last
+the teacher is an 'hf:' sequence classifier or an 'embed:' sentence encoder that reads the same word pieces as the
+student, each token's last
 state of the student, mapped to the teacher's width by a linear map trained with it (dropped when the student is
 saved), is pulled toward the teacher's state of the same token: 1 - cosine similarity, averaged over the text's
 tokens, as DistilBERT's hidden-state term (Sanh et al. 2019) and TinyBERT's (Jiao et al. 2020, there with MSE).
@@ -32,25 +33,32 @@ def teacher_states(teacher: TeacherConfig, tokenizer: Any, texts: Sequence[str],
 
     ``tokenizer`` is the student's; the teacher must use the same vocabulary, so that position t of a text is
     the same word piece for both. Texts are run shortest first, so batches carry little padding."""
-    from ..students.classifier import load_teacher_classifier
+    if teacher.model.startswith("embed:"):  # a sentence-embedding encoder: its token states, before pooling
+        from ..teachers.embed import EmbeddingTeacher
 
-    use = "training.hidden_weight matches the student's token states to its"
-    fix = "Set training.hidden_weight: 0"
-    model, their_tok = load_teacher_classifier(teacher, use, fix)
+        base, their_tok = EmbeddingTeacher(teacher.model.split(":", 1)[1], teacher).model_and_tokenizer()
+    else:
+        from ..students.classifier import load_teacher_classifier
+
+        use = "training.hidden_weight matches the student's token states to its"
+        model, their_tok = load_teacher_classifier(teacher, use, "Set training.hidden_weight: 0")
+        base = model.base_model
     if their_tok.get_vocab() != tokenizer.get_vocab():
         raise ProtegeError(
             f"training.hidden_weight matches the student's token states to the teacher's, token by token, but "
             f"teacher {teacher.model!r} splits text into other word pieces than the student. Set student.model to "
             "the teacher's tokenizer (its directory), or training.hidden_weight: 0"
         )
-    base = model.base_model.eval()
+    base = base.float().eval()
+    device = next(base.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: list[torch.Tensor | None] = [None] * len(texts)
     with torch.inference_mode():
         for lo in range(0, len(order), batch_size):
             idx = order[lo : lo + batch_size]
             enc = encode(tokenizer, [texts[i] for i in idx], max_length)
-            states = base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            states = base(input_ids=enc["input_ids"].to(device),
+                          attention_mask=enc["attention_mask"].to(device)).last_hidden_state.cpu()
             for b, i in enumerate(idx):
                 out[i] = states[b, : int(enc["attention_mask"][b].sum())].to(torch.float16).clone()
     return [s for s in out if s is not None], base.config.hidden_size
