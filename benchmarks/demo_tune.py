@@ -40,6 +40,8 @@ VARIANTS: dict[str, dict] = {
     "select+tau4": {"training.select_fraction": 0.1, "training.temperature": 4.0},
     "pool": {"student.pooling": "mean"},
     "distilled": {"student.embeddings": "distilled"},
+    "ema": {"training.ema_decay": 0.998},
+    "hidden": {"training.hidden_weight": 1.0},
     "train1000": {"@n_train": 1000},
     "train1000-aug8": {"@n_train": 1000, "data.augment.per_text": 8},
 }
