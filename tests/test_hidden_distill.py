@@ -128,6 +128,14 @@ def test_training_lowers_the_term_and_saves_a_student_without_the_map(tmp_path, 
     assert any(not torch.equal(saved[k], without[k]) for k in saved)
     model, _, _ = load_student(tmp_path / "hidden")
     assert count_parameters(model) == summary["parameters"] == plain["parameters"]
+    # the hard-label baseline (alpha 0) learns from labels alone: no teacher states, the same weights as without
+    hard = train_student(_teacher_recipe(tiny_classifier_dir, tiny_classifier_dir, tmp_path / "r", hidden_weight=1.0),
+                         rows, tmp_path / "hard", alpha=0.0, quiet=True)
+    hard_plain = train_student(_teacher_recipe(tiny_classifier_dir, tiny_classifier_dir, tmp_path / "r"), rows,
+                               tmp_path / "hard-plain", alpha=0.0, quiet=True)
+    assert "hidden_rows" not in hard
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("hard", "hard-plain"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_an_api_teacher_another_vocabulary_or_a_language_model_is_refused(tmp_path, tiny_tokenizer,

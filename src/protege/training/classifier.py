@@ -164,7 +164,7 @@ def train_student(
         train_idx, slice_idx = list(range(len(rows))), []
     # training.hidden_weight: the teacher's token states of the original training rows, and a map to their width
     states: dict[int, torch.Tensor] = {}
-    if cfg.hidden_weight:
+    if cfg.hidden_weight and alpha > 0:  # the hard-label baseline (alpha 0) learns from labels alone
         from .hidden import hidden_loss, pad_states, teacher_states
 
         originals = [i for i in train_idx if rows.sources[i] is None]
