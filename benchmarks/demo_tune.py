@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict] = {
     "distilled": {"student.embeddings": "distilled"},
     "ema": {"training.ema_decay": 0.998},
     "hidden": {"training.hidden_weight": 1.0},
+    "hidden-all": {"training.hidden_weight": 1.0, "training.hidden_rows": "all"},
     "train1000": {"@n_train": 1000},
     "train1000-aug8": {"@n_train": 1000, "data.augment.per_text": 8},
 }

@@ -116,6 +116,9 @@ def test_training_lowers_the_term_and_saves_a_student_without_the_map(tmp_path, 
                                             hidden_weight=1.0), rows, tmp_path / "hidden", alpha=1.0, quiet=True)
     # 80 originals less the 16 of the slice have states; their augmented copies train on labels alone
     assert summary["hidden_rows"] == 64 and summary["hidden_weight"] == 1.0 and summary["examples"] == 128
+    every = train_student(_teacher_recipe(tiny_classifier_dir, tiny_classifier_dir, tmp_path / "r", hidden_weight=1.0,
+                                          hidden_rows="all", max_steps=2), rows, tmp_path / "all", alpha=1.0, quiet=True)
+    assert every["hidden_rows"] == every["examples"] == 128  # the augmented copies too
     log = [json.loads(x) for x in (tmp_path / "hidden" / "train_log.jsonl").read_text().splitlines()]
     assert all(0 < r["hidden_loss"] < 1.5 for r in log)
     first, last = (sum(r["hidden_loss"] for r in part) / len(part) for part in (log[:4], log[-4:]))

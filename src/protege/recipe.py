@@ -676,8 +676,14 @@ class TrainingConfig(_Section):
         "encoder) that reads the student's word pieces: "
         "weight of a hidden-state term, 1 - cosine between each token's last state of the student (mapped to the "
         "teacher's width by a linear map trained with it, not saved) and the teacher's, averaged over the text, "
-        "added per original training row (augmented rows have none: the teacher's states are computed once for "
-        "the original texts, at the start of training). 0: off.",
+        "added per training row that has the teacher's states (training.hidden_rows). 0: off.",
+    )
+    hidden_rows: Literal["original", "all"] = Field(
+        "original",
+        description="Which training rows training.hidden_weight gets the teacher's states for, once, at the start of "
+        "training (held in memory, float16, tokens x width per row): 'original' (the texts as given; augmented "
+        "ones train on the teacher's labels alone) or 'all' (a teacher pass over every augmented text too: as "
+        "long as labelling them again).",
     )
     ema_decay: float | None = Field(
         None,
@@ -991,6 +997,7 @@ _CLASSIFICATION_ONLY = {
     "training.patience": _PICK,
     "training.hidden_weight": ("matches a classifier student's token states to its encoder teacher's; a "
                                "language model distills with training.distill", "remove it"),
+    "training.hidden_rows": ("picks the rows of training.hidden_weight, a classifier's term", "remove it"),
     "training.ema_decay": ("averages a classifier student's weights; a language-model student is trained without it",
                            "remove it"),
     "training.sweep_alpha": _PICK,

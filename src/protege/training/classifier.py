@@ -162,14 +162,14 @@ def train_student(
         )
     else:
         train_idx, slice_idx = list(range(len(rows))), []
-    # training.hidden_weight: the teacher's token states of the original training rows, and a map to their width
+    # training.hidden_weight: the teacher's token states of the training rows (hidden_rows), and a map to their width
     states: dict[int, torch.Tensor] = {}
     if cfg.hidden_weight and alpha > 0:  # the hard-label baseline (alpha 0) learns from labels alone
         from .hidden import hidden_loss, pad_states, teacher_states
 
-        originals = [i for i in train_idx if rows.sources[i] is None]
-        got, width = teacher_states(recipe.teacher, tokenizer, [rows.texts[i] for i in originals], scfg.max_length)
-        states = dict(zip(originals, got))
+        have = [i for i in train_idx if cfg.hidden_rows == "all" or rows.sources[i] is None]
+        got, width = teacher_states(recipe.teacher, tokenizer, [rows.texts[i] for i in have], scfg.max_length)
+        states = dict(zip(have, got))
         model.hidden_proj = torch.nn.Linear(model.config.hidden_size, width)  # trained with it, dropped at save
     teacher_probs = torch.from_numpy(rows.teacher_probs).float()  # (N, C)
     targets = torch.from_numpy(rows.targets)  # (N,)

@@ -7,9 +7,10 @@ state of the student, mapped to the teacher's width by a linear map trained with
 saved), is pulled toward the teacher's state of the same token: 1 - cosine similarity, averaged over the text's
 tokens, as DistilBERT's hidden-state term (Sanh et al. 2019) and TinyBERT's (Jiao et al. 2020, there with MSE).
 
-The teacher's states are computed once, at the start of training, for the original training texts (not the
-augmented ones: a teacher pass over every augmented text costs as much as labelling them again), and held in
-memory in float16, one (tokens, width) tensor per text; the other rows train on the teacher's labels alone.
+The teacher's states are computed once, at the start of training, and held in memory in float16, one (tokens,
+width) tensor per text: for the original training texts (``training.hidden_rows: original``; the augmented ones
+train on the teacher's labels alone), or for every text (``all``: a teacher pass over every augmented text costs
+as much as labelling them again).
 """
 
 from __future__ import annotations
