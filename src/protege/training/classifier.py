@@ -168,7 +168,8 @@ def train_student(
         from .hidden import hidden_loss, pad_states, teacher_states
 
         have = [i for i in train_idx if cfg.hidden_rows == "all" or rows.sources[i] is None]
-        got, width = teacher_states(recipe.teacher, tokenizer, [rows.texts[i] for i in have], scfg.max_length)
+        got, width = teacher_states(recipe.teacher, tokenizer, [rows.texts[i] for i in have], scfg.max_length,
+                                    device=accelerator.device)
         states = dict(zip(have, got))
         model.hidden_proj = torch.nn.Linear(model.config.hidden_size, width)  # trained with it, dropped at save
     teacher_probs = torch.from_numpy(rows.teacher_probs).float()  # (N, C)

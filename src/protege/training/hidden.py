@@ -29,11 +29,12 @@ __all__ = ["hidden_loss", "pad_states", "teacher_states"]
 
 
 def teacher_states(teacher: TeacherConfig, tokenizer: Any, texts: Sequence[str], max_length: int,
-                   batch_size: int = 64) -> tuple[list[torch.Tensor], int]:
-    """(the teacher's last-layer state of each token of each text, float16 (tokens, width), width).
+                   batch_size: int = 64, device: torch.device | str | None = None) -> tuple[list[torch.Tensor], int]:
+    """(the teacher's last-layer state of each token of each text, float16 (tokens, width) on the CPU, width).
 
     ``tokenizer`` is the student's; the teacher must use the same vocabulary, so that position t of a text is
-    the same word piece for both. Texts are run shortest first, so batches carry little padding."""
+    the same word piece for both. Texts are run shortest first, so batches carry little padding; the teacher
+    runs on ``device`` (default: where it was loaded)."""
     if teacher.model.startswith("embed:"):  # a sentence-embedding encoder: its token states, before pooling
         from ..teachers.embed import EmbeddingTeacher
 
@@ -51,6 +52,8 @@ def teacher_states(teacher: TeacherConfig, tokenizer: Any, texts: Sequence[str],
             "the teacher's tokenizer (its directory), or training.hidden_weight: 0"
         )
     base = base.float().eval()
+    if device is not None:
+        base.to(device)
     device = next(base.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: list[torch.Tensor | None] = [None] * len(texts)
