@@ -146,10 +146,15 @@ def test_training_fits_both_members_and_keeps_the_share_that_agrees_best_on_the_
     kept = next(h for h in best if h["step"] == summary["selection"]["best_step"])
     assert kept["kl"] == pytest.approx(min(kls), rel=1e-4)
     log = [json.loads(x) for x in (tmp_path / "student" / "train_log.jsonl").read_text().splitlines()]
-    assert log[-1]["loss"] < log[0]["loss"]  # the loss is both members' together, and it falls
     for rec in log:  # the bag's own loss is logged apart: the loss is the encoder's (kd at alpha 1) plus it
         assert rec["ngram_loss"] > 0 and rec["loss"] == pytest.approx(rec["kd_loss"] + rec["ngram_loss"], rel=1e-5)
-    assert log[-1]["ngram_loss"] < log[0]["ngram_loss"]
+
+    def mean(key, part):  # over four steps: one batch's loss is noisy
+        return sum(r[key] for r in part) / len(part)
+
+    assert len(log) == 48  # 120 training rows, 16 a step, 6 epochs
+    for key in ("loss", "ngram_loss"):  # both members' together falls, and the bag's own
+        assert mean(key, log[-4:]) < mean(key, log[:4])
 
 
 def test_the_encoder_trains_exactly_as_it_would_alone(tmp_path, tiny_tokenizer):

@@ -287,7 +287,7 @@ def test_the_saved_student_is_the_moving_average_of_the_steps_weights(tmp_path, 
 
     def snap(opt, args, kwargs):
         if type(opt) is torch.optim.AdamW:
-            snapshots.append([p.detach().clone() for g in opt.param_groups for p in g["params"]])
+            snapshots.append([p.detach().to("cpu", copy=True) for g in opt.param_groups for p in g["params"]])
 
     handle = register_optimizer_step_post_hook(snap)
     try:
