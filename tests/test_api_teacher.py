@@ -392,7 +392,7 @@ def test_the_key_never_reaches_an_artifact_a_log_or_an_error(tmp_path, fake, mon
     outputs = [runner.invoke(cli, ["label", str(recipe), "--dry-run"]).output]
     outputs.append(runner.invoke(cli, ["label", str(recipe)]).output)
     fake.plan(["401"])
-    outputs.append(runner.invoke(cli, ["label", str(recipe), "--output_dir", "out2"]).output)
+    outputs.append(runner.invoke(cli, ["label", str(recipe), "--output_dir", str(tmp_path / "out2")]).output)
     assert "is set" in outputs[0] and "HTTP 401" in outputs[2]
     assert fake.received == 7 and set(fake.auth_headers) == {f"Bearer {KEY}"}
     for req in fake.requests:  # the key travels only in the Authorization header

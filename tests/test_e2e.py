@@ -71,7 +71,8 @@ def test_run_end_to_end_then_rerun_makes_zero_calls(tiny_recipe):
         ("--output_dir", "data.jsonl", "is a file"),
     ],
 )
-def test_bad_input_exits_2_and_writes_nothing(tiny_recipe, flag, value, message):
+def test_bad_input_exits_2_and_writes_nothing(tiny_recipe, flag, value, message, monkeypatch):
+    monkeypatch.chdir(tiny_recipe.parent)  # a path on the command line is relative to where the user is
     res = CliRunner().invoke(cli, ["label", str(tiny_recipe), "-q", flag, value])
     assert res.exit_code == 2
     assert message in res.output and "Traceback" not in res.output

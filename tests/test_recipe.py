@@ -112,6 +112,12 @@ def test_overrides_win_and_paths_resolve_against_recipe_dir(tmp_path, monkeypatc
     # an invalid override is reported like a file value
     with pytest.raises(RecipeError, match=r"training\.alpha"):
         load_recipe(path, {"training.alpha": -1})
+    # a path given as an override (a command-line flag) is relative to where the caller is, not to the file
+    r = load_recipe(path, {"output_dir": "runs/try2", "data.eval_path": "held.jsonl"})
+    assert r.output_dir == other / "runs" / "try2" and r.data.eval_path == other / "held.jsonl"
+    assert r.data.path == recipe_dir.resolve() / "texts" / "train.jsonl"  # the file's own: still the file's
+    assert load_recipe(path, {"output_dir": str(tmp_path / "abs")}).output_dir == tmp_path / "abs"
+    assert str(load_recipe(path, {"data.path": "hf:owner/name"}).data.path) == "hf:owner/name"  # a Hub id, no path
 
 
 def test_absolute_data_path_kept(tmp_path):

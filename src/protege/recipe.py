@@ -1154,7 +1154,10 @@ def _yaml_lines(text: str) -> dict[str, int]:
 
 
 def load_recipe(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read, override and validate a recipe; with no path, the defaults (relative to the working directory)."""
+    """Read, override and validate a recipe; with no path, the defaults (relative to the working directory).
+
+    Relative paths in the file are relative to the file's directory; relative paths in ``overrides`` (output_dir,
+    data.path, data.eval_path) to the working directory, as a command line's are."""
     data: dict[str, Any] = {}
     lines: dict[str, int] = {}
     base = Path.cwd()
@@ -1177,8 +1180,15 @@ def load_recipe(path: Path | str | None = None, overrides: dict[str, Any] | None
             raise RecipeError(f"{source}: a recipe is a YAML mapping of sections (task, data, teacher, ...)")
         data, lines, base = loaded, _yaml_lines(text), path.resolve().parent
     for key, value in (overrides or {}).items():
+        if key in _PATH_SETTINGS and isinstance(value, (str, Path)) and hub_dataset_id(str(value)) is None:
+            # a path given here (a command-line flag) is the caller's, relative to where they are, not to the
+            # recipe file's directory as the file's own paths are
+            value = str(Path.cwd() / value)
         set_dotted(data, key, value)
     return build_recipe(data, source, lines).resolve_paths(base)
+
+
+_PATH_SETTINGS = ("output_dir", "data.path", "data.eval_path")
 
 
 def leaf_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, Any]]:
