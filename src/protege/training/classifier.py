@@ -330,7 +330,7 @@ def train_student(
         accelerator.unwrap_model(model).load_state_dict(selection.best_weights)  # the best step is the one saved
     elif ema is not None:
         accelerator.unwrap_model(model).load_state_dict(ema.module.state_dict())
-    if states:
+    if hasattr(accelerator.unwrap_model(model), "hidden_proj"):
         del accelerator.unwrap_model(model).hidden_proj  # a training aid: the student answers without it
 
     # -- save ---------------------------------------------------------------------------------------------
