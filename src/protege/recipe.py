@@ -1153,6 +1153,9 @@ def _yaml_lines(text: str) -> dict[str, int]:
     return out
 
 
+_PATH_SETTINGS = ("output_dir", "data.path", "data.eval_path")  # an override of these is relative to the caller
+
+
 def load_recipe(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read, override and validate a recipe; with no path, the defaults (relative to the working directory).
 
@@ -1186,9 +1189,6 @@ def load_recipe(path: Path | str | None = None, overrides: dict[str, Any] | None
             value = str(Path.cwd() / value)
         set_dotted(data, key, value)
     return build_recipe(data, source, lines).resolve_paths(base)
-
-
-_PATH_SETTINGS = ("output_dir", "data.path", "data.eval_path")
 
 
 def leaf_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, Any]]:

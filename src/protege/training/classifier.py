@@ -274,7 +274,7 @@ def train_student(
                 )  # logits (b, C)
                 bag_sum = distillation_loss(
                     res.member_logits[1], batch["teacher_probs"], batch["targets"], alpha=alpha, temperature=tau
-                )[0] if bag else torch.zeros(())
+                )[0] if bag else torch.zeros((), device=loss_sum.device)
                 loss_sum = loss_sum + bag_sum
                 hidden_sum = hidden_loss(
                     res.hidden_states[-1], batch["teacher_states"], batch["attention_mask"], batch["has_states"],
@@ -284,7 +284,7 @@ def train_student(
                 accelerator.backward(loss_sum * (scale if idx else 0.0))
             if idx:
                 sums += torch.stack([loss_sum.detach(), parts["ce"].detach(), parts["kd"].detach(),
-                                     bag_sum.detach().to(loss_sum.device), hidden_sum.detach()])
+                                     bag_sum.detach(), hidden_sum.detach()])
         if cfg.max_grad_norm is not None:  # after the whole step's backward passes: the norm of its full gradient
             # an n-gram bag is clipped on its own: one norm over both members would let one's steps shrink the other's
             grad_norm = accelerator.clip_grad_norm_(encoder_params if bag else model.parameters(), cfg.max_grad_norm)
