@@ -43,6 +43,8 @@ VARIANTS: dict[str, dict] = {
     "ema": {"training.ema_decay": 0.998},
     "hidden": {"training.hidden_weight": 1.0},
     "hidden-all": {"training.hidden_weight": 1.0, "training.hidden_rows": "all"},
+    "span": {"data.augment.ngram_max": 40},
+    "span5": {"data.augment.ngram_max": 40, "data.augment.ngram_p": 0.5},
     "train1000": {"@n_train": 1000},
     "train1000-aug8": {"@n_train": 1000, "data.augment.per_text": 8},
 }

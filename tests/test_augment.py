@@ -13,7 +13,14 @@ from conftest import asks, n_calls, sql, stored_calls, write_jsonl
 
 from protege.demo_data import LABELS, make_examples
 from protege.errors import BudgetReached, ProtegeError
-from protege.labeling.augment import _WORDS, augment_texts, paraphrase_request, student_mask_token
+from protege.labeling.augment import (
+    _WORDS,
+    augment_texts,
+    paraphrase_request,
+    student_mask_token,
+    student_neighbours,
+    word_neighbours,
+)
 from protege.labeling.data import Example, load_splits
 from protege.labeling.labeler import estimate, label
 from protege.recipe import AugmentConfig, load_recipe
@@ -92,6 +99,19 @@ def test_ngram_p_1_cuts_each_text_to_one_to_five_consecutive_words():
         assert 1 <= n <= 5 and e.text in src.text and n < len(re.findall(_WORDS, src.text))
 
 
+def test_ngram_max_makes_longer_spans_of_consecutive_words_up_to_it():
+    long_rows = [Example(f"l{i}", " ".join(f"w{i}x{j}" for j in range(30)), None, "x") for i in range(20)]
+    made = augment_texts(long_rows, _cfg(ngram_p=1.0, ngram_max=12), seed=0, mask_token="[MASK]")
+    lengths = [len(re.findall(_WORDS, e.text)) for e in made]
+    assert len(made) == 3 * len(long_rows) and max(lengths) <= 12
+    assert sum(n > 5 for n in lengths) > len(made) // 3  # 1 to 12 words, uniform: 7 in 12 are past Tang's 5
+    assert all(e.text in long_rows[int(e.source[1:])].text for e in made)
+    # the default stays Tang et al.'s 5
+    assert made != augment_texts(long_rows, _cfg(ngram_p=1.0), seed=0, mask_token="[MASK]")
+    assert max(len(re.findall(_WORDS, e.text))
+               for e in augment_texts(long_rows, _cfg(ngram_p=1.0, ngram_max=5), 0, "[MASK]")) == 5
+
+
 def test_fewer_texts_only_when_no_new_one_can_be_made():
     one = [Example("a", "refund", None, "x"), Example("b", "please refund my order", None, "x")]
     assert augment_texts(one[:1], _cfg(ngram_p=1.0), 0, "[MASK]") == []  # a one-word text has no shorter n-gram
@@ -120,6 +140,56 @@ def test_the_mask_token_is_the_student_tokenizers(tmp_path, tiny_tokenizer, tiny
     with pytest.raises(ProtegeError, match="data.augment.mask_p: 0"):
         student_mask_token(recipe.model_copy(update={"student": recipe.student.model_copy(
             update={"model": str(tmp_path)})}))  # fmt: skip
+
+
+def _table_with(tokenizer, near: dict[str, list[str]]):
+    """A word-embedding table (vocab x 8) in which each key's row is close to its listed words, nearest first, and
+    every other row points its own way."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(len(tokenizer), 8, generator=g)
+    vocab = tokenizer.get_vocab()
+    for word, others in near.items():
+        w = table[vocab[word]]
+        d = torch.randn(8, generator=g)
+        d -= (d @ w) / (w @ w) * w  # across w: the further along d, the lower the cosine to w
+        for rank, other in enumerate(others):
+            table[vocab[other]] = w + 0.1 * (rank + 1) * d
+    return table
+
+
+def test_word_neighbours_are_the_nearest_whole_words_in_the_table_never_the_word(tiny_tokenizer):
+    table = _table_with(tiny_tokenizer, {"refund": ["charge", "invoice", "payment"]})
+    assert "xyzzy" not in tiny_tokenizer.get_vocab() and "268" in tiny_tokenizer.get_vocab()
+    near = word_neighbours(["refund", "refund", "xyzzy", "268", "refund?"], tiny_tokenizer, table, k=3)
+    assert near == {"refund": ("charge", "invoice", "payment")}  # none for an unknown word, digits, punctuation
+    special = set(tiny_tokenizer.all_special_tokens)
+    assert not special & set(word_neighbours(["refund"], tiny_tokenizer, table, k=len(tiny_tokenizer))["refund"])
+    assert word_neighbours([], tiny_tokenizer, table, k=3) == {}
+
+
+def test_replace_with_neighbours_swaps_in_the_words_neighbours_in_its_shape():
+    rows = [Example("a", "Refund my order", None, "x"), Example("b", "cancel the ORDER", None, "x")]
+    near = {"Refund": ("charge", "invoice"), "order": ("purchase",), "ORDER": ("purchase",)}
+    cfg = _cfg(replace_p=1.0, replace_with="neighbours", per_text=2)
+    made: dict[str, list[list[str]]] = {e.id: [] for e in rows}
+    for e in augment_texts(rows, cfg, 0, "[MASK]", neighbours=near):
+        made[e.source].append(e.text.split())
+    for a, my, b in made["a"]:
+        assert a in ("Charge", "Invoice") and b == "purchase" and my in ("my", "cancel", "the")  # my: no neighbours
+    assert all(w[2] == "PURCHASE" for w in made["b"])
+    with pytest.raises(ValueError, match="student_neighbours"):
+        augment_texts(rows, cfg, 0, "[MASK]")
+
+
+def test_student_neighbours_come_from_the_student_models_table_and_a_bad_model_is_refused(tiny_recipe, tmp_path):
+    recipe = _augmented_recipe(tiny_recipe, per_text=2, replace_with="neighbours")
+    near = student_neighbours(recipe, ["refund my order please"])
+    assert set(near) == {"refund", "my", "order", "please"} and all(len(v) == 10 for v in near.values())
+    broken = recipe.model_copy(update={"student": recipe.student.model_copy(update={"model": str(tmp_path)})})
+    with pytest.raises(ProtegeError, match="replace_with: corpus"):
+        student_neighbours(broken, ["refund"])
 
 
 # -- labeling ----------------------------------------------------------------------------------------------

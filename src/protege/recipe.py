@@ -164,7 +164,19 @@ class AugmentConfig(_Section):
     replace_p: float = Field(0.1, ge=0, le=1, description="Chance each word is replaced by another word of the "
                              "corpus with the same shape (case, digits), drawn by corpus frequency.")
     ngram_p: float = Field(0.25, ge=0, le=1, description="Chance a new text is cut to a random n-gram of the "
-                           "original (n from 1 to 5 words, only for texts longer than n).")
+                           "original (n from 1 to ngram_max words, only for texts longer than n).")
+    ngram_max: int = Field(5, ge=1, le=512, description="Longest n-gram, in words, that ngram_p cuts a text to (Tang "
+                           "et al.: 5). Larger values also make clause-length spans of a sentence, as a treebank's "
+                           "labelled phrases, for the teacher to label.")
+    replace_with: Literal["corpus", "neighbours"] = Field(
+        "corpus",
+        description="Where replace_p's words come from. 'corpus': a word of the training texts with the same shape, "
+        "by frequency (Tang et al.'s swap, offline). 'neighbours': one of the nearest whole words to it in "
+        "student.model's word-embedding table ('good' -> 'terrific', 'bad'), so that the teacher also labels words the "
+        "training texts never use; a word the table holds in several pieces is drawn from the corpus.",
+    )
+    neighbours: int = Field(10, ge=1, le=200, description="replace_with 'neighbours': how many nearest words a "
+                            "swap draws from.")
     paraphrase: bool = Field(
         False,
         description="API teachers: also ask the teacher for one paraphrase per text (a generation call, cached and "

@@ -20,7 +20,14 @@ from ..signals import TeacherSignal
 from ..store import CallRecord, Store, call_key
 from ..teachers import make_teacher
 from ..teachers.base import LocalTeacher, Request, Teacher
-from .augment import AugmentedExample, augment_texts, check_paraphrase, paraphrase_request, student_mask_token
+from .augment import (
+    AugmentedExample,
+    augment_texts,
+    check_paraphrase,
+    paraphrase_request,
+    student_mask_token,
+    student_neighbours,
+)
 from .data import Example, draw_shots, load_splits, stream_splits
 from .engine import run_api
 from .prompts import render_generation, render_request
@@ -225,7 +232,8 @@ def _augmented(recipe: Recipe, train: list[Example], held: list[Example]) -> lis
     if not cfg.per_text:
         return []
     mask = student_mask_token(recipe) if cfg.mask_p else ""  # no tokenizer to load when nothing is masked
-    return augment_texts(train, cfg, recipe.training.seed, mask, avoid=(e.text for e in held))
+    near = student_neighbours(recipe, (e.text for e in train)) if cfg.replace_with == "neighbours" else None
+    return augment_texts(train, cfg, recipe.training.seed, mask, avoid=(e.text for e in held), neighbours=near)
 
 
 def _paraphrased(
