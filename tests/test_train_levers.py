@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from conftest import sql, write_jsonl
 
 from protege.demo_data import LABELS, make_examples
-from protege.errors import ProtegeError
+from protege.errors import ProtegeError, RecipeError
 from protege.recipe import build_recipe
 from protege.training.classifier import TrainRow, train_student
 from protege.training.select import Selection, improves, selection_split, slice_scores
@@ -198,6 +198,23 @@ def test_the_slice_and_its_augmented_texts_are_never_trained_on(tmp_path, tiny_t
     assert seen == trained  # every training row, and not one held-out or augmented-from-held-out text
     assert scored == {rows[i].text for i in held}  # the evaluations saw the slice's original rows only
     assert summary["examples"] == len(trained) and summary["selection"]["rows"] == 6
+
+    # select_rows all: the same training rows, and the slice scores the held-out rows' augmented texts too
+    seen.clear()
+    scored.clear()
+    handle = register_module_forward_pre_hook(watch)
+    try:
+        summary = train_student(_recipe(student, epochs=2, eval_every=3, select_rows="all"), rows,
+                                tmp_path / "out-all", alpha=0.9, quiet=True)
+    finally:
+        handle.remove()
+    assert seen == trained and scored == never
+    assert summary["examples"] == len(trained) and summary["selection"]["rows"] == 12
+    assert selection_split([r.id for r in rows], [r.augmented_from for r in rows], 0.25, 0, with_copies=True) == (
+        selection_split([r.id for r in rows], [r.augmented_from for r in rows], 0.25, 0)[0],
+        [i for i, r in enumerate(rows) if (r.augmented_from or r.id) in held_ids])
+    with pytest.raises(RecipeError, match="training.select_rows compares students on a held-out slice"):
+        _recipe(student, select_fraction=0.0, select_rows="all")
 
 
 def test_the_saved_student_is_the_best_evaluation_not_the_last(tmp_path, tiny_tokenizer):

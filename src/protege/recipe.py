@@ -674,6 +674,13 @@ class TrainingConfig(_Section):
         description="How checkpoints are compared on that slice: mean KL(teacher || student) (lower is better), or "
         "agreement with the teacher's top label (higher is better; ties go to the lower KL).",
     )
+    select_rows: Literal["original", "all"] = Field(
+        "original",
+        description="Which held-out rows the selection slice scores: 'original' (the held-out training rows) or "
+        "'all' (with the data.augment texts made from them, which never train either): more rows, and texts the "
+        "teacher gives its own reading of, where a teacher fine-tuned on the training texts answers those from "
+        "memory.",
+    )
     eval_every: int | None = Field(
         None, gt=0, description="Optimizer steps between checkpoint evaluations on the selection slice; default "
         "once per epoch (about)."
@@ -783,6 +790,7 @@ class TrainingConfig(_Section):
     def _selection_needs_slice(self) -> TrainingConfig:
         if self.select_fraction == 0:
             needs = [n for n in ("sweep_alpha", "sweep_temperature", "patience") if getattr(self, n) is not None]
+            needs += ["select_rows"] if self.select_rows != "original" else []
             if needs:
                 raise ValueError(
                     f"training.{needs[0]} compares students on a held-out slice of the teacher-labelled training rows; "
@@ -1005,6 +1013,7 @@ _CLASSIFICATION_ONLY = {
     ),
     "training.select_fraction": _PICK,
     "training.select_metric": _PICK,
+    "training.select_rows": _PICK,
     "training.eval_every": _PICK,
     "training.patience": _PICK,
     "training.hidden_weight": ("matches a classifier student's token states to its encoder teacher's; a "

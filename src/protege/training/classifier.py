@@ -157,9 +157,8 @@ def train_student(
 
     # the rows to train on, and the selection slice (row indices; the slice and its augmented texts never train)
     if cfg.select_fraction:
-        train_idx, slice_idx = selection_split(
-            rows.ids, rows.sources, cfg.select_fraction, cfg.seed
-        )
+        train_idx, slice_idx = selection_split(rows.ids, rows.sources, cfg.select_fraction, cfg.seed,
+                                               with_copies=cfg.select_rows == "all")
     else:
         train_idx, slice_idx = list(range(len(rows))), []
     # training.hidden_weight: the teacher's token states of the training rows (hidden_rows), and a map to their width

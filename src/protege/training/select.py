@@ -4,7 +4,10 @@ closely a student follows the teacher on it.
 The slice is drawn from the original rows only (never from augmented texts), by a hash of the seed and the row
 id, so it is the same for every student trained from the same signals (the distilled one, the hard-label
 baseline and every trial of an alpha/temperature sweep). An augmented text whose source row is in the slice is
-dropped from training too: it is a near copy of a row the student is judged on.
+dropped from training too: it is a near copy of a row the student is judged on. With ``training.select_rows:
+all`` those copies are scored with the slice: ten times the rows for 8 copies a text, and texts no teacher was
+fine-tuned on (a local teacher's answers on its own training texts are its memory of their labels, not what
+it makes of new text).
 
 A student is scored on the slice by the mean KL(teacher || student) at temperature 1 (lower is better) and its
 agreement with the teacher's top label (higher is better). :class:`Selection` keeps the best evaluation's
@@ -31,14 +34,14 @@ def _rank(seed: int, row_id: str) -> str:
 
 
 def selection_split(
-    ids: Sequence[str], sources: Sequence[str | None], fraction: float, seed: int
+    ids: Sequence[str], sources: Sequence[str | None], fraction: float, seed: int, with_copies: bool = False
 ) -> tuple[list[int], list[int]]:
     """(indices of the rows to train on, indices of the selection slice), both in row order.
 
     ``sources[i]`` is the id of the row that row i was augmented from (None for an original row). The slice is
     ``round(fraction * originals)`` original rows (at least one), those first in the order of
-    sha256(seed:id); the training rows are every other original row and every augmented row whose source is
-    not in the slice.
+    sha256(seed:id), and with ``with_copies`` the augmented rows made from them too; the training rows are every
+    other original row and every augmented row whose source is not in the slice.
     """
     originals = [i for i, s in enumerate(sources) if s is None]
     if len({ids[i] for i in originals}) < len(originals):
@@ -54,6 +57,8 @@ def selection_split(
     held_ids = {ids[i] for i in held}
     # an augmented row goes with its source
     train = [i for i, (row_id, src) in enumerate(zip(ids, sources)) if (src or row_id) not in held_ids]
+    if with_copies:
+        held = [i for i, (row_id, src) in enumerate(zip(ids, sources)) if (src or row_id) in held_ids]
     return train, held
 
 
