@@ -232,7 +232,8 @@ def _augmented(recipe: Recipe, train: list[Example], held: list[Example]) -> lis
     if not cfg.per_text:
         return []
     mask = student_mask_token(recipe) if cfg.mask_p else ""  # no tokenizer to load when nothing is masked
-    near = student_neighbours(recipe, (e.text for e in train)) if cfg.replace_with == "neighbours" else None
+    swaps = cfg.replace_with == "neighbours" and cfg.replace_p > 0  # no table to load when nothing is swapped
+    near = student_neighbours(recipe, (e.text for e in train)) if swaps else None
     return augment_texts(train, cfg, recipe.training.seed, mask, avoid=(e.text for e in held), neighbours=near)
 
 
