@@ -41,6 +41,24 @@ class Dataset:
     command: str = ""
 
 
+@torch.inference_mode()
+def teacher_fit(student_dir: Path, rows: list[dict], max_length: int, batch: int = 256) -> tuple[float, float]:
+    """(mean KL(teacher || student), top-label agreement) of a saved protege classifier student on signal rows
+    (their ``text`` and ``teacher_probs``), the selection slice's own measure (protege.training.select)."""
+    from protege.lean import encode
+    from protege.students.classifier import load_student
+    from protege.training.select import slice_scores
+
+    model, tokenizer, _ = load_student(student_dir)
+    kl = agree = 0.0
+    for i in range(0, len(rows), batch):
+        part = rows[i : i + batch]
+        logits = model(**encode(tokenizer, [r["text"] for r in part], max_length)).logits  # (b, C)
+        k, a = slice_scores(logits.float(), torch.tensor([r["teacher_probs"] for r in part]))
+        kl, agree = kl + k.item(), agree + a.item()
+    return kl / len(rows), agree / len(rows)
+
+
 # -- 1. teacher ----------------------------------------------------------------------------------------------
 
 

@@ -15,26 +15,14 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-from protege.lean import encode  # noqa: E402
+from _classify_bench import teacher_fit  # noqa: E402
+
 from protege.recipe import load_recipe  # noqa: E402
-from protege.students.classifier import load_student  # noqa: E402
 from protege.training.select import selection_split  # noqa: E402
-
-
-def agreement(model, tokenizer, rows: list[dict], max_length: int) -> float:
-    hits = 0
-    for i in range(0, len(rows), 256):
-        part = rows[i : i + 256]
-        with torch.no_grad():
-            top = model(**encode(tokenizer, [r["text"] for r in part], max_length)).logits.argmax(-1)
-        hits += sum(int(t) == max(range(len(r["teacher_probs"])), key=r["teacher_probs"].__getitem__)
-                    for t, r in zip(top.tolist(), part))
-    return hits / len(rows)
 
 
 def main() -> int:
@@ -43,16 +31,14 @@ def main() -> int:
         rows = [json.loads(x) for x in (Path(run) / "signals" / "train.jsonl").read_text().splitlines() if x.strip()]
         train, held = selection_split([r["id"] for r in rows], [r.get("augmented_from") for r in rows],
                                       recipe.training.select_fraction, recipe.training.seed)
-        model, tokenizer, _ = load_student(Path(run) / "student")
-        model.eval()
         originals = [rows[i] for i in train if not rows[i].get("augmented_from")]
         copies = [rows[i] for i in train if rows[i].get("augmented_from")]
         slice_rows = [rows[i] for i in held]
-        n = recipe.student.max_length
+        student, n = Path(run) / "student", recipe.student.max_length
         print(f"{run}: agreement with the teacher on the {len(originals):,} original training rows "
-              f"{agreement(model, tokenizer, originals, n):.1%}, on their {len(copies):,} augmented copies "
-              f"{agreement(model, tokenizer, copies, n):.1%}, on the {len(slice_rows):,}-row slice "
-              f"{agreement(model, tokenizer, slice_rows, n):.1%}", flush=True)
+              f"{teacher_fit(student, originals, n)[1]:.1%}, on their {len(copies):,} augmented copies "
+              f"{teacher_fit(student, copies, n)[1]:.1%}, on the {len(slice_rows):,}-row slice "
+              f"{teacher_fit(student, slice_rows, n)[1]:.1%}", flush=True)
     return 0
 
 

@@ -18,15 +18,14 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-from protege.lean import encode  # noqa: E402
+from _classify_bench import teacher_fit  # noqa: E402
+
 from protege.recipe import load_recipe  # noqa: E402
-from protege.students.classifier import load_student  # noqa: E402
-from protege.training.select import selection_split, slice_scores  # noqa: E402
+from protege.training.select import selection_split  # noqa: E402
 
 
 def _slice_copies(base: Path) -> list[dict]:
@@ -35,18 +34,6 @@ def _slice_copies(base: Path) -> list[dict]:
     _, held = selection_split([r["id"] for r in rows], [r.get("augmented_from") for r in rows],
                               recipe.training.select_fraction, recipe.training.seed, with_copies=True)
     return [rows[i] for i in held if rows[i].get("augmented_from")]
-
-
-def _score(run: Path, rows: list[dict], max_length: int) -> tuple[float, float]:
-    model, tokenizer, _ = load_student(run / "student")
-    kl = agree = 0.0
-    for i in range(0, len(rows), 256):
-        part = rows[i : i + 256]
-        with torch.no_grad():
-            logits = model(**encode(tokenizer, [r["text"] for r in part], max_length)).logits
-        k, a = slice_scores(logits.float(), torch.tensor([r["teacher_probs"] for r in part]))
-        kl, agree = kl + k.item(), agree + a.item()
-    return kl / len(rows), agree / len(rows)
 
 
 def main() -> int:
@@ -64,7 +51,7 @@ def main() -> int:
     print("| variant | copies KL s0 / s1 / s2 | mean | copies agreement % s0 / s1 / s2 | mean |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for variant, by_seed in runs.items():
-        got = {s: _score(p, copies[s], load_recipe(p / "recipe.yaml").student.max_length)
+        got = {s: teacher_fit(p / "student", copies[s], load_recipe(p / "recipe.yaml").student.max_length)
                for s, p in sorted(by_seed.items()) if s in copies}
         if not got:
             continue
