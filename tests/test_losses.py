@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from protege.training.losses import distillation_loss, forward_kl
+from protege.training.losses import distillation_loss, forward_kl, logit_mse
 
 
 def _rand(n=6, c=5, seed=0, scale=1.0):
@@ -71,6 +71,35 @@ def test_pinned_distillation_value():
     assert parts["ce"].item() == pytest.approx(ce, abs=1e-5)
     assert parts["kd"].item() == pytest.approx(4.0 * kl, abs=1e-5)
     assert loss.item() == pytest.approx(0.5 * ce + 0.5 * 4.0 * kl, abs=1e-5)
+
+
+def test_logit_mse_is_zero_for_the_teachers_logits_shifted_and_pinned_otherwise():
+    _, t = _rand(seed=2)
+    # the teacher's log-probabilities plus any per-row constant are its logits: distance 0
+    shifted = t.log() + torch.arange(6.0)[:, None]
+    d, n = logit_mse(shifted, t)
+    assert d.item() == pytest.approx(0.0, abs=1e-8) and n.item() == 6
+    # student [1, 0] against teacher [0.8, 0.2]: centred, [0.5, -0.5] against [ln 2, -ln 2]
+    d, _ = logit_mse(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.8, 0.2]]))
+    assert d.item() == pytest.approx(2 * (0.5 - math.log(2.0)) ** 2, abs=1e-6)
+    # through distillation_loss: the soft term, with no temperature and no tau^2
+    loss, n, parts = distillation_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.8, 0.2]]), torch.tensor([1]),
+                                       alpha=1.0, temperature=4.0, soft="logit_mse")
+    assert parts["kd"].item() == pytest.approx(d.item(), abs=1e-6) and loss.item() == pytest.approx(d.item())
+    with pytest.raises(ValueError, match="soft must be one of"):
+        distillation_loss(torch.zeros(1, 2), torch.tensor([[0.8, 0.2]]), torch.tensor([1]), 1.0, 1.0, soft="mse")
+
+
+def test_logit_mse_keeps_pulling_where_the_kl_has_stopped():
+    # the student already picks the teacher's label at its confidence, but at ten times its margin: KL's gradient
+    # (q - p) is nearly 0 at the teacher's side of the margin only; the logit distance's grows with the gap
+    t = torch.tensor([[0.9, 0.1]])
+    z = (t.log() * 10).requires_grad_(True)
+    logit_mse(z, t)[0].backward()
+    g_mse = z.grad.abs().sum().item()
+    z.grad = None
+    forward_kl(z, t)[0].backward()
+    assert g_mse > 10 * z.grad.abs().sum().item()
 
 
 def test_zero_teacher_probabilities_stay_finite():

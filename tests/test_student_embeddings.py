@@ -236,3 +236,14 @@ def test_embeddings_from_a_teacher_with_another_vocabulary_or_no_encoder_are_ref
                                           r"student.embeddings: projected or distilled"):
         build_recipe({"task": {"labels": list(NAMES)},
                       "student": {"model": str(source_dir), "init": "scratch", "embeddings_from": "teacher"}})
+
+
+def test_student_dropout_sets_a_scratch_students_hidden_and_attention_dropout(tmp_path, tiny_tokenizer):
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    model, _, _ = build_student(_recipe(tmp_path / "tok", hidden_size=16, dropout=0.3).student, NAMES, seed=0)
+    assert model.config.hidden_dropout_prob == model.config.attention_probs_dropout_prob == 0.3
+    assert model.bert.embeddings.dropout.p == 0.3
+    default, _, _ = build_student(_recipe(tmp_path / "tok", hidden_size=16).student, NAMES, seed=0)
+    assert default.config.hidden_dropout_prob == 0.1  # BERT's, as before the setting
+    with pytest.raises(RecipeError, match=r"student.dropout shapes a student.init: scratch encoder"):
+        build_recipe({"task": {"labels": list(NAMES)}, "student": {"model": "x", "init": "pretrained", "dropout": 0.2}})

@@ -368,6 +368,80 @@ def test_ema_decay_is_refused_outside_zero_and_one_and_for_a_language_model():
         build_recipe({"task": {"kind": "generation"}, "student": {"model": "gpt2"}, "training": {"ema_decay": 0.99}})
 
 
+# -- the word-embedding table's own rate (student.embedding_lr) and the logit-distance loss (training.soft_loss) ---
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def test_embedding_lr_zero_keeps_the_table_as_initialised_and_trains_the_rest(tmp_path, tiny_tokenizer):
+    student = _student_dir(tmp_path / "bert", tiny_tokenizer)
+    recipe = build_recipe({**_recipe(student, max_steps=4, select_fraction=0.0, eval_every=None).model_dump(),
+                           "student": {"model": str(student), "max_length": 32, "embedding_lr": 0.0}})
+    train_student(recipe, _rows(24), tmp_path / "frozen", alpha=0.9, quiet=True)
+    before, after = _weights(student), _weights(tmp_path / "frozen")
+    table = "bert.embeddings.word_embeddings.weight"
+    torch.testing.assert_close(after[table], before[table], rtol=0, atol=0)
+    moved = [k for k in before if k != table and not torch.equal(before[k], after[k])]
+    assert "classifier.weight" in moved and "bert.embeddings.position_embeddings.weight" in moved
+
+
+def test_embedding_lr_gives_the_table_its_own_rate_on_the_same_schedule(tmp_path, tiny_tokenizer):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    student = _student_dir(tmp_path / "bert", tiny_tokenizer)
+    recipe = build_recipe({**_recipe(student, max_steps=2, select_fraction=0.0, eval_every=None).model_dump(),
+                           "student": {"model": str(student), "max_length": 32, "embedding_lr": 0.01}})
+    seen: list[list[tuple[float, int]]] = []
+
+    def look(opt, args, kwargs):  # (initial lr, parameter count) of every group at each step
+        seen.append([(g["initial_lr"], sum(p.numel() for p in g["params"])) for g in opt.param_groups])
+
+    handle = register_optimizer_step_pre_hook(look)
+    try:
+        train_student(recipe, _rows(24), tmp_path / "out", alpha=0.9, quiet=True)
+    finally:
+        handle.remove()
+    vocab_rows = len(tiny_tokenizer) * 16  # the table: vocabulary x hidden 16
+    assert (0.01, vocab_rows) in seen[0]  # a decayed group of the table alone, at its rate
+    assert {lr for lr, n in seen[0] if n} == {0.3, 0.01}  # the rest at training.learning_rate
+
+
+def test_logit_mse_trains_the_students_margins_toward_the_teachers(tmp_path, tiny_tokenizer):
+    """With training.soft_loss logit_mse the student is fitted to the teacher's centred log-probabilities: after
+    training, its logits on the training texts are closer to them than those of the same student before."""
+    from transformers import AutoModelForSequenceClassification
+
+    student = _student_dir(tmp_path / "bert", tiny_tokenizer)
+    rows = _rows(16)
+    train_student(_recipe(student, max_steps=40, select_fraction=0.0, eval_every=None, soft_loss="logit_mse",
+                          learning_rate=0.03), rows, tmp_path / "out", alpha=1.0, quiet=True)
+
+    def distance(path: Path) -> float:
+        from protege.training.losses import logit_mse
+
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        enc = tiny_tokenizer([r.text for r in rows], padding=True, truncation=True, max_length=32,
+                             return_tensors="pt")
+        with torch.no_grad():
+            return logit_mse(model(**enc).logits, torch.tensor([r.teacher_probs for r in rows]))[0].item()
+
+    assert distance(tmp_path / "out") < 0.5 * distance(student)
+
+
+def test_embedding_lr_and_soft_loss_are_refused_for_a_language_model():
+    lm = {"task": {"kind": "generation"}, "student": {"model": "gpt2"}}
+    with pytest.raises(ProtegeError, match="student.embedding_lr"):
+        build_recipe({**lm, "student": {"model": "gpt2", "embedding_lr": 0.0}})
+    with pytest.raises(ProtegeError, match="training.soft_loss"):
+        build_recipe({**lm, "training": {"soft_loss": "logit_mse"}})
+    with pytest.raises(ProtegeError, match="embedding_lr"):
+        build_recipe({"task": {"labels": NAMES}, "student": {"embedding_lr": -1.0}})
+
+
 # -- the sweep, through the pipeline ------------------------------------------------------------------------------
 
 

@@ -565,6 +565,10 @@ class StudentConfig(_Section):
     num_layers: int = Field(2, gt=0, description="Scratch only: transformer layers.")
     num_heads: int = Field(2, gt=0, description="Scratch only: attention heads (must divide hidden_size).")
     intermediate_size: int | None = Field(None, gt=0, description="Scratch only: MLP width; default 4 × hidden.")
+    dropout: float = Field(
+        0.1, ge=0, lt=1, description="Scratch only: dropout on the embeddings, attention probabilities, every "
+        "layer's outputs and before the head (BERT's hidden and attention dropout; BERT's 0.1 by default).",
+    )
     embeddings: Literal["random", "projected", "distilled"] = Field(
         "random",
         description="Scratch only: 'random' embeddings; 'projected': student.model's pretrained word and "
@@ -597,6 +601,13 @@ class StudentConfig(_Section):
     ngram_lr: float = Field(
         0.1, gt=0, description="Learning rate of the n-gram bag (a linear model from zero wants far more than the "
         "encoder's).",
+    )
+    embedding_lr: float | None = Field(
+        None,
+        ge=0,
+        description="Classifier students: learning rate of the word-embedding table (the model's input "
+        "embeddings). 0 keeps the table as initialised (frozen): the projected or distilled embeddings keep their "
+        "geometry for words the training texts never use. null: training.learning_rate, as every other weight.",
     )
     max_length: int = Field(
         128, gt=8, description="Longest input in tokens (prompt plus answer for generation); longer is truncated."
@@ -738,6 +749,12 @@ class TrainingConfig(_Section):
         "samples replies to the prompts and learns the local 'hf:' teacher's full distribution on its own tokens, "
         "or a served teacher's top-k there (teacher.provider 'vllm' or 'llamacpp'), same tokenizer; see "
         "on_policy_fraction).",
+    )
+    soft_loss: Literal["kl", "logit_mse"] = Field(
+        "kl",
+        description="Classification: the soft term of the loss. 'kl': tau^2 KL(teacher^tau || student^tau) (Hinton "
+        "et al.). 'logit_mse': squared distance of the student's logits to the teacher's log-probabilities, both "
+        "centred (Tang et al. 2019's choice for small students of BERT; temperature unused).",
     )
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
         "forward_kl",
@@ -1034,10 +1051,14 @@ _CLASSIFICATION_ONLY = {
 }
 _CLASSIFICATION_ONLY["student.ngram_buckets"] = (
     "adds a bag-of-word-pieces member to a classifier student; a language model's answer is text", "remove it")
+_CLASSIFICATION_ONLY["training.soft_loss"] = (
+    "picks a classifier's soft loss; a language model distills with training.distill and training.divergence",
+    "remove it")
+_CLASSIFICATION_ONLY["student.embedding_lr"] = ("sets a classifier's word-embedding learning rate", "remove it")
 _CLASSIFICATION_ONLY["student.ngram_lr"] = ("is the n-gram bag's learning rate (student.ngram_buckets)", "remove it")
 _SCRATCH_SIZES = (
-    "student.hidden_size", "student.num_layers", "student.num_heads", "student.intermediate_size", "student.embeddings",
-    "student.embeddings_from",
+    "student.hidden_size", "student.num_layers", "student.num_heads", "student.intermediate_size", "student.dropout",
+    "student.embeddings", "student.embeddings_from",
 )
 
 

@@ -83,6 +83,8 @@ def build_student(
             num_hidden_layers=cfg.num_layers,
             num_attention_heads=cfg.num_heads,
             intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
+            hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout,
             max_position_embeddings=max(512, cfg.max_length),
             pad_token_id=tokenizer.pad_token_id or 0,
             **label_kw,

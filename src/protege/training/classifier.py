@@ -187,8 +187,15 @@ def train_student(
     n = len(train_idx)
     total = cfg.max_steps or cfg.epochs * math.ceil(n / B)
     bag = bool(getattr(model.config, "ngram_buckets", 0))  # a second member, trained apart (students/mean_pool.py)
-    optimizer, scheduler = make_optimizer(model, cfg, lr, total,
-                                          {"ngram": scfg.ngram_lr} if bag else None)
+    rates = {"ngram": scfg.ngram_lr} if bag else {}
+    if scfg.embedding_lr is not None:  # the word-embedding table at its own rate; 0 freezes it
+        table = model.get_input_embeddings().weight
+        name = next(n for n, p in model.named_parameters() if p is table)
+        if scfg.embedding_lr == 0:
+            table.requires_grad_(False)
+        else:
+            rates[name] = scfg.embedding_lr
+    optimizer, scheduler = make_optimizer(model, cfg, lr, total, rates or None)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     named = list(accelerator.unwrap_model(model).named_parameters())
     bag_params = [p for name, p in named if name.startswith("ngram")]
@@ -269,10 +276,11 @@ def train_student(
                 # each member fits the teacher on its own (an n-gram bag beside the encoder); else the one model
                 loss_sum, _, parts = distillation_loss(
                     res.member_logits[0] if bag else res.logits, batch["teacher_probs"], batch["targets"],
-                    alpha=alpha, temperature=tau,
+                    alpha=alpha, temperature=tau, soft=cfg.soft_loss,
                 )  # logits (b, C)
                 bag_sum = distillation_loss(
-                    res.member_logits[1], batch["teacher_probs"], batch["targets"], alpha=alpha, temperature=tau
+                    res.member_logits[1], batch["teacher_probs"], batch["targets"], alpha=alpha, temperature=tau,
+                    soft=cfg.soft_loss,
                 )[0] if bag else torch.zeros((), device=loss_sum.device)
                 loss_sum = loss_sum + bag_sum
                 hidden_sum = hidden_loss(

@@ -20,6 +20,7 @@ __all__ = [
     "distillation_loss",
     "forward_kl",
     "lm_distillation_loss",
+    "logit_mse",
     "token_divergence",
     "topk_distillation_loss",
 ]
@@ -56,6 +57,35 @@ def forward_kl(
     return per_row.masked_fill(~mask, 0.0).sum(), mask.sum()
 
 
+def logit_mse(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distance between the student's logits and the teacher's, summed over rows (Ba & Caruana 2014;
+    Tang et al. 2019, who found it better than KL for a small student distilled from BERT):
+
+        sum_c ((z_c - mean z) - (log p_c - mean log p))^2
+
+    The teacher's logits are known only up to a constant from its probabilities, so both sides are centred over
+    the labels. Unlike the KL, whose gradient (q - p) vanishes once the student picks the teacher's label with
+    about its confidence, this keeps pulling the student's margins to the teacher's on every row.
+
+    Shapes and return as :func:`forward_kl`; computed in float32.
+    """
+    z = student_logits.float()
+    log_p = teacher_probs.float().clamp_min(1e-30).log()
+    d = (z - z.mean(-1, keepdim=True)) - (log_p - log_p.mean(-1, keepdim=True))  # (N, C)
+    per_row = d.square().sum(-1)  # (N,)
+    if mask is None:
+        return per_row.sum(), torch.tensor(per_row.shape[0], device=per_row.device)
+    mask = mask.to(per_row.device, torch.bool)
+    return per_row.masked_fill(~mask, 0.0).sum(), mask.sum()
+
+
+SOFT_LOSSES = ("kl", "logit_mse")
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_probs: torch.Tensor,
@@ -63,6 +93,7 @@ def distillation_loss(
     alpha: float,
     temperature: float,
     mask: torch.Tensor | None = None,
+    soft: str = "kl",
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Hinton et al. (2015) knowledge distillation, summed over rows:
 
@@ -71,11 +102,20 @@ def distillation_loss(
     CE is the cross-entropy with the hard target y at temperature 1; the KL is :func:`forward_kl`. The tau^2
     factor keeps the soft term's gradient on the same scale as tau changes (its gradient shrinks as 1/tau^2).
 
+    With ``soft="logit_mse"`` the soft term is :func:`logit_mse` instead of tau^2 KL (no temperature: a distance
+    between logits does not change its minimum with their scale).
+
     Shapes: student_logits (N, C); teacher_probs (N, C); targets (N,) class indices; mask (N,) or None.
-    Returns (loss sum, row count, {"ce": ce sum, "kd": tau^2-scaled KL sum}); divide by the count of the
+    Returns (loss sum, row count, {"ce": ce sum, "kd": the soft term's sum}); divide by the count of the
     whole accumulated batch.
     """
-    kl_sum, count = forward_kl(student_logits, teacher_probs, mask, temperature)
+    if soft not in SOFT_LOSSES:
+        raise ValueError(f"soft must be one of {SOFT_LOSSES}, got {soft!r}")
+    if soft == "logit_mse":
+        kl_sum, count = logit_mse(student_logits, teacher_probs, mask)
+        temperature = 1.0
+    else:
+        kl_sum, count = forward_kl(student_logits, teacher_probs, mask, temperature)
     ce_rows = F.cross_entropy(student_logits.float(), targets, reduction="none")  # (N,)
     if mask is not None:
         ce_rows = ce_rows.masked_fill(~mask.to(ce_rows.device, torch.bool), 0.0)
