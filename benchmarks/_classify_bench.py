@@ -156,8 +156,10 @@ def minilm_path() -> str:
 
 # -- 2. protege: the conditions --------------------------------------------------------------------------------
 
-CONDITIONS = ("kd", "+embed", "+select", "+augment", "+pool", "+sweep", "all", "teacher_layers")
-SINGLE_LEVER = ("+embed", "+select", "+augment", "+pool", "+sweep", "teacher_layers")
+CONDITIONS = ("kd", "+embed", "+select", "+augment", "+pool", "+sweep", "+bilstm", "all", "all+bilstm",
+              "teacher_layers")
+SINGLE_LEVER = ("+embed", "+select", "+augment", "+pool", "+sweep", "+bilstm", "teacher_layers")
+FULL_SEEDS = ("kd", "all", "all+bilstm")  # the headline rows: every seed of --seeds
 
 
 @dataclass
@@ -191,6 +193,7 @@ class Settings:
     embeddings: str = "projected"  # student.embeddings when the embed lever is on: projected or distilled
     embeddings_from: str = "model"  # student.embeddings_from: model (MiniLM) or teacher (the fine-tuned one)
     ngram_buckets: int = 0  # student.ngram_buckets of the conditions with the pool and select levers (0: off)
+    bilstm_head: int = 64  # student.intermediate_size of a bilstm student: its ReLU layer's width
 
 
 def condition_levers(cond: str, st: Settings) -> dict[str, bool]:
@@ -201,17 +204,23 @@ def condition_levers(cond: str, st: Settings) -> dict[str, bool]:
         "+augment": ("augment",),
         "+pool": ("pool",),
         "+sweep": ("select", "sweep"),
+        "+bilstm": ("bilstm",),
         # the sweep trains four students per run: measured alone, in `all` only with --all-sweep (3x the time)
         "all": ("embed", "select", "augment", "pool") + (("sweep",) if st.all_sweep else ()),
+        # Tang et al.'s student in place of the one-layer encoder (it pools the mean and max itself: no pool lever)
+        "all+bilstm": ("embed", "select", "augment", "bilstm") + (("sweep",) if st.all_sweep else ()),
         "teacher_layers": ("select",) + (("augment",) if st.tl_augment else ()) + (("sweep",) if st.tl_sweep else ()),
     }[cond]
-    return {k: k in on for k in ("embed", "select", "augment", "pool", "sweep")}
+    return {k: k in on for k in ("embed", "select", "augment", "pool", "sweep", "bilstm")}
 
 
 def recipe_dict(ds: Dataset, cond: str, seed: int, st: Settings, work: Path, teacher_dir: Path, minilm: str) -> dict:
     levers = condition_levers(cond, st)
     if cond == "teacher_layers":
         student = {"init": "teacher_layers", "layer_stride": st.tl_stride, "max_length": st.max_length}
+    elif levers["bilstm"]:
+        student = {"model": minilm, "init": "scratch", "architecture": "bilstm", "hidden_size": st.hidden_size,
+                   "intermediate_size": st.bilstm_head, "max_length": st.max_length}
     else:
         student = {
             "model": minilm,
@@ -222,14 +231,14 @@ def recipe_dict(ds: Dataset, cond: str, seed: int, st: Settings, work: Path, tea
             "intermediate_size": st.intermediate_size,
             "max_length": st.max_length,
         }
-        if levers["embed"]:
-            student["embeddings"] = st.embeddings
-            if st.embeddings_from != "model":
-                student["embeddings_from"] = st.embeddings_from
         if levers["pool"]:
             student["pooling"] = "mean"
             if st.ngram_buckets and levers["select"]:  # the bag's share is chosen on the selection slice
                 student["ngram_buckets"] = st.ngram_buckets
+    if levers["embed"]:
+        student["embeddings"] = st.embeddings
+        if st.embeddings_from != "model":
+            student["embeddings_from"] = st.embeddings_from
     training: dict = {
         "alpha": st.alpha,
         "temperature": st.temperature,
@@ -538,9 +547,9 @@ def main(ds: Dataset, argv: list[str] | None = None) -> int:
     teacher = fine_tune_teacher(ds, minilm, work / "teacher", epochs=1 if args.quick else 2, max_length=st.max_length)
     teacher_s = time.perf_counter() - t0
 
-    plan = [(c, s) for c in conds for s in (seeds if c in ("kd", "all") else single)]
-    # kd and all over every seed first (the table's headline rows), then the single levers in the order given
-    plan.sort(key=lambda cs: (cs[0] not in ("kd", "all"), cs[0] != "kd", conds.index(cs[0]), cs[1]))
+    plan = [(c, s) for c in conds for s in (seeds if c in FULL_SEEDS else single)]
+    # kd and the all rows over every seed first (the table's headline rows), then the single levers in the order given
+    plan.sort(key=lambda cs: (cs[0] not in FULL_SEEDS, cs[0] != "kd", conds.index(cs[0]), cs[1]))
     runs: list[dict] = []
     (work / "results").mkdir(parents=True, exist_ok=True)
     for cond, seed in plan:
@@ -616,10 +625,13 @@ new texts through the store. `+pool`: student.pooling mean (the head reads the m
 not the first token's). `+sweep`: select as above plus training.sweep_alpha {list(st.sweep_alpha)} x
 sweep_temperature {list(st.sweep_temperature)}, picked on the same slice. `all`: embed + augment + select + pool{' + sweep' if st.all_sweep else ''} (the sweep, four students per run, is measured
 alone: three seeds of `all` with it did not fit the 2-core budget).
+`+bilstm`: student.architecture bilstm in place of the BERT (Tang et al.'s student: a forward and a backward LSTM of
+width {st.hidden_size} over {st.hidden_size}-wide word embeddings, the mean and max of their states, a ReLU layer of {st.bilstm_head}), kd settings otherwise;
+`all+bilstm`: `all` with that student (embed + augment + select; it pools by itself).
 `teacher_layers`: student.init teacher_layers, layer_stride {st.tl_stride} (copied from the teacher), lr
 {st.tl_lr:g}, {st.tl_epochs} epochs, with select{' + augment' if st.tl_augment else ''}{' + sweep' if st.tl_sweep else ''}.
 The hard-label student (alpha 0, kd settings) and the TF-IDF + logistic-regression floor (trained on the teacher's
-labels) come from the kd runs' reports. Seeds (training.seed): kd and all {','.join(map(str, seeds))}; single-lever
+labels) come from the kd runs' reports. Seeds (training.seed): kd, all and all+bilstm {','.join(map(str, seeds))}; single-lever
 conditions and teacher_layers {','.join(map(str, single))} (the compute budget: 2 shared cores, about 25 minutes per
 dataset). Figures are mean ± standard error over seeds (no ± with one seed); the se is over seeds only, the
 {ds.eval_name} set's own sampling error (about {100 * math.sqrt(0.16 / len(ds.eval)):.1f} points at 80% accuracy) is

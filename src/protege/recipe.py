@@ -561,6 +561,13 @@ class StudentConfig(_Section):
     lora_target_modules: list[str] | None = Field(
         None, description="Module names LoRA adapts; default: every linear layer but the LM head."
     )
+    architecture: Literal["bert", "bilstm"] = Field(
+        "bert",
+        description="Scratch classifiers: 'bert', a small BERT encoder (num_layers, num_heads, pooling); 'bilstm', "
+        "Tang et al.'s student: a forward and a backward LSTM over the word embeddings, the mean and max of their "
+        "states, a ReLU layer of intermediate_size (default hidden_size) and the head. hidden_size is the width "
+        "of its word embeddings and of each LSTM. Saved as model type protege-bilstm.",
+    )
     hidden_size: int = Field(128, gt=0, description="Scratch only: width of the encoder.")
     num_layers: int = Field(2, gt=0, description="Scratch only: transformer layers.")
     num_heads: int = Field(2, gt=0, description="Scratch only: attention heads (must divide hidden_size).")
@@ -615,6 +622,21 @@ class StudentConfig(_Section):
 
     @model_validator(mode="after")
     def _heads_divide(self) -> StudentConfig:
+        if self.architecture == "bilstm":
+            if self.init != "scratch":
+                raise ValueError(f"student.architecture bilstm builds a new student, so it needs student.init scratch "
+                                 f"(init is {self.init!r}); set student.init scratch, or remove student.architecture")
+            # set to other than the default (a saved recipe.yaml writes every setting back, defaults included)
+            bert_only = [k for k in ("num_layers", "num_heads", "pooling", "ngram_buckets")
+                         if k in self.model_fields_set and getattr(self, k) != type(self).model_fields[k].default
+                         and not (k == "num_layers" and self.num_layers == 1)]  # one LSTM each way: one layer
+            if bert_only:
+                raise ValueError(
+                    f"student.architecture bilstm has one LSTM each way and pools the mean and max of their states; "
+                    f"{', '.join('student.' + k for k in bert_only)} shape a BERT student and would be ignored: "
+                    "remove them, or set student.architecture bert"
+                )
+            return self
         if self.init == "scratch" and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"student.hidden_size {self.hidden_size} is not divisible by student.num_heads {self.num_heads}; "
@@ -888,6 +910,12 @@ class Recipe(_Section):
                     f"classifier); teacher {self.teacher.model!r} has no layers to copy. Use student.init pretrained or "
                     "scratch"
                 )
+            if t.hidden_weight and s.architecture == "bilstm":
+                raise ValueError(
+                    "training.hidden_weight matches a BERT student's token states to the teacher's; a student.architecture "
+                    "bilstm student has LSTM states of another kind. Set training.hidden_weight: 0, or "
+                    "student.architecture bert"
+                )
             if t.hidden_weight and backend not in ("hf", "embed"):
                 raise ValueError(
                     f"training.hidden_weight matches the student's token states to a local encoder teacher's ('hf:' "
@@ -1054,6 +1082,8 @@ _CLASSIFICATION_ONLY["student.ngram_buckets"] = (
 _CLASSIFICATION_ONLY["training.soft_loss"] = (
     "picks a classifier's soft loss; a language model distills with training.distill and training.divergence",
     "remove it")
+_CLASSIFICATION_ONLY["student.architecture"] = ("builds a classifier student (bert or bilstm); a language model is "
+                                                 "student.model's", "remove it")
 _CLASSIFICATION_ONLY["student.embedding_lr"] = ("sets a classifier's word-embedding learning rate", "remove it")
 _CLASSIFICATION_ONLY["student.ngram_lr"] = ("is the n-gram bag's learning rate (student.ngram_buckets)", "remove it")
 _SCRATCH_SIZES = (

@@ -32,9 +32,9 @@ META_FILES = ("config.json", "generation_config.json", "protege.json", "recipe.y
 def _load(student_dir: Path, kind: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..students.mean_pool import register as register_mean_pool
+    from ..students.classifier import register_students
 
-    register_mean_pool()  # a student with student.pooling mean is a protege-bert
+    register_students()  # a protege-bert (student.pooling mean) or protege-bilstm student
     auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModelForCausalLM
     try:  # a saved student is a local folder: never reach for the hub
         model = auto.from_pretrained(student_dir, dtype="float32", local_files_only=True)

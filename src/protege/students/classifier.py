@@ -25,6 +25,7 @@ __all__ = [
     "label_order",
     "load_student",
     "load_teacher_classifier",
+    "register_students",
     "save_student",
     "scratch_init_std",
 ]
@@ -44,7 +45,6 @@ def build_student(
     )
 
     from .mean_pool import MeanPoolBertConfig, MeanPoolBertForSequenceClassification
-    from .mean_pool import register as register_mean_pool
 
     label_kw: dict[str, Any] = {
         "num_labels": len(labels),
@@ -72,8 +72,16 @@ def build_student(
     except OSError as e:
         raise ProtegeError(f"cannot load the student's tokenizer from {cfg.model!r}: {e}") from None
     torch.manual_seed(seed)  # the new head (and a scratch model) start the same way every run
-    if cfg.init == "scratch":
-        register_mean_pool()  # so that save_pretrained writes mean_pool.py and its auto_map beside a protege-bert
+    if cfg.init == "scratch" and cfg.architecture == "bilstm":
+        from .bilstm import BiLstmConfig, BiLstmForSequenceClassification
+
+        register_students()  # so that save_pretrained writes bilstm.py and its auto_map beside the student
+        model = BiLstmForSequenceClassification(BiLstmConfig(
+            vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, head_size=cfg.intermediate_size or cfg.hidden_size,
+            dropout=cfg.dropout, pad_token_id=tokenizer.pad_token_id or 0, **label_kw,
+        ))
+    elif cfg.init == "scratch":
+        register_students()  # so that save_pretrained writes mean_pool.py and its auto_map beside a protege-bert
         mean_kw = {"ngram_buckets": cfg.ngram_buckets} if cfg.pooling == "mean" else {}
         config = (MeanPoolBertConfig if cfg.pooling == "mean" else BertConfig)(
             **mean_kw,
@@ -92,9 +100,6 @@ def build_student(
         model = (MeanPoolBertForSequenceClassification if cfg.pooling == "mean" else BertForSequenceClassification)(
             config
         )
-        if cfg.embeddings != "random":
-            project_embeddings(model, source, cfg.model, distilled=cfg.embeddings == "distilled",
-                               teacher=teacher if cfg.embeddings_from == "teacher" else None, tokenizer=tokenizer)
     else:
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -102,7 +107,20 @@ def build_student(
             )
         except OSError as e:
             raise ProtegeError(f"cannot load the student model {cfg.model!r}: {e}") from None
+        return model, tokenizer, None
+    if cfg.embeddings != "random":
+        project_embeddings(model, source, cfg.model, distilled=cfg.embeddings == "distilled",
+                           teacher=teacher if cfg.embeddings_from == "teacher" else None, tokenizer=tokenizer)
     return model, tokenizer, None
+
+
+def register_students() -> None:
+    """Let the Auto classes load protege's own student types (protege-bert, protege-bilstm)."""
+    from .bilstm import register as register_bilstm
+    from .mean_pool import register as register_mean_pool
+
+    register_mean_pool()
+    register_bilstm()
 
 
 def scratch_init_std(hidden_size: int) -> float:
@@ -169,10 +187,10 @@ def project_embeddings(model: Any, source: Any, name: str, *, distilled: bool = 
         words = centred @ proj * scale
     with torch.no_grad():
         new.copy_(words)
-        for attr in ("position_embeddings", "token_type_embeddings"):
+        for attr in ("position_embeddings", "token_type_embeddings"):  # a BERT student's; a BiLSTM has none
             theirs = getattr(getattr(base, "embeddings", None), attr, None)
-            ours = getattr(model.bert.embeddings, attr)
-            if theirs is not None:
+            ours = getattr(getattr(getattr(model, "bert", None), "embeddings", None), attr, None)
+            if theirs is not None and ours is not None:
                 n = min(theirs.weight.shape[0], ours.weight.shape[0])
                 ours.weight[:n] = theirs.weight[:n].detach() @ proj * scale
     return {"variance_kept": kept}
@@ -366,13 +384,11 @@ def load_student(path: Path) -> tuple[Any, Any, StudentCard]:
     """(model in eval mode, tokenizer, card) of a saved classifier student."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .mean_pool import register as register_mean_pool
-
     path = Path(path)
     card = StudentCard.read(path)
     if card.kind != "classifier":
         raise ProtegeError(f"{str(path)!r} is a {card.kind} student, not a classifier")
-    register_mean_pool()  # a student with student.pooling mean is a protege-bert
+    register_students()  # a protege-bert (student.pooling mean) or protege-bilstm student
     model = AutoModelForSequenceClassification.from_pretrained(path)
     id2label = model.config.id2label or {}
     if tuple(id2label.get(i, f"LABEL_{i}") for i in range(model.config.num_labels)) != card.labels:

@@ -160,9 +160,10 @@ def _teacher_name(model: str) -> str:
 def _intro(card: StudentCard, recipe: Recipe) -> list[str]:
     what = "text classifier" if card.labels else "causal language model"
     init = card.summary.get("init", recipe.student.init)
-    mean = card.labels and recipe.student.pooling == "mean"  # a protege-bert: its class is mean_pool.py, beside it
-    remote = (" with `trust_remote_code=True`, the tokenizer too: its head reads the mean of the tokens' states, "
-              "in mean_pool.py") if mean else ""
+    # protege's own student types carry their class beside the weights (mean_pool.py, bilstm.py)
+    own = ("it is a bidirectional LSTM, in bilstm.py" if recipe.student.architecture == "bilstm" else
+           "its head reads the mean of the tokens' states, in mean_pool.py" if recipe.student.pooling == "mean" else None)
+    remote = f" with `trust_remote_code=True`, the tokenizer too: {own}" if card.labels and own else ""
     start = {
         "pretrained": f"starting from {_where_from(recipe.student.model)}",
         "scratch": "from a small model made from scratch (only the tokenizer of "

@@ -1,0 +1,193 @@
+"""student.architecture bilstm: Tang et al.'s BiLSTM student (protege.students.bilstm), on tiny models built here:
+the reversal within each text, answers that do not depend on the batch, what each direction has read, the
+student protege builds (its size, its projected words), training, saving and loading (plain transformers too),
+the ONNX export, and the settings it refuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import AutoModelForSequenceClassification
+
+from protege.demo_data import LABELS, make_examples
+from protege.errors import ProtegeError
+from protege.evaluation.classifier import student_probs
+from protege.recipe import StudentConfig, build_recipe
+from protege.students.bilstm import BiLstmConfig, BiLstmForSequenceClassification, register, reverse_within
+from protege.students.classifier import build_student, load_student
+from protege.training.classifier import TrainRow, train_student
+
+NAMES = list(LABELS)
+
+
+def _model(seed: int = 0, vocab: int = 120) -> BiLstmForSequenceClassification:
+    torch.manual_seed(seed)
+    return BiLstmForSequenceClassification(BiLstmConfig(vocab_size=vocab, hidden_size=8, head_size=6,
+                                                        num_labels=3)).eval()
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 120, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def test_reverse_within_reverses_each_text_and_leaves_its_padding():
+    x = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1)  # rows [0..4], [5..9]
+    out = reverse_within(x, torch.tensor([5, 3]))
+    assert out[0, :, 0].tolist() == [4, 3, 2, 1, 0]
+    assert out[1, :, 0].tolist() == [7, 6, 5, 8, 9]  # the text (5, 6, 7) reversed, the padding (8, 9) in place
+    torch.testing.assert_close(reverse_within(out, torch.tensor([5, 3])), x)
+
+
+def test_a_texts_answer_does_not_depend_on_its_batch_or_its_padding():
+    model, enc = _model(), _batch()
+    with torch.inference_mode():
+        together = model(**enc).logits  # (3, C)
+        for i, n in enumerate(enc["attention_mask"].sum(1).tolist()):
+            alone = model(input_ids=enc["input_ids"][i : i + 1, :n]).logits
+            torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_each_direction_reads_the_text_from_its_own_end():
+    """Changing the last word changes the backward LSTM's state at the first word but not the forward LSTM's
+    states before the change (what max and mean pooling then read)."""
+    model = _model()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    other = torch.tensor([[5, 6, 7, 9]])
+    with torch.inference_mode():
+        x, y = model.embeddings(ids), model.embeddings(other)
+        ahead_x, _ = model.forward_lstm(x)
+        ahead_y, _ = model.forward_lstm(y)
+        back_x, _ = model.backward_lstm(reverse_within(x, torch.tensor([4])))
+        back_y, _ = model.backward_lstm(reverse_within(y, torch.tensor([4])))
+    torch.testing.assert_close(ahead_x[:, :3], ahead_y[:, :3])
+    assert not torch.allclose(reverse_within(back_x, torch.tensor([4]))[:, 0],
+                              reverse_within(back_y, torch.tensor([4]))[:, 0])
+    assert model(input_ids=ids).logits.shape == (1, 3)
+
+
+def test_saved_bilstm_student_loads_as_itself_with_plain_transformers(tmp_path):
+    register()
+    model, enc = _model(2), _batch()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "protege-bilstm" and config["hidden_size"] == 8 and config["head_size"] == 6
+    assert config["auto_map"]["AutoModelForSequenceClassification"].endswith("BiLstmForSequenceClassification")
+    assert (tmp_path / "bilstm.py").is_file()  # the class travels with the student
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, BiLstmForSequenceClassification)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(**enc).logits, model(**enc).logits)
+
+
+def _recipe(tok_dir, **student):
+    return build_recipe({
+        "task": {"labels": NAMES},
+        "student": {"model": str(tok_dir), "init": "scratch", "architecture": "bilstm", "hidden_size": 16,
+                    "max_length": 32, **student},
+        "training": {"epochs": 3, "batch_size": 8, "learning_rate": 3e-3, "seed": 0, "select_fraction": 0.2},
+    })
+
+
+def test_protege_builds_the_bilstm_of_the_recipe_with_its_size(tmp_path, tiny_tokenizer):
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    model, _, _ = build_student(_recipe(tmp_path / "tok", intermediate_size=12, dropout=0.2).student,
+                                tuple(NAMES), seed=0)
+    assert isinstance(model, BiLstmForSequenceClassification)
+    v, h, c = len(tiny_tokenizer), 16, len(NAMES)
+    lstm = 4 * h * (h + h) + 2 * 4 * h  # the input and recurrent maps of four gates, two biases each
+    assert sum(p.numel() for p in model.parameters()) == v * h + 2 * lstm + (4 * h * 12 + 12) + (12 * c + c)
+    assert model.dropout.p == 0.2 and model.config.head_size == 12
+    assert model.config.id2label == dict(enumerate(NAMES))
+    plain, _, _ = build_student(_recipe(tmp_path / "tok").student, tuple(NAMES), seed=0)
+    assert plain.config.head_size == 16  # intermediate_size defaults to hidden_size
+    # the words start at the student's scale, the padding row at 0
+    assert float(plain.embeddings.weight.detach().std()) == pytest.approx(16**-0.5, rel=0.15)
+    assert not plain.embeddings.weight[tiny_tokenizer.pad_token_id].any()
+
+
+def test_projected_words_are_those_a_bert_student_of_the_same_width_gets(tmp_path, tiny_tokenizer):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(3)
+    source = tmp_path / "base"
+    BertModel(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, pad_token_id=tiny_tokenizer.pad_token_id)).save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    bilstm, _, _ = build_student(_recipe(source, embeddings="projected").student, tuple(NAMES), seed=0)
+    bert_recipe = build_recipe({"task": {"labels": NAMES}, "student": {
+        "model": str(source), "init": "scratch", "hidden_size": 16, "num_heads": 2, "max_length": 32,
+        "embeddings": "projected"}})
+    bert, _, _ = build_student(bert_recipe.student, tuple(NAMES), seed=0)
+    torch.testing.assert_close(bilstm.embeddings.weight, bert.get_input_embeddings().weight)
+
+
+def test_a_bilstm_student_trains_saves_and_loads_as_one(tmp_path, tiny_tokenizer):
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    recipe = _recipe(tmp_path / "tok")
+    examples = make_examples(60, seed=3)
+    rows = []
+    for i, ex in enumerate(examples):
+        p = [0.05] * len(NAMES)
+        p[NAMES.index(ex["label"])] = 1 - 0.05 * (len(NAMES) - 1)
+        rows.append(TrainRow(ex["text"], tuple(p), NAMES.index(ex["label"]), id=f"r{i}"))
+    summary = train_student(recipe, rows, tmp_path / "student", alpha=1.0, quiet=True)
+    first, kept = summary["selection"]["history"][0], summary["selection"]["history"][-1]
+    assert kept["kl"] < first["kl"]  # it learns the teacher: the slice's KL falls over three epochs
+    model, _, card = load_student(tmp_path / "student")
+    assert isinstance(model, BiLstmForSequenceClassification) and card.labels == tuple(NAMES)
+    assert summary["parameters"] == sum(p.numel() for p in model.parameters())
+    assert "trust_remote_code=True" in (tmp_path / "student" / "README.md").read_text()
+    assert "bilstm.py" in (tmp_path / "student" / "README.md").read_text()
+    probs, labels = student_probs(tmp_path / "student", [ex["text"] for ex in examples[:5]])
+    assert labels == tuple(NAMES) and probs.shape == (5, len(NAMES))
+    assert abs(probs.sum(1) - 1).max() < 1e-5
+    # its saved recipe (every setting written back, defaults included) loads again
+    from protege.recipe import load_recipe
+
+    recipe.save(tmp_path / "recipe.yaml")
+    assert load_recipe(tmp_path / "recipe.yaml").student.architecture == "bilstm"
+
+
+def test_a_bilstm_student_exports_to_onnx_with_parity(tmp_path, tiny_tokenizer):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from protege.export import export_student
+    from protege.students.card import StudentCard
+    from protege.students.classifier import save_student
+
+    torch.manual_seed(0)
+    model = BiLstmForSequenceClassification(BiLstmConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=16, head_size=16, num_labels=len(NAMES),
+        id2label=dict(enumerate(NAMES)), label2id={n: i for i, n in enumerate(NAMES)},
+        pad_token_id=tiny_tokenizer.pad_token_id))
+    card = StudentCard.for_classifier(build_recipe({"task": {"labels": NAMES}}), tuple(NAMES), {})
+    save_student(model, tiny_tokenizer, tmp_path / "student", card)
+    report = export_student(tmp_path / "student", "onnx", tmp_path / "onnx", runs=3)
+    assert (tmp_path / "onnx" / "model.onnx").is_file()
+    # padded sample texts of different lengths agree with PyTorch: the reversal within each text is in the graph
+    assert report.parity["passed"] and report.parity["argmax_agreement"] == 1.0, report.parity
+
+
+def test_settings_a_bilstm_would_ignore_are_refused():
+    assert StudentConfig(init="scratch", architecture="bilstm", num_layers=1).architecture == "bilstm"
+    with pytest.raises(ValidationError, match="architecture bilstm builds a new student.*student.init scratch"):
+        StudentConfig(init="pretrained", architecture="bilstm")
+    for bert_only in ({"num_heads": 4}, {"pooling": "mean"}, {"num_layers": 3}, {"ngram_buckets": 60000}):
+        with pytest.raises(ValidationError, match=f"student.{next(iter(bert_only))} shape a BERT student"):
+            StudentConfig(init="scratch", architecture="bilstm", **bert_only)
+    # a saved recipe writes the defaults back: those are no reason to refuse
+    dumped = StudentConfig(init="scratch", architecture="bilstm").model_dump()
+    assert StudentConfig(**dumped).architecture == "bilstm"
+    with pytest.raises(ProtegeError, match="training.hidden_weight matches a BERT student's token states"):
+        build_recipe({"task": {"labels": NAMES}, "teacher": {"model": "hf:some/encoder"},
+                      "student": {"init": "scratch", "architecture": "bilstm"}, "training": {"hidden_weight": 1.0}})
+    with pytest.raises(ProtegeError, match="student.architecture"):
+        build_recipe({"task": {"kind": "generation"}, "student": {"model": "gpt2", "architecture": "bilstm"}})
