@@ -47,6 +47,7 @@ VARIANTS: dict[str, dict] = {
     "span5": {"data.augment.ngram_max": 40, "data.augment.ngram_p": 0.5},
     "nb": {"data.augment.replace_with": "neighbours"},
     "nb3": {"data.augment.replace_with": "neighbours", "data.augment.replace_p": 0.3},
+    "bilstm": {"student.architecture": "bilstm", "student.intermediate_size": 64},
     "train1000": {"@n_train": 1000},
     "train1000-aug8": {"@n_train": 1000, "data.augment.per_text": 8},
 }

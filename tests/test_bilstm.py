@@ -146,9 +146,19 @@ def test_a_bilstm_student_trains_saves_and_loads_as_one(tmp_path, tiny_tokenizer
     assert summary["parameters"] == sum(p.numel() for p in model.parameters())
     assert "trust_remote_code=True" in (tmp_path / "student" / "README.md").read_text()
     assert "bilstm.py" in (tmp_path / "student" / "README.md").read_text()
-    probs, labels = student_probs(tmp_path / "student", [ex["text"] for ex in examples[:5]])
+    texts = [ex["text"] for ex in examples[:5]]
+    probs, labels = student_probs(tmp_path / "student", texts)
     assert labels == tuple(NAMES) and probs.shape == (5, len(NAMES))
     assert abs(probs.sum(1) - 1).max() < 1e-5
+    # served over HTTP on loopback, it answers with the same probabilities, batched as the server batches
+    import httpx2
+    from test_serve import running
+
+    with running(tmp_path / "student") as srv:
+        out = httpx2.post(f"{srv.url}/v1/classify", json={"input": texts}, timeout=20).json()
+    for d, p in zip(out["data"], probs):
+        assert d["label"] == NAMES[int(p.argmax())]
+        assert [d["probs"][x] for x in NAMES] == pytest.approx(list(p), abs=1e-4)
     # its saved recipe (every setting written back, defaults included) loads again
     from protege.recipe import load_recipe
 
