@@ -201,3 +201,17 @@ def test_settings_a_bilstm_would_ignore_are_refused():
                       "student": {"init": "scratch", "architecture": "bilstm"}, "training": {"hidden_weight": 1.0}})
     with pytest.raises(ProtegeError, match="student.architecture"):
         build_recipe({"task": {"kind": "generation"}, "student": {"model": "gpt2", "architecture": "bilstm"}})
+
+
+def test_the_lean_path_gives_the_models_logits_one_text_at_a_time_and_batched():
+    from protege.lean import classifier_logits
+
+    model, enc = _model(4), _batch()
+    fast = classifier_logits(model)
+    with torch.inference_mode():
+        for i, n in enumerate(enc["attention_mask"].sum(1).tolist()):  # unpadded: the fused bidirectional call
+            one = {"input_ids": enc["input_ids"][i : i + 1, :n], "attention_mask": enc["attention_mask"][i : i + 1, :n]}
+            torch.testing.assert_close(fast(**one), model(**one).logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast(**enc), model(**enc).logits)  # padded: the model's own forward
+        full = {"input_ids": enc["input_ids"][:, :2], "attention_mask": torch.ones(3, 2, dtype=torch.long)}
+        torch.testing.assert_close(fast(**full), model(**full).logits, rtol=1e-5, atol=1e-6)

@@ -40,6 +40,29 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def _bilstm(model: Any) -> Forward:
+    """A protege-bilstm student's logits (students/bilstm.py) in evaluation mode. Texts without padding (one text
+    at a time, as a served student mostly answers) go through both LSTMs in one fused bidirectional call, whose
+    backward half reads each text from its end as the model's reversal within the text does, and the plain mean
+    and max; a padded batch goes through the model's own forward."""
+    fw, bw = model.forward_lstm, model.backward_lstm
+    weights = [fw.weight_ih_l0, fw.weight_hh_l0, fw.bias_ih_l0, fw.bias_hh_l0,
+               bw.weight_ih_l0, bw.weight_hh_l0, bw.bias_ih_l0, bw.bias_hh_l0]  # the model's own tensors, no copy
+    scale = math.sqrt(model.config.hidden_size)
+
+    def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits
+        x = model.embeddings(input_ids) * scale  # (B, T, H)
+        h0 = x.new_zeros(2, x.shape[0], fw.hidden_size)
+        states = torch.lstm(x, (h0, h0), weights, True, 1, 0.0, False, True, True)[0]  # (B, T, 2H)
+        pooled = torch.cat([states.mean(1), states.amax(1)], -1)  # (B, 4H)
+        return model.classifier(torch.relu(model.dense(pooled)))
+
+    return logits
+
+
 def lean_reason(model: Any) -> str | None:
     """Why the lean path does not cover ``model`` (None: it does)."""
     bert = getattr(model, "bert", model)
@@ -93,6 +116,8 @@ def classifier_logits(model: Any) -> Forward:
 
 
 def _classifier(model: Any) -> Forward:
+    if getattr(model.config, "model_type", None) == "protege-bilstm" and not model.training:
+        return _bilstm(model)
     if lean_reason(model) is not None:
         return lambda **enc: model(**enc).logits
     encoder, pooler, head = _Encoder(model.bert), model.bert.pooler.dense, model.classifier
