@@ -92,6 +92,33 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def padded_batch(vocab: int = 120) -> dict:
+    """Three rows of 9 random word-piece ids below ``vocab``, the second padded after 5 tokens and the third after
+    2 (padding id 0, on the right, as BERT tokenizers pad)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def demo_rows(n: int, seed: int = 3, other: float = 0.05) -> list:
+    """Training rows of ``n`` demo tickets whose teacher puts ``other`` on every wrong label and the rest on the
+    ticket's own (ids r0, r1, ...)."""
+    from protege.training.classifier import TrainRow
+
+    names = list(LABELS)
+    rows = []
+    for i, ex in enumerate(make_examples(n, seed=seed)):
+        p = [other] * len(names)
+        p[names.index(ex["label"])] = 1 - other * (len(names) - 1)
+        rows.append(TrainRow(ex["text"], tuple(p), names.index(ex["label"]), id=f"r{i}"))
+    return rows
+
+
 def sql(db: Path, q: str, *args) -> list[tuple]:
     """Rows of a query on a store, read directly with sqlite3 (not through protege's Store)."""
     import sqlite3

@@ -9,16 +9,17 @@ import json
 
 import pytest
 import torch
+from conftest import demo_rows, padded_batch
 from pydantic import ValidationError
 from transformers import AutoModelForSequenceClassification
 
-from protege.demo_data import LABELS, make_examples
+from protege.demo_data import LABELS
 from protege.errors import ProtegeError
 from protege.evaluation.classifier import student_probs
 from protege.recipe import StudentConfig, build_recipe
 from protege.students.bilstm import BiLstmConfig, BiLstmForSequenceClassification, register, reverse_within
 from protege.students.classifier import build_student, load_student
-from protege.training.classifier import TrainRow, train_student
+from protege.training.classifier import train_student
 
 NAMES = list(LABELS)
 
@@ -30,12 +31,7 @@ def _model(seed: int = 0, vocab: int = 120) -> BiLstmForSequenceClassification:
 
 
 def _batch() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, 120, (3, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    mask[2, 2:] = 0
-    return {"input_ids": ids * mask, "attention_mask": mask}
+    return padded_batch()
 
 
 def test_reverse_within_reverses_each_text_and_leaves_its_padding():
@@ -132,12 +128,7 @@ def test_projected_words_are_those_a_bert_student_of_the_same_width_gets(tmp_pat
 def test_a_bilstm_student_trains_saves_and_loads_as_one(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     recipe = _recipe(tmp_path / "tok")
-    examples = make_examples(60, seed=3)
-    rows = []
-    for i, ex in enumerate(examples):
-        p = [0.05] * len(NAMES)
-        p[NAMES.index(ex["label"])] = 1 - 0.05 * (len(NAMES) - 1)
-        rows.append(TrainRow(ex["text"], tuple(p), NAMES.index(ex["label"]), id=f"r{i}"))
+    rows = demo_rows(60)
     summary = train_student(recipe, rows, tmp_path / "student", alpha=1.0, quiet=True)
     first, kept = summary["selection"]["history"][0], summary["selection"]["history"][-1]
     assert kept["kl"] < first["kl"]  # it learns the teacher: the slice's KL falls over three epochs
@@ -146,7 +137,7 @@ def test_a_bilstm_student_trains_saves_and_loads_as_one(tmp_path, tiny_tokenizer
     assert summary["parameters"] == sum(p.numel() for p in model.parameters())
     assert "trust_remote_code=True" in (tmp_path / "student" / "README.md").read_text()
     assert "bilstm.py" in (tmp_path / "student" / "README.md").read_text()
-    texts = [ex["text"] for ex in examples[:5]]
+    texts = [r.text for r in rows[:5]]
     probs, labels = student_probs(tmp_path / "student", texts)
     assert labels == tuple(NAMES) and probs.shape == (5, len(NAMES))
     assert abs(probs.sum(1) - 1).max() < 1e-5

@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
+from conftest import demo_rows, padded_batch
 from pydantic import ValidationError
 from transformers import AutoModelForSequenceClassification
 
-from protege.demo_data import LABELS, make_examples
+from protege.demo_data import LABELS
 from protege.evaluation.classifier import student_probs
 from protege.lean import classifier_logits, lean_reason
 from protege.recipe import StudentConfig, build_recipe
@@ -21,7 +22,7 @@ from protege.students.mean_pool import (
     mean_of_tokens,
     register,
 )
-from protege.training.classifier import TrainRow, train_student
+from protege.training.classifier import train_student
 
 
 def _model(seed: int = 0) -> MeanPoolBertForSequenceClassification:
@@ -32,12 +33,7 @@ def _model(seed: int = 0) -> MeanPoolBertForSequenceClassification:
 
 
 def _batch() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, 120, (3, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    mask[2, 2:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+    return padded_batch()
 
 
 def test_mean_of_tokens_leaves_padding_out():
@@ -107,12 +103,7 @@ def test_a_scratch_student_with_pooling_mean_trains_saves_and_loads_as_one(tmp_p
     })
     model, _, _ = build_student(recipe.student, tuple(names), seed=0)
     assert isinstance(model, MeanPoolBertForSequenceClassification) and model.config.pooling == "mean"
-    examples = make_examples(40, seed=3)
-    rows = []
-    for i, ex in enumerate(examples):
-        p = [0.05] * len(names)
-        p[names.index(ex["label"])] = 1 - 0.05 * (len(names) - 1)
-        rows.append(TrainRow(ex["text"], tuple(p), names.index(ex["label"]), id=f"r{i}"))
+    rows = demo_rows(40)
     summary = train_student(recipe, rows, tmp_path / "student", alpha=1.0, quiet=True)
     assert summary["parameters"] == sum(p.numel() for p in model.parameters())
     loaded, _, card = load_student(tmp_path / "student")
@@ -120,7 +111,7 @@ def test_a_scratch_student_with_pooling_mean_trains_saves_and_loads_as_one(tmp_p
     assert card.labels == tuple(names)
     # its model card tells a transformers user how to load it
     assert "trust_remote_code=True" in (tmp_path / "student" / "README.md").read_text()
-    probs, labels = student_probs(tmp_path / "student", [ex["text"] for ex in examples[:5]])
+    probs, labels = student_probs(tmp_path / "student", [r.text for r in rows[:5]])
     assert labels == tuple(names) and probs.shape == (5, len(names))
     assert abs(probs.sum(1) - 1).max() < 1e-5
 
