@@ -7,6 +7,10 @@ Models (timing does not depend on the weights' values; all-MiniLM-L6-v2 comes fr
 
 - student: the demo's and SST-2's student shape, a one-layer BERT (hidden 64, 2 heads, MLP 1024) over MiniLM's
   30,522-token vocabulary with a 5-way head, random weights;
+- BiLSTM student: SST-2's ``student.architecture: bilstm`` (hidden 64, ReLU layer 64), same vocabulary and head; its
+  "transformers" column is its own forward (two LSTM calls, each text reversed within its length), its lean one the
+  fused bidirectional call protege uses for unpadded texts (batches of 64 are padded, so both columns run its own
+  forward there);
 - classifier teacher: all-MiniLM-L6-v2 with a 5-way head (as benchmarks/sst2.py fine-tunes it);
 - embedding teacher: all-MiniLM-L6-v2's encoder, token states (what an ``embed:`` teacher pools).
 
@@ -42,7 +46,12 @@ def _models(minilm: str) -> dict[str, tuple[torch.nn.Module, str]]:
         num_labels=5)).eval()
     teacher = BertForSequenceClassification.from_pretrained(minilm, num_labels=5).eval()
     encoder = BertModel.from_pretrained(minilm, add_pooling_layer=False).eval()
+    from protege.students.bilstm import BiLstmConfig, BiLstmForSequenceClassification
+
+    bilstm = BiLstmForSequenceClassification(BiLstmConfig(vocab_size=30522, hidden_size=64, head_size=64,
+                                                          num_labels=5)).eval()
     return {"student (1 layer, hidden 64)": (student, "classifier"),
+            "BiLSTM student (hidden 64; its own forward against the fused call)": (bilstm, "classifier"),
             "classifier teacher (MiniLM-L6, hidden 384)": (teacher, "classifier"),
             "embedding teacher (MiniLM-L6 encoder)": (encoder, "encoder")}
 
