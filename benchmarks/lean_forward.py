@@ -187,7 +187,8 @@ Tokenizing, the same texts (outputs equal, tests/test_lean.py), and the student'
 {tok_table}
 
 The lean path is used wherever protege runs a BERT for inference: a served or evaluated classifier student, an
-`hf:` classifier teacher, an `embed:` teacher's encoder; a model it does not cover runs through transformers.
+`hf:` classifier teacher, an `embed:` teacher's encoder; a model it does not cover runs through transformers. A
+BiLSTM student's unpadded texts take the fused call; padded batches run its own forward in both columns.
 """
     write_section(REPO / "BENCHMARKS.md", TITLE, section)
 
