@@ -5,7 +5,9 @@ the ONNX export, and the settings it refuses."""
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 
 import pytest
 import torch
@@ -67,6 +69,52 @@ def test_each_direction_reads_the_text_from_its_own_end():
     assert not torch.allclose(reverse_within(back_x, torch.tensor([4]))[:, 0],
                               reverse_within(back_y, torch.tensor([4]))[:, 0])
     assert model(input_ids=ids).logits.shape == (1, 3)
+
+
+def test_a_row_of_padding_alone_and_a_float_mask_give_finite_logits():
+    model, enc = _model(), _batch()
+    enc["attention_mask"][2] = 0  # an empty text batched with others (a tokenizer without special tokens)
+    with torch.inference_mode():
+        logits = model(**enc).logits
+        assert torch.isfinite(logits).all() and logits.abs().max() < 100
+        torch.testing.assert_close(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"].float()).logits,
+                                   logits)
+
+
+def test_a_bilstm_student_pads_on_the_right_whatever_its_tokenizer_did(tmp_path, tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.padding_side = "left"
+    tok.save_pretrained(tmp_path / "tok")
+    _, built, _ = build_student(_recipe(tmp_path / "tok").student, tuple(NAMES), seed=0)
+    assert built.padding_side == "right"
+    enc = built(["one", "one two three"], padding=True, return_tensors="pt")
+    assert enc["attention_mask"][0].tolist()[0] == 1 and enc["attention_mask"][0].tolist()[-1] == 0
+
+
+def test_saved_bilstm_student_loads_in_a_process_without_protege(tmp_path):
+    """transformers alone, with trust_remote_code, loads the class from the bilstm.py saved beside the weights."""
+    import subprocess
+    import sys
+
+    register()
+    model, enc = _model(2), _batch()
+    model.save_pretrained(tmp_path)
+    torch.save(enc, tmp_path / "enc.pt")
+    with torch.inference_mode():
+        torch.save(model(**enc).logits, tmp_path / "want.pt")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForSequenceClassification\n"
+        f"m = AutoModelForSequenceClassification.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()\n"
+        "assert not any(k.startswith('protege') for k in sys.modules), 'protege was imported'\n"
+        "assert type(m).__name__ == 'BiLstmForSequenceClassification'\n"
+        f"enc = torch.load({str(tmp_path / 'enc.pt')!r})\n"
+        f"torch.testing.assert_close(m(**enc).logits.detach(), torch.load({str(tmp_path / 'want.pt')!r}))\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
 def test_saved_bilstm_student_loads_as_itself_with_plain_transformers(tmp_path):

@@ -90,6 +90,15 @@ def test_logit_mse_is_zero_for_the_teachers_logits_shifted_and_pinned_otherwise(
         distillation_loss(torch.zeros(1, 2), torch.tensor([[0.8, 0.2]]), torch.tensor([1]), 1.0, 1.0, soft="mse")
 
 
+def test_logit_mse_floors_a_zero_teacher_probability():
+    # a one-hot teacher (a sampling or hard-label answer): the margin asked for is ln(1 / 1e-4), not 69 nats
+    d, _ = logit_mse(torch.zeros(1, 3), torch.tensor([[1.0, 0.0, 0.0]]))
+    margin = math.log(1e4)
+    centred = torch.tensor([2 * margin / 3, -margin / 3, -margin / 3])
+    assert d.item() == pytest.approx(float(centred.square().sum()), rel=1e-5)
+    assert d.item() < 60  # at a floor of 1e-30 it was above 3,000
+
+
 def test_logit_mse_keeps_pulling_where_the_kl_has_stopped():
     # the student already picks the teacher's label at its confidence, but at ten times its margin: KL's gradient
     # (q - p) is nearly 0 at the teacher's side of the margin only; the logit distance's grows with the gap

@@ -430,6 +430,10 @@ def test_logit_mse_trains_the_students_margins_toward_the_teachers(tmp_path, tin
             return logit_mse(model(**enc).logits, torch.tensor([r.teacher_probs for r in rows]))[0].item()
 
     assert distance(tmp_path / "out") < 0.5 * distance(student)
+    # and the setting is what trained it: the same run with the KL ends elsewhere
+    train_student(_recipe(student, max_steps=40, select_fraction=0.0, eval_every=None, learning_rate=0.03),
+                  rows, tmp_path / "kl", alpha=1.0, quiet=True)
+    assert abs(distance(tmp_path / "kl") - distance(tmp_path / "out")) > 1.0
 
 
 def test_embedding_lr_and_soft_loss_are_refused_for_a_language_model():
@@ -440,6 +444,14 @@ def test_embedding_lr_and_soft_loss_are_refused_for_a_language_model():
         build_recipe({**lm, "training": {"soft_loss": "logit_mse"}})
     with pytest.raises(ProtegeError, match="embedding_lr"):
         build_recipe({"task": {"labels": NAMES}, "student": {"embedding_lr": -1.0}})
+    # the logit distance has no temperature: one set, or a sweep over them, would do nothing
+    with pytest.raises(ProtegeError, match="training.temperature tempers the KL"):
+        build_recipe({"task": {"labels": NAMES}, "training": {"soft_loss": "logit_mse", "temperature": 4.0}})
+    with pytest.raises(ProtegeError, match="sweep_temperature: training.soft_loss logit_mse"):
+        build_recipe({"task": {"labels": NAMES}, "training": {"soft_loss": "logit_mse", "select_fraction": 0.1,
+                                                             "sweep_temperature": [1.0, 2.0]}})
+    assert build_recipe({"task": {"labels": NAMES}, "training": {"soft_loss": "logit_mse", "select_fraction": 0.1,
+                                                                "sweep_alpha": [0.5, 1.0]}}).training.sweep_alpha
 
 
 # -- the sweep, through the pipeline ------------------------------------------------------------------------------

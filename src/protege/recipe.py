@@ -843,6 +843,11 @@ class TrainingConfig(_Section):
             raise ValueError(f"training.sweep_alpha {self.sweep_alpha}: every alpha is in [0, 1]")
         if self.sweep_temperature and any(t <= 0 for t in self.sweep_temperature):
             raise ValueError(f"training.sweep_temperature {self.sweep_temperature}: every temperature is above 0")
+        if self.soft_loss == "logit_mse" and self.sweep_temperature:
+            raise ValueError(
+                "training.sweep_temperature: training.soft_loss logit_mse matches logits, with no temperature, so "
+                "every temperature would train the same student; remove it, or set training.soft_loss kl"
+            )
         return self
 
 
@@ -1153,6 +1158,10 @@ def _refuse_unused(recipe: Recipe) -> None:
         for k in _set_off_default(recipe, ("student.embeddings_from",)):
             unused[k] = ("names where projected or distilled embeddings come from; random embeddings come from "
                          "nowhere", "remove it, or set student.embeddings: projected or distilled")
+    if recipe.training.soft_loss == "logit_mse":
+        for k in _set_off_default(recipe, ("training.temperature",)):
+            unused[k] = ("tempers the KL; training.soft_loss logit_mse matches logits, with no temperature",
+                         "remove it, or set training.soft_loss kl")
     if s.init != "scratch":
         for k in _set_off_default(recipe, _SCRATCH_SIZES):
             unused.setdefault(k, ("shapes a student.init: scratch encoder; any other student has its model's own",

@@ -9,7 +9,8 @@ student kept more of its teacher than every lever of the one-layer encoder (BENC
 
 The backward LSTM reads each text reversed within its own length (``reverse_within``), so padding comes after the
 text in both directions and a text's answer does not depend on what it is batched with; no packed sequences, so
-torch.export traces it (the ONNX export). Texts must be padded on the right (BERT-style tokenizers are).
+torch.export traces it (the ONNX export). Texts must be padded on the right: protege sets the student's tokenizer
+to pad on the right when it builds one, and the saved tokenizer keeps that.
 
 Saved as model type ``protege-bilstm`` with this file beside it (``auto_map``), so
 ``AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)`` loads it anywhere. This module
@@ -90,13 +91,14 @@ class BiLstmForSequenceClassification(PreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         x = self.dropout(self.embeddings(input_ids) * math.sqrt(self.config.hidden_size))  # (B, T, H)
-        lengths = attention_mask.sum(1)  # (B,)
+        lengths = attention_mask.long().sum(1)  # (B,)
         ahead, _ = self.forward_lstm(x)  # (B, T, H): state t has read tokens 0..t
         back, _ = self.backward_lstm(reverse_within(x, lengths))
         states = torch.cat([ahead, reverse_within(back, lengths)], -1)  # (B, T, 2H); back: tokens t..end read
         m = attention_mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
         mean = (states * m).sum(1) / m.sum(1).clamp_min(1.0)
         top = states.masked_fill(m == 0, torch.finfo(states.dtype).min).amax(1)
+        top = top.masked_fill(lengths.unsqueeze(1) == 0, 0.0)  # a row of padding alone: no state, no max
         logits = self.classifier(self.dropout(torch.relu(self.dense(torch.cat([mean, top], -1)))))  # (B, C)
         loss = None
         if labels is not None:

@@ -76,6 +76,7 @@ def build_student(
         from .bilstm import BiLstmConfig, BiLstmForSequenceClassification
 
         register_students()  # so that save_pretrained writes bilstm.py and its auto_map beside the student
+        tokenizer.padding_side = "right"  # the backward LSTM reverses each text within its length: text first
         model = BiLstmForSequenceClassification(BiLstmConfig(
             vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, head_size=cfg.intermediate_size or cfg.hidden_size,
             dropout=cfg.dropout, pad_token_id=tokenizer.pad_token_id or 0, **label_kw,

@@ -57,6 +57,9 @@ def forward_kl(
     return per_row.masked_fill(~mask, 0.0).sum(), mask.sum()
 
 
+LOGIT_FLOOR = 1e-4  # logit_mse: the least teacher probability it matches a margin to
+
+
 def logit_mse(
     student_logits: torch.Tensor,
     teacher_probs: torch.Tensor,
@@ -71,10 +74,14 @@ def logit_mse(
     the labels. Unlike the KL, whose gradient (q - p) vanishes once the student picks the teacher's label with
     about its confidence, this keeps pulling the student's margins to the teacher's on every row.
 
+    A teacher probability below :data:`LOGIT_FLOOR` counts as it: every label weighs alike here, so a 0 (a
+    teacher that answered with one label, or whose samples never named one) would ask for a margin of 69 nats and
+    swamp everything else; the floor caps a margin at ln(1e4), about 9.2.
+
     Shapes and return as :func:`forward_kl`; computed in float32.
     """
     z = student_logits.float()
-    log_p = teacher_probs.float().clamp_min(1e-30).log()
+    log_p = teacher_probs.float().clamp_min(LOGIT_FLOOR).log()
     d = (z - z.mean(-1, keepdim=True)) - (log_p - log_p.mean(-1, keepdim=True))  # (N, C)
     per_row = d.square().sum(-1)  # (N,)
     if mask is None:
