@@ -406,7 +406,9 @@ def test_concurrent_requests_share_forward_passes(student_dir, direct):
                 time.sleep(0.01)
             gate.release.set()
             answers = [f.result() for f in futures]
-        assert batcher.forward_passes == 2 < n and sum(gate.sizes) == n
+        # the gated first pass, then one for everyone who queued behind it; or one alone, when all n had arrived
+        # before the batcher formed its first batch (it happens on a loaded machine)
+        assert batcher.forward_passes in (1, 2) and sum(gate.sizes) == n and max(gate.sizes) > 1
     expected = direct(texts).argmax(1)
     assert answers == [direct.labels[i] for i in expected]
 
