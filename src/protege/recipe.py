@@ -626,17 +626,7 @@ class StudentConfig(_Section):
             if self.init != "scratch":
                 raise ValueError(f"student.architecture bilstm builds a new student, so it needs student.init scratch "
                                  f"(init is {self.init!r}); set student.init scratch, or remove student.architecture")
-            # set to other than the default (a saved recipe.yaml writes every setting back, defaults included)
-            bert_only = [k for k in ("num_layers", "num_heads", "pooling", "ngram_buckets")
-                         if k in self.model_fields_set and getattr(self, k) != type(self).model_fields[k].default
-                         and not (k == "num_layers" and self.num_layers == 1)]  # one LSTM each way: one layer
-            if bert_only:
-                raise ValueError(
-                    f"student.architecture bilstm has one LSTM each way and pools the mean and max of their states; "
-                    f"{', '.join('student.' + k for k in bert_only)} shape a BERT student and would be ignored: "
-                    "remove them, or set student.architecture bert"
-                )
-            return self
+            return self  # the BERT settings it would ignore are refused with the others (_refuse_unused)
         if self.init == "scratch" and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"student.hidden_size {self.hidden_size} is not divisible by student.num_heads {self.num_heads}; "
@@ -1158,6 +1148,12 @@ def _refuse_unused(recipe: Recipe) -> None:
         for k in _set_off_default(recipe, ("student.embeddings_from",)):
             unused[k] = ("names where projected or distilled embeddings come from; random embeddings come from "
                          "nowhere", "remove it, or set student.embeddings: projected or distilled")
+    if s.architecture == "bilstm":
+        for k in _set_off_default(recipe, ("student.num_layers", "student.num_heads", "student.pooling",
+                                           "student.ngram_buckets")):
+            if not (k == "student.num_layers" and s.num_layers == 1):  # one LSTM each way: one layer
+                unused[k] = ("shapes a BERT student; student.architecture bilstm has one LSTM each way and pools the "
+                             "mean and max of their states", "remove it, or set student.architecture bert")
     if recipe.training.soft_loss == "logit_mse":
         for k in _set_off_default(recipe, ("training.temperature",)):
             unused[k] = ("tempers the KL; training.soft_loss logit_mse matches logits, with no temperature",

@@ -28,6 +28,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def _masked_sum(per_row: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of ``per_row`` (N,) over the rows ``mask`` keeps, their count); every row without a mask."""
+    if mask is None:
+        return per_row.sum(), torch.tensor(per_row.shape[0], device=per_row.device)
+    mask = mask.to(per_row.device, torch.bool)
+    return per_row.masked_fill(~mask, 0.0).sum(), mask.sum()
+
+
 def forward_kl(
     student_logits: torch.Tensor,
     teacher_probs: torch.Tensor,
@@ -51,10 +59,7 @@ def forward_kl(
     p = log_p.exp()
     # where p == 0, the term is 0 regardless of log_p (which is ~-69 after the clamp, never -inf or NaN)
     per_row = (p * (log_p - log_q)).sum(-1)  # (N,)
-    if mask is None:
-        return per_row.sum(), torch.tensor(per_row.shape[0], device=per_row.device)
-    mask = mask.to(per_row.device, torch.bool)
-    return per_row.masked_fill(~mask, 0.0).sum(), mask.sum()
+    return _masked_sum(per_row, mask)
 
 
 LOGIT_FLOOR = 1e-4  # logit_mse: the least teacher probability it matches a margin to
@@ -84,10 +89,7 @@ def logit_mse(
     log_p = teacher_probs.float().clamp_min(LOGIT_FLOOR).log()
     d = (z - z.mean(-1, keepdim=True)) - (log_p - log_p.mean(-1, keepdim=True))  # (N, C)
     per_row = d.square().sum(-1)  # (N,)
-    if mask is None:
-        return per_row.sum(), torch.tensor(per_row.shape[0], device=per_row.device)
-    mask = mask.to(per_row.device, torch.bool)
-    return per_row.masked_fill(~mask, 0.0).sum(), mask.sum()
+    return _masked_sum(per_row, mask)
 
 
 SOFT_LOSSES = ("kl", "logit_mse")
